@@ -1,0 +1,36 @@
+"""The gateway's Prometheus metrics, in one place so names match CONTRACT §5 exactly.
+
+Protocol servers, consumers and the telemetry pipeline import these objects and update them;
+``/metrics`` renders the default registry. Every drop or rejection has a counter here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 while the MQTT bridge is connected to the broker")
+MQTT_MESSAGES_RECEIVED = Counter(
+    "gateway_mqtt_messages_received", "MQTT messages received from the broker"
+)
+MQTT_MESSAGES_DROPPED = Counter(
+    "gateway_mqtt_messages_dropped",
+    "MQTT messages the bridge dropped before any consumer saw them",
+    ["reason"],
+)
+MQTT_RECONNECTS = Counter("gateway_mqtt_reconnects", "Connections to the broker (re)established")
+MESSAGES_REJECTED = Counter(
+    "gateway_messages_rejected", "Inbound messages rejected, by reason", ["reason"]
+)
+TELEMETRY_STORED = Counter("gateway_telemetry_stored", "Telemetry values written to the database")
+TELEMETRY_DROPPED = Counter(
+    "gateway_telemetry_dropped", "Telemetry values dropped before storage, by reason", ["reason"]
+)
+WS_CLIENTS = Gauge("gateway_ws_clients", "Connected dashboard WebSocket clients")
+WS_FRAMES_DROPPED = Counter(
+    "gateway_ws_frames_dropped", "Dashboard frames dropped for slow clients"
+)
+COMMANDS = Counter("gateway_commands", "Command status changes, by new status", ["status"])
+SERIAL_FRAMES = Counter("gateway_serial_frames", "Frames read from serial ports", ["port"])
+CONSUMER_ERRORS = Counter(
+    "gateway_consumer_errors", "Application instances that raised, by protocol", ["protocol"]
+)

@@ -1,0 +1,215 @@
+"""Django settings for the gateway.
+
+Every setting that an operator may change comes from the environment, here and nowhere else
+(CONTRACT §2). Other modules read ``django.conf.settings`` (mostly ``settings.GATEWAY``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    """Read a boolean environment variable ("1", "true", "yes", "on" are true)."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+def _secret_key() -> str:
+    """DJANGO_SECRET_KEY, else a key generated once and kept in a git-ignored file."""
+    key = os.environ.get("DJANGO_SECRET_KEY", "").strip()
+    if key:
+        return key
+    path = Path(os.environ.get("GATEWAY_SECRET_KEY_FILE", BASE_DIR / ".secret_key"))
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        key = secrets.token_urlsafe(50)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return key
+    except FileExistsError:  # pragma: no cover - two processes racing on first start
+        return path.read_text().strip()
+
+
+def _gateway_id() -> str:
+    """GATEWAY_ID, else the host name reduced to characters valid in an MQTT topic level."""
+    raw = os.environ.get("GATEWAY_ID", "").strip() or socket.gethostname()
+    return re.sub(r"[^A-Za-z0-9_-]", "-", raw)[:64] or "gateway"
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "*").replace(",", " ").split()
+CSRF_TRUSTED_ORIGINS = os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").replace(",", " ").split()
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "gateway",
+    "devices",
+    "dashboard",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "gateway.urls"
+ASGI_APPLICATION = "gateway.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "gateway" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database: DATABASE_URL, else a SQLite file in the project directory -----------------
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", "").strip() or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the web tier read while the telemetry writer writes; IMMEDIATE transactions
+    # avoid "database is locked" upgrades; the timeout rides out short write bursts.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer: REDIS_URL → channels-redis, else in-memory ---------------------------
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+if REDIS_URL:
+    # The pub/sub layer: ~6-7k group sends/s here where the list-based RedisChannelLayer did
+    # ~1k and lost messages under load (STYLE.md, "Queues and hot paths").
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # Default capacity is 100 and group_send drops silently past it; our fan-out sends
+            # one batch per flush, so 1000 pending batches per channel is ample headroom.
+            "CONFIG": {"capacity": 1000, "expiry": 60},
+        }
+    }
+
+# --- Auth, sessions ----------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Static files: served by WhiteNoise so the gateway needs no other web server ---------
+STATIC_URL = "/static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [p for p in [BASE_DIR / "node_modules"] if p.is_dir()]
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+# --- The gateway's own settings ----------------------------------------------------------
+GATEWAY = {
+    # Broker the MQTT bridge connects to (CONTRACT §2); `--mqtt` overrides.
+    "MQTT_URL": os.environ.get("MQTT_URL", "").strip() or "mqtt://127.0.0.1:1883",
+    # Names the gateway's status topic gateway/<id>/status and its MQTT client id.
+    "GATEWAY_ID": _gateway_id(),
+    # Space-separated serial SPECs (CONTRACT §1); `--serial` adds to them.
+    "SERIAL_PORTS": os.environ.get("SERIAL_PORTS", "").split(),
+    # When set, /metrics requires "Authorization: Bearer <token>".
+    "METRICS_TOKEN": os.environ.get("METRICS_TOKEN", "").strip(),
+    # Per-instance inbound queue of the MQTT bridge (events); QoS 0 dropped when full,
+    # QoS 1/2 wait (backpressure on the socket).
+    "MQTT_INSTANCE_QUEUE": env_int("GATEWAY_MQTT_INSTANCE_QUEUE", 256),
+    # Device instances idle this long are retired (their state lives in the database).
+    "MQTT_INSTANCE_IDLE_SECONDS": env_float("GATEWAY_MQTT_INSTANCE_IDLE_SECONDS", 600.0),
+    # Largest MQTT payload the gateway parses; larger ones are rejected (reason too_large).
+    "MAX_PAYLOAD_BYTES": env_int("GATEWAY_MAX_PAYLOAD_BYTES", 64 * 1024),
+    # Telemetry writes: one transaction per batch of at most this many readings, at most
+    # this many seconds after the first pending one.
+    "TELEMETRY_BATCH_SIZE": env_int("GATEWAY_TELEMETRY_BATCH_SIZE", 2000),
+    "TELEMETRY_BATCH_DELAY": env_float("GATEWAY_TELEMETRY_BATCH_DELAY", 0.25),
+    # Bound on readings waiting for the database; past it the oldest are dropped and counted.
+    "TELEMETRY_BUFFER_LIMIT": env_int("GATEWAY_TELEMETRY_BUFFER_LIMIT", 200_000),
+}
+
+LOG_LEVEL = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["stderr"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"level": "INFO" if LOG_LEVEL == "DEBUG" else LOG_LEVEL},
+        # aiomqtt/paho are chatty at DEBUG; keep them at our level or WARNING.
+        "aiomqtt": {"level": "WARNING"},
+    },
+}
