@@ -1,0 +1,29 @@
+"""The gateway's ASGI application: one ProtocolTypeRouter for every protocol it speaks.
+
+`http` and `websocket` are served by any ASGI server (daphne, uvicorn); `mqtt` (and `serial`)
+are served by our own interface servers in `gateway/mqtt` and `gateway/serial`.
+"""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
+# Populate Django's app registry before importing anything that touches models.
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from dashboard.routing import websocket_urlpatterns  # noqa: E402
+from devices.routing import mqtt_routes  # noqa: E402
+from gateway.mqtt.routing import TopicRouter  # noqa: E402
+from gateway.origin import SameOriginValidator  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "mqtt": TopicRouter(mqtt_routes),
+    }
+)
