@@ -1,0 +1,112 @@
+"""`manage.py rungateway`: the web tier, the MQTT bridge and the serial bridge in one process.
+
+One event loop, so the in-memory channel layer and SQLite are enough (CONTRACT §1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from gateway.mqtt.url import parse_broker_url
+from gateway.runner import (
+    Bridge,
+    GatewayRunner,
+    close_pipeline,
+    describe_setup,
+    mqtt_bridge,
+    serial_bridge,
+)
+
+
+class Command(BaseCommand):
+    help = "Run the dashboard (HTTP + WebSocket), the MQTT bridge and the serial bridge together."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+        parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free)")
+        parser.add_argument("--mqtt", metavar="URL", help="broker URL (default: MQTT_URL)")
+        parser.add_argument(
+            "--serial",
+            metavar="SPEC",
+            action="append",
+            default=[],
+            help="serial port SPEC, repeatable; added to SERIAL_PORTS",
+        )
+        parser.add_argument(
+            "--embedded-broker",
+            action="store_true",
+            help="start a local broker at the MQTT URL when none answers there",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
+        try:
+            parse_broker_url(url)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        serial = [*settings.GATEWAY["SERIAL_PORTS"], *options["serial"]]
+        code = asyncio.run(
+            run_gateway(
+                host=options["host"],
+                port=options["port"],
+                mqtt_url=url,
+                serial=serial,
+                embedded_broker=options["embedded_broker"],
+            )
+        )
+        if code:
+            sys.exit(code)
+
+
+async def run_gateway(
+    *, host: str, port: int, mqtt_url: str, serial: list[str], embedded_broker: bool
+) -> int:
+    """Start the embedded broker if asked, run everything until a signal, stop the broker last."""
+    from gateway.asgi import application
+    from gateway.broker import BrokerStartError, ensure_broker
+
+    broker = None
+    protocol = "v5"
+    if embedded_broker:
+        try:
+            broker = await ensure_broker(mqtt_url)
+        except BrokerStartError as exc:
+            raise CommandError(str(exc)) from exc
+        if broker is not None:
+            protocol = broker.protocol
+    try:
+        bridges: dict[str, Bridge] = {"mqtt": mqtt_bridge(application, mqtt_url, protocol=protocol)}
+        serial_server = serial_bridge(application, serial)
+        if serial_server is not None:
+            bridges["serial"] = serial_server
+        setup = describe_setup()
+        shown_url = str(parse_broker_url(mqtt_url))
+        broker_note = f" (embedded {broker.kind})" if broker is not None else ""
+
+        def banner(runner: GatewayRunner) -> str:
+            return (
+                f"gateway running: dashboard {runner.dashboard_url} | broker {shown_url}"
+                f"{broker_note} | channel layer {setup['channel_layer']} | "
+                f"database {setup['database']} | serial {' '.join(serial) or 'none'}"
+            )
+
+        runner = GatewayRunner(
+            application,
+            host=host,
+            port=port,
+            bridges=bridges,
+            shutdown_hooks=[close_pipeline],
+            banner=banner,
+        )
+        try:
+            return await runner.serve()
+        except OSError as exc:  # the HTTP port is taken or the address is not ours
+            raise CommandError(f"cannot listen on {host}:{port}: {exc}") from exc
+    finally:
+        if broker is not None:
+            await broker.stop()

@@ -1,0 +1,77 @@
+"""`manage.py runmqtt`: the MQTT bridge alone, no web server (CONTRACT §1).
+
+It reaches web processes only through a shared channel layer (REDIS_URL); with the in-memory
+layer it still stores telemetry but no dashboard elsewhere sees live frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from gateway.mqtt.url import parse_broker_url
+from gateway.runner import (
+    GatewayRunner,
+    close_pipeline,
+    describe_setup,
+    in_memory_layer,
+    mqtt_bridge,
+)
+
+logger = logging.getLogger("gateway.runner")
+
+
+class Command(BaseCommand):
+    help = "Run the MQTT bridge alone (needs REDIS_URL to reach web processes)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--mqtt", metavar="URL", help="broker URL (default: MQTT_URL)")
+        parser.add_argument(
+            "--shared-group",
+            metavar="NAME",
+            help="subscribe as $share/NAME/… so several bridges split the load (MQTT v5)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
+        try:
+            parse_broker_url(url)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        if in_memory_layer():
+            logger.warning(
+                "the channel layer is in-memory: telemetry is stored, but nothing reaches "
+                "dashboards in other processes; set REDIS_URL to share one"
+            )
+        code = asyncio.run(run_bridge(url, options["shared_group"]))
+        if code:
+            sys.exit(code)
+
+
+async def run_bridge(mqtt_url: str, shared_group: str | None) -> int:
+    """Run the MQTT bridge until SIGTERM/SIGINT, then publish offline and flush."""
+    from gateway.asgi import application
+
+    setup = describe_setup()
+    shown_url = str(parse_broker_url(mqtt_url))
+    group = f" | shared group {shared_group}" if shared_group else ""
+
+    def banner(runner: GatewayRunner) -> str:
+        return (
+            f"MQTT bridge running: broker {shown_url}{group} | channel layer "
+            f"{setup['channel_layer']} | database {setup['database']}"
+        )
+
+    runner = GatewayRunner(
+        application,
+        web=False,
+        bridges={"mqtt": mqtt_bridge(application, mqtt_url, shared_group=shared_group)},
+        shutdown_hooks=[close_pipeline],
+        banner=banner,
+    )
+    return await runner.serve()
