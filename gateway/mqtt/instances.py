@@ -1,0 +1,200 @@
+"""Application instances of the MQTT interface server: one per routing key, supervised.
+
+Each instance is a task running `application(scope, receive, send)` with its own bounded
+event queue. Instances are created lazily on their first message, replaced when they raise,
+and retired by one timer task when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+from gateway import metrics
+from gateway.mqtt.routing import Match
+
+logger = logging.getLogger("gateway.mqtt")
+
+#: Room for control events (connect/disconnect/retire) beyond a full queue of messages.
+CONTROL_SLACK = 8
+
+SendCallable = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Instance:
+    """One live application instance: its task, event queue and last activity time."""
+
+    __slots__ = ("key", "match", "queue", "task", "last_active", "space", "limit", "retired")
+
+    def __init__(self, key: Hashable, match: Match, limit: int) -> None:
+        self.key = key
+        self.match = match
+        self.limit = limit
+        # Unbounded for asyncio; the pool enforces `limit` on messages and `CONTROL_SLACK`.
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.space = asyncio.Event()
+        self.task: asyncio.Task[Any] | None = None
+        self.last_active = asyncio.get_running_loop().time()
+        self.retired = False
+
+    async def receive(self) -> dict[str, Any]:
+        """The ASGI `receive` of this instance; wakes a producer waiting for queue space."""
+        event = await self.queue.get()
+        if self.queue.qsize() < self.limit:
+            self.space.set()
+        return event
+
+
+class InstancePool:
+    """Live instances by key: lazy creation, bounded delivery, supervision, idle retirement."""
+
+    def __init__(
+        self,
+        application: Any,
+        base_scope: dict[str, Any],
+        send: SendCallable,
+        *,
+        limit: int,
+        idle_seconds: float,
+        retire_grace: float,
+        connect_event: Callable[[], dict[str, Any] | None],
+    ) -> None:
+        self.application = application
+        self.base_scope = base_scope
+        self.send = send
+        self.limit = max(1, limit)
+        self.idle_seconds = idle_seconds
+        self.retire_grace = retire_grace
+        self.connect_event = connect_event
+        self.closing = False
+        self._instances: dict[Hashable, Instance] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def start(self) -> None:
+        """Start the idle-retirement timer (one task for all instances)."""
+        if self._reaper is None and self.idle_seconds > 0:
+            self._reaper = asyncio.create_task(self._reap_idle(), name="mqtt-instances.reaper")
+
+    def _create(self, match: Match) -> Instance:
+        inst = Instance(match.instance_key, match, self.limit)
+        scope = {
+            **self.base_scope,
+            "route": match.route,
+            "url_route": {"args": (), "kwargs": dict(match.key_params)},
+        }
+        connect = self.connect_event()
+        if connect is not None:
+            inst.queue.put_nowait(connect)
+        inst.task = asyncio.create_task(
+            self.application(scope, inst.receive, self.send),
+            name=f"mqtt-instance[{':'.join(map(str, match.instance_key))}]",
+        )
+        inst.task.add_done_callback(lambda task: self._on_done(inst, task))
+        self._instances[inst.key] = inst
+        return inst
+
+    async def deliver(self, match: Match, event: dict[str, Any], qos: int) -> None:
+        """Queue a message for its instance: QoS 0 dropped+counted when full, QoS≥1 waits."""
+        inst = self._instances.get(match.instance_key)
+        if inst is None or inst.task is None or inst.task.done():
+            inst = self._create(match)
+        queue = inst.queue
+        inst.last_active = asyncio.get_running_loop().time()
+        if queue.qsize() < self.limit:
+            queue.put_nowait(event)
+            return
+        if qos == 0:
+            metrics.MQTT_MESSAGES_DROPPED.labels("queue_full").inc()
+            return
+        # Backpressure: stop reading until the instance makes room (or dies and is replaced).
+        while queue.qsize() >= self.limit:
+            inst.space.clear()
+            waiter = asyncio.ensure_future(inst.space.wait())
+            assert inst.task is not None
+            try:
+                await asyncio.wait({waiter, inst.task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if inst.task.done() or inst.retired:
+                await self.deliver(match, event, qos)
+                return
+        queue.put_nowait(event)
+
+    def broadcast(self, event: dict[str, Any]) -> None:
+        """Queue a control event (mqtt.connect / mqtt.disconnect) for every live instance."""
+        for inst in list(self._instances.values()):
+            self._put_control(inst, event)
+
+    def _put_control(self, inst: Instance, event: dict[str, Any]) -> bool:
+        if inst.queue.qsize() < self.limit + CONTROL_SLACK:
+            inst.queue.put_nowait(dict(event))
+            return True
+        metrics.MQTT_MESSAGES_DROPPED.labels("queue_full").inc()
+        return False
+
+    def _on_done(self, inst: Instance, task: asyncio.Task[Any]) -> None:
+        if self._instances.get(inst.key) is inst:
+            del self._instances[inst.key]
+        if task.cancelled() or inst.retired:
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error(
+                "mqtt application instance %s raised; replacing it", task.get_name(), exc_info=exc
+            )
+            metrics.CONSUMER_ERRORS.labels("mqtt").inc()
+        # Messages queued behind the one that failed are not lost: a fresh instance gets them.
+        leftovers = []
+        while not inst.queue.empty():
+            event = inst.queue.get_nowait()
+            if event["type"] == "mqtt.message":
+                leftovers.append(event)
+        if leftovers and not self.closing:
+            successor = self._instances.get(inst.key) or self._create(inst.match)
+            for event in leftovers:
+                successor.queue.put_nowait(event)
+
+    def retire(self, inst: Instance, reason: str) -> None:
+        """Ask an instance to finish (`mqtt.retire`); cancel it if still running after grace."""
+        if self._instances.get(inst.key) is inst:
+            del self._instances[inst.key]
+        inst.retired = True
+        task = inst.task
+        if task is None or task.done():
+            return
+        if not self._put_control(inst, {"type": "mqtt.retire", "reason": reason}):
+            task.cancel()
+            return
+        asyncio.get_running_loop().call_later(self.retire_grace, task.cancel)
+
+    async def _reap_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.idle_seconds / 4)
+            deadline = loop.time() - self.idle_seconds
+            for inst in list(self._instances.values()):
+                if inst.last_active < deadline and inst.queue.empty():
+                    self.retire(inst, "idle")
+
+    async def close(self, grace: float) -> None:
+        """Retire every instance, wait up to `grace` s, then cancel what is left."""
+        self.closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        instances = list(self._instances.values())
+        tasks = [inst.task for inst in instances if inst.task is not None and not inst.task.done()]
+        for inst in instances:
+            # Queued messages come before the retire event, so they are handled within grace.
+            self.retire(inst, "shutdown")
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=0.5)

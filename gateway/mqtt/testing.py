@@ -1,0 +1,108 @@
+"""`MqttCommunicator`: drive an `mqtt` app in tests, like Channels' WebsocketCommunicator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.testing import ApplicationCommunicator
+
+from gateway.mqtt.events import ASGI, validate_app_event
+from gateway.mqtt.routing import find_topic_router
+
+
+class MqttCommunicator(ApplicationCommunicator):
+    """Builds an `mqtt` scope for one instance and validates what the app sends, as the server does.
+
+    Either `MqttCommunicator(app, route="device", kwargs={"device_id": "d1"})` or
+    `MqttCommunicator(app, topic="devices/d1/telemetry")` (resolved by the app's TopicRouter).
+    """
+
+    def __init__(
+        self,
+        application: Any,
+        topic: str | None = None,
+        *,
+        route: str | int | None = None,
+        kwargs: dict[str, str] | None = None,
+        client_id: str = "test-gateway",
+        broker: dict[str, Any] | None = None,
+    ) -> None:
+        self.router = None
+        if topic is not None:
+            self.router = find_topic_router(application)
+            match = self.router.resolve(topic)
+            if match is None:
+                raise ValueError(f"no route matches topic {topic!r}")
+            route, kwargs = match.route, match.key_params
+        elif route is None:
+            raise TypeError("MqttCommunicator needs a topic or a route")
+        else:
+            try:
+                self.router = find_topic_router(application)
+            except ValueError:
+                pass
+        self.scope = {
+            "type": "mqtt",
+            "asgi": dict(ASGI),
+            "broker": broker or {"host": "127.0.0.1", "port": 1883, "tls": False},
+            "client_id": client_id,
+            "route": route,
+            "url_route": {"args": (), "kwargs": dict(kwargs or {})},
+        }
+
+        async def validating_app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+            async def checked_send(event: Any) -> None:
+                await send(validate_app_event(event))
+
+            return await application(scope, receive, checked_send)
+
+        super().__init__(validating_app, self.scope)
+
+    async def connect(self, session_present: bool = False) -> None:
+        """Tell the app the broker session is up (`mqtt.connect`)."""
+        await self.send_input({"type": "mqtt.connect", "session_present": session_present})
+
+    async def disconnect(self, reason: str = "test") -> None:
+        """Tell the app the broker connection was lost (`mqtt.disconnect`)."""
+        await self.send_input({"type": "mqtt.disconnect", "reason": reason})
+
+    async def send_message(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 0,
+        retain: bool = False,
+        properties: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> None:
+        """Deliver an `mqtt.message`; `params`/`pattern` come from the router unless given."""
+        pattern = ""
+        if self.router is not None:
+            match = self.router.resolve(topic)
+            if match is not None:
+                pattern = match.pattern
+                if params is None:
+                    params = match.params
+        await self.send_input(
+            {
+                "type": "mqtt.message",
+                "topic": topic,
+                "payload": payload.encode() if isinstance(payload, str) else payload,
+                "qos": qos,
+                "retain": retain,
+                "properties": dict(properties or {}),
+                "params": dict(params or {}),
+                "pattern": pattern,
+            }
+        )
+
+    async def receive_publish(self, timeout: float = 1) -> dict[str, Any]:  # noqa: ASYNC109
+        """The next event the app sent, which must be an `mqtt.publish`."""
+        event = await self.receive_output(timeout)
+        assert event["type"] == "mqtt.publish", f"expected mqtt.publish, got {event!r}"
+        return event
+
+    async def retire(self, timeout: float = 1) -> None:  # noqa: ASYNC109
+        """Send `mqtt.retire` and wait for the app to return (raises if it raised)."""
+        await self.send_input({"type": "mqtt.retire", "reason": "test"})
+        await self.wait(timeout)
