@@ -34,3 +34,8 @@ SERIAL_FRAMES = Counter("gateway_serial_frames", "Frames read from serial ports"
 CONSUMER_ERRORS = Counter(
     "gateway_consumer_errors", "Application instances that raised, by protocol", ["protocol"]
 )
+DASHBOARD_EVENTS_DROPPED = Counter(
+    "gateway_dashboard_events_dropped",
+    "Dashboard frames the telemetry pipeline could not hand to the channel layer, by reason",
+    ["reason"],
+)
