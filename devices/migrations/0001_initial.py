@@ -6,40 +6,68 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Device',
+            name="Device",
             fields=[
-                ('id', models.CharField(help_text='1-64 characters of A-Z a-z 0-9 _ -', max_length=64, primary_key=True, serialize=False, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9_-]{1,64}$')])),
-                ('name', models.CharField(blank=True, max_length=200)),
-                ('transport', models.CharField(choices=[('mqtt', 'MQTT'), ('serial', 'Serial')], default='mqtt', max_length=16)),
-                ('online', models.BooleanField(default=False)),
-                ('last_seen', models.DateTimeField(blank=True, null=True)),
-                ('metrics', models.JSONField(blank=True, default=dict)),
-                ('created', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.CharField(
+                        help_text="1-64 characters of A-Z a-z 0-9 _ -",
+                        max_length=64,
+                        primary_key=True,
+                        serialize=False,
+                        validators=[django.core.validators.RegexValidator("^[A-Za-z0-9_-]{1,64}$")],
+                    ),
+                ),
+                ("name", models.CharField(blank=True, max_length=200)),
+                (
+                    "transport",
+                    models.CharField(
+                        choices=[("mqtt", "MQTT"), ("serial", "Serial")],
+                        default="mqtt",
+                        max_length=16,
+                    ),
+                ),
+                ("online", models.BooleanField(default=False)),
+                ("last_seen", models.DateTimeField(blank=True, null=True)),
+                ("metrics", models.JSONField(blank=True, default=dict)),
+                ("created", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='Reading',
+            name="Reading",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('metric', models.CharField(max_length=200)),
-                ('ts', models.DateTimeField()),
-                ('value', models.FloatField()),
-                ('device', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='readings', to='devices.device')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("metric", models.CharField(max_length=200)),
+                ("ts", models.DateTimeField()),
+                ("value", models.FloatField()),
+                (
+                    "device",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="readings",
+                        to="devices.device",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'telemetry reading',
-                'indexes': [models.Index(fields=['device', 'metric', 'ts'], name='reading_dev_metric_ts')],
+                "verbose_name": "telemetry reading",
+                "indexes": [
+                    models.Index(fields=["device", "metric", "ts"], name="reading_dev_metric_ts")
+                ],
             },
         ),
     ]

@@ -1,0 +1,122 @@
+"""The MQTT device consumer: one instance per device, parses its topics, feeds the pipeline.
+
+Every message is handled on its own: a rejection is counted by reason
+(``gateway_messages_rejected_total{reason}``) and the next message goes through as usual; an
+unexpected exception is counted as ``consumer_error`` and logged, and the instance lives on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import cached_property
+from typing import Any
+
+import orjson
+from django.conf import settings
+
+from devices.models import Transport
+from devices.parsing import (
+    Ack,
+    parse_ack,
+    parse_metric_value,
+    parse_status,
+    parse_telemetry,
+    valid_device_id,
+    valid_metric_name,
+)
+from devices.pipeline import get_pipeline
+from gateway.exceptions import BrokerUnavailable, Rejected
+from gateway.metrics import MESSAGES_REJECTED
+from gateway.mqtt.consumer import MqttConsumer
+
+logger = logging.getLogger(__name__)
+
+TELEMETRY = "devices/{device_id}/telemetry"
+METRIC = "devices/{device_id}/telemetry/{metric}"
+STATUS = "devices/{device_id}/status"
+ACK = "devices/{device_id}/commands/ack"
+PATTERNS = [TELEMETRY, METRIC, STATUS, ACK]
+
+
+class DeviceConsumer(MqttConsumer):
+    """One device's MQTT topics (CONTRACT §3): telemetry, single metrics, status, acks."""
+
+    transport = Transport.MQTT.value
+
+    @cached_property
+    def device_id(self) -> str:
+        """The device this instance serves (the route's key parameter)."""
+        return str(self.scope.get("url_route", {}).get("kwargs", {}).get("device_id", ""))
+
+    @cached_property
+    def valid(self) -> bool:
+        """Whether the device id is valid; an invalid one only ever counts rejections."""
+        return valid_device_id(self.device_id)
+
+    @cached_property
+    def max_bytes(self) -> int:
+        return settings.GATEWAY["MAX_PAYLOAD_BYTES"]
+
+    def get_groups(self) -> list[str]:
+        """``device.<id>``, where commands for this device arrive (none for a bad id)."""
+        return [f"device.{self.device_id}"] if self.valid else []
+
+    async def mqtt_message(self, event: dict[str, Any]) -> None:
+        """Parse one message by the pattern it matched; count it if rejected."""
+        if not self.valid:
+            MESSAGES_REJECTED.labels(reason="bad_device_id").inc()
+            return
+        try:
+            pattern = event.get("pattern")
+            payload = event["payload"]
+            if pattern == TELEMETRY:
+                t = parse_telemetry(payload, time.time(), self.max_bytes)
+                get_pipeline().submit_reading(self.device_id, self.transport, t.ts, t.metrics)
+            elif pattern == METRIC:
+                name = event["params"].get("metric")
+                if not valid_metric_name(name):
+                    raise Rejected("bad_value", f"bad metric name {name!r}")
+                value = parse_metric_value(payload)
+                get_pipeline().submit_reading(
+                    self.device_id, self.transport, time.time(), {name: value}
+                )
+            elif pattern == STATUS:
+                online = parse_status(payload)
+                get_pipeline().submit_status(self.device_id, self.transport, online, time.time())
+            elif pattern == ACK:
+                await self.handle_ack(parse_ack(payload, self.max_bytes))
+            else:
+                raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
+        except Rejected as exc:
+            MESSAGES_REJECTED.labels(reason=exc.reason).inc()
+            logger.debug("device %s: rejected %s: %s", self.device_id, event.get("topic"), exc)
+        except Exception:
+            MESSAGES_REJECTED.labels(reason="consumer_error").inc()
+            logger.exception("device %s: error handling %r", self.device_id, event.get("topic"))
+
+    async def handle_ack(self, ack: Ack) -> None:
+        """A command acknowledgement; no command service yet, so every id is unknown."""
+        raise Rejected("unknown_command", f"no pending command {ack.id!r}")
+
+    async def device_command(self, event: dict[str, Any]) -> None:
+        """Send a command to the device: ``devices/<id>/commands``, QoS 1, never retained.
+
+        Expects ``{"type": "device.command", "id": …, "name": …, "args": {…}}`` on the
+        ``device.<id>`` group (the command service lands later and may refine this).
+        """
+        command = {
+            "id": event.get("id"),
+            "name": event.get("name"),
+            "args": event.get("args") or {},
+        }
+        try:
+            await self.publish(
+                f"devices/{self.device_id}/commands", orjson.dumps(command), qos=1, retain=False
+            )
+        except BrokerUnavailable:
+            logger.warning(
+                "device %s: broker unavailable, command %s not sent", self.device_id, command["id"]
+            )
+        except Exception:
+            logger.exception("device %s: could not send command %r", self.device_id, command["id"])

@@ -1,0 +1,419 @@
+"""The telemetry pipeline: batched database writes and batched dashboard fan-out.
+
+One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sync, O(1)
+`submit_*` methods; two background tasks do the slow parts:
+
+- the writer stores readings in one transaction per batch, at most ``TELEMETRY_BATCH_DELAY``
+  after the first pending value or as soon as ``TELEMETRY_BATCH_SIZE`` values wait, with one
+  thread hop per batch. Waiting values are bounded by ``TELEMETRY_BUFFER_LIMIT``; past it the
+  oldest are dropped and counted (``gateway_telemetry_dropped_total{reason="buffer_full"}``).
+  A failed write keeps its batch and retries with backoff (0.1 s doubling to 5 s).
+- the fan-out sends every frame produced since its last send in ONE
+  ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``; the first frame
+  wakes it on the next loop turn, frames arriving during a send go in the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from devices.store import DeviceUpdate, Row, write_batch
+from gateway.metrics import DASHBOARD_EVENTS_DROPPED, TELEMETRY_DROPPED, TELEMETRY_STORED
+
+logger = logging.getLogger(__name__)
+
+DASHBOARD_GROUP = "dashboard"
+SEND_TIMEOUT = 5.0  # a group_send stuck longer than this is abandoned (frames counted)
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+
+Metrics = Mapping[str, float | bool]
+
+
+class _RateLimitedLog:
+    """Log at most once per `interval` seconds, reporting how many were suppressed."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def __call__(self, level: int, msg: str, *args: Any, exc_info: Any = None) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" ({self._suppressed} similar messages suppressed)"
+        self._suppressed, self._next = 0, now + self.interval
+        logger.log(level, msg, *args, exc_info=exc_info)
+
+
+class TelemetryPipeline:
+    """Batches readings to the database and frames to dashboards, for one event loop."""
+
+    def __init__(
+        self,
+        *,
+        batch_size: int | None = None,
+        batch_delay: float | None = None,
+        buffer_limit: int | None = None,
+        group: str = DASHBOARD_GROUP,
+    ) -> None:
+        cfg = settings.GATEWAY
+        self.loop = asyncio.get_running_loop()
+        self.batch_size = max(1, batch_size or cfg["TELEMETRY_BATCH_SIZE"])
+        self.batch_delay = cfg["TELEMETRY_BATCH_DELAY"] if batch_delay is None else batch_delay
+        self.buffer_limit = max(1, buffer_limit or cfg["TELEMETRY_BUFFER_LIMIT"])
+        self.group = group
+        self.closed = False
+        self.channel_layer = get_channel_layer()
+        # Writer state: FIFO rows, pending device updates, the batch being written.
+        self._rows: deque[Row] = deque()
+        self._devices: dict[str, DeviceUpdate] = {}
+        self._inflight: dict[str, DeviceUpdate] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+        # Progress counters, so flush() waits for exactly what was submitted before it.
+        self._rows_added = self._rows_done = 0
+        self._dev_seq = self._dev_done = 0
+        self._fan_seq = self._fan_done = 0
+        self._progress = asyncio.Event()
+        # Fan-out state: frames of the next group_send; each device's last frame in it.
+        self._frames: list[dict[str, Any]] = []
+        self._last_frame: dict[str, dict[str, Any]] = {}
+        self._fan_wake = asyncio.Event()
+        # device_id → online, as this process last saw it (unknown until then).
+        self._online: dict[str, bool] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._log_drop = _RateLimitedLog()
+        self._log_db = _RateLimitedLog()
+        self.failures = 0  # failed batch writes since start (for health checks)
+
+    # -- submitting (sync, O(1), never raises) ---------------------------------------------
+
+    def submit_reading(self, device_id: str, transport: str, ts: float, metrics: Metrics) -> None:
+        """Queue one telemetry message: its values for storage, a frame for dashboards."""
+        try:
+            if self._refuse(len(metrics)):
+                return
+            now = time.time()
+            update = self._devices.get(device_id)
+            if update is None:
+                self._devices[device_id] = DeviceUpdate(transport, True, now, dict(metrics))
+            else:
+                update.online, update.last_seen = True, now
+                update.metrics.update(metrics)
+            self._dev_seq += 1
+            rows = self._rows
+            for name, value in metrics.items():
+                rows.append((device_id, name, ts, float(value)))
+            self._rows_added += len(metrics)
+            if len(rows) > self.buffer_limit:
+                self._drop_oldest(len(rows) - self.buffer_limit)
+            self._schedule_write(len(rows) >= self.batch_size)
+            if self._online.get(device_id) is not True:
+                self._online[device_id] = True
+                self._add_frame(
+                    device_id, {"type": "status", "device": device_id, "online": True, "ts": now}
+                )
+            last = self._last_frame.get(device_id)
+            if last is not None and last["type"] == "telemetry":
+                last["metrics"].update(metrics)  # coalesce: same device, nothing in between
+                if ts > last["ts"]:
+                    last["ts"] = ts
+                self._fan_seq += 1
+            else:
+                frame = {
+                    "type": "telemetry",
+                    "device": device_id,
+                    "ts": ts,
+                    "metrics": dict(metrics),
+                }
+                self._add_frame(device_id, frame)
+        except Exception:  # pragma: no cover - a bug here must not take the consumer down
+            logger.exception("telemetry pipeline: submit_reading(%r) failed", device_id)
+
+    def submit_status(self, device_id: str, transport: str, online: bool, ts: float) -> None:
+        """Record a device's online/offline status: stored and pushed to dashboards."""
+        try:
+            if self._refuse(0):
+                return
+            # "online" is news from the device; "offline" is usually its Last Will, sent by
+            # the broker, so it does not move last_seen.
+            seen = time.time() if online else None
+            update = DeviceUpdate(transport, online, seen)
+            pending = self._devices.get(device_id)
+            if pending is None:
+                self._devices[device_id] = update
+            else:
+                pending.absorb(update)
+            self._dev_seq += 1
+            self._schedule_write(False)
+            self._online[device_id] = online
+            frame = {"type": "status", "device": device_id, "online": online, "ts": ts}
+            self._add_frame(device_id, frame)
+        except Exception:  # pragma: no cover
+            logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
+
+    def _refuse(self, values: int) -> bool:
+        if not self.closed:
+            if not self._tasks:
+                self._start()
+            return False
+        TELEMETRY_DROPPED.labels(reason="shutdown").inc(values)
+        self._log_drop(logging.WARNING, "telemetry pipeline closed: dropping a submission")
+        return True
+
+    def _start(self) -> None:
+        self._tasks = [
+            self.loop.create_task(self._write_loop(), name="telemetry-pipeline.writer"),
+            self.loop.create_task(self._fanout_loop(), name="telemetry-pipeline.fanout"),
+        ]
+
+    def _drop_oldest(self, count: int) -> None:
+        for _ in range(count):
+            self._rows.popleft()
+        self._rows_done += count
+        TELEMETRY_DROPPED.labels(reason="buffer_full").inc(count)
+        self._log_drop(
+            logging.WARNING,
+            "telemetry buffer full (%d values): dropped the %d oldest",
+            self.buffer_limit,
+            count,
+        )
+
+    def _schedule_write(self, now: bool) -> None:
+        if now:
+            self._wake.set()
+        elif self._timer is None and not self._wake.is_set():
+            self._timer = self.loop.call_later(self.batch_delay, self._wake.set)
+
+    def _add_frame(self, device_id: str, frame: dict[str, Any]) -> None:
+        self._frames.append(frame)
+        self._last_frame[device_id] = frame
+        self._fan_seq += 1
+        self._fan_wake.set()
+
+    # -- background tasks ------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self._rows and not self._devices:
+                self._notify()
+                continue
+            count = min(len(self._rows), self.batch_size)
+            rows = [self._rows.popleft() for _ in range(count)]
+            updates, self._devices = self._devices, {}
+            self._inflight, dev_seq = updates, self._dev_seq
+            if self._rows:
+                self._wake.set()  # more than a batch was waiting: go again right away
+            try:
+                stored = await database_sync_to_async(write_batch)(rows, updates)
+            except BaseException as exc:
+                self._inflight = {}
+                self._restore(rows, updates)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled (close): the rows stay pending for close() to count
+                self.failures += 1
+                self._log_db(
+                    logging.ERROR,
+                    "telemetry write of %d values failed (%s: %s); keeping them, retry in %.1fs",
+                    len(rows),
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+                self._notify()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                self._wake.set()
+                continue
+            self._inflight = {}
+            if backoff > BACKOFF_FIRST:
+                logger.info("telemetry writes recovered")
+                backoff = BACKOFF_FIRST
+            TELEMETRY_STORED.inc(stored)
+            self._rows_done += len(rows)
+            self._dev_done = dev_seq
+            self._notify()
+
+    def _restore(self, rows: list[Row], updates: dict[str, DeviceUpdate]) -> None:
+        """Put a failed batch back in front of what arrived meanwhile, within the bound."""
+        if rows:
+            self._rows.extendleft(reversed(rows))
+            if len(self._rows) > self.buffer_limit:
+                self._drop_oldest(len(self._rows) - self.buffer_limit)
+        for device_id, newer in self._devices.items():
+            older = updates.get(device_id)
+            if older is not None:
+                older.absorb(newer)
+            else:
+                updates[device_id] = newer
+        self._devices = updates
+
+    async def _fanout_loop(self) -> None:
+        while True:
+            await self._fan_wake.wait()
+            self._fan_wake.clear()
+            frames, self._frames, self._last_frame = self._frames, [], {}
+            seq = self._fan_seq
+            if frames and self.channel_layer is not None:
+                message = {"type": "dashboard.events", "events": frames}
+                try:
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        await self.channel_layer.group_send(self.group, message)
+                except Exception as exc:
+                    reason = "timeout" if isinstance(exc, TimeoutError) else "layer_error"
+                    DASHBOARD_EVENTS_DROPPED.labels(reason=reason).inc(len(frames))
+                    self._log_drop(
+                        logging.WARNING,
+                        "dashboard fan-out of %d frames failed: %r",
+                        len(frames),
+                        exc,
+                    )
+            self._fan_done = seq
+            self._notify()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write and fan out everything submitted before this call (retrying a failing DB)."""
+        rows, dev, fan = self._rows_added, self._dev_seq, self._fan_seq
+        while self._rows_done < rows or self._dev_done < dev or self._fan_done < fan:
+            if not self._tasks or any(t.done() for t in self._tasks):
+                break  # never started, or closed
+            progress = self._progress
+            self._wake.set()
+            self._fan_wake.set()
+            await progress.wait()
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Flush (for at most `grace` seconds), then stop the background tasks."""
+        if self.closed:
+            return
+        try:
+            async with asyncio.timeout(grace):
+                await self.flush()
+        except TimeoutError:
+            pass
+        self.closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._timer is not None:
+            self._timer.cancel()
+        lost = len(self._rows)
+        if lost:
+            TELEMETRY_DROPPED.labels(reason="shutdown").inc(lost)
+            logger.error("telemetry pipeline closed with %d values unwritten", lost)
+        if _pipelines.get(self.loop) is self:
+            del _pipelines[self.loop]
+
+    def pending_devices(self) -> dict[str, dict[str, Any]]:
+        """Devices with changes not yet in the database: ``{id: as_dict-like overlay}``."""
+        out: dict[str, dict[str, Any]] = {}
+        for source in (self._inflight, self._devices):
+            for device_id, u in source.items():
+                entry = out.get(device_id)
+                if entry is None:
+                    out[device_id] = {
+                        "id": device_id,
+                        "online": u.online,
+                        "last_seen": u.last_seen,
+                        "transport": u.transport,
+                        "metrics": dict(u.metrics),
+                    }
+                else:
+                    entry["online"] = u.online
+                    if u.last_seen is not None and (
+                        entry["last_seen"] is None or u.last_seen > entry["last_seen"]
+                    ):
+                        entry["last_seen"] = u.last_seen
+                    entry["metrics"].update(u.metrics)
+        return out
+
+
+_pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TelemetryPipeline] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_pipeline() -> TelemetryPipeline:
+    """The pipeline of the running event loop, created on first use (one per loop)."""
+    loop = asyncio.get_running_loop()
+    pipeline = _pipelines.get(loop)
+    if pipeline is None or pipeline.closed:
+        pipeline = _pipelines[loop] = TelemetryPipeline()
+    return pipeline
+
+
+def current_pipeline() -> TelemetryPipeline | None:
+    """The running loop's pipeline if one exists (never creates one; None outside a loop)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return _pipelines.get(loop)
+
+
+def merge_pending(
+    devices: Iterable[dict[str, Any]], pending: Mapping[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Overlay `pending_devices()` on stored `Device.as_dict()`s; new devices appended, by id."""
+    out = []
+    seen = set()
+    for stored in devices:
+        overlay = pending.get(stored["id"])
+        if overlay is not None:
+            stored = _overlay(stored, overlay)
+        seen.add(stored["id"])
+        out.append(stored)
+    for device_id, overlay in pending.items():
+        if device_id not in seen:
+            out.append(_overlay({"id": device_id, "name": device_id, "metrics": {}}, overlay))
+    out.sort(key=lambda d: d["id"])
+    return out
+
+
+def _overlay(stored: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    last_seen = stored.get("last_seen")
+    if overlay["last_seen"] is not None and (last_seen is None or overlay["last_seen"] > last_seen):
+        last_seen = overlay["last_seen"]
+    return {
+        **stored,
+        "online": overlay["online"],
+        "last_seen": last_seen,
+        "transport": stored.get("transport") or overlay["transport"],
+        "metrics": {**(stored.get("metrics") or {}), **overlay["metrics"]},
+    }
+
+
+def snapshot_overlay(devices: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`devices` with this loop's pending changes merged (API list, dashboard snapshot)."""
+    pipeline = current_pipeline()
+    pending = pipeline.pending_devices() if pipeline is not None else {}
+    return merge_pending(devices, pending)

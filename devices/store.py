@@ -1,0 +1,160 @@
+"""The telemetry pipeline's database side: one transaction per batch (sync; run in a thread).
+
+`write_batch` upserts the batch's devices (register, last_seen, online, merged latest metrics)
+with one multi-row ``INSERT … ON CONFLICT DO UPDATE`` per chunk, merging the ``metrics`` JSON
+inside the database (SQLite ``json_patch``, PostgreSQL ``||``) so concurrent writers (several
+bridges) never lose each other's keys; then bulk-inserts the readings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+from django.db import connections, router, transaction
+from django.utils import timezone
+
+from devices.models import Device, Reading
+
+# (device_id, metric, ts epoch seconds, value)
+Row = tuple[str, str, float, float]
+
+
+@dataclass(slots=True)
+class DeviceUpdate:
+    """What a batch changes on one device; `last_seen` None leaves it as stored."""
+
+    transport: str
+    online: bool
+    last_seen: float | None
+    metrics: dict[str, float | bool] = field(default_factory=dict)
+
+    def absorb(self, newer: DeviceUpdate) -> None:
+        """Fold a later update of the same device into this one (later values win)."""
+        self.online = newer.online
+        if newer.last_seen is not None and (
+            self.last_seen is None or newer.last_seen > self.last_seen
+        ):
+            self.last_seen = newer.last_seen
+        self.metrics.update(newer.metrics)
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+# Columns of the upsert, in order; `name` is '' and `created` now for new devices.
+_COLUMNS = ("id", "name", "transport", "online", "last_seen", "metrics", "created")
+
+
+def _upsert_sql(vendor: str, quote, count: int) -> str:
+    table = quote(Device._meta.db_table)
+    cols = ", ".join(quote(c) for c in _COLUMNS)
+    metrics_ph = "%s::jsonb" if vendor == "postgresql" else "%s"
+    row = f"(%s, %s, %s, %s, %s, {metrics_ph}, %s)"
+    t = f"{table}."
+    ls, mt = quote("last_seen"), quote("metrics")
+    if vendor == "postgresql":
+        merged = (
+            f"(CASE WHEN jsonb_typeof({t}{mt}) = 'object' THEN {t}{mt} ELSE '{{}}'::jsonb END)"
+            f" || EXCLUDED.{mt}"
+        )
+    else:
+        merged = f"json_patch(COALESCE({t}{mt}, '{{}}'), EXCLUDED.{mt})"
+    # Never move last_seen backwards (several writers, out-of-order batches).
+    last_seen = (
+        f"CASE WHEN EXCLUDED.{ls} IS NULL THEN {t}{ls} "
+        f"WHEN {t}{ls} IS NULL OR EXCLUDED.{ls} > {t}{ls} THEN EXCLUDED.{ls} "
+        f"ELSE {t}{ls} END"
+    )
+    online = quote("online")
+    return (
+        f"INSERT INTO {table} ({cols}) VALUES {', '.join([row] * count)} "
+        f"ON CONFLICT ({quote('id')}) DO UPDATE SET {online} = EXCLUDED.{online}, "
+        f"{ls} = {last_seen}, {mt} = {merged}"
+    )
+
+
+def upsert_devices(updates: Mapping[str, DeviceUpdate], using: str) -> None:
+    """Register unknown devices and apply `updates` to known ones (inside a transaction)."""
+    if not updates:
+        return
+    connection = connections[using]
+    vendor = connection.vendor
+    if vendor not in ("sqlite", "postgresql"):
+        _upsert_generic(updates, using)
+        return
+    ops = connection.ops
+    now = ops.adapt_datetimefield_value(timezone.now())
+    params_per_row = len(_COLUMNS)
+    chunk = (
+        max(1, connection.features.max_query_params // params_per_row)
+        if vendor == "sqlite"
+        else 5000
+    )
+    items = list(updates.items())
+    with connection.cursor() as cursor:
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            params: list = []
+            for device_id, u in part:
+                params += [
+                    device_id,
+                    "",
+                    u.transport,
+                    u.online,
+                    None
+                    if u.last_seen is None
+                    else ops.adapt_datetimefield_value(_dt(u.last_seen)),
+                    orjson.dumps(u.metrics).decode(),
+                    now,
+                ]
+            cursor.execute(_upsert_sql(vendor, ops.quote_name, len(part)), params)
+
+
+def _upsert_generic(updates: Mapping[str, DeviceUpdate], using: str) -> None:
+    """Other backends: lock the rows, merge metrics in Python, write back (two queries)."""
+    existing = {
+        d.id: d
+        for d in Device.objects.using(using).select_for_update().filter(id__in=list(updates))
+    }
+    objs = []
+    for device_id, u in updates.items():
+        old = existing.get(device_id)
+        last_seen = _dt(u.last_seen) if u.last_seen is not None else None
+        if old is not None:
+            if last_seen is None or (old.last_seen and old.last_seen > last_seen):
+                last_seen = old.last_seen
+            metrics = {**(old.metrics if isinstance(old.metrics, dict) else {}), **u.metrics}
+        else:
+            metrics = dict(u.metrics)
+        objs.append(
+            Device(
+                id=device_id,
+                transport=u.transport,
+                online=u.online,
+                last_seen=last_seen,
+                metrics=metrics,
+            )
+        )
+    kwargs = {}
+    if connections[using].features.supports_update_conflicts_with_target:
+        kwargs["unique_fields"] = ["id"]
+    Device.objects.using(using).bulk_create(
+        objs, update_conflicts=True, update_fields=["online", "last_seen", "metrics"], **kwargs
+    )
+
+
+def write_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> int:
+    """Store one batch in one transaction: device upserts, then readings. Returns rows stored."""
+    using = router.db_for_write(Reading)
+    readings = [
+        Reading(device_id=device_id, metric=metric, ts=_dt(ts), value=value)
+        for device_id, metric, ts, value in rows
+    ]
+    with transaction.atomic(using=using):
+        upsert_devices(updates, using)
+        Reading.objects.using(using).bulk_create(readings)
+    return len(readings)
