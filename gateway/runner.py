@@ -33,7 +33,8 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 
-ShutdownHook = Callable[[], Awaitable[None]]
+#: Called once at shutdown, after the bridges stopped, with the seconds it may take.
+ShutdownHook = Callable[[float], Awaitable[None]]
 
 
 class Bridge(Protocol):
@@ -231,7 +232,10 @@ class GatewayRunner:
             *(self._stop_bridge(name, b, bridge_budget) for name, b in self.bridges.items())
         )
         for hook in self.shutdown_hooks:
-            await self._bounded(hook(), deadline - time.monotonic() - 0.3, f"hook {hook!r}")
+            budget = max(0.1, deadline - time.monotonic() - 0.5)
+            await self._bounded(
+                hook(budget), budget + 0.2, f"shutdown hook {getattr(hook, '__name__', hook)!r}"
+            )
         if self._web_task is not None:
             await self._bounded_task(self._web_task, deadline - time.monotonic(), "web server")
         for task in self._supervisors:
@@ -328,13 +332,13 @@ def serial_bridge(application: Any, specs: Sequence[str]) -> Bridge | None:
     return SerialServer(application, specs=list(specs))
 
 
-async def close_pipeline() -> None:
+async def close_pipeline(budget: float) -> None:
     """Shutdown hook: flush pending telemetry writes and fan-out, then stop the pipeline."""
-    try:
-        from devices.pipeline import get_pipeline
-    except ImportError:  # the pipeline room has not landed
-        return
-    await get_pipeline().close()
+    from devices.pipeline import current_pipeline
+
+    pipeline = current_pipeline()
+    if pipeline is not None:
+        await pipeline.close(budget)
 
 
 def describe_setup() -> dict[str, str]:
