@@ -39,3 +39,7 @@ DASHBOARD_EVENTS_DROPPED = Counter(
     "Dashboard frames the telemetry pipeline could not hand to the channel layer, by reason",
     ["reason"],
 )
+SERIAL_MIRROR_DROPPED = Counter(
+    "gateway_serial_mirror_dropped",
+    "Serial devices' telemetry not mirrored to the broker (outbox full while it was away)",
+)
