@@ -1,0 +1,283 @@
+"""The `/ws/dashboard/` consumer: a snapshot on connect, then live frames (CONTRACT §6).
+
+Every outgoing frame goes through a per-client bounded buffer drained by one writer task, so
+a client whose socket cannot keep up never blocks the channel layer or other clients:
+
+* Telemetry for a device that is still waiting in the buffer is merged into the waiting frame
+  (latest value of each metric, newest ``ts``). Nothing waits on a timer: when the socket keeps
+  up, each frame is written as soon as it arrives.
+* When the buffer holds ``buffer_limit`` frames and another one comes, the client is too slow:
+  the buffered frames are dropped and counted in ``gateway_ws_frames_dropped_total``, the
+  consumer leaves the ``dashboard`` group and closes the socket with code 4008 (application
+  range; daphne refuses 1013). The browser reconnects and resyncs from a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import orjson
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from gateway.metrics import WS_CLIENTS, WS_FRAMES_DROPPED
+
+logger = logging.getLogger(__name__)
+
+GROUP = "dashboard"
+CLOSE_SLOW_CLIENT = 4008
+MAX_INBOUND_CHARS = 64 * 1024
+MAX_REF_CHARS = 200
+
+Frame = dict[str, Any]
+
+
+def encode_frame(frame: Frame) -> str:
+    """One frame as strict JSON text (orjson writes NaN and ±Infinity as null)."""
+    return orjson.dumps(frame, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _pending_devices() -> dict[str, dict[str, Any]]:
+    """Values this loop's telemetry pipeline has not written to the DB yet (never starts one)."""
+    try:
+        from devices.pipeline import current_pipeline
+    except ImportError:  # the pipeline room is not installed in this process
+        return {}
+    try:
+        pipeline = current_pipeline()
+        return dict(pipeline.pending_devices()) if pipeline is not None else {}
+    except Exception:  # a snapshot without the overlay beats no snapshot
+        logger.exception("pending_devices() failed; snapshot from the database only")
+        return {}
+
+
+def merge_snapshot(
+    devices: list[dict[str, Any]], pending: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Stored devices overlaid with the pipeline's pending (newer) values, sorted by id."""
+    if not pending:
+        return devices
+    from devices.pipeline import merge_pending
+
+    return merge_pending(devices, pending)
+
+
+@database_sync_to_async
+def _stored_devices() -> list[dict[str, Any]]:
+    from devices.models import Device
+
+    return [d.as_dict() for d in Device.objects.all()]
+
+
+class DashboardConsumer(AsyncWebsocketConsumer):
+    """One browser's live view: authenticated, snapshot first, then `dashboard.events` frames."""
+
+    def __init__(self, buffer_limit: int | None = None, close_timeout: float = 5.0) -> None:
+        super().__init__()
+        if buffer_limit is None:
+            buffer_limit = int(settings.GATEWAY.get("WS_BUFFER_FRAMES", 1000))
+        self.buffer_limit = max(1, buffer_limit)
+        self.close_timeout = close_timeout
+        self._buffer: collections.deque[Frame] = collections.deque()
+        self._waiting_telemetry: dict[str, Frame] = {}  # device → its frame still in _buffer
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._counted = False
+        self._in_group = False
+        self._too_slow = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._teardown()
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Route by type, without Channels' per-message DB-connection thread hop.
+
+        Only the snapshot touches the database and `database_sync_to_async` already closes
+        stale connections around it (STYLE.md: the hop costs ~0.1 ms per message).
+        """
+        name = message["type"].replace(".", "_")
+        handler = None if name.startswith("_") else getattr(self, name, None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']!r}")
+        await handler(message)
+
+    # --- connection lifecycle ---------------------------------------------------------------
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close()  # before accept: the server answers the handshake with 403
+            return
+        # Join first, so nothing that happens while we read the snapshot is missed.
+        await self.channel_layer.group_add(GROUP, self.channel_name)
+        self._in_group = True
+        await self.accept()
+        WS_CLIENTS.inc()
+        self._counted = True
+        self._writer = asyncio.create_task(
+            self._write_loop(), name=f"dashboard[{self.channel_name}].writer"
+        )
+        # Pending values first, then the DB: a value written in between is in the DB read, and
+        # anything newer reaches us through the group we already joined.
+        pending = _pending_devices()
+        devices = merge_snapshot(await _stored_devices(), pending)
+        self._enqueue({"type": "snapshot", "devices": devices})
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        await self._teardown()
+        raise StopConsumer()
+
+    async def _teardown(self) -> None:
+        """Leave the group, stop the writer, uncount the client; safe to call twice."""
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        if self._in_group:
+            self._in_group = False
+            try:
+                await self.channel_layer.group_discard(GROUP, self.channel_name)
+            except Exception:  # the layer may be gone at shutdown; expiry cleans up
+                logger.debug("group_discard failed", exc_info=True)
+        if self._counted:
+            self._counted = False
+            WS_CLIENTS.dec()
+
+    # --- server → client --------------------------------------------------------------------
+
+    async def dashboard_events(self, message: dict[str, Any]) -> None:
+        """A batch of frames from the pipeline or the command service, each sent on its own."""
+        events = message.get("events")
+        if not isinstance(events, list):
+            logger.warning("dashboard.events without an events list: %r", message)
+            return
+        for index, frame in enumerate(events):
+            if not (isinstance(frame, dict) and isinstance(frame.get("type"), str)):
+                logger.warning("dashboard.events: skipping a frame without a type: %r", frame)
+            elif not self._enqueue(frame):
+                WS_FRAMES_DROPPED.inc(len(events) - index - 1)  # the rest of this batch
+                break
+        if self._too_slow:
+            await self._close_slow_client()
+
+    def _enqueue(self, frame: Frame) -> bool:
+        """Buffer a frame for the writer (or merge it); False (frame counted) once too slow."""
+        if self._too_slow:
+            WS_FRAMES_DROPPED.inc()
+            return False
+        if not self._counted:  # not accepted (yet) or already torn down
+            return False
+        device = frame.get("device")
+        if frame["type"] == "telemetry" and isinstance(device, str):
+            waiting = self._waiting_telemetry.get(device)
+            if waiting is not None:
+                waiting["metrics"].update(frame.get("metrics") or {})
+                if frame.get("ts") is not None:
+                    waiting["ts"] = frame["ts"]
+                return True
+            if len(self._buffer) < self.buffer_limit:
+                frame = {**frame, "metrics": dict(frame.get("metrics") or {})}
+                self._waiting_telemetry[device] = frame
+        elif isinstance(device, str):
+            # A later frame for this device: merging past it would reorder the two.
+            self._waiting_telemetry.pop(device, None)
+        if len(self._buffer) >= self.buffer_limit:
+            self._too_slow = True
+            dropped = len(self._buffer) + 1
+            self._buffer.clear()
+            self._waiting_telemetry.clear()
+            WS_FRAMES_DROPPED.inc(dropped)
+            logger.warning(
+                "dashboard client %s too slow: %d frames dropped, closing with %d",
+                self.channel_name,
+                dropped,
+                CLOSE_SLOW_CLIENT,
+            )
+            return False
+        self._buffer.append(frame)
+        self._wakeup.set()
+        return True
+
+    async def _close_slow_client(self) -> None:
+        """Stop feeding a client that fell behind and close it; it resyncs on reconnect."""
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        if self._in_group:
+            self._in_group = False
+            await self.channel_layer.group_discard(GROUP, self.channel_name)
+        try:
+            # The server may hold the close behind the full socket buffer; don't wait forever.
+            await asyncio.wait_for(
+                self.close(code=CLOSE_SLOW_CLIENT, reason="too slow"), self.close_timeout
+            )
+        except Exception:
+            logger.info("closing slow client %s did not complete; leaving", self.channel_name)
+            raise StopConsumer() from None
+
+    async def _write_loop(self) -> None:
+        """Write buffered frames in order; awaiting `send` is where socket backpressure lands."""
+        try:
+            while True:
+                while not self._buffer:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                frame = self._buffer.popleft()
+                device = frame.get("device")
+                if isinstance(device, str) and self._waiting_telemetry.get(device) is frame:
+                    del self._waiting_telemetry[device]
+                try:
+                    text = encode_frame(frame)
+                except TypeError:
+                    logger.exception("dropping a frame that is not JSON: %r", frame)
+                    WS_FRAMES_DROPPED.inc()
+                    continue
+                await self.send(text_data=text)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the socket went away; websocket.disconnect follows
+            logger.debug("dashboard writer stopped", exc_info=True)
+
+    # --- client → server --------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Client frames: commands arrive in a later issue; anything malformed gets an error."""
+        if text_data is None:
+            self._error("bad_request", "binary frames are not supported; send JSON text")
+            return
+        if len(text_data) > MAX_INBOUND_CHARS:
+            self._error("bad_request", f"frame larger than {MAX_INBOUND_CHARS} characters")
+            return
+        try:
+            content = orjson.loads(text_data)
+        except orjson.JSONDecodeError:
+            self._error("bad_request", "frame is not valid JSON")
+            return
+        if not isinstance(content, dict):
+            self._error("bad_request", "frame must be a JSON object")
+            return
+        ref = content.get("ref")
+        if not (isinstance(ref, (str, int, float)) and not isinstance(ref, bool)):
+            ref = None
+        elif isinstance(ref, str) and len(ref) > MAX_REF_CHARS:
+            ref = None
+        if content.get("type") == "command":
+            self._error("not_implemented", "commands are not supported yet", ref)
+        else:
+            kind = repr(content.get("type"))[:40]
+            self._error("bad_request", f"unknown frame type {kind}; expected 'command'", ref)
+        if self._too_slow:
+            await self._close_slow_client()
+
+    def _error(self, code: str, message: str, ref: Any = None) -> None:
+        frame: Frame = {"type": "error", "code": code, "message": message}
+        if ref is not None:
+            frame["ref"] = ref
+        self._enqueue(frame)

@@ -1,0 +1,314 @@
+"""DashboardConsumer through the real auth stack, sessions, database and channel layer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.auth import AuthMiddlewareStack
+from channels.layers import get_channel_layer
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+from django.urls import path
+from prometheus_client import REGISTRY
+
+from dashboard.consumers import CLOSE_SLOW_CLIENT, DashboardConsumer
+from dashboard.routing import websocket_urlpatterns
+from devices.models import Device
+from gateway.origin import SameOriginValidator
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HOST = "gateway.test:8000"
+ORIGIN = f"http://{HOST}"
+
+
+def websocket_app(**consumer_kwargs):
+    """The `websocket` branch of gateway/asgi.py, optionally with tuned consumer settings."""
+    routes = websocket_urlpatterns
+    if consumer_kwargs:
+        routes = [path("ws/dashboard/", DashboardConsumer.as_asgi(**consumer_kwargs))]
+    return SameOriginValidator(AuthMiddlewareStack(URLRouter(routes)))
+
+
+def ws_headers(cookie: str | None, origin: str | None = ORIGIN, host: str = HOST):
+    headers = [(b"host", host.encode())]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    if cookie is not None:
+        headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
+    return headers
+
+
+def gauge(name: str, labels: dict | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture
+def session_cookie(django_user_model) -> str:
+    """A real session of a logged-in user, as the browser's cookie carries it."""
+    user = django_user_model.objects.create_user("alice", password="correct horse battery")
+    client = Client()
+    client.force_login(user)
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+@pytest.fixture
+async def layer():
+    channel_layer = get_channel_layer()
+    await channel_layer.flush()
+    yield channel_layer
+    await channel_layer.flush()
+
+
+async def connect(cookie, app=None, **header_kwargs) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(
+        app or websocket_app(), "/ws/dashboard/", headers=ws_headers(cookie, **header_kwargs)
+    )
+    connected, _ = await comm.connect(timeout=5)
+    assert connected
+    return comm
+
+
+async def test_anonymous_handshake_is_refused(layer):
+    before = gauge("gateway_ws_clients")
+    comm = WebsocketCommunicator(websocket_app(), "/ws/dashboard/", headers=ws_headers(None))
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    assert gauge("gateway_ws_clients") == before
+    await comm.disconnect()
+
+
+async def test_invalid_session_cookie_is_refused(layer):
+    comm = WebsocketCommunicator(websocket_app(), "/ws/dashboard/", headers=ws_headers("nope"))
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    await comm.disconnect()
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://evil.test", "http://gateway.test:8001", "http://gateway.test", "null", None]
+)
+async def test_cross_origin_is_refused_even_with_a_session(layer, session_cookie, origin):
+    comm = WebsocketCommunicator(
+        websocket_app(), "/ws/dashboard/", headers=ws_headers(session_cookie, origin=origin)
+    )
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    await comm.disconnect()
+
+
+async def test_snapshot_comes_first_with_stored_devices(layer, session_cookie):
+    await sync_to_async(Device.objects.create)(
+        id="b-2", name="Boiler", transport="serial", metrics={"temperature": 61.5}
+    )
+    await sync_to_async(Device.objects.create)(id="a-1", online=True, metrics={"hum": 40})
+    expected = [d.as_dict() for d in await sync_to_async(list)(Device.objects.order_by("id"))]
+
+    comm = await connect(session_cookie)
+    snapshot = await comm.receive_json_from(timeout=5)
+    assert snapshot == {"type": "snapshot", "devices": expected}
+    assert [d["id"] for d in snapshot["devices"]] == ["a-1", "b-2"]
+    assert snapshot["devices"][0]["name"] == "a-1"  # unnamed devices show their id
+    await comm.disconnect()
+
+
+async def test_group_events_arrive_as_individual_frames_in_order(layer, session_cookie):
+    comm = await connect(session_cookie)
+    assert (await comm.receive_json_from(timeout=5))["type"] == "snapshot"
+    frames = [
+        {"type": "telemetry", "device": "a-1", "ts": 1764214000.5, "metrics": {"t": 21.5}},
+        {"type": "status", "device": "b-2", "online": False, "ts": 1764214001.0},
+        {"type": "telemetry", "device": "b-2", "ts": 1764214002.0, "metrics": {"ok": True}},
+        {"type": "command", "id": "c1", "device": "a-1", "name": "reboot", "status": "sent"},
+    ]
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames[:2]})
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames[2:]})
+    received = [await comm.receive_json_from(timeout=5) for _ in frames]
+    assert received == frames
+    assert await comm.receive_nothing(timeout=0.1)
+    await comm.disconnect()
+
+
+async def test_every_client_gets_every_frame(layer, session_cookie):
+    clients = [await connect(session_cookie) for _ in range(3)]
+    for comm in clients:
+        assert (await comm.receive_json_from(timeout=5))["type"] == "snapshot"
+    frame = {"type": "status", "device": "x", "online": True, "ts": 1.0}
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": [frame]})
+    for comm in clients:
+        assert await comm.receive_json_from(timeout=5) == frame
+        await comm.disconnect()
+
+
+async def test_frames_are_strict_json(layer, session_cookie):
+    comm = await connect(session_cookie)
+    await comm.receive_json_from(timeout=5)
+    frame = {"type": "telemetry", "device": "n", "ts": 2.0, "metrics": {"x": float("nan")}}
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": [frame]})
+    text = await comm.receive_from(timeout=5)
+    assert "NaN" not in text
+    assert json.loads(text)["metrics"] == {"x": None}
+    await comm.disconnect()
+
+
+async def test_telemetry_waiting_for_the_socket_is_merged_per_device(layer, session_cookie):
+    comm = await connect(session_cookie)
+    await comm.receive_json_from(timeout=5)
+    # One batch is buffered before the writer runs, so same-device telemetry merges, but
+    # never past a later frame of that device (the status), which would reorder them.
+    batch = [
+        {"type": "telemetry", "device": "a", "ts": 1.0, "metrics": {"t": 1.0, "h": 10.0}},
+        {"type": "telemetry", "device": "b", "ts": 1.5, "metrics": {"t": 5.0}},
+        {"type": "telemetry", "device": "a", "ts": 2.0, "metrics": {"t": 2.0}},
+        {"type": "status", "device": "b", "online": False, "ts": 2.5},
+        {"type": "telemetry", "device": "b", "ts": 3.0, "metrics": {"t": 6.0}},
+    ]
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": batch})
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "telemetry",
+        "device": "a",
+        "ts": 2.0,
+        "metrics": {"t": 2.0, "h": 10.0},
+    }
+    assert await comm.receive_json_from(timeout=5) == batch[1]
+    assert await comm.receive_json_from(timeout=5) == batch[3]
+    assert await comm.receive_json_from(timeout=5) == batch[4]
+    assert await comm.receive_nothing(timeout=0.1)
+    await comm.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("sent", "code", "ref"),
+    [
+        ("not json", "bad_request", None),
+        ("[1, 2]", "bad_request", None),
+        ('{"no": "type"}', "bad_request", None),
+        ('{"type": "subscribe", "ref": "r1"}', "bad_request", "r1"),
+        (
+            '{"type": "command", "device": "a", "name": "x", "args": {}, "ref": "r2"}',
+            "not_implemented",
+            "r2",
+        ),
+        ('{"type": "command", "device": "a", "name": "x", "ref": 7}', "not_implemented", 7),
+        ('{"type": "command", "ref": {"nested": 1}}', "not_implemented", None),
+    ],
+)
+async def test_bad_client_frames_get_an_error_and_the_socket_stays_open(
+    layer, session_cookie, sent, code, ref
+):
+    comm = await connect(session_cookie)
+    await comm.receive_json_from(timeout=5)
+    await comm.send_to(text_data=sent)
+    error = await comm.receive_json_from(timeout=5)
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert error.get("ref") == ref
+    assert ("ref" in error) == (ref is not None)
+    # Still open and still fed.
+    frame = {"type": "status", "device": "a", "online": True, "ts": 1.0}
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": [frame]})
+    assert await comm.receive_json_from(timeout=5) == frame
+    await comm.disconnect()
+
+
+async def test_binary_and_oversized_frames_get_errors(layer, session_cookie):
+    comm = await connect(session_cookie)
+    await comm.receive_json_from(timeout=5)
+    await comm.send_to(bytes_data=b"\x00\x01")
+    assert (await comm.receive_json_from(timeout=5))["code"] == "bad_request"
+    await comm.send_to(text_data='{"type": "command", "pad": "' + "x" * 70_000 + '"}')
+    assert (await comm.receive_json_from(timeout=5))["code"] == "bad_request"
+    await comm.send_to(text_data='{"type": "command"}')
+    assert (await comm.receive_json_from(timeout=5))["code"] == "not_implemented"
+    await comm.disconnect()
+
+
+async def test_ws_clients_gauge_counts_each_connection_once(layer, session_cookie):
+    before = gauge("gateway_ws_clients")
+    first = await connect(session_cookie)
+    second = await connect(session_cookie)
+    await first.receive_json_from(timeout=5)
+    await second.receive_json_from(timeout=5)
+    assert gauge("gateway_ws_clients") == before + 2
+    await first.disconnect()
+    assert gauge("gateway_ws_clients") == before + 1
+    await second.disconnect()
+    assert gauge("gateway_ws_clients") == before
+
+
+async def test_disconnected_client_leaves_the_group(layer, session_cookie):
+    comm = await connect(session_cookie)
+    await comm.receive_json_from(timeout=5)
+    assert len(layer.groups.get("dashboard", {})) == 1
+    await comm.disconnect()
+    assert not layer.groups.get("dashboard")
+
+
+class StalledSocket:
+    """An ASGI server whose client stopped reading: `websocket.send` waits until resumed.
+
+    uvicorn behaves this way once its transport buffer passes the high-water mark.
+    """
+
+    def __init__(self, app, stall_close: bool = False) -> None:
+        self.app = app
+        self.draining = asyncio.Event()
+        self.draining.set()
+        self.stall_close = stall_close
+
+    async def __call__(self, scope, receive, send):
+        async def slow_send(message):
+            if message["type"] == "websocket.send" or self.stall_close:
+                await self.draining.wait()
+            await send(message)
+
+        await self.app(scope, receive, slow_send)
+
+
+async def test_a_slow_client_is_closed_and_counted_without_slowing_others(layer, session_cookie):
+    dropped_before = gauge("gateway_ws_frames_dropped_total")
+    clients_before = gauge("gateway_ws_clients")
+    stalled = StalledSocket(websocket_app(buffer_limit=5, close_timeout=5))
+    slow = await connect(session_cookie, app=stalled)
+    fast = await connect(session_cookie)
+    assert (await slow.receive_json_from(timeout=5))["type"] == "snapshot"
+    assert (await fast.receive_json_from(timeout=5))["type"] == "snapshot"
+
+    stalled.draining.clear()  # the slow client stops reading
+    frames = [{"type": "status", "device": f"d{i}", "online": True, "ts": i} for i in range(10)]
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames})
+
+    # The fast client gets everything, in order, while the slow one is stuck.
+    assert [await fast.receive_json_from(timeout=5) for _ in frames] == frames
+    # The slow one overflowed its 5-frame buffer: all 10 frames dropped, closed with 4008.
+    closing = await slow.receive_output(timeout=5)
+    assert closing == {"type": "websocket.close", "code": CLOSE_SLOW_CLIENT, "reason": "too slow"}
+    assert gauge("gateway_ws_frames_dropped_total") == dropped_before + 10
+    assert len(layer.groups.get("dashboard", {})) == 1  # only the fast client is fed now
+
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames[:1]})
+    assert await fast.receive_json_from(timeout=5) == frames[0]
+    await slow.disconnect()
+    assert gauge("gateway_ws_clients") == clients_before + 1
+    await fast.disconnect()
+    assert gauge("gateway_ws_clients") == clients_before
+
+
+async def test_a_slow_client_whose_close_hangs_is_abandoned(layer, session_cookie):
+    clients_before = gauge("gateway_ws_clients")
+    stalled = StalledSocket(websocket_app(buffer_limit=2, close_timeout=0.2), stall_close=True)
+    slow = await connect(session_cookie, app=stalled)
+    assert (await slow.receive_json_from(timeout=5))["type"] == "snapshot"
+    stalled.draining.clear()
+    frames = [{"type": "status", "device": "d", "online": True, "ts": i} for i in range(3)]
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames})
+    # The consumer gives up on the close and returns; the server then drops the socket.
+    await slow.wait(timeout=5)
+    assert gauge("gateway_ws_clients") == clients_before
+    assert not layer.groups.get("dashboard")
