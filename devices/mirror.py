@@ -1,0 +1,211 @@
+"""Mirror serial devices to the broker, so other MQTT clients see them as ordinary devices.
+
+The serial device consumer calls `get_mirror()` and then `telemetry()` / `status()` (sync,
+never block). One `Mirror` per event loop owns one aiomqtt client, started lazily on first
+use, publishing ``devices/<id>/telemetry`` (JSON, QoS 0) and ``devices/<id>/status``
+(``online``/``offline``, QoS 1, retained). The serial and MQTT protocol servers stay unaware
+of each other.
+
+Outbox: statuses are coalesced per device (only the latest matters, it is retained);
+telemetry waits in a deque of `OUTBOX_LIMIT` messages, the oldest dropped and counted
+(`gateway_serial_mirror_dropped_total`) while the broker is away.
+
+Echoes: the gateway's own MQTT bridge is subscribed to ``devices/+/...`` and receives these
+publishes back. Each mirrored publish carries the MQTT v5 user property
+``gateway-mirror: <GATEWAY_ID>``; `is_mirror_echo(properties)` tells the MQTT device consumer
+to skip it, so a serial reading is stored once, with transport ``serial``. (Recognising the
+device's transport instead would need shared state across processes — runserial and runmqtt
+may be separate — and races on a device's first message; the property is exact and
+stateless.) Mirroring is on by default; ``SERIAL_MIRROR=0`` or `configure(enabled=False)`
+turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import weakref
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import aiomqtt
+import orjson
+from django.conf import settings
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.metrics import SERIAL_MIRROR_DROPPED
+from gateway.mqtt.url import parse_broker_url
+
+logger = logging.getLogger("devices.mirror")
+
+OUTBOX_LIMIT = 1000
+MIRROR_PROPERTY = "gateway-mirror"
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
+
+_config: dict[str, Any] = {"enabled": None, "url": None}
+_mirrors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mirror] = weakref.WeakKeyDictionary()
+
+
+def _gateway_id() -> str:
+    return settings.GATEWAY["GATEWAY_ID"]
+
+
+def configure(enabled: bool | None = None, url: str | None = None) -> None:
+    """Override the settings for this process (runserial's ``--no-mirror`` / ``--mqtt``)."""
+    if enabled is not None:
+        _config["enabled"] = enabled
+    if url is not None:
+        _config["url"] = url
+
+
+def enabled() -> bool:
+    """Whether serial devices are mirrored: `configure()`, else SERIAL_MIRROR (default on)."""
+    if _config["enabled"] is not None:
+        return bool(_config["enabled"])
+    value = settings.GATEWAY.get("SERIAL_MIRROR", os.environ.get("SERIAL_MIRROR", "1"))
+    return str(value).strip().lower() not in {"0", "false", "no", "off"}
+
+
+def is_mirror_echo(properties: Mapping[str, Any] | None) -> bool:
+    """True when an incoming MQTT message is this gateway's own mirror of a serial device."""
+    if not properties:
+        return False
+    pairs = properties.get("user_properties") or ()
+    gateway_id = _gateway_id()
+    return any(k == MIRROR_PROPERTY and v == gateway_id for k, v in pairs)
+
+
+def get_mirror() -> Mirror | None:
+    """The running loop's mirror (created on first use), or None when mirroring is off."""
+    if not enabled():
+        return None
+    loop = asyncio.get_running_loop()
+    mirror = _mirrors.get(loop)
+    if mirror is None or mirror.closed:
+        mirror = _mirrors[loop] = Mirror(_config["url"] or settings.GATEWAY["MQTT_URL"])
+    return mirror
+
+
+async def close_mirror(timeout: float = 2.0) -> None:  # noqa: ASYNC109
+    """Publish what is pending (up to `timeout`) and stop the running loop's mirror."""
+    mirror = _mirrors.pop(asyncio.get_running_loop(), None)
+    if mirror is not None:
+        await mirror.close(timeout)
+
+
+class Mirror:
+    """One loop's publisher of mirrored serial devices (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self.broker = parse_broker_url(url)
+        self.closed = False
+        self.connected = False
+        self._telemetry: deque[tuple[str, bytes]] = deque()
+        self._status: dict[str, bool] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._props = Properties(PacketTypes.PUBLISH)
+        self._props.UserProperty = [(MIRROR_PROPERTY, _gateway_id())]
+
+    def telemetry(self, device_id: str, ts: float, metrics: Mapping[str, float | bool]) -> None:
+        """Queue ``devices/<id>/telemetry`` with the reading's metrics and ``ts``."""
+        if self.closed:
+            return
+        if len(self._telemetry) >= OUTBOX_LIMIT:
+            self._telemetry.popleft()
+            SERIAL_MIRROR_DROPPED.inc()
+        self._telemetry.append((device_id, orjson.dumps({**metrics, "ts": ts})))
+        self._kick()
+
+    def status(self, device_id: str, online: bool) -> None:
+        """Queue the retained ``devices/<id>/status`` (only the latest per device is kept)."""
+        if self.closed:
+            return
+        self._status.pop(device_id, None)
+        self._status[device_id] = online
+        self._kick()
+
+    def _kick(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="devices.mirror.publisher"
+            )
+
+    async def _run(self) -> None:
+        backoff, warned = BACKOFF_FIRST, False
+        b = self.broker
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    b.host,
+                    b.port,
+                    username=b.username,
+                    password=b.password,
+                    identifier=f"{_gateway_id()}-serial-mirror-{os.getpid()}-{id(self):x}",
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    tls_context=b.ssl_context(),
+                    timeout=5,
+                ) as client:
+                    self.connected, backoff, warned = True, BACKOFF_FIRST, False
+                    logger.info("serial mirror connected to %s", b)
+                    await self._drain(client)
+            except aiomqtt.MqttError as exc:
+                self.connected = False
+                log = logger.debug if warned else logger.warning
+                log("serial mirror: broker %s unavailable (%s); retrying", b, exc)
+                warned = True
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            while self._status or self._telemetry:
+                if self._status:
+                    device_id, online = next(iter(self._status.items()))
+                    await client.publish(
+                        f"devices/{device_id}/status",
+                        b"online" if online else b"offline",
+                        qos=1,
+                        retain=True,
+                        properties=self._props,
+                    )
+                    if self._status.get(device_id) is online:  # unchanged while publishing
+                        del self._status[device_id]
+                else:
+                    device_id, payload = self._telemetry[0]
+                    await client.publish(
+                        f"devices/{device_id}/telemetry", payload, qos=0, properties=self._props
+                    )
+                    self._telemetry.popleft()
+            self._idle.set()
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def flush(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109
+        """Wait until everything queued is published; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+        """Flush (bounded by `timeout`), then stop the publisher."""
+        started = time.monotonic()
+        if self._task is not None and not self._idle.is_set():
+            await self.flush(timeout)
+        self.closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, max(0.1, timeout - (time.monotonic() - started)))
+        self.connected = False
