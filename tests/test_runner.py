@@ -52,11 +52,11 @@ def mqtt_server(url: str, gateway_id: str, protocol: str = "v5") -> MqttServer:
     )
 
 
-async def retained(port: int, topic_name: str, timeout: float = 5.0) -> bytes:
+async def retained(port: int, topic_name: str, wait: float = 5.0) -> bytes:
     """The retained payload on a topic, read by a fresh subscriber."""
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{secrets.token_hex(4)}") as c:
         await c.subscribe(topic_name)
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             async for message in c.messages:
                 return bytes(message.payload)
     raise AssertionError("no message")

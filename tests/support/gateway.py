@@ -163,7 +163,8 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise GatewayFailed(f"gateway still running {limit}s after SIGTERM\n{self.tail()}")
+            tail = self.tail()
+            raise GatewayFailed(f"gateway still running {limit}s after SIGTERM\n{tail}") from None
         self.shutdown_seconds = time.monotonic() - started
         return code
 

@@ -81,7 +81,10 @@ async def run_gateway(
             protocol = broker.protocol
     try:
         bridges: dict[str, Bridge] = {"mqtt": mqtt_bridge(application, mqtt_url, protocol=protocol)}
-        serial_server = serial_bridge(application, serial)
+        try:
+            serial_server = serial_bridge(application, serial)
+        except ValueError as exc:
+            raise CommandError(f"bad --serial/SERIAL_PORTS spec: {exc}") from exc
         if serial_server is not None:
             bridges["serial"] = serial_server
         setup = describe_setup()
