@@ -11,8 +11,8 @@ Decisions (documented for operators in the module and the report):
   1e11 ms is 1973), or an ISO 8601 string (naive means UTC); absent or null means the receive
   time. Accepted range: 2000-01-01T00:00:00Z up to one day after the receive time.
 - Limits: payload ``max_bytes`` (``too_large``), object nesting 8 levels (``too_deep``), at most
-  256 metrics (``too_large``), metric names 1-200 characters without control characters
-  (``bad_value``).
+  256 metrics (``too_large``), metric names 1-200 characters without control characters and
+  without empty keys (``bad_value``; the whole message is rejected, never silently trimmed).
 """
 
 from __future__ import annotations
@@ -153,6 +153,8 @@ def _flatten(obj: dict, prefix: str, depth: int, out: Metrics) -> None:
             if not math.isfinite(value):  # orjson refuses NaN/Infinity; belt and braces
                 raise Rejected("bad_value", f"metric {key!r} is not finite")
         elif type(value) is dict:
+            if not key:
+                raise Rejected("bad_value", "empty key in a metric name")
             _flatten(value, f"{prefix}{key}.", depth + 1, out)
             continue
         else:
@@ -160,7 +162,7 @@ def _flatten(obj: dict, prefix: str, depth: int, out: Metrics) -> None:
         if depth == 1 and key == "ts":
             continue  # the timestamp, not a metric
         name = prefix + key
-        if not valid_metric_name(name):
+        if not key or not valid_metric_name(name):
             raise Rejected("bad_value", f"bad metric name {name[:MAX_METRIC_NAME]!r}")
         if len(out) >= MAX_METRICS:
             raise Rejected("too_large", f"more than {MAX_METRICS} metrics")

@@ -106,6 +106,7 @@ class TelemetryPipeline:
         try:
             if self._refuse(len(metrics)):
                 return
+            new_rows = [(device_id, name, ts, float(value)) for name, value in metrics.items()]
             now = time.time()
             update = self._devices.get(device_id)
             if update is None:
@@ -115,9 +116,8 @@ class TelemetryPipeline:
                 update.metrics.update(metrics)
             self._dev_seq += 1
             rows = self._rows
-            for name, value in metrics.items():
-                rows.append((device_id, name, ts, float(value)))
-            self._rows_added += len(metrics)
+            rows.extend(new_rows)
+            self._rows_added += len(new_rows)
             if len(rows) > self.buffer_limit:
                 self._drop_oldest(len(rows) - self.buffer_limit)
             self._schedule_write(len(rows) >= self.batch_size)
@@ -140,7 +140,7 @@ class TelemetryPipeline:
                     "metrics": dict(metrics),
                 }
                 self._add_frame(device_id, frame)
-        except Exception:  # pragma: no cover - a bug here must not take the consumer down
+        except Exception:  # a caller's bad metrics (or a bug) must not take the consumer down
             logger.exception("telemetry pipeline: submit_reading(%r) failed", device_id)
 
     def submit_status(self, device_id: str, transport: str, online: bool, ts: float) -> None:

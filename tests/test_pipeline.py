@@ -1,0 +1,351 @@
+"""devices.pipeline on the real test database and the real in-memory channel layer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.db import connections
+from django.test.utils import CaptureQueriesContext
+
+from devices.models import Device, Reading
+from devices.pipeline import (
+    TelemetryPipeline,
+    current_pipeline,
+    get_pipeline,
+    merge_pending,
+)
+from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
+
+pytestmark = pytest.mark.django_db(transaction=True)
+TS = 1_764_214_000.0
+
+
+@pytest.fixture
+async def layer():
+    """The process's in-memory channel layer, emptied before and after the test."""
+    layer = get_channel_layer()
+    await layer.flush()
+    yield layer
+    await layer.flush()
+
+
+@pytest.fixture
+async def dashboard(layer):
+    """A channel in the `dashboard` group, like one browser's consumer."""
+    channel = await layer.new_channel()
+    await layer.group_add("dashboard", channel)
+    return channel
+
+
+@pytest.fixture
+async def pipeline(layer):
+    pipeline = get_pipeline()
+    yield pipeline
+    await pipeline.close()
+
+
+async def next_events(layer, channel, wait: float = 5.0) -> list[dict]:
+    message = await asyncio.wait_for(layer.receive(channel), wait)
+    assert message["type"] == "dashboard.events"
+    return message["events"]
+
+
+async def assert_quiet(layer, channel) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), 0.2)
+
+
+async def eventually(predicate, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@database_sync_to_async
+def start_capture() -> CaptureQueriesContext:
+    # Runs in the same single thread as the pipeline's database_sync_to_async writes.
+    ctx = CaptureQueriesContext(connections["default"])
+    ctx.__enter__()
+    return ctx
+
+
+@database_sync_to_async
+def stop_capture(ctx: CaptureQueriesContext) -> list[str]:
+    ctx.__exit__(None, None, None)
+    return [q["sql"] for q in ctx.captured_queries]
+
+
+@database_sync_to_async
+def readings(device_id: str | None = None) -> list[tuple[str, str, float, float]]:
+    qs = Reading.objects.order_by("id")
+    if device_id:
+        qs = qs.filter(device_id=device_id)
+    return [(r.device_id, r.metric, r.ts.timestamp(), r.value) for r in qs]
+
+
+@database_sync_to_async
+def device(device_id: str) -> Device:
+    return Device.objects.get(id=device_id)
+
+
+@database_sync_to_async
+def sql(statement: str) -> None:
+    with connections["default"].cursor() as cursor:
+        cursor.execute(statement)
+
+
+def counter(metric, **labels) -> float:
+    return (metric.labels(**labels) if labels else metric)._value.get()
+
+
+# -- the writer ----------------------------------------------------------------------------
+
+
+async def test_many_submits_one_transaction(pipeline):
+    stored_before = counter(TELEMETRY_STORED)
+    ctx = await start_capture()
+    for i in range(300):
+        pipeline.submit_reading(f"dev{i % 7}", "mqtt", TS + i, {"t": float(i), "ok": i % 2 == 0})
+    await pipeline.flush()
+    queries = await stop_capture(ctx)
+    starts = [q for q in queries if q.startswith("BEGIN")]
+    commits = [q for q in queries if q == "COMMIT"]
+    device_upserts = [q for q in queries if q.startswith('INSERT INTO "devices_device"')]
+    assert len(starts) == len(commits) == 1, queries
+    assert len(device_upserts) == 1  # one statement for all seven devices
+    rows = await readings()
+    assert len(rows) == 600
+    assert counter(TELEMETRY_STORED) - stored_before == 600
+    # per device, values are stored in submission order
+    dev3 = [r for r in rows if r[0] == "dev3" and r[1] == "t"]
+    assert [r[3] for r in dev3] == sorted(r[3] for r in dev3)
+    assert {r[3] for r in rows if r[1] == "ok"} == {0.0, 1.0}
+
+
+async def test_devices_registered_online_and_metrics_merged(pipeline):
+    await database_sync_to_async(Device.objects.create)(
+        id="known", name="Kitchen", transport="serial", metrics={"old": 1}
+    )
+    pipeline.submit_reading("known", "mqtt", TS, {"t": 20.5})
+    pipeline.submit_reading("fresh", "serial", TS, {"h": 40.0, "relay": True})
+    await pipeline.flush()
+    known, fresh = await device("known"), await device("fresh")
+    assert (known.name, known.transport, known.online) == ("Kitchen", "serial", True)
+    assert known.metrics == {"old": 1, "t": 20.5}
+    assert (fresh.name, fresh.transport, fresh.online) == ("", "serial", True)
+    assert fresh.metrics == {"h": 40.0, "relay": True}
+    assert fresh.last_seen is not None
+    first_seen = fresh.last_seen
+
+    # a later batch merges (does not replace) the latest metrics
+    pipeline.submit_reading("fresh", "mqtt", TS + 1, {"h": 41.0, "co2": 600})
+    await pipeline.flush()
+    fresh = await device("fresh")
+    assert fresh.metrics == {"h": 41.0, "relay": True, "co2": 600}
+    assert fresh.transport == "serial"  # set on creation only
+    assert fresh.last_seen >= first_seen
+
+    pipeline.submit_status("fresh", "mqtt", False, TS + 2)
+    await pipeline.flush()
+    fresh_off = await device("fresh")
+    assert fresh_off.online is False
+    assert fresh_off.last_seen == fresh.last_seen  # an offline Last Will is not "seen"
+    assert fresh_off.metrics == fresh.metrics
+
+    pipeline.submit_status("ghost", "mqtt", False, TS)  # status registers a device too
+    await pipeline.flush()
+    ghost = await device("ghost")
+    assert (ghost.online, ghost.last_seen, ghost.metrics) == (False, None, {})
+
+
+async def test_batch_delay_writes_without_flush(layer):
+    pipeline = TelemetryPipeline(batch_delay=0.05)
+    try:
+        pipeline.submit_reading("d1", "mqtt", TS, {"t": 1.0})
+
+        async def stored():
+            return len(await readings()) == 1
+
+        await eventually(stored)
+    finally:
+        await pipeline.close()
+
+
+async def test_batch_size_triggers_write_before_delay(layer):
+    pipeline = TelemetryPipeline(batch_size=10, batch_delay=3600)
+    try:
+        for i in range(9):
+            pipeline.submit_reading("d1", "mqtt", TS + i, {"t": float(i)})
+        await asyncio.sleep(0.2)
+        assert await readings() == []  # below the batch size and long before the delay
+        pipeline.submit_reading("d1", "mqtt", TS + 9, {"t": 9.0})
+
+        async def stored():
+            return len(await readings()) == 10
+
+        await eventually(stored)
+    finally:
+        await pipeline.close()
+
+
+async def test_large_backlog_is_split_into_batches(layer):
+    pipeline = TelemetryPipeline(batch_size=100, batch_delay=3600)
+    try:
+        ctx = await start_capture()
+        for i in range(250):
+            pipeline.submit_reading(f"d{i % 3}", "mqtt", TS + i, {"t": float(i)})
+        await pipeline.flush()
+        queries = await stop_capture(ctx)
+        assert len([q for q in queries if q == "COMMIT"]) == 3
+        assert [r[3] for r in await readings()] == [float(i) for i in range(250)]
+    finally:
+        await pipeline.close()
+
+
+async def test_buffer_full_drops_oldest_and_counts(layer):
+    dropped_before = counter(TELEMETRY_DROPPED, reason="buffer_full")
+    pipeline = TelemetryPipeline(buffer_limit=10, batch_size=1000, batch_delay=3600)
+    try:
+        for i in range(25):  # all in one loop turn: the writer cannot run in between
+            pipeline.submit_reading("d1", "mqtt", TS + i, {"t": float(i)})
+        await pipeline.flush()
+        assert [r[3] for r in await readings()] == [float(i) for i in range(15, 25)]
+        assert counter(TELEMETRY_DROPPED, reason="buffer_full") - dropped_before == 15
+    finally:
+        await pipeline.close()
+
+
+async def test_database_failure_keeps_batch_and_recovers(pipeline):
+    pipeline.submit_reading("d1", "mqtt", TS, {"t": 0.0})
+    await pipeline.flush()
+    await sql('ALTER TABLE "devices_reading" RENAME TO "devices_reading_away"')
+    try:
+        for i in range(1, 6):
+            pipeline.submit_reading("d1", "mqtt", TS + i, {"t": float(i)})
+
+        async def failed():
+            return pipeline.failures >= 2  # failed, backed off, failed again
+
+        await eventually(failed)
+        pipeline.submit_reading("d1", "mqtt", TS + 6, {"t": 6.0})
+        assert pipeline.pending_devices()["d1"]["metrics"] == {"t": 6.0}
+    finally:
+        await sql('ALTER TABLE "devices_reading_away" RENAME TO "devices_reading"')
+    await asyncio.wait_for(pipeline.flush(), 15)
+    assert [r[3] for r in await readings()] == [float(i) for i in range(7)]
+    assert pipeline.pending_devices() == {}
+    assert (await device("d1")).metrics == {"t": 6.0}
+
+
+# -- the fan-out ---------------------------------------------------------------------------
+
+
+async def test_one_group_send_per_loop_turn_with_status_first(pipeline, layer, dashboard):
+    pipeline.submit_reading("a", "mqtt", TS, {"t": 1.0})
+    pipeline.submit_reading("b", "mqtt", TS + 1, {"h": 2.0})
+    pipeline.submit_status("c", "mqtt", False, TS + 2)
+    events = await next_events(layer, dashboard)
+    assert [(e["type"], e["device"]) for e in events] == [
+        ("status", "a"),
+        ("telemetry", "a"),
+        ("status", "b"),
+        ("telemetry", "b"),
+        ("status", "c"),
+    ]
+    assert events[0]["online"] is True and isinstance(events[0]["ts"], float)
+    assert events[1] == {"type": "telemetry", "device": "a", "ts": TS, "metrics": {"t": 1.0}}
+    assert events[4] == {"type": "status", "device": "c", "online": False, "ts": TS + 2}
+    await assert_quiet(layer, dashboard)
+
+    # already online: telemetry alone; after "offline", telemetry brings "online" back
+    pipeline.submit_reading("a", "mqtt", TS + 3, {"t": 3.0})
+    assert [e["type"] for e in await next_events(layer, dashboard)] == ["telemetry"]
+    pipeline.submit_status("a", "mqtt", False, TS + 4)
+    pipeline.submit_reading("a", "mqtt", TS + 5, {"t": 5.0})
+    events = await next_events(layer, dashboard)
+    assert [(e["type"], e.get("online")) for e in events] == [
+        ("status", False),
+        ("status", True),
+        ("telemetry", None),
+    ]
+
+
+async def test_coalescing_keeps_every_metric_and_order(pipeline, layer, dashboard):
+    pipeline.submit_reading("a", "mqtt", TS, {"t": 1.0, "h": 10.0})
+    pipeline.submit_reading("b", "mqtt", TS, {"x": 1.0})
+    pipeline.submit_reading("a", "mqtt", TS + 2, {"t": 2.0, "co2": 400.0})
+    pipeline.submit_reading("a", "mqtt", TS + 1, {"flag": False})
+    events = [e for e in await next_events(layer, dashboard) if e["type"] == "telemetry"]
+    assert events == [
+        {
+            "type": "telemetry",
+            "device": "a",
+            "ts": TS + 2,
+            "metrics": {"t": 2.0, "h": 10.0, "co2": 400.0, "flag": False},
+        },
+        {"type": "telemetry", "device": "b", "ts": TS, "metrics": {"x": 1.0}},
+    ]
+    # storage keeps every value, coalescing is only for dashboards
+    await pipeline.flush()
+    assert len(await readings("a")) == 5
+
+
+async def test_frames_during_a_send_go_in_the_next_batch_in_order(pipeline, layer, dashboard):
+    received: list[dict] = []
+    for burst in range(5):
+        for i in range(20):
+            pipeline.submit_reading("d", "mqtt", TS + burst * 100 + i, {"n": float(i)})
+            pipeline.submit_status("e", "mqtt", i % 2 == 0, TS + burst * 100 + i)
+        await asyncio.sleep(0)  # let the fan-out run between bursts
+    await pipeline.flush()
+    while True:
+        try:
+            received += await next_events(layer, dashboard, wait=0.3)
+        except TimeoutError:
+            break
+    e_states = [e["online"] for e in received if e["device"] == "e"]
+    assert e_states == [i % 2 == 0 for _ in range(5) for i in range(20)]
+    d_ts = [e["ts"] for e in received if e["device"] == "d" and e["type"] == "telemetry"]
+    assert d_ts == sorted(d_ts) and d_ts[-1] == TS + 419
+
+
+# -- bookkeeping ---------------------------------------------------------------------------
+
+
+async def test_pending_devices_until_written(pipeline):
+    pipeline.submit_reading("p1", "mqtt", TS, {"t": 1.0})
+    pipeline.submit_reading("p1", "mqtt", TS, {"h": 2.0})
+    pending = pipeline.pending_devices()
+    assert pending["p1"]["online"] is True
+    assert pending["p1"]["metrics"] == {"t": 1.0, "h": 2.0}
+    assert pending["p1"]["transport"] == "mqtt"
+    merged = merge_pending([{"id": "a0", "name": "A", "metrics": {}, "online": False}], pending)
+    assert [d["id"] for d in merged] == ["a0", "p1"]
+    assert merged[1]["name"] == "p1" and merged[1]["metrics"] == {"t": 1.0, "h": 2.0}
+    await pipeline.flush()
+    assert pipeline.pending_devices() == {}
+
+
+async def test_one_pipeline_per_loop_and_close(layer):
+    assert current_pipeline() is None
+    first = get_pipeline()
+    assert get_pipeline() is first and current_pipeline() is first
+    first.submit_reading("d1", "mqtt", TS, {"t": 1.0})
+    await first.close()
+    assert len(await readings()) == 1  # close flushes
+    assert current_pipeline() is None
+    second = get_pipeline()
+    assert second is not first
+    await second.close()
+
+
+async def test_submit_never_raises(pipeline):
+    pipeline.submit_reading("d1", "mqtt", TS, {"t": "not a number"})  # type: ignore[dict-item]
+    pipeline.submit_reading("d1", "mqtt", TS, {"t": 1.0})
+    await pipeline.flush()
+    assert [r[3] for r in await readings()] == [1.0]
