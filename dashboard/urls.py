@@ -1,0 +1,11 @@
+"""HTTP routes of the dashboard (CONTRACT §5: `/` is the live dashboard)."""
+
+from django.urls import path
+
+from dashboard import views
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("", views.index, name="index"),
+]

@@ -1,0 +1,151 @@
+"""The live page at `/` and the login page: login required, escaping, static assets."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.urls import include, path, resolve
+
+from dashboard import views
+from devices.models import Device
+
+# The site's URLconf minus the rooms this file does not test (gateway/urls.py has the same
+# entries for "/" and "/accounts/").
+urlpatterns = [
+    path("", include("dashboard.urls")),
+    path("accounts/", include("django.contrib.auth.urls")),
+]
+pytestmark = [
+    pytest.mark.urls(__name__),
+    # WhiteNoise warns when STATIC_ROOT was never collected (tests don't run collectstatic).
+    pytest.mark.filterwarnings("ignore:No directory at:UserWarning"),
+]
+
+XSS = "<img src=x onerror=alert(1)>"
+STATIC = Path(settings.BASE_DIR) / "dashboard" / "static" / "dashboard"
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("alice", password="correct horse battery")
+
+
+@pytest.fixture
+def logged_in(client, user):
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.django_db
+def test_anonymous_is_sent_to_login(client):
+    response = client.get("/")
+    assert response.status_code == 302
+    assert response["Location"] == "/accounts/login/?next=/"
+
+
+@pytest.mark.django_db
+def test_login_page_renders_and_logs_in(client, user):
+    response = client.get("/accounts/login/?next=/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'name="username"' in html and 'name="password"' in html
+    assert "csrfmiddlewaretoken" in html
+    assert "/static/dashboard/app.css" in html
+    response = client.post(
+        "/accounts/login/",
+        {"username": "alice", "password": "correct horse battery", "next": "/"},
+    )
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert client.get("/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_wrong_password_shows_an_error(client, user):
+    response = client.post("/accounts/login/", {"username": "alice", "password": "nope"})
+    assert response.status_code == 200
+    assert 'class="form-error" role="alert"' in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_dashboard_renders_devices_for_a_logged_in_user(logged_in):
+    Device.objects.create(
+        id="weather-1", name="Roof", online=True, metrics={"temperature": 21.5, "humidity": 40}
+    )
+    Device.objects.create(id="serial-2", transport="serial")
+    response = logged_in.get("/")
+    assert response.status_code == 200
+    assert response["Cache-Control"].startswith("max-age=0")
+    html = response.content.decode()
+    assert '<tr data-device="weather-1">' in html
+    assert '<tr data-device="serial-2">' in html
+    assert "Roof" in html and "temperature" in html and "21.5" in html
+    assert 'src="/static/dashboard/app.js"' in html
+    assert 'id="conn"' in html
+    assert "Content-Security-Policy" in html and "script-src 'self'" in html
+    assert "<script>" not in html  # no inline script: the CSP forbids it
+    assert 'id="empty" hidden' in html
+
+
+@pytest.mark.django_db
+def test_empty_dashboard_says_so(logged_in):
+    html = logged_in.get("/").content.decode()
+    assert 'id="empty">' in html
+
+
+@pytest.mark.django_db
+def test_device_names_and_metric_names_are_escaped(logged_in):
+    Device.objects.create(id="evil", name=XSS, metrics={XSS: 1, "items": 2})
+    html = logged_in.get("/").content.decode()
+    assert XSS not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "items" in html  # a metric called "items" doesn't confuse the template
+
+
+@pytest.mark.django_db
+def test_logout_is_a_post_form(logged_in):
+    html = logged_in.get("/").content.decode()
+    assert 'action="/accounts/logout/"' in html
+    response = logged_in.post("/accounts/logout/")
+    assert response.status_code == 302
+    assert logged_in.get("/").status_code == 302
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["app.js", "app.css"])
+def test_static_assets_are_served(client, name):
+    response = client.get(f"/static/dashboard/{name}")
+    assert response.status_code == 200
+    body = b"".join(response.streaming_content) if response.streaming else response.content
+    assert body == (STATIC / name).read_bytes()
+
+
+def test_script_never_uses_html_sinks():
+    source = (STATIC / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in source
+    assert "textContent" in source
+    assert "location.protocol" in source and "/ws/dashboard/" in source
+
+
+def test_templates_never_mark_data_safe():
+    for template in [
+        *Path(settings.BASE_DIR, "dashboard", "templates").rglob("*.html"),
+        *Path(settings.BASE_DIR, "gateway", "templates").rglob("*.html"),
+    ]:
+        text = template.read_text()
+        assert "|safe" not in text and "autoescape off" not in text, template
+
+
+def test_styles_follow_the_system_colour_scheme():
+    assert "prefers-color-scheme: dark" in (STATIC / "app.css").read_text()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("devices.urls") is None, reason="devices.urls not written yet"
+)
+@pytest.mark.urls("gateway.urls")
+def test_the_site_routes_to_the_dashboard():
+    assert resolve("/").func is views.index
