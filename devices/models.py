@@ -62,3 +62,66 @@ class Reading(models.Model):
 
     def __str__(self) -> str:
         return f"{self.device_id} {self.metric}={self.value} @ {self.ts:%Y-%m-%d %H:%M:%S}"
+
+
+class CommandStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    SENT = "sent", "Sent"
+    ACKED = "acked", "Acked"
+    FAILED = "failed", "Failed"
+    TIMEOUT = "timeout", "Timed out"
+
+
+FINAL_STATUSES = (CommandStatus.ACKED, CommandStatus.FAILED, CommandStatus.TIMEOUT)
+
+
+class Command(models.Model):
+    """A command to a device and its lifecycle: pending → sent → acked | failed | timeout."""
+
+    id = models.UUIDField(primary_key=True)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="commands")
+    name = models.CharField(max_length=64)
+    args = models.JSONField(default=dict, blank=True)
+    status = models.CharField(
+        max_length=16, choices=CommandStatus.choices, default=CommandStatus.PENDING
+    )
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    # Who sent it (the audit trail); kept when the user is deleted.
+    created_by = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField()
+    sent_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Seconds to wait for the ack once sent; a pending command expires at `expires_at`.
+    timeout = models.FloatField(default=10.0)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("send_command", "Can send commands to devices")]
+        indexes = [
+            models.Index(fields=["device", "status"], name="command_dev_status"),
+            models.Index(fields=["created_by", "created_at"], name="command_user_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} → {self.device_id} ({self.status})"
+
+    def as_frame(self, ref: str | None = None) -> dict:
+        """The command as a CONTRACT §6 `command` frame (also the REST representation)."""
+        frame: dict = {
+            "type": "command",
+            "id": str(self.id),
+            "device": self.device_id,
+            "name": self.name,
+            "status": self.status,
+        }
+        if self.result is not None:
+            frame["result"] = self.result
+        if self.error:
+            frame["error"] = self.error
+        if ref is not None:
+            frame["ref"] = ref
+        return frame

@@ -198,6 +198,13 @@ GATEWAY = {
     "TELEMETRY_BATCH_DELAY": env_float("GATEWAY_TELEMETRY_BATCH_DELAY", 0.25),
     # Bound on readings waiting for the database; past it the oldest are dropped and counted.
     "TELEMETRY_BUFFER_LIMIT": env_int("GATEWAY_TELEMETRY_BUFFER_LIMIT", 200_000),
+    # Commands: seconds to wait for an ack once sent (a command may ask for its own), how long
+    # one is held for an offline device or a down broker before it times out, and the
+    # per-user rate limit (COUNT commands per SECONDS).
+    "COMMAND_TIMEOUT": env_float("GATEWAY_COMMAND_TIMEOUT", 10.0),
+    "COMMAND_HOLD_SECONDS": env_float("GATEWAY_COMMAND_HOLD_SECONDS", 300.0),
+    "COMMAND_RATE_COUNT": env_int("GATEWAY_COMMAND_RATE_COUNT", 30),
+    "COMMAND_RATE_SECONDS": env_float("GATEWAY_COMMAND_RATE_SECONDS", 60.0),
 }
 
 LOG_LEVEL = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()

@@ -1,0 +1,337 @@
+"""Commands: who may send them, their lifecycle, and how everyone hears of each change.
+
+A command moves pending → sent → acked | failed | timeout (CONTRACT §6). Every transition is a
+conditional UPDATE (``WHERE status = <expected>``), so two processes racing on one command —
+two bridges, a timer and an ack — can never both win: a command is sent at most once and ends
+exactly once. Each change is pushed to every dashboard and counted in
+``gateway_commands_total{status}``.
+
+The transport is someone else's business: a device consumer hands `deliver()` a coroutine that
+puts the command on its wire (an MQTT publish, a serial line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.utils import timezone
+
+from devices.models import FINAL_STATUSES, Command, CommandStatus, Device
+from gateway.exceptions import GatewayError
+from gateway.metrics import COMMANDS
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_ARGS_BYTES = 16 * 1024
+TIMEOUT_RANGE = (0.1, 3600.0)
+PERMISSION = "devices.send_command"
+
+#: What a transport's send coroutine raises when it cannot deliver now (broker down, port
+#: closed): the command goes back to pending and is re-driven later.
+Unavailable = (ConnectionError, OSError)
+
+
+class CommandError(GatewayError):
+    """A command request refused; `code` is the WebSocket error code, `status` the HTTP one."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+def can_command(user: Any) -> bool:
+    """Whether `user` may send commands: staff, superusers, or the `send_command` permission."""
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return False
+    return bool(user.is_staff or user.is_superuser or user.has_perm(PERMISSION))
+
+
+def parse_request(data: Any) -> tuple[str, dict, float | None]:
+    """Validate `{"name": …, "args": {…}, "timeout"?: s}` into (name, args, timeout)."""
+    if not isinstance(data, dict):
+        raise CommandError("bad_request", "a command is a JSON object")
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise CommandError("bad_request", "name must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+    args = data.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise CommandError("bad_request", "args must be a JSON object")
+    try:
+        if len(orjson.dumps(args)) > MAX_ARGS_BYTES:
+            raise CommandError("bad_request", f"args larger than {MAX_ARGS_BYTES} bytes")
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise CommandError("bad_request", "args must be plain JSON") from exc
+    timeout = data.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise CommandError("bad_request", "timeout must be a number of seconds")
+        if not TIMEOUT_RANGE[0] <= timeout <= TIMEOUT_RANGE[1]:
+            raise CommandError("bad_request", "timeout must be between 0.1 and 3600 seconds")
+        timeout = float(timeout)
+    return name, args, timeout
+
+
+# -- creating ----------------------------------------------------------------------------
+
+
+def _rate_limit() -> tuple[int, float]:
+    return settings.GATEWAY["COMMAND_RATE_COUNT"], settings.GATEWAY["COMMAND_RATE_SECONDS"]
+
+
+def create_command(user: Any, device_id: str, data: Any) -> Command:
+    """Check permission, input and the user's rate, then store the command as pending."""
+    if not can_command(user):
+        raise CommandError("forbidden", "you may not send commands", status=403)
+    name, args, timeout = parse_request(data)
+    count, window = _rate_limit()
+    now = timezone.now()
+    recent = Command.objects.filter(
+        created_by=user, created_at__gte=now - timedelta(seconds=window)
+    ).count()
+    if recent >= count:
+        raise CommandError(
+            "rate_limited",
+            f"rate limit: at most {count} commands per {window:g} s; try again shortly",
+            status=429,
+        )
+    if not Device.objects.filter(pk=device_id).exists():
+        raise CommandError("unknown_device", f"no device {device_id!r}", status=404)
+    hold = settings.GATEWAY["COMMAND_HOLD_SECONDS"]
+    return Command.objects.create(
+        id=uuid.uuid4(),
+        device_id=device_id,
+        name=name,
+        args=args,
+        created_by=user,
+        created_at=now,
+        timeout=timeout if timeout is not None else settings.GATEWAY["COMMAND_TIMEOUT"],
+        expires_at=now + timedelta(seconds=hold),
+    )
+
+
+async def submit(user: Any, device_id: str, data: Any, ref: str | None = None) -> Command:
+    """Create a command and start it on its way: dashboards hear `pending`, the device's
+    consumer (group ``device.<id>``) gets a ``device.command`` to deliver when it can."""
+    command = await database_sync_to_async(create_command)(user, device_id, data)
+    await announce(command, ref=ref)
+    get_timers().schedule(command)
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(
+            f"device.{device_id}", {"type": "device.command", "id": str(command.id)}
+        )
+    return command
+
+
+# -- transitions (sync ORM; each one a conditional UPDATE) --------------------------------
+
+
+def _transition(command_id: Any, expected: Iterable[str], **changes: Any) -> Command | None:
+    """Apply `changes` if the command is still in one of `expected`; the new row, or None."""
+    updated = Command.objects.filter(pk=command_id, status__in=list(expected)).update(**changes)
+    return Command.objects.select_related(None).get(pk=command_id) if updated else None
+
+
+def _claim(command_id: Any) -> Command | None:
+    return _transition(
+        command_id, [CommandStatus.PENDING], status=CommandStatus.SENT, sent_at=timezone.now()
+    )
+
+
+def _release(command_id: Any) -> None:
+    _transition(command_id, [CommandStatus.SENT], status=CommandStatus.PENDING, sent_at=None)
+
+
+def _finish(command_id: Any, device_id: str | None, status: str, **fields: Any) -> Command | None:
+    qs = Command.objects.filter(pk=command_id, status=CommandStatus.SENT)
+    if device_id is not None:
+        qs = qs.filter(device_id=device_id)
+    if not qs.update(status=status, finished_at=timezone.now(), **fields):
+        return None
+    return Command.objects.get(pk=command_id)
+
+
+def _expire(command_id: Any) -> Command | None:
+    """Time out a command whose hold TTL (pending) or ack deadline (sent) has passed."""
+    now = timezone.now()
+    try:
+        command = Command.objects.get(pk=command_id)
+    except Command.DoesNotExist:
+        return None
+    if command.status == CommandStatus.PENDING and command.expires_at <= now:
+        error = "not delivered: the device was unreachable until the command expired"
+    elif (
+        command.status == CommandStatus.SENT
+        and command.sent_at
+        and command.sent_at + timedelta(seconds=command.timeout) <= now
+    ):
+        error = f"no acknowledgement within {command.timeout:g} s"
+    else:
+        return None
+    return _transition(
+        command_id, [command.status], status=CommandStatus.TIMEOUT, finished_at=now, error=error
+    )
+
+
+def _pending_ids(device_id: str) -> list[Any]:
+    return list(
+        Command.objects.filter(device_id=device_id, status=CommandStatus.PENDING)
+        .order_by("created_at")
+        .values_list("pk", flat=True)
+    )
+
+
+def _open_commands() -> list[Command]:
+    return list(Command.objects.exclude(status__in=FINAL_STATUSES))
+
+
+# -- delivery, acks, announcements (async) ------------------------------------------------
+
+SendCommand = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def deliver(command_id: Any, send: SendCommand) -> bool:
+    """Claim a pending command and put it on the wire with `send`; True if it was sent.
+
+    Claimed first (pending → sent), so it is never sent twice; if `send` raises one of
+    `Unavailable`, it goes back to pending for the next try.
+    """
+    command = await database_sync_to_async(_claim)(command_id)
+    if command is None:
+        return False
+    try:
+        await send({"id": str(command.id), "name": command.name, "args": command.args})
+    except Unavailable as exc:
+        logger.info("command %s held: %s", command.id, exc or type(exc).__name__)
+        await database_sync_to_async(_release)(command_id)
+        return False
+    except Exception:
+        logger.exception("command %s: transport failed", command.id)
+        await database_sync_to_async(_release)(command_id)
+        return False
+    await announce(command)
+    get_timers().schedule(command)
+    return True
+
+
+async def deliver_pending(device_id: str, send: SendCommand) -> int:
+    """Send every pending command of a device, oldest first; how many went out."""
+    sent = 0
+    for command_id in await database_sync_to_async(_pending_ids)(device_id):
+        if not await deliver(command_id, send):
+            break
+        sent += 1
+    return sent
+
+
+async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, error: str) -> bool:
+    """Finish a sent command from the device's ack; False for an unknown or finished id."""
+    try:
+        uuid.UUID(str(command_id))
+    except ValueError:
+        return False
+    if ok:
+        fields: dict[str, Any] = {"result": result}
+        status = CommandStatus.ACKED
+    else:
+        fields = {"error": (error or "the device reported failure")[:2000]}
+        status = CommandStatus.FAILED
+    command = await database_sync_to_async(_finish)(command_id, device_id, status, **fields)
+    if command is None:
+        return False
+    await announce(command)
+    return True
+
+
+async def announce(command: Command, ref: str | None = None) -> None:
+    """Push the command's current state to every dashboard and count the transition."""
+    COMMANDS.labels(status=command.status).inc()
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        await layer.group_send(
+            "dashboard", {"type": "dashboard.events", "events": [command.as_frame(ref=ref)]}
+        )
+    except Exception:
+        logger.exception("command %s: could not notify dashboards", command.id)
+
+
+# -- timers: one call_later per open command, recovered from the database on start ----------
+
+
+class CommandTimers:
+    """Times out held and unacknowledged commands exactly when they are due (no polling)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._handles: dict[str, asyncio.TimerHandle] = {}
+        self._recovered = self.loop.create_task(self._recover(), name="commands.recover")
+
+    async def _recover(self) -> None:
+        """After a (re)start: re-arm timers for every open command in the database."""
+        try:
+            for command in await database_sync_to_async(_open_commands)():
+                self.schedule(command)
+        except Exception:
+            logger.exception("could not recover open commands")
+
+    def schedule(self, command: Command) -> None:
+        """Arm the timer for the command's next deadline (hold TTL or ack timeout)."""
+        if command.status == CommandStatus.SENT and command.sent_at:
+            due: datetime = command.sent_at + timedelta(seconds=command.timeout)
+        elif command.status == CommandStatus.PENDING:
+            due = command.expires_at
+        else:
+            return
+        key = str(command.id)
+        if old := self._handles.pop(key, None):
+            old.cancel()
+        delay = max(0.0, (due - timezone.now()).total_seconds()) + 0.01
+        self._handles[key] = self.loop.call_later(delay, self._fire, key)
+
+    def _fire(self, key: str) -> None:
+        self._handles.pop(key, None)
+        self.loop.create_task(self._expire(key), name=f"commands.expire[{key}]")
+
+    async def _expire(self, key: str) -> None:
+        try:
+            command = await database_sync_to_async(_expire)(key)
+            if command is not None:
+                await announce(command)
+        except Exception:
+            logger.exception("command %s: could not time out", key)
+
+    def cancel_all(self) -> None:
+        for handle in self._handles.values():
+            handle.cancel()
+        self._handles.clear()
+        self._recovered.cancel()
+
+
+_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CommandTimers] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_timers() -> CommandTimers:
+    """The command timers of the running event loop, created (and recovered) on first use."""
+    loop = asyncio.get_running_loop()
+    timers = _timers.get(loop)
+    if timers is None:
+        timers = _timers[loop] = CommandTimers()
+    return timers
