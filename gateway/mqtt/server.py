@@ -15,6 +15,7 @@ from typing import Any
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -203,7 +204,8 @@ class MqttServer:
         v5 = self.protocol == "v5"
         holder: list[asyncio.Queue[Any]] = []
         connect_props = None
-        if v5:
+        if v5 and (self.receive_maximum != 65535 or self.session_expiry):
+            # Absent properties mean Receive Maximum 65535 and Session Expiry 0 (MQTT v5 §3.1.2).
             connect_props = Properties(PacketTypes.CONNECT)
             connect_props.ReceiveMaximum = self.receive_maximum
             connect_props.SessionExpiryInterval = self.session_expiry
@@ -222,7 +224,8 @@ class MqttServer:
             will=will,
             clean_session=None if v5 else self.clean_start,
             keepalive=self.keepalive,
-            clean_start=self.clean_start,
+            # paho refuses an explicit clean_start on 3.1.1 (clean_session says it there).
+            clean_start=self.clean_start if v5 else MQTT_CLEAN_START_FIRST_ONLY,
             properties=connect_props,
             tls_context=self.broker.ssl_context(),
             timeout=self.operation_timeout,
@@ -264,10 +267,13 @@ class MqttServer:
                 reason = f"connect refused: {exc}"
             except aiomqtt.MqttError as exc:
                 reason = str(exc) or type(exc).__name__
+                if exc.__cause__ is not None:
+                    reason = f"{reason}: {exc.__cause__}"
             except Exception as exc:  # a bug must not end the bridge: log it and reconnect
-                logger.exception("mqtt connection to %s failed unexpectedly", self.broker)
                 reason = f"{type(exc).__name__}: {exc}"
-                last_reason = reason
+                if reason != last_reason:
+                    logger.exception("mqtt connection to %s failed unexpectedly", self.broker)
+                    last_reason = reason
             finally:
                 self._set_disconnected(reason or "connection closed")
             if self._stopping:

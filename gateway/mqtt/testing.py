@@ -27,6 +27,7 @@ class MqttCommunicator(ApplicationCommunicator):
         client_id: str = "test-gateway",
         broker: dict[str, Any] | None = None,
     ) -> None:
+        self._future = None  # asgiref's __del__ reads it even if we raise below
         self.router = None
         if topic is not None:
             self.router = find_topic_router(application)

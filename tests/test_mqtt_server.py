@@ -1,0 +1,409 @@
+"""MqttServer against a real mosquitto, with real aiomqtt publishers and subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import REGISTRY
+
+from gateway.exceptions import BrokerUnavailable, InvalidEvent
+from gateway.mqtt.consumer import MqttConsumer
+from gateway.mqtt.routing import TopicRouter, topic
+from gateway.mqtt.server import MqttServer
+
+RECORDS: asyncio.Queue = asyncio.Queue()
+GATE = asyncio.Event()
+
+
+class Recorder(MqttConsumer):
+    """Records what it sees as (device, instance id, event type, payload); payloads steer it."""
+
+    def record(self, kind: str, payload: object = None) -> None:
+        RECORDS.put_nowait(
+            (self.scope["url_route"]["kwargs"].get("device_id"), id(self), kind, payload)
+        )
+
+    async def mqtt_connect(self, message):
+        self.record("connect")
+
+    async def mqtt_disconnect(self, message):
+        self.record("disconnect", message["reason"])
+
+    async def on_retire(self):
+        self.record("retire")
+
+    async def mqtt_message(self, message):
+        payload = message["payload"]
+        device = self.scope["url_route"]["kwargs"].get("device_id")
+        if payload == b"boom":
+            raise RuntimeError("boom on purpose")
+        if payload == b"block":
+            await GATE.wait()
+        elif payload.startswith(b"echo"):
+            await self.publish(f"out/{device}", payload, qos=1)
+        elif payload == b"bad":
+            for event in (
+                {"type": "mqtt.publish", "topic": "a/#", "payload": b""},
+                {"type": "mqtt.publish", "topic": "a", "payload": 1},
+                {"type": "mqtt.nonsense"},
+            ):
+                try:
+                    await self.send(event)
+                except InvalidEvent as exc:
+                    self.record("invalid", str(exc))
+        elif payload == b"subscribe":
+            await self.subscribe("extra/#", qos=1)
+        elif payload == b"publish-now":
+            try:
+                await self.publish(f"out/{device}", b"x", qos=1)
+                self.record("published")
+            except BrokerUnavailable:
+                self.record("unavailable")
+        self.record("message", message)
+
+
+class NarrowRouter(TopicRouter):
+    """A router that leaves `extra/…` to subscriptions the application asks for."""
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return [f for f in super().subscriptions if not f.startswith("extra/")]
+
+
+def make_app() -> TopicRouter:
+    return NarrowRouter(
+        [
+            topic(
+                [
+                    "devices/{device_id}/telemetry",
+                    "devices/{device_id}/telemetry/{metric}",
+                    "devices/{device_id}/status",
+                ],
+                Recorder.as_asgi(),
+                name="device",
+            ),
+            topic("extra/{device_id}", Recorder.as_asgi(), name="extra"),
+        ]
+    )
+
+
+@pytest.fixture(autouse=True)
+def fresh_records():
+    global RECORDS, GATE
+    RECORDS = asyncio.Queue()
+    GATE = asyncio.Event()
+
+
+def make_server(broker, **kwargs) -> MqttServer:
+    uid = uuid.uuid4().hex[:8]
+    options = {
+        "client_id": f"gw-{uid}",
+        "status_topic": f"gateway/{uid}/status",
+        "idle_seconds": 60.0,
+        "backoff_initial": 0.05,
+        "backoff_max": 0.5,
+        "retire_grace": 0.5,
+    }
+    options.update(kwargs)
+    return MqttServer(make_app(), url=broker.url, **options)
+
+
+@contextlib.asynccontextmanager
+async def running(server: MqttServer):
+    task = asyncio.create_task(server.serve())
+    try:
+        await server.wait_connected(10)
+        yield server
+    finally:
+        await server.shutdown(4)
+        await asyncio.wait_for(task, 5)
+
+
+def client(broker, **kwargs) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5, timeout=5, **kwargs
+    )
+
+
+async def next_record(kind: str, within: float = 5.0):
+    """The next record of that kind, skipping others."""
+    async with asyncio.timeout(within):
+        while True:
+            record = await RECORDS.get()
+            if record[2] == kind:
+                return record
+
+
+async def first_message(subscriber: aiomqtt.Client, within: float = 5.0) -> aiomqtt.Message:
+    async with asyncio.timeout(within):
+        return await anext(subscriber.messages)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_one_instance_per_key_with_params_and_properties(mosquitto):
+    async with running(make_server(mosquitto)) as server, client(mosquitto) as pub:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        props.UserProperty = [("unit", "C")]
+        before = metric("gateway_mqtt_messages_received_total")
+        await pub.publish("devices/d1/telemetry", b'{"t": 1}', qos=1, properties=props)
+        await pub.publish("devices/d1/telemetry/temperature", b"21.5", qos=1)
+        await pub.publish("devices/d1/status", b"online", qos=1, retain=True)
+        await pub.publish("devices/d2/telemetry", b"{}", qos=1)
+        messages = [await next_record("message") for _ in range(4)]
+        by_device = {}
+        for device, instance, _, _ in messages:
+            by_device.setdefault(device, set()).add(instance)
+        assert {d: len(i) for d, i in by_device.items()} == {"d1": 1, "d2": 1}
+        assert by_device["d1"] != by_device["d2"]
+        assert server.instances == 2
+        by_topic = {m[3]["topic"]: m[3] for m in messages}
+        first = by_topic["devices/d1/telemetry"]
+        second = by_topic["devices/d1/telemetry/temperature"]
+        status = by_topic["devices/d1/status"]
+        assert first["topic"] == "devices/d1/telemetry" and first["payload"] == b'{"t": 1}'
+        assert first["qos"] == 1 and first["retain"] is False
+        assert first["properties"]["content_type"] == "application/json"
+        assert first["properties"]["user_properties"] == [("unit", "C")]
+        assert second["params"] == {"device_id": "d1", "metric": "temperature"}
+        assert second["pattern"] == "devices/{device_id}/telemetry/{metric}"
+        assert status["payload"] == b"online"
+        assert metric("gateway_mqtt_messages_received_total") - before == 4
+        # Unroutable topics arriving on a subscription are dropped and counted.
+        no_route = metric("gateway_mqtt_messages_dropped_total", reason="no_route")
+        await pub.publish("devices//telemetry", b"{}", qos=1)
+        await pub.publish("devices/d1/telemetry", b"after", qos=1)
+        assert (await next_record("message"))[3]["payload"] == b"after"
+        assert metric("gateway_mqtt_messages_dropped_total", reason="no_route") == no_route + 1
+
+
+async def test_instance_created_while_connected_gets_connect_first(mosquitto):
+    async with running(make_server(mosquitto)), client(mosquitto) as pub:
+        await pub.publish("devices/c1/telemetry", b"1", qos=1)
+        async with asyncio.timeout(5):
+            assert (await RECORDS.get())[2] == "connect"
+            assert (await RECORDS.get())[2] == "message"
+
+
+async def test_status_online_retained_and_will_offline_on_connection_loss(mosquitto):
+    server = make_server(mosquitto, keepalive=5)
+    async with running(server):
+        async with client(mosquitto) as sub:
+            await sub.subscribe(server.status_topic, qos=1)
+            message = await first_message(sub)
+            assert (message.payload, message.retain) == (b"online", True)
+        async with client(mosquitto) as sub:
+            await sub.subscribe(server.status_topic, qos=1)
+            await first_message(sub)  # the retained "online"
+            # Cut the connection without DISCONNECT: the broker publishes the Last Will.
+            server._client._client.socket().shutdown(socket.SHUT_RDWR)
+            will = await first_message(sub)
+            assert (will.payload, will.qos) == (b"offline", 1)
+            again = await first_message(sub)  # the server reconnects and says so
+            assert again.payload == b"online"
+        await server.wait_connected(5)
+
+
+async def test_app_publish_qos1_reaches_subscriber_and_invalid_events_raise(mosquitto):
+    async with running(make_server(mosquitto)) as server, client(mosquitto) as peer:
+        await peer.subscribe("out/#", qos=1)
+        await peer.publish("devices/e1/telemetry", b"echo-1", qos=1)
+        message = await first_message(peer)
+        assert (str(message.topic), message.payload, message.qos) == ("out/e1", b"echo-1", 1)
+        await peer.publish("devices/e1/telemetry", b"bad", qos=1)
+        errors = [(await next_record("invalid"))[3] for _ in range(3)]
+        assert "wildcards" in errors[0] and "bytes or str" in errors[1]
+        assert "unknown event type" in errors[2]
+        await peer.publish("devices/e1/telemetry", b"echo-2", qos=1)
+        assert (await first_message(peer)).payload == b"echo-2"
+        assert server.connected
+
+
+async def test_raising_instance_is_logged_counted_and_replaced(mosquitto, caplog):
+    caplog.set_level(logging.ERROR, logger="gateway.mqtt")
+    errors = metric("gateway_consumer_errors_total", protocol="mqtt")
+    async with running(make_server(mosquitto)) as server, client(mosquitto) as pub:
+        await pub.publish("devices/x1/telemetry", b"one", qos=1)
+        first = await next_record("message")
+        await pub.publish("devices/x1/telemetry", b"boom", qos=1)
+        await pub.publish("devices/x1/telemetry", b"two", qos=1)
+        second = await next_record("message")
+        assert second[3]["payload"] == b"two"
+        assert second[1] != first[1]  # a fresh instance
+        assert server.instances == 1
+    assert metric("gateway_consumer_errors_total", protocol="mqtt") == errors + 1
+    failures = [r for r in caplog.records if "raised" in r.getMessage()]
+    assert (
+        failures and failures[0].exc_info and "mqtt-instance[device:x1]" in failures[0].getMessage()
+    )
+
+
+async def test_qos0_overflow_is_dropped_and_counted(mosquitto):
+    dropped = metric("gateway_mqtt_messages_dropped_total", reason="queue_full")
+    async with running(make_server(mosquitto, instance_queue=3)), client(mosquitto) as pub:
+        await pub.publish("devices/q1/telemetry", b"block", qos=1)
+        await next_record("connect")
+        for i in range(30):
+            await pub.publish("devices/q1/telemetry", str(i).encode(), qos=0)
+        await pub.publish("devices/q1/telemetry", b"last", qos=1)  # QoS 1 waits for room
+        await asyncio.sleep(0.3)
+        GATE.set()
+        received = []
+        while not received or received[-1] != b"last":
+            received.append((await next_record("message"))[3]["payload"])
+    lost = metric("gateway_mqtt_messages_dropped_total", reason="queue_full") - dropped
+    assert lost >= 20
+    assert len(received) == 1 + 30 - lost + 1  # block + survivors + last, none lost uncounted
+
+
+async def test_broker_restart_reconnects_replays_subscriptions_and_resumes(mosquitto):
+    # Production backoff (0.1 s doubling to 1.5 s, jittered); the outage lets it reach the cap.
+    server = make_server(mosquitto, backoff_initial=0.1, backoff_max=1.5)
+    async with running(server):
+        async with client(mosquitto) as pub:
+            await pub.publish("devices/r1/telemetry", b"subscribe", qos=1)
+            instance = (await next_record("message"))[1]
+            await pub.publish("extra/r1", b"via app subscription", qos=1)
+            assert (await next_record("message"))[3]["topic"] == "extra/r1"
+        mosquitto.stop()
+        disconnect = await next_record("disconnect")
+        assert disconnect[1] == instance
+        assert not server.connected
+        assert metric("gateway_mqtt_connected") == 0
+        with pytest.raises(BrokerUnavailable):
+            await server._app_send({"type": "mqtt.publish", "topic": "out/x", "payload": b""})
+        await asyncio.sleep(3.0)  # long enough for the backoff to reach its cap
+        started = time.monotonic()
+        await asyncio.to_thread(mosquitto.start)
+        async with client(mosquitto) as pub:
+            delivered = None
+            while delivered is None:
+                await pub.publish("devices/r1/telemetry", b"again", qos=0)
+                with contextlib.suppress(TimeoutError):
+                    delivered = await next_record("message", within=0.05)
+            elapsed = time.monotonic() - started
+            print(f"\ntelemetry flowing again {elapsed:.3f} s after the broker started")
+            assert elapsed < 5
+            assert delivered[1] == instance  # the same instance survived the outage
+            assert server.connected and metric("gateway_mqtt_connected") == 1
+            await pub.publish("extra/r1", b"after reconnect", qos=1)
+            assert (await next_record("message"))[3]["payload"] == b"after reconnect"
+
+
+async def test_shared_group_splits_messages_between_two_servers(mosquitto):
+    one = make_server(mosquitto, shared_group="bridges")
+    two = make_server(mosquitto, shared_group="bridges")
+    async with running(one), running(two), client(mosquitto) as pub:
+        for i in range(20):
+            await pub.publish(f"devices/s{i}/telemetry", str(i).encode(), qos=1)
+        seen = [(await next_record("message"))[3]["payload"] for _ in range(20)]
+        assert sorted(seen) == sorted(str(i).encode() for i in range(20))
+        await asyncio.sleep(0.3)
+        assert not any(r[2] == "message" for r in _drain())  # each handled exactly once
+        assert one.instances > 0 and two.instances > 0
+        assert one.instances + two.instances == 20
+
+
+def _drain() -> list:
+    out = []
+    while not RECORDS.empty():
+        out.append(RECORDS.get_nowait())
+    return out
+
+
+async def test_shutdown_publishes_offline_and_retires(mosquitto):
+    server = make_server(mosquitto)
+    task = asyncio.create_task(server.serve())
+    await server.wait_connected(5)
+    async with client(mosquitto) as pub:
+        await pub.publish("devices/z1/telemetry", b"1", qos=1)
+        await next_record("message")
+    started = time.monotonic()
+    await server.shutdown(4)
+    await asyncio.wait_for(task, 1)
+    assert time.monotonic() - started < 5
+    assert (await next_record("retire"))[0] == "z1"
+    assert server.instances == 0 and not server.connected
+    async with client(mosquitto) as sub:
+        await sub.subscribe(server.status_topic, qos=1)
+        assert (await first_message(sub)).payload == b"offline"
+
+
+async def test_shutdown_with_broker_down_is_bounded(mosquitto):
+    server = make_server(mosquitto)
+    task = asyncio.create_task(server.serve())
+    await server.wait_connected(5)
+    mosquitto.stop()
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await server.shutdown(4)
+    await asyncio.wait_for(task, 1)
+    elapsed = time.monotonic() - started
+    print(f"\nshutdown with the broker down took {elapsed:.3f} s")
+    assert elapsed < 5
+
+
+async def test_idle_instances_are_retired(mosquitto):
+    async with (
+        running(make_server(mosquitto, idle_seconds=0.4)) as server,
+        client(mosquitto) as pub,
+    ):
+        await pub.publish("devices/i1/telemetry", b"1", qos=1)
+        first = await next_record("message")
+        assert server.instances == 1
+        assert (await next_record("retire"))[1] == first[1]
+        await asyncio.sleep(0.05)
+        assert server.instances == 0
+        await pub.publish("devices/i1/telemetry", b"2", qos=1)
+        assert (await next_record("message"))[1] != first[1]
+
+
+async def test_protocol_v311(mosquitto):
+    async with running(make_server(mosquitto, protocol="v311")) as server, client(mosquitto) as pub:
+        assert server.protocol == "v311"
+        await pub.publish("devices/v3/telemetry", b"1", qos=1)
+        message = (await next_record("message"))[3]
+        assert message["properties"] == {} and message["payload"] == b"1"
+
+
+async def test_falls_back_to_v311_when_broker_refuses_v5():
+    """amqtt speaks only MQTT 3.1.1 and answers a v5 CONNECT with "unsupported protocol"."""
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    from amqtt.broker import Broker
+
+    from tests.support.servers import free_port
+
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        url = type("B", (), {"url": f"mqtt://127.0.0.1:{port}"})()
+        # amqtt misparses a v5 CONNECT that carries properties or a Will (it then waits for
+        # bytes that never come), so keep this CONNECT minimal to get its clean refusal.
+        server = make_server(url, status_topic=None, receive_maximum=65535)
+        async with running(server):
+            assert server.protocol == "v311"
+            async with aiomqtt.Client("127.0.0.1", port, timeout=5) as pub:
+                await pub.publish("devices/f1/telemetry", b"1", qos=1)
+                assert (await next_record("message"))[3]["payload"] == b"1"
+    finally:
+        await broker.shutdown()
