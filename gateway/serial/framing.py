@@ -36,13 +36,15 @@ class Framer:
         """Bytes buffered towards the next frame."""
         return len(self.buf)
 
-    def _drop_stale(self, now: float) -> None:
+    def _drop_stale(self, now: float) -> bool:
         # A partial frame followed by silence is a device reset mid-line: drop it so it cannot
         # corrupt the next good frame.
-        if self._stale and self.buf and now - self._last > self._stale:
+        stale = bool(self._stale and self.buf and now - self._last > self._stale)
+        if stale:
             self.buf.clear()
             self.drops.append("bad_frame")
         self._last = now
+        return stale
 
 
 class DelimiterFramer(Framer):
@@ -60,9 +62,10 @@ class DelimiterFramer(Framer):
 
     def feed(self, data: bytes, now: float) -> list[bytes]:
         if self._stale and now - self._last > self._stale and self._discarding:
-            self._discarding = False
+            self._discarding = False  # the over-long frame was counted already
             self.buf.clear()
-        self._drop_stale(now)
+        if self._drop_stale(now) or not self.buf:
+            self._scan = 0
         buf, delim, dlen = self.buf, self.delimiter, len(self.delimiter)
         buf += data
         frames: list[bytes] = []

@@ -1,0 +1,93 @@
+"""`manage.py runserial --serial SPEC…`: the serial bridge alone, no web server (CONTRACT §1).
+
+Ports come from SERIAL_PORTS plus every `--serial`. Like `runmqtt`, it reaches web processes
+only through a shared channel layer (REDIS_URL). Serial devices are mirrored to the broker
+(`--mqtt`, default MQTT_URL) unless `--no-mirror` or SERIAL_MIRROR=0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from gateway.mqtt.url import parse_broker_url
+from gateway.runner import GatewayRunner, close_pipeline, describe_setup, in_memory_layer
+from gateway.serial.spec import parse_specs
+
+logger = logging.getLogger("gateway.runner")
+
+
+class Command(BaseCommand):
+    help = "Run the serial bridge alone (needs REDIS_URL to reach web processes)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--serial",
+            action="append",
+            default=[],
+            metavar="SPEC",
+            help="serial port SPEC (pyserial URL or path with ?baudrate=&device=&…), repeatable; "
+            "added to SERIAL_PORTS",
+        )
+        parser.add_argument("--mqtt", metavar="URL", help="broker for mirroring (default MQTT_URL)")
+        parser.add_argument(
+            "--no-mirror", action="store_true", help="do not mirror serial devices to the broker"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        from devices import mirror
+        from devices.serial_consumer import device_id_for_scope
+
+        texts = [*settings.GATEWAY["SERIAL_PORTS"], *options["serial"]]
+        if not texts:
+            raise CommandError("no serial ports: give --serial SPEC or set SERIAL_PORTS")
+        try:
+            specs = parse_specs(texts)
+            for spec in specs:
+                device_id_for_scope(spec.as_scope())
+        except ValueError as exc:
+            raise CommandError(f"bad --serial/SERIAL_PORTS spec: {exc}") from exc
+        url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
+        try:
+            parse_broker_url(url)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        mirror.configure(enabled=False if options["no_mirror"] else None, url=url)
+        if in_memory_layer():
+            logger.warning(
+                "the channel layer is in-memory: telemetry is stored, but nothing reaches "
+                "dashboards in other processes; set REDIS_URL to share one"
+            )
+        code = asyncio.run(run_bridge(specs))
+        if code:
+            sys.exit(code)
+
+
+async def run_bridge(specs: list[Any]) -> int:
+    """Run the serial bridge until SIGTERM/SIGINT, then mark devices offline and flush."""
+    from devices.mirror import close_mirror, enabled
+    from gateway.asgi import application
+    from gateway.serial.server import SerialServer
+
+    setup = describe_setup()
+    ports = " ".join(s.raw for s in specs)
+
+    def banner(runner: GatewayRunner) -> str:
+        return (
+            f"serial bridge running: {ports} | mirror {'on' if enabled() else 'off'} | "
+            f"channel layer {setup['channel_layer']} | database {setup['database']}"
+        )
+
+    runner = GatewayRunner(
+        application,
+        web=False,
+        bridges={"serial": SerialServer(application, specs)},
+        shutdown_hooks=[close_pipeline, close_mirror],
+        banner=banner,
+    )
+    return await runner.serve()
