@@ -67,6 +67,7 @@ async def run_gateway(
     *, host: str, port: int, mqtt_url: str, serial: list[str], embedded_broker: bool
 ) -> int:
     """Start the embedded broker if asked, run everything until a signal, stop the broker last."""
+    from devices import mirror
     from gateway.asgi import application
     from gateway.broker import BrokerStartError, ensure_broker
 
@@ -87,6 +88,8 @@ async def run_gateway(
             raise CommandError(f"bad --serial/SERIAL_PORTS spec: {exc}") from exc
         if serial_server is not None:
             bridges["serial"] = serial_server
+            # Serial devices are mirrored to the same broker the bridge uses (devices/mirror.py).
+            mirror.configure(url=mqtt_url)
         setup = describe_setup()
         shown_url = str(parse_broker_url(mqtt_url))
         broker_note = f" (embedded {broker.kind})" if broker is not None else ""
@@ -103,8 +106,9 @@ async def run_gateway(
             host=host,
             port=port,
             bridges=bridges,
-            shutdown_hooks=[close_pipeline],
+            shutdown_hooks=[close_pipeline, mirror.close_mirror],
             banner=banner,
+            access_log=settings.LOG_LEVEL == "DEBUG",
         )
         try:
             return await runner.serve()
