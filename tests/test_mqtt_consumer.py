@@ -122,7 +122,7 @@ async def test_invalid_event_raises_from_send():
     comm = MqttCommunicator(app, topic="in/1")
     await comm.send_message("in/1", b"x")
     with pytest.raises(InvalidEvent, match="wildcards"):
-        await comm.receive_output()
+        await comm.wait(1)
 
 
 async def test_unhandled_event_type_raises():
@@ -130,7 +130,7 @@ async def test_unhandled_event_type_raises():
     comm = MqttCommunicator(app, topic="in/1")
     await comm.send_message("in/1", b"x")  # MqttConsumer has no mqtt_message handler
     with pytest.raises(ValueError, match="No handler"):
-        await comm.receive_output()
+        await comm.wait(1)
 
 
 def test_communicator_needs_a_known_topic_or_route():
