@@ -407,3 +407,30 @@ async def test_falls_back_to_v311_when_broker_refuses_v5():
                 assert (await next_record("message"))[3]["payload"] == b"1"
     finally:
         await broker.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://127.0.0.1", ("127.0.0.1", 1883, False, None, None)),
+        ("mqtt://broker:1884", ("broker", 1884, False, None, None)),
+        ("mqtts://broker.example", ("broker.example", 8883, True, None, None)),
+        ("mqtt://us%40er:p%3Ass@h:1", ("h", 1, False, "us@er", "p:ss")),
+        ("MQTT://h/", ("h", 1883, False, None, None)),
+    ],
+)
+def test_broker_url_parsing(url, expected):
+    from gateway.mqtt.url import parse_broker_url
+
+    parsed = parse_broker_url(url)
+    assert (parsed.host, parsed.port, parsed.tls, parsed.username, parsed.password) == expected
+    assert (parsed.ssl_context() is not None) == parsed.tls
+    assert "p:ss" not in str(parsed)
+
+
+@pytest.mark.parametrize("url", ["http://h", "tcp://h:1883", "mqtt://", "mqtt://h:x", "mqtt://h/a"])
+def test_bad_broker_urls_raise(url):
+    from gateway.mqtt.url import parse_broker_url
+
+    with pytest.raises(ValueError):
+        parse_broker_url(url)
