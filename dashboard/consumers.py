@@ -90,6 +90,7 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         self._counted = False
         self._in_group = False
         self._too_slow = False
+        self._sending = False  # the writer is inside `send` (the server may be holding it)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -208,6 +209,9 @@ class DashboardConsumer(AsyncWebsocketConsumer):
     async def _close_slow_client(self) -> None:
         """Stop feeding a client that fell behind and close it; it resyncs on reconnect."""
         if self._writer is not None:
+            if self._sending:  # the frame the server is holding back never goes out now
+                WS_FRAMES_DROPPED.inc()
+                self._sending = False
             self._writer.cancel()
             self._writer = None
         if self._in_group:
@@ -239,7 +243,9 @@ class DashboardConsumer(AsyncWebsocketConsumer):
                     logger.exception("dropping a frame that is not JSON: %r", frame)
                     WS_FRAMES_DROPPED.inc()
                     continue
+                self._sending = True
                 await self.send(text_data=text)
+                self._sending = False
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket went away; websocket.disconnect follows

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 
 import pytest
+import uvicorn
+import websockets
 from asgiref.sync import sync_to_async
 from channels.auth import AuthMiddlewareStack
 from channels.layers import get_channel_layer
@@ -20,6 +24,7 @@ from dashboard.consumers import CLOSE_SLOW_CLIENT, DashboardConsumer
 from dashboard.routing import websocket_urlpatterns
 from devices.models import Device
 from gateway.origin import SameOriginValidator
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -312,3 +317,97 @@ async def test_a_slow_client_whose_close_hangs_is_abandoned(layer, session_cooki
     await slow.wait(timeout=5)
     assert gauge("gateway_ws_clients") == clients_before
     assert not layer.groups.get("dashboard")
+
+
+# --- a real server: uvicorn's socket backpressure drives the slow-client policy ------------
+
+
+@contextlib.asynccontextmanager
+async def run_server(app):
+    """uvicorn serving `app` on a free loopback port in this event loop; yields the port."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", ws="auto"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(), name=f"uvicorn:{port}")
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def _client_kwargs(port: int, cookie: str) -> dict:
+    return {
+        "origin": f"http://127.0.0.1:{port}",
+        "additional_headers": {"Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}"},
+        "open_timeout": 5,
+        # permessage-deflate would squeeze these repetitive frames to a few bytes each.
+        "compression": None,
+    }
+
+
+async def test_slow_socket_on_a_real_server_is_closed_4008_and_resyncs(layer, session_cookie):
+    """A client that stops reading fills the TCP buffers; its buffer overflows, others don't."""
+    dropped_before = gauge("gateway_ws_frames_dropped_total")
+    clients_before = gauge("gateway_ws_clients")
+    async with run_server(websocket_app(buffer_limit=50, close_timeout=10)) as port:
+        uri = f"ws://127.0.0.1:{port}/ws/dashboard/"
+        # A small receive buffer so the kernel stops absorbing frames early.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        slow = await websockets.connect(
+            uri, sock=sock, max_queue=1, **_client_kwargs(port, session_cookie)
+        )
+        fast = await websockets.connect(uri, **_client_kwargs(port, session_cookie))
+        assert json.loads(await fast.recv())["type"] == "snapshot"
+
+        padding = {f"metric_{i:03d}": i + 0.5 for i in range(60)}  # ~1.5 kB per frame
+        sent: list[dict] = []
+        async with asyncio.timeout(60):
+            while gauge("gateway_ws_frames_dropped_total") == dropped_before:
+                batch = [
+                    {
+                        "type": "telemetry",
+                        "device": f"d{len(sent) + i}",
+                        "ts": 1.0,
+                        "metrics": padding,
+                    }
+                    for i in range(50)
+                ]
+                sent.extend(batch)
+                await layer.group_send("dashboard", {"type": "dashboard.events", "events": batch})
+                for frame in batch:  # the fast client keeps up with every frame, in order
+                    assert json.loads(await fast.recv()) == frame
+        dropped = gauge("gateway_ws_frames_dropped_total") - dropped_before
+        print(
+            f"slow client overflowed after {len(sent)} frames "
+            f"(~{len(sent) * 1.5:.0f} kB); {dropped:.0f} dropped"
+        )
+        assert 50 < dropped <= len(sent)
+
+        # The slow client reads again: a prefix of the frames in order, then close 4008.
+        received = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with asyncio.timeout(30):
+                while True:
+                    received.append(json.loads(await slow.recv()))
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == CLOSE_SLOW_CLIENT
+        assert received[0]["type"] == "snapshot"
+        assert received[1:] == sent[: len(received) - 1]
+        assert len(received) - 1 + dropped == len(sent)  # every frame delivered or counted
+
+        # It reconnects and resyncs from a snapshot; the fast client was never disturbed.
+        again = await websockets.connect(uri, **_client_kwargs(port, session_cookie))
+        assert json.loads(await again.recv())["type"] == "snapshot"
+        await again.close()
+        await fast.close()
+    # uvicorn's shutdown waited for every application instance to finish.
+    assert gauge("gateway_ws_clients") == clients_before
