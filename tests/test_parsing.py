@@ -332,7 +332,7 @@ def test_arbitrary_bytes_only_reject(payload):
         assert exc.reason in REASONS
 
 
-@PROPS
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(odd_text, json_values, max_size=8))
 def test_arbitrary_objects_only_reject(obj):
     _check_telemetry(orjson.dumps(obj))

@@ -1,0 +1,17 @@
+"""`/api/` routes of the devices app (CONTRACT §5)."""
+
+from django.urls import path, re_path
+
+from devices import views
+
+app_name = "devices"
+
+urlpatterns = [
+    path("devices/", views.device_list, name="device-list"),
+    # The contract spells it without a trailing slash; accept both.
+    re_path(
+        r"^devices/(?P<device_id>[^/]+)/telemetry/?$",
+        views.device_telemetry,
+        name="device-telemetry",
+    ),
+]

@@ -1,0 +1,169 @@
+"""The devices REST API (CONTRACT §5), mounted at ``/api/``; every path needs a logged-in user.
+
+Anonymous requests get ``401 {"error": "authentication required"}`` (JSON, never a redirect to
+the login page: scripts call this API). Session authentication, as for the dashboard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import wraps
+from inspect import iscoroutinefunction
+from typing import Any
+
+import orjson
+from django.db.models import Avg, Count, F, FloatField, Func, Max, Min, Value
+from django.db.models.functions import Floor
+from django.http import HttpRequest, HttpResponse
+
+from devices.models import Device, Reading
+from devices.parsing import MS_THRESHOLD, valid_device_id
+from devices.pipeline import snapshot_overlay
+
+DEFAULT_MAX_POINTS = 1000
+MAX_POINTS_CAP = 10_000
+
+
+def json_response(data: Any, status: int = 200) -> HttpResponse:
+    """A JSON response serialised with orjson (strict JSON, fast for long point lists)."""
+    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json")
+
+
+def json_error(status: int, message: str) -> HttpResponse:
+    return json_response({"error": message}, status)
+
+
+def api_view(view: Callable) -> Callable:
+    """GET/HEAD only and a logged-in user (else 401/405 JSON); for sync and async views."""
+    if iscoroutinefunction(view):
+
+        @wraps(view)
+        async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in ("GET", "HEAD"):
+                return json_error(405, "method not allowed")
+            if not (await request.auser()).is_authenticated:
+                return json_error(401, "authentication required")
+            return await view(request, *args, **kwargs)
+
+        return async_wrapper
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method not in ("GET", "HEAD"):
+            return json_error(405, "method not allowed")
+        if not request.user.is_authenticated:
+            return json_error(401, "authentication required")
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+@api_view
+async def device_list(request: HttpRequest) -> HttpResponse:
+    """All devices as `Device.as_dict()`, with values the pipeline has not stored yet."""
+    stored = [device.as_dict() async for device in Device.objects.all()]
+    return json_response(snapshot_overlay(stored))
+
+
+class BadParam(ValueError):
+    """A query parameter the API cannot use (answered with 400)."""
+
+
+def parse_time(name: str, text: str | None) -> datetime | None:
+    """`since`/`until`: ISO 8601 (naive = UTC) or epoch seconds (milliseconds above 1e11)."""
+    if text is None or text.strip() == "":
+        return None
+    text = text.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    try:
+        if number is not None:
+            if not math.isfinite(number):
+                raise ValueError
+            if abs(number) >= MS_THRESHOLD:
+                number /= 1000.0
+            return datetime.fromtimestamp(number, UTC)
+        if text[-1:] in ("Z", "z"):
+            text = text[:-1] + "+00:00"
+        moment = datetime.fromisoformat(text)
+    except (ValueError, OverflowError, OSError):
+        raise BadParam(f"{name} must be ISO 8601 or epoch seconds, got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_max_points(text: str | None) -> int:
+    if text is None or text.strip() == "":
+        return DEFAULT_MAX_POINTS
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadParam(f"max_points must be an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_POINTS_CAP:
+        raise BadParam(f"max_points must be between 1 and {MAX_POINTS_CAP}")
+    return value
+
+
+class Epoch(Func):
+    """A datetime column as epoch seconds (float), in SQL, for SQLite and PostgreSQL."""
+
+    output_field = FloatField()
+    template = "EXTRACT(EPOCH FROM %(expressions)s)"
+
+    def as_sqlite(self, compiler, connection, **extra):  # noqa: D102
+        # julianday() reads Django's stored text; 2440587.5 is the Julian day of 1970-01-01.
+        template = "((julianday(%(expressions)s) - 2440587.5) * 86400.0)"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+    def as_postgresql(self, compiler, connection, **extra):  # noqa: D102
+        template = "EXTRACT(EPOCH FROM %(expressions)s)::double precision"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+
+def history(device_id: str, metric: str, since, until, max_points: int) -> list[list[float]]:
+    """Points of one metric, oldest first; time-bucketed averages in SQL when more than N."""
+    qs = Reading.objects.filter(device_id=device_id, metric=metric)
+    if since is not None:
+        qs = qs.filter(ts__gte=since)
+    if until is not None:
+        qs = qs.filter(ts__lte=until)
+    stats = qs.aggregate(n=Count("id"), first=Min("ts"), last=Max("ts"))
+    if stats["n"] <= max_points:
+        rows = qs.order_by("ts", "id").values_list("ts", "value").iterator(chunk_size=2000)
+        return [[ts.timestamp(), value] for ts, value in rows]
+    t0, t1 = stats["first"].timestamp(), stats["last"].timestamp()
+    # max_points - 0.5 buckets' worth of width keeps the last point in bucket max_points - 1.
+    width = max((t1 - t0) / (max_points - 0.5), 1e-6)
+    bucket = Floor((Epoch("ts") - Value(t0)) / Value(width))
+    rows = (
+        qs.annotate(bucket=bucket)
+        .values("bucket")
+        .annotate(t=Avg(Epoch(F("ts"))), v=Avg("value"))
+        .order_by("bucket")
+        .values_list("t", "v")
+    )
+    return [[t, v] for t, v in rows]
+
+
+@api_view
+def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse:
+    """``{"device", "metric", "points": [[epoch_seconds, value], …]}``, at most max_points."""
+    params = request.GET
+    metric = params.get("metric", "")
+    try:
+        if not metric:
+            raise BadParam("metric is required")
+        since = parse_time("since", params.get("since"))
+        until = parse_time("until", params.get("until"))
+        max_points = parse_max_points(params.get("max_points"))
+        if since is not None and until is not None and since > until:
+            raise BadParam("since is after until")
+    except BadParam as exc:
+        return json_error(400, str(exc))
+    if not valid_device_id(device_id) or not Device.objects.filter(id=device_id).exists():
+        return json_error(404, f"unknown device {device_id!r}")
+    points = history(device_id, metric, since, until, max_points)
+    return json_response({"device": device_id, "metric": metric, "points": points})
