@@ -3,7 +3,8 @@
 Registered and online while its port is open, offline when the port goes; its lines become
 readings in the same pipeline (history, dashboards); commands for it arrive on group
 ``device.<id>`` and are written to the port as one JSON line; ack lines go to the command
-service. Mirrored to the broker by `devices.mirror` unless mirroring is off.
+service (`devices.commands`). Mirrored to the broker by `devices.mirror` unless mirroring is
+off.
 
 Device id: the port's ``device`` option; else derived from the port name — the last path
 segment (``/dev/ttyUSB0`` → ``ttyUSB0``, ``/dev/serial/by-id/usb-FTDI_…-port0`` → that name),
@@ -14,7 +15,6 @@ collapse, and the result is cut to 64 characters. Either way it must pass the de
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import time
@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from devices import commands
 from devices.codecs import decode_frame
 from devices.mirror import get_mirror
 from devices.parsing import Ack, Rejected, valid_device_id
@@ -77,8 +78,13 @@ class SerialDeviceConsumer(SerialConsumer):
         return [f"device.{self.device_id}"] if self.device_id else []
 
     async def connect(self) -> None:
-        """Port open: the device is online."""
+        """Port open: the device is online; commands held while it was away go out now."""
         self._set_online(True)
+        if self.device_id is not None:
+            try:
+                await commands.deliver_pending(self.device_id, self.send_command)
+            except Exception:
+                logger.exception("device %s: delivering held commands failed", self.device_id)
 
     async def disconnect(self, reason: str) -> None:
         """Port lost, closed or shutting down: the device is offline."""
@@ -118,23 +124,30 @@ class SerialDeviceConsumer(SerialConsumer):
             logger.exception("device %s: error handling line %r", device_id, data[:80])
 
     async def handle_ack(self, ack: Ack) -> None:
-        """Hand an ack to the command service (`devices.acks`), if there is one yet."""
-        try:
-            from devices import acks  # the command service lands in a later issue
-        except ImportError:
-            raise Rejected("unknown_command", f"no pending command {ack.id!r}") from None
-        ack_dict = {"id": ack.id, "ok": ack.ok, "result": ack.result, "error": ack.error}
-        result = acks.handle_ack(self.device_id, ack_dict)
-        if inspect.isawaitable(result):
-            await result
+        """Finish the command the ack names; an unknown or finished id is rejected."""
+        if not await commands.apply_ack(self.device_id, ack.id, ack.ok, ack.result, ack.error):
+            raise Rejected("unknown_command", f"no command {ack.id!r} awaiting an ack")
 
     async def device_command(self, event: dict[str, Any]) -> None:
-        """Write a command to the port as ONE JSON line ``{"id", "name", "args"}``."""
-        command = {
-            "id": event.get("id"),
-            "name": event.get("name"),
-            "args": event.get("args") or {},
-        }
+        """A command for this device (group ``device.<id>``): deliver it as one JSON line.
+
+        ``{"type": "device.command", "id": …}`` goes through the command service (claimed,
+        sent once, held if the port is gone); a message that already carries ``name``/``args``
+        is written as is.
+        """
+        try:
+            if "name" in event:
+                await self.send_command(
+                    {"id": event.get("id"), "name": event["name"], "args": event.get("args") or {}}
+                )
+            else:
+                await commands.deliver(event["id"], self.send_command)
+        except Exception:
+            logger.exception("device %s: command %r not delivered", self.device_id, event.get("id"))
+
+    async def send_command(self, command: dict[str, Any]) -> None:
+        """Write ``{"id", "name", "args"}`` as ONE line (ConnectionError if the port closed)."""
+        line = {"id": command["id"], "name": command["name"], "args": command.get("args") or {}}
         framing = self.scope.get("framing") or {}
         end = framing.get("delimiter", b"\n") if framing.get("mode") == "delimiter" else b"\n"
-        await self.write(orjson.dumps(command) + end)
+        await self.write(orjson.dumps(line) + end)

@@ -164,12 +164,9 @@ class _Session(asyncio.Protocol):
         validate_app_event(event)
         if event["type"] == "serial.write":
             if self.ended.done() or self.transport is None or self.transport.is_closing():
-                logger.info(
-                    "serial port %s is closed: write of %d bytes dropped",
-                    self.spec.port,
-                    len(event["bytes"]),
-                )
-                return
+                # As ASGI servers do for a closed connection: an OSError subclass, so a caller
+                # (e.g. the command service) can hold the data for the next session.
+                raise ConnectionError(f"serial port {self.spec.port} is closed")
             self.transport.write(bytes(event["bytes"]))
             await self._writable.wait()
         else:  # serial.close

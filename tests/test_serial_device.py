@@ -1,0 +1,239 @@
+"""SerialDeviceConsumer: SerialCommunicator units, then the real server on ptys, the real
+pipeline (test database, in-memory channel layer) and, for mirroring, a real mosquitto."""
+
+from __future__ import annotations
+
+# ruff: noqa: ASYNC109
+import asyncio
+import time
+from typing import Any
+
+import aiomqtt
+import orjson
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+
+from devices import commands, mirror
+from devices.models import Command, Device, Reading
+from devices.pipeline import current_pipeline, get_pipeline
+from devices.serial_consumer import SerialDeviceConsumer, derive_device_id, device_id_for_scope
+from gateway.metrics import MESSAGES_REJECTED
+from gateway.mqtt.events import properties_to_dict
+from gateway.serial.testing import SerialCommunicator
+from tests.test_serial_server import Pty, serving
+
+pytestmark = pytest.mark.django_db(transaction=True)
+APP = SerialDeviceConsumer.as_asgi()
+
+
+@pytest.fixture(autouse=True)
+def no_mirror():
+    """Mirroring is on by default; these tests turn it on only where they test it."""
+    saved = dict(mirror._config)
+    mirror.configure(enabled=False)
+    yield
+    mirror._config.update(saved)
+
+
+@pytest.fixture
+async def layer():
+    layer = get_channel_layer()
+    await layer.flush()
+    yield layer
+    await layer.flush()
+
+
+@pytest.fixture
+async def dashboard(layer):
+    """A member of group `dashboard`, like one browser's consumer."""
+    channel = await layer.new_channel()
+    await layer.group_add("dashboard", channel)
+    yield channel
+    pipeline = current_pipeline()
+    if pipeline is not None:
+        await pipeline.close()
+
+
+async def frames_until(layer, channel, predicate, timeout: float = 10.0) -> dict[str, Any]:
+    """Dashboard frames until one matches `predicate`; returns that frame."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no matching dashboard frame"
+        message = await asyncio.wait_for(layer.receive(channel), left)
+        assert message["type"] == "dashboard.events"
+        for frame in message["events"]:
+            if predicate(frame):
+                return frame
+
+
+def rejected(reason: str) -> float:
+    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
+
+
+def test_device_id_rule():
+    assert derive_device_id("/dev/ttyUSB0") == "ttyUSB0"
+    by_id = "/dev/serial/by-id/usb-Arduino__www.arduino.cc__0043_7583-if00"
+    assert derive_device_id(by_id) == "usb-Arduino__www-arduino-cc__0043_7583-if00"
+    assert derive_device_id("socket://10.0.0.5:7000") == "socket-10-0-0-5-7000"
+    assert derive_device_id("loop://") == "loop"
+    assert len(derive_device_id("/dev/" + "x" * 100)) == 64
+    assert derive_device_id("/dev/...") == "serial"
+    assert device_id_for_scope({"port": "/dev/ttyACM0", "device": "weather-1"}) == "weather-1"
+    with pytest.raises(ValueError, match="device id"):
+        device_id_for_scope({"port": "/dev/ttyACM0", "device": "bad id!"})
+
+
+async def test_json_and_key_value_lines_reach_pipeline_and_dashboard(layer, dashboard):
+    comm = SerialCommunicator(APP, "loop://?device=ser-a")
+    await comm.connect()
+    status = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+    assert status["device"] == "ser-a" and status["online"] is True
+    await comm.send_frame(b'{"temperature": 21.5, "env": {"hum": 40}, "ts": 1764214000.5}')
+    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    assert frame == {
+        "type": "telemetry",
+        "device": "ser-a",
+        "ts": 1764214000.5,
+        "metrics": {"temperature": 21.5, "env.hum": 40.0},
+    }
+    await comm.send_frame(b"temp=22.5,hum=41 relay=true\r")
+    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    assert frame["metrics"] == {"temp": 22.5, "hum": 41.0, "relay": True}
+    await comm.disconnect()
+    status = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+    assert status["online"] is False
+    await get_pipeline().flush()
+    device = await Device.objects.aget(id="ser-a")
+    assert device.transport == "serial" and device.online is False
+    assert await Reading.objects.filter(device_id="ser-a").acount() == 5
+
+
+async def test_bad_lines_are_counted_and_good_ones_still_arrive(layer, dashboard):
+    before = {r: rejected(r) for r in ("bad_frame", "bad_encoding", "bad_json", "no_metrics")}
+    comm = SerialCommunicator(APP, "loop://?device=ser-b")
+    await comm.connect()
+    for line in (b"#$%^&*", b"\xff\xfe\xc3(", b'{"temperature": 2', b"fw=v1.2", b"", b"t=1"):
+        await comm.send_frame(line)
+    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    assert frame["metrics"] == {"t": 1.0}
+    for reason in before:
+        assert rejected(reason) - before[reason] == 1, reason
+    await comm.disconnect()
+
+
+async def test_invalid_device_option_rejects_every_line(layer, dashboard):
+    before = rejected("bad_device_id")
+    comm = SerialCommunicator(APP, "loop://?device=no%20spaces")
+    await comm.connect()
+    await comm.send_frame(b"t=1")
+    await comm.disconnect()
+    assert rejected("bad_device_id") - before == 1
+
+
+async def test_device_command_message_is_written_as_one_json_line(layer):
+    comm = SerialCommunicator(APP, "loop://?device=ser-c&delimiter=hex:0d0a")
+    await comm.connect()
+    await comm.receive_nothing(0.2)  # joined its group; no held commands
+    await layer.group_send(
+        "device.ser-c",
+        {"type": "device.command", "id": "c1", "name": "set_interval", "args": {"seconds": 5}},
+    )
+    line = await comm.receive_write(timeout=5)
+    assert line.endswith(b"\r\n") and line.count(b"\n") == 1
+    assert orjson.loads(line) == {"id": "c1", "name": "set_interval", "args": {"seconds": 5}}
+    await comm.disconnect()
+
+
+def _command_table_exists() -> bool:
+    from django.db import connection
+
+    return Command._meta.db_table in connection.introspection.table_names()
+
+
+async def test_command_service_delivery_and_ack(layer, dashboard, django_user_model):
+    if not await database_sync_to_async(_command_table_exists)():
+        pytest.skip("devices.Command has no migration yet (commands room)")
+    await Device.objects.acreate(id="ser-d", transport="serial")
+    admin = await database_sync_to_async(django_user_model.objects.create_superuser)(
+        "root", password="x"
+    )
+    comm = SerialCommunicator(APP, "loop://?device=ser-d")
+    await comm.connect()
+    await comm.receive_nothing(0.2)
+    command = await commands.submit(admin, "ser-d", {"name": "ping", "args": {}})
+    line = orjson.loads(await comm.receive_write(timeout=5))
+    assert line == {"id": str(command.id), "name": "ping", "args": {}}
+    before = rejected("unknown_command")
+    await comm.send_frame(orjson.dumps({"id": str(command.id), "ok": True, "result": {"p": 1}}))
+    acked = await frames_until(
+        layer, dashboard, lambda f: f["type"] == "command" and f["status"] == "acked"
+    )
+    assert acked["id"] == str(command.id)
+    assert (await Command.objects.aget(id=command.id)).status == "acked"
+    await comm.send_frame(b'{"id": "nope", "ok": true}')  # unknown ack
+    await comm.disconnect()
+    assert rejected("unknown_command") - before == 1
+
+
+async def test_server_pty_unplug_replug_end_to_end(layer, dashboard, tmp_path):
+    link = str(tmp_path / "usb-weather")
+    device = Pty(link)
+    async with serving(APP, f"{link}?device=weather-1") as server:
+        await frames_until(layer, dashboard, lambda f: f["type"] == "status" and f["online"])
+        await device.write(b'{"temperature": 20.5}\ntemperature=20.7,humidity=40\n')
+        seen = []
+        while len(seen) < 2:
+            f = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+            seen.append(f["metrics"])  # may be coalesced into one frame
+            if f["metrics"].get("humidity") == 40.0:
+                break
+        assert seen[-1]["temperature"] == 20.7
+        device.close()
+        offline = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+        assert offline == {**offline, "device": "weather-1", "online": False}
+        assert len(server.ports) == 1 and not server.connected
+        await asyncio.sleep(0.3)
+        device = Pty(link)
+        replugged = time.monotonic()
+        await frames_until(layer, dashboard, lambda f: f["type"] == "status" and f["online"])
+        await device.write(b"temperature=21\n")
+        f = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+        assert f["metrics"] == {"temperature": 21.0}
+        print(
+            f"\nserial device replug → telemetry on dashboard: {time.monotonic() - replugged:.3f} s"
+        )
+    device.close()
+
+
+async def test_mirroring_visible_to_a_plain_mqtt_subscriber(mosquitto, layer, dashboard):
+    mirror.configure(enabled=True, url=mosquitto.url)
+    async with aiomqtt.Client(
+        "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as sub:
+        await sub.subscribe("devices/ser-m/#")
+        comm = SerialCommunicator(APP, "loop://?device=ser-m")
+        await comm.connect()
+        await comm.send_frame(b"temp=21.5,ts=1764214000")
+        got: dict[str, Any] = {}
+        async with asyncio.timeout(10):
+            async for message in sub.messages:
+                got[str(message.topic)] = message
+                if len(got) == 2:
+                    break
+        await comm.disconnect()
+        assert got["devices/ser-m/status"].payload == b"online"
+        telemetry = got["devices/ser-m/telemetry"]
+        assert orjson.loads(telemetry.payload) == {"temp": 21.5, "ts": 1764214000.0}
+        # The gateway's own MQTT bridge recognises (and skips) its mirror's publishes.
+        assert mirror.is_mirror_echo(properties_to_dict(telemetry.properties))
+        assert not mirror.is_mirror_echo({"user_properties": [("gateway-mirror", "other")]})
+        await mirror.close_mirror()
+    # The last status is retained: a late subscriber sees the device offline.
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as late:
+        await late.subscribe("devices/ser-m/status")
+        async with asyncio.timeout(5):
+            async for message in late.messages:
+                assert message.payload == b"offline" and message.retain
+                break
