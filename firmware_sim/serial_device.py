@@ -104,8 +104,8 @@ class SerialSimDevice:
             return b"x" * LONG_LINE_BYTES + b"\n"
         return b'{"temperature": 2'  # partial: a reset mid-line, no newline
 
-    def write(self, data: bytes) -> bool:
-        """Write to the port; when nobody drains it (gateway absent), drop like a UART would."""
+    def write_nowait(self, data: bytes) -> bool:
+        """Write what the tty takes now; the rest is dropped (nobody drains the port)."""
         try:
             view = memoryview(data)
             while view:
@@ -120,11 +120,41 @@ class SerialSimDevice:
                 return False
             raise
 
-    def tick(self) -> None:
+    async def write(self, data: bytes, patience: float = 1.0) -> bool:
+        """Write like a UART with a reader: wait while the tty buffer is full, but give up
+        after `patience` seconds (the gateway is absent) and drop the rest of the line."""
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        deadline = loop.time() + patience
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EBADF):
+                    self.dropped += 1
+                    return False
+                raise
+            if loop.time() >= deadline:
+                self.dropped += 1
+                return False
+            writable = loop.create_future()
+            loop.add_writer(self.fd, lambda f=writable: f.done() or f.set_result(None))
+            try:
+                await asyncio.wait_for(writable, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_writer(self.fd)
+        return True
+
+    async def tick(self) -> None:
         """One period: maybe a burst of noise, then a telemetry line."""
         if self.noise and self.rng.random() < self.noise_rate:
-            self.write(self.noise_bytes(self.rng.choice(self.noise)))
-        if self.write(self.telemetry_line()):
+            await self.write(self.noise_bytes(self.rng.choice(self.noise)))
+        if await self.write(self.telemetry_line()):
             self.sent += 1
 
     # --- input ------------------------------------------------------------------------
@@ -170,7 +200,7 @@ class SerialSimDevice:
             ack.update(ok=True, result={"pong": True})
         else:
             ack.update(ok=False, error=f"unknown command {name!r}")
-        self.write(orjson.dumps(ack) + b"\n")
+        self.write_nowait(orjson.dumps(ack) + b"\n")
 
     async def run(self, count: int | None = None) -> None:
         """Emit telemetry at `rate` Hz (forever, or `count` lines) and answer commands."""
@@ -179,7 +209,7 @@ class SerialSimDevice:
         try:
             n = 0
             while count is None or n < count:
-                self.tick()
+                await self.tick()
                 n += 1
                 await asyncio.sleep(1.0 / self.rate if self.rate > 0 else 3600)
         finally:
