@@ -17,6 +17,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
 from devices.routing import mqtt_routes  # noqa: E402
+from devices.serial_consumer import SerialDeviceConsumer  # noqa: E402
 from gateway.mqtt.routing import TopicRouter  # noqa: E402
 from gateway.origin import SameOriginValidator  # noqa: E402
 
@@ -25,5 +26,6 @@ application = ProtocolTypeRouter(
         "http": django_asgi_app,
         "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         "mqtt": TopicRouter(mqtt_routes),
+        "serial": SerialDeviceConsumer.as_asgi(),
     }
 )
