@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import random
+import signal
 import sys
 import time
 import tty
@@ -216,6 +217,17 @@ class SerialSimDevice:
             loop.remove_reader(self.fd)
 
 
+async def _run_until_signal(device: SerialSimDevice, count: int | None) -> None:
+    """Run the device; SIGTERM/SIGINT stop it cleanly (the caller then "unplugs" it)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await device.run(count)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serial` subcommand's options."""
     where = parser.add_mutually_exclusive_group(required=True)
@@ -254,9 +266,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     try:
-        asyncio.run(device.run(args.count))
-    except KeyboardInterrupt:
-        pass
+        asyncio.run(_run_until_signal(device, args.count))
     finally:
         os.close(master)
         if slave >= 0:
