@@ -1,0 +1,118 @@
+"""`rungateway`, `runmqtt` and `ensure_demo_user` as real subprocesses (CONTRACT §1)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import paho.mqtt.client as paho
+import pytest
+
+from tests.support.gateway import ROOT, GatewayProcess
+from tests.support.servers import free_port, wait_for_port
+
+
+def retained(port: int, topic: str, timeout: float = 5.0) -> bytes | None:
+    """The retained payload on `topic` (None if there is none), read by a fresh subscriber."""
+    got: list[bytes] = []
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.on_connect = lambda c, *_: c.subscribe(topic)
+    client.on_message = lambda c, u, m: got.append(m.payload)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0] if got else None
+
+
+def publish(port: int, topic: str, payload: bytes, retain: bool = False) -> None:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_rungateway_healthz_login_and_clean_sigterm(mosquitto):
+    gw = GatewayProcess(mosquitto.url)
+    with gw:
+        status, body = gw.http_get("/healthz")
+        assert status == 200, body
+        assert body["mqtt"] == "connected"
+        banner = gw.wait_for_log(r"gateway running: dashboard (\S+) \| broker (\S+)")
+        assert banner.group(1) == f"http://127.0.0.1:{gw.port}/"
+        assert banner.group(2) == mosquitto.url
+        assert "InMemoryChannelLayer" in gw.log_text()
+        assert retained(mosquitto.port, gw.status_topic) == b"online"
+
+        # ensure_demo_user prints a fresh random password that logs in for real.
+        first = re.search(r"demo / (\S+)", gw.manage("ensure_demo_user")).group(1)
+        second = re.search(r"demo / (\S+)", gw.manage("ensure_demo_user")).group(1)
+        assert first != second and len(second) >= 12
+        cookie = gw.login("demo", second)
+        status, devices = gw.http_get("/api/devices/", cookie)
+        assert status == 200 and isinstance(devices, list | dict)
+        assert gw.http_get("/api/devices/")[0] in (302, 401, 403)
+    # Leaving the block sent SIGTERM and asserted exit code 0 within 5 s.
+    print(f"rungateway stopped {gw.shutdown_seconds:.2f} s after SIGTERM")
+    assert gw.shutdown_seconds is not None and gw.shutdown_seconds < 5.0
+    assert retained(mosquitto.port, gw.status_topic) == b"offline"
+
+
+def test_runmqtt_shared_group_stores_telemetry(mosquitto):
+    gw = GatewayProcess(
+        mosquitto.url,
+        command="runmqtt",
+        args=["--shared-group", "g1"],
+        ready_log=r"MQTT bridge running: broker \S+ \| shared group g1",
+    )
+    with gw:
+        assert "channel layer is in-memory" in gw.log_text()
+        deadline = time.monotonic() + 10
+        while retained(mosquitto.port, gw.status_topic, timeout=1) != b"online":
+            assert time.monotonic() < deadline, gw.tail()
+        publish(mosquitto.port, "devices/shared-1/telemetry", b'{"temperature": 20.5}')
+        script = (
+            "from devices.models import Reading;"
+            "print('count', Reading.objects.filter(device_id='shared-1').count())"
+        )
+        deadline = time.monotonic() + 10
+        while "count 1" not in gw.manage("shell", "-c", script):
+            assert time.monotonic() < deadline, gw.tail()
+            time.sleep(0.2)
+    assert gw.shutdown_seconds < 5.0
+    assert retained(mosquitto.port, gw.status_topic) == b"offline"
+
+
+def test_rungateway_embedded_broker_starts_one():
+    port = free_port()
+    gw = GatewayProcess(f"mqtt://127.0.0.1:{port}", args=["--embedded-broker"])
+    with gw:
+        assert gw.http_get("/healthz")[1]["mqtt"] == "connected"
+        gw.wait_for_log(r"embedded broker started: mosquitto")
+        assert "(embedded mosquitto)" in gw.log_text()
+    print(f"rungateway + embedded mosquitto stopped in {gw.shutdown_seconds:.2f} s")
+    with pytest.raises(TimeoutError):
+        wait_for_port(port, timeout=0.5)
+
+
+def test_bad_broker_url_is_a_clear_error():
+    result = subprocess.run(
+        [sys.executable, "manage.py", "rungateway", "--mqtt", "http://127.0.0.1:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "unsupported broker URL scheme" in result.stderr
