@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
+import uvicorn
+from asgiref.sync import sync_to_async
+from channels.auth import AuthMiddlewareStack
+from channels.layers import get_channel_layer
+from channels.routing import ProtocolTypeRouter, URLRouter
 from django.conf import settings
 from django.urls import include, path, resolve
 
 from dashboard import views
+from dashboard.routing import websocket_urlpatterns
 from devices.models import Device
+from gateway.origin import SameOriginValidator
+from tests.support.servers import free_port
 
 # The site's URLconf minus the rooms this file does not test (gateway/urls.py has the same
 # entries for "/" and "/accounts/").
@@ -149,3 +160,115 @@ def test_styles_follow_the_system_colour_scheme():
 @pytest.mark.urls("gateway.urls")
 def test_the_site_routes_to_the_dashboard():
     assert resolve("/").func is views.index
+
+
+# --- in a real browser (Debian's Chromium) against uvicorn serving the web tier ------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextlib.asynccontextmanager
+async def serve(port: int):
+    """uvicorn with the web tier of gateway/asgi.py (HTTP + dashboard WebSocket) in this loop."""
+    from django.core.asgi import get_asgi_application
+
+    app = ProtocolTypeRouter(
+        {
+            "http": get_asgi_application(),
+            "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        }
+    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(), name=f"uvicorn:{port}")
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.e2e
+# WhiteNoise hands Django's ASGI handler a sync file iterator; Django warns on every static file.
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
+@pytest.mark.django_db(transaction=True)
+async def test_live_page_in_a_browser(user):
+    from playwright.async_api import async_playwright, expect
+
+    await sync_to_async(Device.objects.create)(id="evil", name=XSS, metrics={XSS: 1})
+    layer = get_channel_layer()
+    await layer.flush()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    problems: list[str] = []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = await browser.new_page()
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+            page.on(
+                "console",
+                lambda msg: problems.append(msg.text) if "Content Security" in msg.text else None,
+            )
+            async with serve(port):
+                await page.goto(base + "/")
+                assert page.url == base + "/accounts/login/?next=/"
+                await page.fill("#id_username", "alice")
+                await page.fill("#id_password", "correct horse battery")
+                await page.click("button[type=submit]")
+                await page.wait_for_url(base + "/")
+
+                conn = page.locator("#conn")
+                await expect(conn).to_have_text("live")
+                evil = page.locator('tr[data-device="evil"]')
+                await expect(evil.locator(".name")).to_have_text(XSS)  # text, not markup
+                await expect(evil.locator(".metric-name")).to_have_text(XSS)
+                assert await page.locator("#devices img").count() == 0
+
+                frames = [
+                    {
+                        "type": "telemetry",
+                        "device": "roof-1",
+                        "ts": time.time(),
+                        "metrics": {"temperature": 21.5, XSS: 2},
+                    },
+                    {"type": "status", "device": "roof-1", "online": True, "ts": time.time()},
+                ]
+                await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames})
+                roof = page.locator('tr[data-device="roof-1"]')
+                await expect(roof.locator(".badge")).to_have_text("online")
+                await expect(roof.locator(".metric")).to_have_count(2)
+                await expect(roof.locator(".metric", has_text="temperature")).to_contain_text(
+                    "21.5"
+                )
+                await expect(roof.locator(".seen time")).to_contain_text("s ago")
+                assert await page.locator("#devices img").count() == 0
+
+            # The server goes away: the page says so, and comes back by itself.
+            await expect(conn).to_have_class("conn conn-disconnected")
+            async with serve(port):
+                await expect(conn).to_have_text("live", timeout=15_000)
+                # The fresh snapshot has only what the database knows.
+                await expect(page.locator('tr[data-device="roof-1"]')).to_have_count(0)
+                await expect(page.locator('tr[data-device="evil"]')).to_have_count(1)
+        finally:
+            await browser.close()
+    await layer.flush()
+    assert problems == []

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.testing import HttpCommunicator, WebsocketCommunicator
 
 from gateway.origin import SameOriginValidator, is_same_origin, origin_key
 
 
-class Accepting(AsyncWebsocketConsumer):
-    async def connect(self):
-        await self.accept()
+async def accepting(scope, receive, send):
+    """A WebSocket app that accepts every handshake it is handed."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.accept"})
+        elif message["type"] == "websocket.disconnect":
+            return
 
 
 async def plain_http(scope, receive, send):
@@ -77,7 +81,7 @@ def test_origin_key_normalises_default_ports():
 
 
 async def handshake(headers, app=None):
-    comm = WebsocketCommunicator(app or SameOriginValidator(Accepting.as_asgi()), "/ws/", headers)
+    comm = WebsocketCommunicator(app or SameOriginValidator(accepting), "/ws/", headers)
     connected, code = await comm.connect(timeout=5)
     await comm.disconnect()
     return connected, code
@@ -113,7 +117,7 @@ async def test_trusted_origins_come_from_settings(settings):
 
 async def test_explicit_trusted_origins_override_settings(settings):
     settings.CSRF_TRUSTED_ORIGINS = ["https://dash.example.com"]
-    app = SameOriginValidator(Accepting.as_asgi(), trusted_origins=[])
+    app = SameOriginValidator(accepting, trusted_origins=[])
     headers = [(b"host", b"gateway.test:8000"), (b"origin", b"https://dash.example.com")]
     assert not (await handshake(headers, app))[0]
 
