@@ -411,3 +411,23 @@ async def test_slow_socket_on_a_real_server_is_closed_4008_and_resyncs(layer, se
         await fast.close()
     # uvicorn's shutdown waited for every application instance to finish.
     assert gauge("gateway_ws_clients") == clients_before
+
+
+@pytest.mark.filterwarnings("ignore:No directory at:UserWarning")
+async def test_the_gateway_application_serves_the_dashboard(layer, session_cookie):
+    """The same checks through gateway.asgi.application, as servers load it."""
+    try:
+        from gateway.asgi import application
+    except ImportError as exc:  # another room is not written yet
+        pytest.skip(f"gateway.asgi not importable yet: {exc}")
+    anonymous = WebsocketCommunicator(application, "/ws/dashboard/", headers=ws_headers(None))
+    assert not (await anonymous.connect(timeout=5))[0]
+    await anonymous.disconnect()
+    foreign = WebsocketCommunicator(
+        application, "/ws/dashboard/", headers=ws_headers(session_cookie, origin="http://x.test")
+    )
+    assert not (await foreign.connect(timeout=5))[0]
+    await foreign.disconnect()
+    comm = await connect(session_cookie, app=application)
+    assert (await comm.receive_json_from(timeout=5))["type"] == "snapshot"
+    await comm.disconnect()
