@@ -315,6 +315,9 @@ class SerialServer:
     ) -> None:
         self.application = application
         self.specs = [s if isinstance(s, SerialSpec) else parse_spec(s) for s in specs]
+        ports = [s.port for s in self.specs]
+        if len(set(ports)) != len(ports):  # two readers would split a port's bytes
+            raise ValueError(f"a serial port is given twice: {' '.join(ports)}")
         self.instance_grace = instance_grace
         self.ports = [PortRunner(self, spec, queue_size) for spec in self.specs]
         self.sessions_ended = 0
