@@ -244,43 +244,45 @@ class SimDevice:
         )
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        """One connection: announce, then telemetry and commands until told to leave or lost."""
+        """One connection: serve it until told to leave or the connection is lost."""
         self._client = client
         self._offline.clear()
-        tasks: list[asyncio.Task[None]] = []
+        if self._dropped or self._stop.is_set():
+            self._request_leave("stop" if self._stop.is_set() else "drop")
+            return
+        # aiomqtt's QoS 1 publish waits for its PUBACK even after the connection is gone (up to
+        # its timeout), so the session also ends as soon as the client sees the disconnection.
+        lost = client._disconnected  # noqa: SLF001
+        body = asyncio.create_task(self._serve(client), name=f"firmware_sim[{self.id}].serve")
+        leave = asyncio.create_task(self._leave.wait(), name=f"firmware_sim[{self.id}].leave")
         try:
-            if self._dropped or self._stop.is_set():
-                self._request_leave("stop" if self._stop.is_set() else "drop")
-                return
-            self.connects += 1
-            self.firmware.connected()
-            for topic in self.firmware.subscriptions():
-                await client.subscribe(topic, qos=1)
-            for message in self.firmware.birth():
-                await self._publish(client, message)
-            self._connected.set()
-            if self._stop.is_set():
-                self._request_leave("stop")
-            tasks = [
-                asyncio.create_task(self._telemetry(client), name=f"firmware_sim[{self.id}].tele"),
-                asyncio.create_task(self._inbox(client), name=f"firmware_sim[{self.id}].inbox"),
-                asyncio.create_task(self._leave.wait(), name=f"firmware_sim[{self.id}].leave"),
-            ]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        except aiomqtt.MqttError as exc:
-            logger.debug("%s: connection lost: %s", self.id, exc)
+            await asyncio.wait([body, leave, lost], return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._connected.clear()
             self._leave.set()
             self._wake.set()
-            await _finish(tasks + list(self._replies))
-            for task in tasks:
-                exc = None if task.cancelled() else task.exception()
-                if isinstance(exc, aiomqtt.MqttError):
-                    logger.debug("%s: connection lost: %s", self.id, exc)
-                elif exc is not None:
-                    logger.error("%s: session task failed", self.id, exc_info=exc)
+            await _finish([body, leave, *self._replies])
             self._replies.clear()
+        exc = None if body.cancelled() else body.exception()
+        errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]
+        for error in errors:
+            if isinstance(error, aiomqtt.MqttError):
+                logger.debug("%s: connection lost: %s", self.id, error)
+            elif error is not None:
+                logger.error("%s: session failed", self.id, exc_info=error)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Subscribe, announce online, then publish telemetry and answer commands."""
+        self.connects += 1
+        self.firmware.connected()
+        for topic in self.firmware.subscriptions():
+            await client.subscribe(topic, qos=1)
+        for message in self.firmware.birth():
+            await self._publish(client, message)
+        self._connected.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._telemetry(client), name=f"firmware_sim[{self.id}].tele")
+            group.create_task(self._inbox(client), name=f"firmware_sim[{self.id}].inbox")
 
     async def _close(self, client: aiomqtt.Client) -> None:
         """End the connection: clean (offline + DISCONNECT) unless it is already gone."""
