@@ -553,3 +553,34 @@ def test_simulate_command_rejects_bad_options(mosquitto):
         timeout=60,
     )
     assert result.returncode != 0 and "unknown fault" in result.stderr
+
+
+async def test_python_m_firmware_sim_mqtt_runs_the_same_fleet(mosquitto, recorder):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "firmware_sim",
+        "mqtt",
+        "--mqtt",
+        mosquitto.url,
+        "--devices",
+        "2",
+        "--style",
+        "tasmota",
+        "--rate",
+        "5",
+        "--duration",
+        "1",
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "2/2 connected" in out.decode()
+    assert recorder.on("tele/tasmota-0002/SENSOR")
+    online = await recorder.wait_topic("tele/tasmota-0001/LWT", b"Online")
+    await recorder.wait_topic(
+        "tele/tasmota-0001/LWT", b"Offline", after=recorder.messages.index(online)
+    )
