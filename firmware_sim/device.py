@@ -334,19 +334,24 @@ class SimDevice:
         self._dropped = False
 
     async def _telemetry(self, client: aiomqtt.Client) -> None:
-        """Publish a tick every interval; the first at a random phase so fleets don't align."""
-        phase = self.rng.random()
+        """Publish a tick every interval (±10 % jitter), the first at a random phase.
+
+        Ticks follow a schedule rather than sleeping after each publish, so time spent
+        publishing does not slow the rate; a device that falls a whole period behind skips
+        ahead instead of bursting to catch up.
+        """
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self._period() * self.rng.random()
         # Checks `_leave` as well as being cancelled: aiomqtt's publish waits in wait_for,
         # which on Python 3.11 can swallow a cancellation (gh-86296).
         while not self._leave.is_set():
-            period = self.firmware.interval / self.faults.burst
-            delay = period * (phase if phase is not None else self.rng.uniform(0.9, 1.1))
-            phase = None
             self._wake.clear()
             try:
-                async with asyncio.timeout(delay):
+                async with asyncio.timeout_at(next_at):
                     await self._wake.wait()
-                continue  # the interval or burst changed: schedule afresh from now
+                # The interval or burst changed: schedule afresh from now.
+                next_at = loop.time() + self._period() * self.rng.uniform(0.0, 1.0)
+                continue
             except TimeoutError:
                 pass
             for message in self.firmware.telemetry(time.time()):
@@ -357,6 +362,11 @@ class SimDevice:
                 topic, payload = make(self.id, self.garbage_sent)
                 await client.publish(topic, payload, qos=0)
                 self.garbage_sent += 1
+            period = self._period()
+            next_at = max(next_at + period * self.rng.uniform(0.9, 1.1), loop.time() - period)
+
+    def _period(self) -> float:
+        return self.firmware.interval / self.faults.burst
 
     async def _inbox(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
