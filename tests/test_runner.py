@@ -185,7 +185,7 @@ async def test_shutdown_is_bounded_when_a_bridge_hangs():
     runner.request_shutdown()
     assert await asyncio.wait_for(task, 10) == 0
     took = time.monotonic() - started
-    assert took < 1.5 + 1.0, took
+    assert took < 4.0, took  # budget 1.5 s; neither the 60 s hook nor the bridge is awaited
 
 
 async def test_busy_port_fails_before_anything_starts():
