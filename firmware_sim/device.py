@@ -156,14 +156,8 @@ class SimDevice:
         self._dropped = True
         self._drop_for = reconnect_after
         self._restore.clear()
-        client = self._client
-        if client is not None:
-            # The private paho client is the only way to reach the socket; shutdown() sends
-            # FIN without an MQTT DISCONNECT, which is exactly a device losing power.
-            sock = client._client.socket()  # noqa: SLF001
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        if self._client is not None:
+            _shutdown(self._client)
 
     def restore(self) -> None:
         """Clear every fault and bring a dropped device back."""
@@ -289,10 +283,7 @@ class SimDevice:
         disconnected = client._disconnected  # noqa: SLF001
         if not disconnected.done() and self._dropped:
             # Dropped while (re)connecting: vanish abruptly here too, and let paho notice.
-            sock = client._client.socket()  # noqa: SLF001
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            _shutdown(client)
             await asyncio.wait([disconnected], timeout=5)
         lost = disconnected.done()
         if lost and not disconnected.cancelled():
@@ -401,6 +392,16 @@ class SimDevice:
                 logger.debug("%s: could not answer: %s", self.id, exc)
         if reply.reboot_after_ack is not None:
             self.reboot(reply.reboot_after_ack)
+
+
+def _shutdown(client: aiomqtt.Client) -> None:
+    """Close the connection without an MQTT DISCONNECT, as a device losing power does."""
+    # The private paho client is the only way to reach the socket; shutdown() sends a FIN
+    # and paho then sees EOF, while the broker sees no DISCONNECT and publishes the Will.
+    sock = client._client.socket()  # noqa: SLF001
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 async def _finish(tasks: list[asyncio.Task[None]]) -> None:

@@ -49,10 +49,6 @@ class Faults:
     garbage: float = 0.0
     burst: float = 1.0
 
-    @property
-    def active(self) -> bool:
-        return self != Faults()
-
 
 @dataclass(frozen=True)
 class FaultSpec:
