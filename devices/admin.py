@@ -26,5 +26,5 @@ class ReadingAdmin(admin.ModelAdmin):
     date_hierarchy = "ts"
     raw_id_fields = ("device",)
     list_select_related = ("device",)
-    ordering = ("-ts",)
+    ordering = ("-id",)  # insertion order: the primary key, no full sort of a big table
     show_full_result_count = False

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
+from devices import commands
 from devices.models import Transport
 from devices.parsing import (
     Ack,
@@ -96,27 +97,41 @@ class DeviceConsumer(MqttConsumer):
             logger.exception("device %s: error handling %r", self.device_id, event.get("topic"))
 
     async def handle_ack(self, ack: Ack) -> None:
-        """A command acknowledgement; no command service yet, so every id is unknown."""
-        raise Rejected("unknown_command", f"no pending command {ack.id!r}")
+        """Finish the command the ack names (`devices.commands`); unknown ids are rejected."""
+        if not await commands.apply_ack(self.device_id, ack.id, ack.ok, ack.result, ack.error):
+            raise Rejected("unknown_command", f"no command {ack.id!r} awaiting an ack")
+
+    async def mqtt_connect(self, message: dict[str, Any]) -> None:
+        """Broker session (re-)established: send commands held while it was down."""
+        if self.valid:
+            try:
+                await commands.deliver_pending(self.device_id, self.send_command)
+            except Exception:
+                logger.exception("device %s: delivering held commands failed", self.device_id)
 
     async def device_command(self, event: dict[str, Any]) -> None:
-        """Send a command to the device: ``devices/<id>/commands``, QoS 1, never retained.
+        """A command for this device (group ``device.<id>``), published by `send_command`.
 
-        Expects ``{"type": "device.command", "id": …, "name": …, "args": {…}}`` on the
-        ``device.<id>`` group (the command service lands later and may refine this).
+        ``{"type": "device.command", "id": …}`` goes through the command service (claimed,
+        sent once, held while the broker is down); one that carries ``name``/``args`` is
+        published as is.
         """
-        command = {
-            "id": event.get("id"),
-            "name": event.get("name"),
-            "args": event.get("args") or {},
-        }
+        try:
+            if "name" in event:
+                command = {"id": event.get("id"), "name": event["name"], "args": event.get("args")}
+                await self.send_command(command)
+            else:
+                await commands.deliver(event["id"], self.send_command)
+        except Exception:
+            logger.exception("device %s: command %r not delivered", self.device_id, event.get("id"))
+
+    async def send_command(self, command: dict[str, Any]) -> None:
+        """Publish ``{"id", "name", "args"}`` to ``devices/<id>/commands``, QoS 1, not retained;
+        ConnectionError while the broker is unavailable (the service holds the command)."""
+        body = {"id": command["id"], "name": command["name"], "args": command.get("args") or {}}
         try:
             await self.publish(
-                f"devices/{self.device_id}/commands", orjson.dumps(command), qos=1, retain=False
+                f"devices/{self.device_id}/commands", orjson.dumps(body), qos=1, retain=False
             )
-        except BrokerUnavailable:
-            logger.warning(
-                "device %s: broker unavailable, command %s not sent", self.device_id, command["id"]
-            )
-        except Exception:
-            logger.exception("device %s: could not send command %r", self.device_id, command["id"])
+        except BrokerUnavailable as exc:
+            raise ConnectionError(str(exc) or "broker unavailable") from exc

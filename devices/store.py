@@ -3,11 +3,13 @@
 `write_batch` upserts the batch's devices (register, last_seen, online, merged latest metrics)
 with one multi-row ``INSERT … ON CONFLICT DO UPDATE`` per chunk, merging the ``metrics`` JSON
 inside the database (SQLite ``json_patch``, PostgreSQL ``||``) so concurrent writers (several
-bridges) never lose each other's keys; then bulk-inserts the readings.
+bridges) never lose each other's keys; then inserts the readings with one prepared
+``executemany``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +19,8 @@ from django.db import connections, router, transaction
 from django.utils import timezone
 
 from devices.models import Device, Reading
+
+logger = logging.getLogger(__name__)
 
 # (device_id, metric, ts epoch seconds, value)
 Row = tuple[str, str, float, float]
@@ -147,14 +151,64 @@ def _upsert_generic(updates: Mapping[str, DeviceUpdate], using: str) -> None:
     )
 
 
+def _insert_readings_sql(quote) -> str:
+    cols = ", ".join(
+        quote(Reading._meta.get_field(f).column) for f in ("device", "metric", "ts", "value")
+    )
+    return f"INSERT INTO {quote(Reading._meta.db_table)} ({cols}) VALUES (%s, %s, %s, %s)"
+
+
+def _ensure_devices(device_ids: set[str], updates: Mapping[str, DeviceUpdate], using: str) -> None:
+    """Create devices that have rows in this batch but no update (their update went earlier
+    and the device was deleted since), so a foreign key never fails a whole batch."""
+    missing = device_ids.difference(updates)
+    if missing:
+        Device.objects.using(using).bulk_create(
+            [Device(id=device_id) for device_id in sorted(missing)], ignore_conflicts=True
+        )
+
+
 def write_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> int:
-    """Store one batch in one transaction: device upserts, then readings. Returns rows stored."""
+    """Store one batch in one transaction: device upserts, then readings. Returns rows stored.
+
+    Readings go in with one prepared ``executemany`` rather than ``bulk_create``: the same
+    single transaction, without building a model instance per row (about 2x faster on
+    SQLite here; psycopg pipelines executemany on PostgreSQL).
+    """
     using = router.db_for_write(Reading)
-    readings = [
-        Reading(device_id=device_id, metric=metric, ts=_dt(ts), value=value)
-        for device_id, metric, ts, value in rows
-    ]
+    connection = connections[using]
+    adapt = connection.ops.adapt_datetimefield_value
+    params = [(device_id, metric, adapt(_dt(ts)), value) for device_id, metric, ts, value in rows]
     with transaction.atomic(using=using):
         upsert_devices(updates, using)
-        Reading.objects.using(using).bulk_create(readings)
-    return len(readings)
+        _ensure_devices({p[0] for p in params}, updates, using)
+        if params:
+            with connection.cursor() as cursor:
+                cursor.executemany(_insert_readings_sql(connection.ops.quote_name), params)
+    return len(params)
+
+
+def salvage_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> tuple[int, int]:
+    """Error path after `write_batch` failed for good (integrity, data, a value the driver
+    refuses): write what can be written, one savepoint per row. Returns (stored, refused)."""
+    using = router.db_for_write(Reading)
+    connection = connections[using]
+    adapt = connection.ops.adapt_datetimefield_value
+    sql = _insert_readings_sql(connection.ops.quote_name)
+    stored = refused = 0
+    with transaction.atomic(using=using):
+        try:
+            with transaction.atomic(using=using):
+                upsert_devices(updates, using)
+        except Exception:
+            logger.exception("telemetry: device updates refused by the database, dropped")
+        with connection.cursor() as cursor:
+            for device_id, metric, ts, value in rows:
+                try:
+                    with transaction.atomic(using=using):
+                        _ensure_devices({device_id}, {}, using)
+                        cursor.execute(sql, (device_id, metric, adapt(_dt(ts)), value))
+                    stored += 1
+                except Exception:
+                    refused += 1
+    return stored, refused

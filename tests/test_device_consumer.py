@@ -133,6 +133,11 @@ async def test_single_metric_and_status(device, layer, dashboard):
         ("devices/d1/telemetry/te\x01mp", b"1", "bad_value"),
         ("devices/d1/status", b"maybe", "bad_status"),
         ("devices/d1/commands/ack", b'{"id": "nope", "ok": true}', "unknown_command"),
+        (
+            "devices/d1/commands/ack",
+            b'{"id": "6f1c2a3e-0000-4000-8000-000000000000", "ok": true}',
+            "unknown_command",
+        ),
         ("devices/d1/commands/ack", b'{"ok": true}', "bad_value"),
     ],
 )
@@ -204,3 +209,34 @@ async def test_device_command_is_published_qos1(device, layer):
         "name": "set_interval",
         "args": {"seconds": 5},
     }
+
+
+async def test_command_service_delivery_and_ack(device, layer, dashboard, django_user_model):
+    from devices import commands
+    from devices.models import Command
+
+    async with asyncio.timeout(5):
+        while "device.d1" not in layer.groups:  # noqa: ASYNC110 - joined on mqtt.connect
+            await asyncio.sleep(0.01)
+    staff = await database_sync_to_async(django_user_model.objects.create_user)(
+        "ops", password="pw-ops-12345", is_staff=True
+    )
+    await database_sync_to_async(Device.objects.create)(id="d1")
+    command = await commands.submit(staff, "d1", {"name": "set_interval", "args": {"seconds": 5}})
+    event = await device.receive_publish(timeout=5)
+    assert event["topic"] == "devices/d1/commands" and event["qos"] == 1
+    body = orjson.loads(event["payload"])
+    assert body == {"id": str(command.id), "name": "set_interval", "args": {"seconds": 5}}
+    await device.send_message(
+        "devices/d1/commands/ack",
+        orjson.dumps({"id": body["id"], "ok": True, "result": {"seconds": 5}}),
+    )
+
+    async with asyncio.timeout(5):
+        while True:
+            message = await layer.receive(dashboard)
+            if any(f["type"] == "command" and f["status"] == "acked" for f in message["events"]):
+                break
+    stored = await database_sync_to_async(Command.objects.get)(id=command.id)
+    assert (stored.status, stored.result) == ("acked", {"seconds": 5})
+    commands.get_timers().cancel_all()

@@ -18,6 +18,7 @@ from devices.pipeline import (
     get_pipeline,
     merge_pending,
 )
+from devices.store import write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -66,18 +67,24 @@ async def eventually(predicate, within: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@database_sync_to_async
-def start_capture() -> CaptureQueriesContext:
-    # Runs in the same single thread as the pipeline's database_sync_to_async writes.
+def _start_capture() -> CaptureQueriesContext:
     ctx = CaptureQueriesContext(connections["default"])
     ctx.__enter__()
     return ctx
 
 
-@database_sync_to_async
-def stop_capture(ctx: CaptureQueriesContext) -> list[str]:
+def _stop_capture(ctx: CaptureQueriesContext) -> list[str]:
     ctx.__exit__(None, None, None)
     return [q["sql"] for q in ctx.captured_queries]
+
+
+async def start_capture(pipeline) -> CaptureQueriesContext:
+    """Record the SQL of the pipeline's writer connection (it lives in the writer thread)."""
+    return await pipeline.run_in_writer(_start_capture)
+
+
+async def stop_capture(pipeline, ctx: CaptureQueriesContext) -> list[str]:
+    return await pipeline.run_in_writer(_stop_capture, ctx)
 
 
 @database_sync_to_async
@@ -108,11 +115,11 @@ def counter(metric, **labels) -> float:
 
 async def test_many_submits_one_transaction(pipeline):
     stored_before = counter(TELEMETRY_STORED)
-    ctx = await start_capture()
+    ctx = await start_capture(pipeline)
     for i in range(300):
         pipeline.submit_reading(f"dev{i % 7}", "mqtt", TS + i, {"t": float(i), "ok": i % 2 == 0})
     await pipeline.flush()
-    queries = await stop_capture(ctx)
+    queries = await stop_capture(pipeline, ctx)
     starts = [q for q in queries if q.startswith("BEGIN")]
     commits = [q for q in queries if q == "COMMIT"]
     device_upserts = [q for q in queries if q.startswith('INSERT INTO "devices_device"')]
@@ -196,11 +203,11 @@ async def test_batch_size_triggers_write_before_delay(layer):
 async def test_large_backlog_is_split_into_batches(layer):
     pipeline = TelemetryPipeline(batch_size=100, batch_delay=3600)
     try:
-        ctx = await start_capture()
+        ctx = await start_capture(pipeline)
         for i in range(250):
             pipeline.submit_reading(f"d{i % 3}", "mqtt", TS + i, {"t": float(i)})
         await pipeline.flush()
-        queries = await stop_capture(ctx)
+        queries = await stop_capture(pipeline, ctx)
         assert len([q for q in queries if q == "COMMIT"]) == 3
         assert [r[3] for r in await readings()] == [float(i) for i in range(250)]
     finally:
@@ -349,3 +356,26 @@ async def test_submit_never_raises(pipeline):
     pipeline.submit_reading("d1", "mqtt", TS, {"t": 1.0})
     await pipeline.flush()
     assert [r[3] for r in await readings()] == [1.0]
+
+
+async def test_refused_rows_do_not_block_the_batch(pipeline):
+    refused_before = counter(TELEMETRY_DROPPED, reason="db_refused")
+    pipeline.submit_reading("d1", "mqtt", TS, {"t": 1.0})
+    pipeline.submit_reading("d1", "mqtt", TS + 1, {None: 2.0})  # type: ignore[dict-item]
+    pipeline.submit_reading("d2", "mqtt", TS + 2, {"t": 3.0})
+    await pipeline.flush()
+    assert [(r[0], r[3]) for r in await readings()] == [("d1", 1.0), ("d2", 3.0)]
+    assert counter(TELEMETRY_DROPPED, reason="db_refused") - refused_before == 1
+    pipeline.submit_reading("d1", "mqtt", TS + 3, {"t": 4.0})  # and the writer goes on
+    await pipeline.flush()
+    assert len(await readings()) == 3
+
+
+async def test_rows_of_a_device_deleted_meanwhile_recreate_it(pipeline):
+    pipeline.submit_reading("gone", "mqtt", TS, {"t": 1.0})
+    await pipeline.flush()
+    await database_sync_to_async(Device.objects.filter(id="gone").delete)()
+    # rows whose device update was written in an earlier batch
+    await pipeline.run_in_writer(write_batch, [("gone", "t", TS + 1, 2.0)], {})
+    assert (await device("gone")).transport == "mqtt"
+    assert [r[3] for r in await readings("gone")] == [2.0]
