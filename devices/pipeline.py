@@ -5,10 +5,10 @@ One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sy
 
 - the writer stores readings in one transaction per batch, at most ``TELEMETRY_BATCH_DELAY``
   after the first pending value or as soon as ``TELEMETRY_BATCH_SIZE`` values wait, with one
-  thread hop per batch. It has its own thread and keeps its database connection open between
-  batches (closed after a failure, so the next attempt reconnects): with Channels'
-  ``database_sync_to_async`` the shared sync thread would block sync views during each write
-  and ``CONN_MAX_AGE=0`` would reconnect per batch, with a cold page cache (2-3x slower here).
+  thread hop per batch. It runs in its own thread rather than Channels' shared
+  ``database_sync_to_async`` thread, so a 20-80 ms batch never queues the sync views and the
+  command service behind it; that thread keeps its database connection between batches and
+  closes it after a failure, so the retry reconnects.
   Waiting values are bounded by ``TELEMETRY_BUFFER_LIMIT``; past it the oldest are dropped
   and counted (``gateway_telemetry_dropped_total{reason="buffer_full"}``).
   A failed write keeps its batch and retries with backoff (0.1 s doubling to 5 s).
