@@ -16,6 +16,7 @@ import orjson
 from django.conf import settings
 
 from devices import commands
+from devices.mirror import is_mirror_echo
 from devices.models import Transport
 from devices.parsing import (
     Ack,
@@ -68,6 +69,8 @@ class DeviceConsumer(MqttConsumer):
         if not self.valid:
             MESSAGES_REJECTED.labels(reason="bad_device_id").inc()
             return
+        if is_mirror_echo(event.get("properties")):
+            return  # our own mirror of a serial device: already stored by the serial bridge
         try:
             pattern = event.get("pattern")
             payload = event["payload"]

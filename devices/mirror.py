@@ -67,8 +67,7 @@ def enabled() -> bool:
     """Whether serial devices are mirrored: `configure()`, else SERIAL_MIRROR (default on)."""
     if _config["enabled"] is not None:
         return bool(_config["enabled"])
-    value = settings.GATEWAY.get("SERIAL_MIRROR", os.environ.get("SERIAL_MIRROR", "1"))
-    return str(value).strip().lower() not in {"0", "false", "no", "off"}
+    return bool(settings.GATEWAY["SERIAL_MIRROR"])
 
 
 def is_mirror_echo(properties: Mapping[str, Any] | None) -> bool:

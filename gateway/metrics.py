@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 while the MQTT bridge is connected to the broker")
+MQTT_CONNECTED = Gauge(
+    "gateway_mqtt_connected", "1 while the MQTT bridge is connected to the broker"
+)
 MQTT_MESSAGES_RECEIVED = Counter(
     "gateway_mqtt_messages_received", "MQTT messages received from the broker"
 )

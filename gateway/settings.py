@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import socket
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -174,6 +175,9 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 STATICFILES_DIRS = [p for p in [BASE_DIR / "node_modules"] if p.is_dir()]
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
+# With WHITENOISE_USE_FINDERS the files are served from the apps and node_modules directly, so
+# an uncollected STATIC_ROOT is normal here, not a mistake worth a warning on every start.
+warnings.filterwarnings("ignore", message="No directory at", category=UserWarning)
 
 # --- The gateway's own settings ----------------------------------------------------------
 GATEWAY = {
@@ -198,6 +202,11 @@ GATEWAY = {
     "TELEMETRY_BATCH_DELAY": env_float("GATEWAY_TELEMETRY_BATCH_DELAY", 0.25),
     # Bound on readings waiting for the database; past it the oldest are dropped and counted.
     "TELEMETRY_BUFFER_LIMIT": env_int("GATEWAY_TELEMETRY_BUFFER_LIMIT", 200_000),
+    # Frames buffered per dashboard client; a client this far behind is closed (4008) and
+    # resyncs from a fresh snapshot when it reconnects.
+    "WS_BUFFER_FRAMES": env_int("GATEWAY_WS_BUFFER_FRAMES", 1000),
+    # Serial devices' telemetry and status are also published to the broker (CONTRACT §3).
+    "SERIAL_MIRROR": env_bool("SERIAL_MIRROR", True),
     # Commands: seconds to wait for an ack once sent (a command may ask for its own), how long
     # one is held for an offline device or a down broker before it times out, and the
     # per-user rate limit (COUNT commands per SECONDS).

@@ -13,7 +13,6 @@ from devices.models import Device, Reading
 from devices.pipeline import get_pipeline
 
 # WhiteNoise warns when STATIC_ROOT was never collected (tests don't run collectstatic).
-pytestmark = pytest.mark.filterwarnings("ignore:No directory at:UserWarning")
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 URL = "/api/devices/d1/telemetry"
 

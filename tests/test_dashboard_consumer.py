@@ -413,7 +413,6 @@ async def test_slow_socket_on_a_real_server_is_closed_4008_and_resyncs(layer, se
     assert gauge("gateway_ws_clients") == clients_before
 
 
-@pytest.mark.filterwarnings("ignore:No directory at:UserWarning")
 async def test_the_gateway_application_serves_the_dashboard(layer, session_cookie):
     """The same checks through gateway.asgi.application, as servers load it."""
     try:

@@ -31,8 +31,6 @@ urlpatterns = [
 ]
 pytestmark = [
     pytest.mark.urls(__name__),
-    # WhiteNoise warns when STATIC_ROOT was never collected (tests don't run collectstatic).
-    pytest.mark.filterwarnings("ignore:No directory at:UserWarning"),
 ]
 
 XSS = "<img src=x onerror=alert(1)>"
@@ -203,7 +201,6 @@ async def serve(port: int):
 
 @pytest.mark.e2e
 # WhiteNoise hands Django's ASGI handler a sync file iterator; Django warns on every static file.
-@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
 @pytest.mark.django_db(transaction=True)
 async def test_live_page_in_a_browser(user):

@@ -21,8 +21,6 @@ urlpatterns = [
 ]
 pytestmark = [
     pytest.mark.urls(__name__),
-    # WhiteNoise warns when STATIC_ROOT was never collected (tests don't run collectstatic).
-    pytest.mark.filterwarnings("ignore:No directory at:UserWarning"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -25,11 +26,18 @@ GATE = asyncio.Event()
 
 
 class Recorder(MqttConsumer):
-    """Records what it sees as (device, instance id, event type, payload); payloads steer it."""
+    """Records what it sees as (device, instance serial, event type, payload); payloads steer it."""
+
+    # A serial number per instance: id() may be reused once a retired instance is freed.
+    created = itertools.count(1)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.serial = next(Recorder.created)
 
     def record(self, kind: str, payload: object = None) -> None:
         RECORDS.put_nowait(
-            (self.scope["url_route"]["kwargs"].get("device_id"), id(self), kind, payload)
+            (self.scope["url_route"]["kwargs"].get("device_id"), self.serial, kind, payload)
         )
 
     async def mqtt_connect(self, message):
