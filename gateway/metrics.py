@@ -19,6 +19,10 @@ MQTT_MESSAGES_DROPPED = Counter(
     "MQTT messages the bridge dropped before any consumer saw them",
     ["reason"],
 )
+MQTT_INSTANCES_EVICTED = Counter(
+    "gateway_mqtt_instances_evicted",
+    "Application instances retired early because the instance limit was reached",
+)
 MQTT_RECONNECTS = Counter("gateway_mqtt_reconnects", "Connections to the broker (re)established")
 MESSAGES_REJECTED = Counter(
     "gateway_messages_rejected", "Inbound messages rejected, by reason", ["reason"]

@@ -312,6 +312,7 @@ def mqtt_bridge(
         shared_group=shared_group,
         instance_queue=settings.GATEWAY["MQTT_INSTANCE_QUEUE"],
         idle_seconds=settings.GATEWAY["MQTT_INSTANCE_IDLE_SECONDS"],
+        max_instances=settings.GATEWAY["MQTT_MAX_INSTANCES"],
         protocol=protocol,
     )
 

@@ -172,7 +172,13 @@ USE_TZ = True
 # --- Static files: served by WhiteNoise so the gateway needs no other web server ---------
 STATIC_URL = "/static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
-STATICFILES_DIRS = [p for p in [BASE_DIR / "node_modules"] if p.is_dir()]
+# Front-end packages from package.json (`npm ci`): only uPlot's dist folder is served, at
+# /static/vendor/uplot/, so nothing else in node_modules is exposed.
+STATICFILES_DIRS = [
+    (prefix, path)
+    for prefix, path in [("vendor/uplot", BASE_DIR / "node_modules" / "uplot" / "dist")]
+    if path.is_dir()
+]
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 # With WHITENOISE_USE_FINDERS the files are served from the apps and node_modules directly, so
@@ -194,6 +200,8 @@ GATEWAY = {
     "MQTT_INSTANCE_QUEUE": env_int("GATEWAY_MQTT_INSTANCE_QUEUE", 256),
     # Device instances idle this long are retired (their state lives in the database).
     "MQTT_INSTANCE_IDLE_SECONDS": env_float("GATEWAY_MQTT_INSTANCE_IDLE_SECONDS", 600.0),
+    # At most this many live instances (devices); past it the least recently active is retired.
+    "MQTT_MAX_INSTANCES": env_int("GATEWAY_MQTT_MAX_INSTANCES", 50_000),
     # Largest MQTT payload the gateway parses; larger ones are rejected (reason too_large).
     "MAX_PAYLOAD_BYTES": env_int("GATEWAY_MAX_PAYLOAD_BYTES", 64 * 1024),
     # Telemetry writes: one transaction per batch of at most this many readings, at most

@@ -442,3 +442,25 @@ def test_bad_broker_urls_raise(url):
 
     with pytest.raises(ValueError):
         parse_broker_url(url)
+
+
+async def test_instance_limit_retires_the_least_recently_active(mosquitto):
+    evicted = metric("gateway_mqtt_instances_evicted_total")
+    async with (
+        running(make_server(mosquitto, max_instances=2)) as server,
+        client(mosquitto) as pub,
+    ):
+        for device in ("e1", "e2", "e1", "e3"):  # e2 is then the least recently active
+            await pub.publish(f"devices/{device}/telemetry", device.encode(), qos=1)
+        seen: list[tuple] = []
+        async with asyncio.timeout(5):
+            while (
+                not any(r[2] == "retire" for r in seen)
+                or len([r for r in seen if r[2] == "message"]) < 4
+            ):
+                seen.append(await RECORDS.get())
+        assert [r[0] for r in seen if r[2] == "retire"] == ["e2"]
+        assert server.instances == 2
+        assert metric("gateway_mqtt_instances_evicted_total") == evicted + 1
+        await pub.publish("devices/e1/telemetry", b"still here", qos=1)
+        assert (await next_record("message"))[0] == "e1"

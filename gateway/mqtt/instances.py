@@ -60,6 +60,7 @@ class InstancePool:
         idle_seconds: float,
         retire_grace: float,
         connect_event: Callable[[], dict[str, Any] | None],
+        max_instances: int = 50_000,
     ) -> None:
         self.application = application
         self.base_scope = base_scope
@@ -68,7 +69,9 @@ class InstancePool:
         self.idle_seconds = idle_seconds
         self.retire_grace = retire_grace
         self.connect_event = connect_event
+        self.max_instances = max(1, max_instances)
         self.closing = False
+        # Least recently active first: `deliver` moves an instance to the end.
         self._instances: dict[Hashable, Instance] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -81,6 +84,12 @@ class InstancePool:
             self._reaper = asyncio.create_task(self._reap_idle(), name="mqtt-instances.reaper")
 
     def _create(self, match: Match) -> Instance:
+        if len(self._instances) >= self.max_instances:
+            # A flood of new keys (e.g. random device ids) must not grow memory without bound:
+            # retire the least recently active instance; its state lives outside it anyway.
+            oldest = next(iter(self._instances.values()))
+            metrics.MQTT_INSTANCES_EVICTED.inc()
+            self.retire(oldest, "evicted")
         inst = Instance(match.instance_key, match, self.limit)
         scope = {
             **self.base_scope,
@@ -100,9 +109,12 @@ class InstancePool:
 
     async def deliver(self, match: Match, event: dict[str, Any], qos: int) -> None:
         """Queue a message for its instance: QoS 0 dropped+counted when full, QoS≥1 waits."""
-        inst = self._instances.get(match.instance_key)
+        key = match.instance_key
+        inst = self._instances.pop(key, None)
         if inst is None or inst.task is None or inst.task.done():
             inst = self._create(match)
+        else:
+            self._instances[key] = inst  # now the most recently active
         queue = inst.queue
         inst.last_active = asyncio.get_running_loop().time()
         if queue.qsize() < self.limit:

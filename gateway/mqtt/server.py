@@ -73,6 +73,7 @@ class MqttServer:
         shared_group: str | None = None,
         instance_queue: int = 256,
         idle_seconds: float = 600.0,
+        max_instances: int = 50_000,
         protocol: str = "v5",
         keepalive: int = 30,
         subscribe_qos: int = 1,
@@ -119,6 +120,7 @@ class MqttServer:
             self._app_send,
             limit=instance_queue,
             idle_seconds=idle_seconds,
+            max_instances=max_instances,
             retire_grace=retire_grace,
             connect_event=self._connect_event,
         )
