@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import uuid
 import weakref
@@ -25,6 +26,7 @@ import orjson
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from devices.models import FINAL_STATUSES, Command, CommandStatus, Device
@@ -37,6 +39,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_ARGS_BYTES = 16 * 1024
 TIMEOUT_RANGE = (0.1, 3600.0)
 PERMISSION = "devices.send_command"
+#: Default bound on commands held (pending) per device; `GATEWAY["COMMAND_HOLD_MAX"]` overrides.
+HOLD_MAX = 100
 
 #: What a transport's send coroutine raises when it cannot deliver now (broker down, port
 #: closed): the command goes back to pending and is re-driven later.
@@ -44,11 +48,17 @@ Unavailable = (ConnectionError, OSError)
 
 
 class CommandError(GatewayError):
-    """A command request refused; `code` is the WebSocket error code, `status` the HTTP one."""
+    """A command request refused; `code` is the WebSocket error code, `status` the HTTP one.
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    `retry_after` (seconds) is set when waiting helps (rate limited).
+    """
+
+    def __init__(
+        self, code: str, message: str, status: int = 400, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
+        self.retry_after = retry_after
 
 
 def can_command(user: Any) -> bool:
@@ -92,48 +102,79 @@ def _rate_limit() -> tuple[int, float]:
     return settings.GATEWAY["COMMAND_RATE_COUNT"], settings.GATEWAY["COMMAND_RATE_SECONDS"]
 
 
+def _check_rate(user: Any, now: datetime) -> None:
+    """Refuse a user's command past `COMMAND_RATE_COUNT` per `COMMAND_RATE_SECONDS`."""
+    count, window = _rate_limit()
+    recent = Command.objects.filter(
+        created_by=user, created_at__gte=now - timedelta(seconds=window)
+    ).order_by("-created_at")
+    times = list(recent.values_list("created_at", flat=True)[:count])
+    if len(times) >= count:
+        # The oldest of the last `count` commands leaves the window first.
+        wait = (times[-1] + timedelta(seconds=window) - now).total_seconds()
+        wait = max(1.0, float(math.ceil(wait)))
+        raise CommandError(
+            "rate_limited",
+            f"rate limit: at most {count} commands per {window:g} s; try again in {wait:g} s",
+            status=429,
+            retry_after=wait,
+        )
+
+
+def _check_held(device_id: str) -> None:
+    """Refuse a command when the device already has `COMMAND_HOLD_MAX` waiting (the bound)."""
+    limit = int(settings.GATEWAY.get("COMMAND_HOLD_MAX", HOLD_MAX))
+    held = Command.objects.filter(device_id=device_id, status=CommandStatus.PENDING).count()
+    if held >= limit:
+        raise CommandError(
+            "rate_limited",
+            f"device {device_id!r} already has {held} commands waiting to be delivered; "
+            "try again when it is back online",
+            status=429,
+            retry_after=float(settings.GATEWAY["COMMAND_TIMEOUT"]),
+        )
+
+
 def create_command(user: Any, device_id: str, data: Any) -> Command:
-    """Check permission, input and the user's rate, then store the command as pending."""
+    """Check permission, input, the user's rate and the device's hold, then store it pending."""
     if not can_command(user):
         raise CommandError("forbidden", "you may not send commands", status=403)
     name, args, timeout = parse_request(data)
-    count, window = _rate_limit()
-    now = timezone.now()
-    recent = Command.objects.filter(
-        created_by=user, created_at__gte=now - timedelta(seconds=window)
-    ).count()
-    if recent >= count:
-        raise CommandError(
-            "rate_limited",
-            f"rate limit: at most {count} commands per {window:g} s; try again shortly",
-            status=429,
+    user = getattr(user, "_wrapped", user)  # a request's/scope's lazy user object
+    with transaction.atomic():  # SQLite: IMMEDIATE, so count-then-insert is serialised
+        now = timezone.now()
+        _check_rate(user, now)
+        if not Device.objects.filter(pk=device_id).exists():
+            raise CommandError("unknown_device", f"no device {device_id!r}", status=404)
+        _check_held(device_id)
+        hold = settings.GATEWAY["COMMAND_HOLD_SECONDS"]
+        return Command.objects.create(
+            id=uuid.uuid4(),
+            device_id=device_id,
+            name=name,
+            args=args,
+            created_by=user,
+            created_at=now,
+            timeout=timeout if timeout is not None else settings.GATEWAY["COMMAND_TIMEOUT"],
+            expires_at=now + timedelta(seconds=hold),
         )
-    if not Device.objects.filter(pk=device_id).exists():
-        raise CommandError("unknown_device", f"no device {device_id!r}", status=404)
-    hold = settings.GATEWAY["COMMAND_HOLD_SECONDS"]
-    return Command.objects.create(
-        id=uuid.uuid4(),
-        device_id=device_id,
-        name=name,
-        args=args,
-        created_by=user,
-        created_at=now,
-        timeout=timeout if timeout is not None else settings.GATEWAY["COMMAND_TIMEOUT"],
-        expires_at=now + timedelta(seconds=hold),
-    )
 
 
 async def submit(user: Any, device_id: str, data: Any, ref: str | None = None) -> Command:
-    """Create a command and start it on its way: dashboards hear `pending`, the device's
-    consumer (group ``device.<id>``) gets a ``device.command`` to deliver when it can."""
+    """Create a command and start it on its way: dashboards hear `pending` (echoing `ref`),
+    its hold timer is armed, and the device's consumer (group ``device.<id>``) gets a
+    ``device.command`` to deliver now or when it can. CommandError when refused."""
     command = await database_sync_to_async(create_command)(user, device_id, data)
     await announce(command, ref=ref)
     get_timers().schedule(command)
     layer = get_channel_layer()
     if layer is not None:
-        await layer.group_send(
-            f"device.{device_id}", {"type": "device.command", "id": str(command.id)}
-        )
+        try:
+            await layer.group_send(
+                f"device.{device_id}", {"type": "device.command", "id": str(command.id)}
+            )
+        except Exception:  # stored and held: the consumer picks it up when the device shows up
+            logger.exception("command %s: could not reach the device's consumer", command.id)
     return command
 
 
@@ -143,7 +184,7 @@ async def submit(user: Any, device_id: str, data: Any, ref: str | None = None) -
 def _transition(command_id: Any, expected: Iterable[str], **changes: Any) -> Command | None:
     """Apply `changes` if the command is still in one of `expected`; the new row, or None."""
     updated = Command.objects.filter(pk=command_id, status__in=list(expected)).update(**changes)
-    return Command.objects.select_related(None).get(pk=command_id) if updated else None
+    return Command.objects.get(pk=command_id) if updated else None
 
 
 def _claim(command_id: Any) -> Command | None:
@@ -152,8 +193,8 @@ def _claim(command_id: Any) -> Command | None:
     )
 
 
-def _release(command_id: Any) -> None:
-    _transition(command_id, [CommandStatus.SENT], status=CommandStatus.PENDING, sent_at=None)
+def _release(command_id: Any) -> Command | None:
+    return _transition(command_id, [CommandStatus.SENT], status=CommandStatus.PENDING, sent_at=None)
 
 
 def _finish(command_id: Any, device_id: str | None, status: str, **fields: Any) -> Command | None:
@@ -165,26 +206,33 @@ def _finish(command_id: Any, device_id: str | None, status: str, **fields: Any) 
     return Command.objects.get(pk=command_id)
 
 
-def _expire(command_id: Any) -> Command | None:
-    """Time out a command whose hold TTL (pending) or ack deadline (sent) has passed."""
+def _expire(command_id: Any) -> tuple[Command | None, Command | None]:
+    """Time out a command whose hold TTL (pending) or ack deadline (sent) has passed.
+
+    Returns (timed-out command, None), or (None, still-open command) when it is not due yet
+    (re-armed by the caller), or (None, None) when it has finished.
+    """
     now = timezone.now()
-    try:
-        command = Command.objects.get(pk=command_id)
-    except Command.DoesNotExist:
-        return None
+    command = Command.objects.filter(pk=command_id).first()
+    if command is None:
+        return None, None
     if command.status == CommandStatus.PENDING and command.expires_at <= now:
-        error = "not delivered: the device was unreachable until the command expired"
+        hold = (command.expires_at - command.created_at).total_seconds()
+        error = f"not delivered: the device stayed offline or the broker unreachable for {hold:g} s"
     elif (
         command.status == CommandStatus.SENT
         and command.sent_at
         and command.sent_at + timedelta(seconds=command.timeout) <= now
     ):
-        error = f"no acknowledgement within {command.timeout:g} s"
+        error = f"no acknowledgement from the device within {command.timeout:g} s"
+    elif command.status in (CommandStatus.PENDING, CommandStatus.SENT):
+        return None, command
     else:
-        return None
-    return _transition(
+        return None, None
+    done = _transition(
         command_id, [command.status], status=CommandStatus.TIMEOUT, finished_at=now, error=error
     )
+    return done, None
 
 
 def _pending_ids(device_id: str) -> list[Any]:
@@ -202,46 +250,60 @@ def _open_commands() -> list[Command]:
 # -- delivery, acks, announcements (async) ------------------------------------------------
 
 SendCommand = Callable[[dict[str, Any]], Awaitable[None]]
+SENT, SKIPPED, HELD = "sent", "skipped", "held"
+
+
+async def _deliver(command_id: Any, send: SendCommand) -> str:
+    """One delivery attempt: SENT; SKIPPED (not pending: another took it, or it ended);
+    HELD (the transport is unavailable, the command is pending again)."""
+    command = await database_sync_to_async(_claim)(command_id)
+    if command is None:
+        return SKIPPED
+    try:
+        await send({"id": str(command.id), "name": command.name, "args": command.args})
+    except Exception as exc:
+        if isinstance(exc, Unavailable):
+            logger.info("command %s held: %s", command.id, exc or type(exc).__name__)
+        else:
+            logger.exception("command %s: transport failed; held", command.id)
+        released = await database_sync_to_async(_release)(command_id)
+        if released is not None:
+            get_timers().schedule(released)  # its hold TTL may have passed while claimed
+        return HELD
+    await announce(command)
+    get_timers().schedule(command)
+    return SENT
 
 
 async def deliver(command_id: Any, send: SendCommand) -> bool:
     """Claim a pending command and put it on the wire with `send`; True if it was sent.
 
-    Claimed first (pending → sent), so it is never sent twice; if `send` raises one of
-    `Unavailable`, it goes back to pending for the next try.
+    Claimed first (pending → sent), so it is never sent twice; if `send` raises, it goes back
+    to pending (its hold TTL still running) for the next try.
     """
-    command = await database_sync_to_async(_claim)(command_id)
-    if command is None:
-        return False
-    try:
-        await send({"id": str(command.id), "name": command.name, "args": command.args})
-    except Unavailable as exc:
-        logger.info("command %s held: %s", command.id, exc or type(exc).__name__)
-        await database_sync_to_async(_release)(command_id)
-        return False
-    except Exception:
-        logger.exception("command %s: transport failed", command.id)
-        await database_sync_to_async(_release)(command_id)
-        return False
-    await announce(command)
-    get_timers().schedule(command)
-    return True
+    return await _deliver(command_id, send) == SENT
 
 
 async def deliver_pending(device_id: str, send: SendCommand) -> int:
-    """Send every pending command of a device, oldest first; how many went out."""
+    """Send every pending command of a device, oldest first; how many went out.
+
+    One query for the list, then one claim per command; stops at the first one the transport
+    cannot take (the rest stay held). Also starts this loop's timers (restart recovery).
+    """
+    get_timers()
     sent = 0
     for command_id in await database_sync_to_async(_pending_ids)(device_id):
-        if not await deliver(command_id, send):
+        outcome = await _deliver(command_id, send)
+        if outcome == HELD:
             break
-        sent += 1
+        sent += outcome == SENT
     return sent
 
 
 async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, error: str) -> bool:
     """Finish a sent command from the device's ack; False for an unknown or finished id."""
     try:
-        uuid.UUID(str(command_id))
+        key = uuid.UUID(str(command_id))
     except ValueError:
         return False
     if ok:
@@ -250,9 +312,10 @@ async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, erro
     else:
         fields = {"error": (error or "the device reported failure")[:2000]}
         status = CommandStatus.FAILED
-    command = await database_sync_to_async(_finish)(command_id, device_id, status, **fields)
+    command = await database_sync_to_async(_finish)(key, device_id, status, **fields)
     if command is None:
         return False
+    get_timers().cancel(str(key))
     await announce(command)
     return True
 
@@ -286,7 +349,8 @@ class CommandTimers:
         """After a (re)start: re-arm timers for every open command in the database."""
         try:
             for command in await database_sync_to_async(_open_commands)():
-                self.schedule(command)
+                if str(command.id) not in self._handles:
+                    self.schedule(command)
         except Exception:
             logger.exception("could not recover open commands")
 
@@ -299,10 +363,14 @@ class CommandTimers:
         else:
             return
         key = str(command.id)
-        if old := self._handles.pop(key, None):
-            old.cancel()
+        self.cancel(key)
         delay = max(0.0, (due - timezone.now()).total_seconds()) + 0.01
         self._handles[key] = self.loop.call_later(delay, self._fire, key)
+
+    def cancel(self, key: str) -> None:
+        """Disarm a command's timer (it has finished)."""
+        if handle := self._handles.pop(key, None):
+            handle.cancel()
 
     def _fire(self, key: str) -> None:
         self._handles.pop(key, None)
@@ -310,13 +378,16 @@ class CommandTimers:
 
     async def _expire(self, key: str) -> None:
         try:
-            command = await database_sync_to_async(_expire)(key)
-            if command is not None:
-                await announce(command)
+            done, still_open = await database_sync_to_async(_expire)(key)
+            if done is not None:
+                await announce(done)
+            elif still_open is not None and key not in self._handles:
+                self.schedule(still_open)  # fired early (clock) or re-sent: its new deadline
         except Exception:
             logger.exception("command %s: could not time out", key)
 
     def cancel_all(self) -> None:
+        """Disarm every timer (shutdown, tests); the database keeps the deadlines."""
         for handle in self._handles.values():
             handle.cancel()
         self._handles.clear()

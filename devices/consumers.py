@@ -3,6 +3,13 @@
 Every message is handled on its own: a rejection is counted by reason
 (``gateway_messages_rejected_total{reason}``) and the next message goes through as usual; an
 unexpected exception is counted as ``consumer_error`` and logged, and the instance lives on.
+
+Commands (`devices.commands`) are delivered only while the device is reachable: the instance
+tracks the device's online state from what it hears (any telemetry or ack → online; the
+``status`` topic, e.g. its Last Will, → online/offline; nothing heard yet → unknown) and
+whether the broker is connected. Otherwise a command stays pending (held); it goes out when
+the device turns online or the broker session comes back: one query for the held commands
+per such transition, never one per message.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ class DeviceConsumer(MqttConsumer):
     """One device's MQTT topics (CONTRACT §3): telemetry, single metrics, status, acks."""
 
     transport = Transport.MQTT.value
+    #: The device's state as this instance last heard it (None: nothing heard yet).
+    online: bool | None = None
+    #: Whether the broker session is up (commands can be published).
+    broker_up: bool = False
 
     @cached_property
     def device_id(self) -> str:
@@ -77,6 +88,7 @@ class DeviceConsumer(MqttConsumer):
             if pattern == TELEMETRY:
                 t = parse_telemetry(payload, time.time(), self.max_bytes)
                 get_pipeline().submit_reading(self.device_id, self.transport, t.ts, t.metrics)
+                await self.set_online(True)
             elif pattern == METRIC:
                 name = event["params"].get("metric")
                 if not valid_metric_name(name):
@@ -85,11 +97,15 @@ class DeviceConsumer(MqttConsumer):
                 get_pipeline().submit_reading(
                     self.device_id, self.transport, time.time(), {name: value}
                 )
+                await self.set_online(True)
             elif pattern == STATUS:
                 online = parse_status(payload)
                 get_pipeline().submit_status(self.device_id, self.transport, online, time.time())
+                await self.set_online(online)
             elif pattern == ACK:
-                await self.handle_ack(parse_ack(payload, self.max_bytes))
+                ack = parse_ack(payload, self.max_bytes)
+                await self.set_online(True)
+                await self.handle_ack(ack)
             else:
                 raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
         except Rejected as exc:
@@ -104,27 +120,60 @@ class DeviceConsumer(MqttConsumer):
         if not await commands.apply_ack(self.device_id, ack.id, ack.ok, ack.result, ack.error):
             raise Rejected("unknown_command", f"no command {ack.id!r} awaiting an ack")
 
+    async def set_online(self, online: bool) -> None:
+        """Track the device's state; on a change to online, send the commands held for it."""
+        if online == self.online:
+            return
+        self.online = online
+        if online and self.broker_up:
+            await self.deliver_held()
+
+    async def deliver_held(self) -> None:
+        """Send this device's pending commands, oldest first (`commands.deliver_pending`)."""
+        try:
+            await commands.deliver_pending(self.device_id, self.send_command)
+        except Exception:
+            logger.exception("device %s: delivering held commands failed", self.device_id)
+
     async def mqtt_connect(self, message: dict[str, Any]) -> None:
-        """Broker session (re-)established: send commands held while it was down."""
-        if self.valid:
-            try:
-                await commands.deliver_pending(self.device_id, self.send_command)
-            except Exception:
-                logger.exception("device %s: delivering held commands failed", self.device_id)
+        """Broker session (re-)established: send commands held while it was down.
+
+        A new instance gets this before its first message: the device's state is unknown
+        then, and held commands wait for that message (a retained ``offline`` must not
+        trigger a send). Also starts the command timers (restart recovery).
+        """
+        self.broker_up = True
+        if not self.valid:
+            return
+        commands.get_timers()
+        if self.online:
+            await self.deliver_held()
+
+    async def mqtt_disconnect(self, message: dict[str, Any]) -> None:
+        """Broker connection lost: hold commands until `mqtt.connect`."""
+        self.broker_up = False
 
     async def device_command(self, event: dict[str, Any]) -> None:
         """A command for this device (group ``device.<id>``), published by `send_command`.
 
-        ``{"type": "device.command", "id": …}`` goes through the command service (claimed,
-        sent once, held while the broker is down); one that carries ``name``/``args`` is
-        published as is.
+        ``{"type": "device.command", "id": …}`` goes through the command service: claimed and
+        sent once when the device is online and the broker connected, else left pending (held)
+        for the next transition. One that carries ``name``/``args`` is published as is.
         """
         try:
             if "name" in event:
                 command = {"id": event.get("id"), "name": event["name"], "args": event.get("args")}
                 await self.send_command(command)
-            else:
+            elif self.online and self.broker_up:
                 await commands.deliver(event["id"], self.send_command)
+            else:
+                logger.debug(
+                    "device %s: command %s held (device %s, broker %s)",
+                    self.device_id,
+                    event.get("id"),
+                    {None: "not heard yet", False: "offline"}.get(self.online, "online"),
+                    "up" if self.broker_up else "down",
+                )
         except Exception:
             logger.exception("device %s: command %r not delivered", self.device_id, event.get("id"))
 

@@ -222,6 +222,8 @@ async def test_command_service_delivery_and_ack(device, layer, dashboard, django
         "ops", password="pw-ops-12345", is_staff=True
     )
     await database_sync_to_async(Device.objects.create)(id="d1")
+    # Commands go out only to a device heard online (held otherwise): it reports in first.
+    await device.send_message("devices/d1/status", b"online")
     command = await commands.submit(staff, "d1", {"name": "set_interval", "args": {"seconds": 5}})
     event = await device.receive_publish(timeout=5)
     assert event["topic"] == "devices/d1/commands" and event["qos"] == 1
