@@ -8,4 +8,5 @@ app_name = "dashboard"
 
 urlpatterns = [
     path("", views.index, name="index"),
+    path("devices/<str:device_id>/", views.device, name="device"),
 ]

@@ -1,15 +1,57 @@
-"""The live dashboard page: the device table rendered on the server, then kept live by app.js."""
+"""The dashboard pages: the device list at `/` and one device at `/devices/<id>/`.
+
+Both are rendered on the server (Django autoescapes every value) and then kept live by the
+static scripts in ``dashboard/static/dashboard/`` over `/ws/dashboard/` (CONTRACT §6).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
-from devices.models import Device
+from devices.commands import can_command
+from devices.models import Command, Device
+
+#: A device that says it is online but has sent nothing for this long is shown as "stale".
+#: Simulated and typical devices report every 1-60 s; two minutes tolerates a missed report
+#: or two without hiding a device whose firmware hung while its MQTT session stayed up.
+STALE_SECONDS = 120
+#: Commands listed on a device page when it is opened (newer ones arrive as frames).
+RECENT_COMMANDS = 20
+
+#: Buttons for the commands a device is known to understand, by firmware style:
+#: (label, command name, args). The native ones are firmware_sim's (devices/<id>/commands);
+#: a Tasmota command goes to cmnd/<id>/<name> with args["value"] as its payload.
+KNOWN_COMMANDS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
+    "native": [
+        ("Interval 5 s", "set_interval", {"seconds": 5}),
+        ("Relay on", "relay", {"state": True}),
+        ("Relay off", "relay", {"state": False}),
+        ("Status", "status", {}),
+        ("Reboot", "reboot", {}),
+    ],
+    "tasmota": [
+        ("Power ON", "Power", {"value": "ON"}),
+        ("Power OFF", "Power", {"value": "OFF"}),
+        ("Power TOGGLE", "Power", {"value": "TOGGLE"}),
+    ],
+}
+#: Metric names only Tasmota firmware reports (its SENSOR and STATE objects, flattened).
+TASMOTA_METRIC_PREFIXES = ("AM2301.", "BMP280.", "DS18B20.", "SHT3X.", "ENERGY.", "Wifi.")
+
+
+def firmware_style(device: Device) -> str:
+    """ "tasmota" when the device looks like Tasmota firmware (id or metric names), else "native"."""
+    if device.id.lower().startswith("tasmota"):
+        return "tasmota"
+    if any(str(m).startswith(TASMOTA_METRIC_PREFIXES) for m in device.metrics or {}):
+        return "tasmota"
+    return "native"
 
 
 def _row(device: Device) -> dict[str, Any]:
@@ -29,4 +71,43 @@ def _row(device: Device) -> dict[str, Any]:
 def index(request: HttpRequest) -> HttpResponse:
     """The dashboard (login required): the device table as stored, which app.js keeps live."""
     devices = [_row(d) for d in Device.objects.all()]
-    return render(request, "dashboard/index.html", {"devices": devices})
+    return render(
+        request, "dashboard/index.html", {"devices": devices, "stale_seconds": STALE_SECONDS}
+    )
+
+
+def _command_row(command: Command) -> dict[str, Any]:
+    return {
+        "id": str(command.id),
+        "name": command.name,
+        "args": json.dumps(command.args, sort_keys=True),
+        "status": command.status,
+        "result": None if command.result is None else json.dumps(command.result, sort_keys=True),
+        "error": command.error,
+        "created_at": command.created_at,
+        "created_by": command.created_by.get_username() if command.created_by else "",
+    }
+
+
+@never_cache
+@login_required
+def device(request: HttpRequest, device_id: str) -> HttpResponse:
+    """One device: live charts of its numeric metrics and, for permitted users, commands."""
+    try:
+        dev = Device.objects.get(pk=device_id)
+    except Device.DoesNotExist:
+        raise Http404("no such device") from None
+    allowed = can_command(request.user)
+    commands = Command.objects.filter(device=dev).select_related("created_by")
+    buttons = [
+        {"label": label, "name": name, "args": json.dumps(args)}
+        for label, name, args in KNOWN_COMMANDS[firmware_style(dev)]
+    ]
+    context = {
+        "device": _row(dev),
+        "can_command": allowed,
+        "buttons": buttons if allowed else [],
+        "commands": [_command_row(c) for c in commands[:RECENT_COMMANDS]],
+        "stale_seconds": STALE_SECONDS,
+    }
+    return render(request, "dashboard/device.html", context)

@@ -123,7 +123,7 @@ def test_logout_is_a_post_form(logged_in):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("name", ["app.js", "app.css"])
+@pytest.mark.parametrize("name", ["app.js", "live.js", "device.js", "app.css"])
 def test_static_assets_are_served(client, name):
     response = client.get(f"/static/dashboard/{name}")
     assert response.status_code == 200
@@ -131,11 +131,18 @@ def test_static_assets_are_served(client, name):
     assert body == (STATIC / name).read_bytes()
 
 
-def test_script_never_uses_html_sinks():
-    source = (STATIC / "app.js").read_text()
+@pytest.mark.parametrize("name", ["app.js", "live.js", "device.js"])
+def test_scripts_never_use_html_sinks(name):
+    source = (STATIC / name).read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in source
+    for sink in ("new Function", 'setAttribute("style', 'setTimeout("', 'setInterval("'):
+        assert sink not in source
     assert "textContent" in source
+
+
+def test_the_socket_follows_the_page_scheme():
+    source = (STATIC / "live.js").read_text()
     assert "location.protocol" in source and "/ws/dashboard/" in source
 
 

@@ -1,101 +1,100 @@
-// The live device table: a snapshot on connect, then telemetry/status frames (CONTRACT §6).
-// Everything that comes from devices is inserted with textContent / DOM APIs, never as markup.
+// The live device list: a snapshot on connect, then telemetry/status frames (CONTRACT §6).
+// Frames only mark devices dirty; one requestAnimationFrame renders the changed rows, and
+// only their changed cells, so hundreds of devices reporting every second stay smooth.
 "use strict";
 
 (function () {
-  const WS_PATH = "/ws/dashboard/";
-  const BACKOFF_MIN_MS = 500;
-  const BACKOFF_MAX_MS = 30000;
-
-  const devices = new Map(); // id → {id, name, online, last_seen, transport, metrics}
-  const rows = new Map(); // id → <tr>
-  const dirty = new Set(); // ids to re-render on the next animation frame
-  let renderScheduled = false;
-  let attempts = 0;
-  let socket = null;
-
+  const G = window.Gateway;
+  const el = G.el;
+  const fleet = document.getElementById("fleet");
+  const staleSeconds = Number(fleet.dataset.staleSeconds) || 120;
   const tbody = document.querySelector("#devices tbody");
   const empty = document.getElementById("empty");
-  const conn = document.getElementById("conn");
+  const filter = document.getElementById("filter");
+  const counts = {
+    online: document.getElementById("count-online"),
+    stale: document.getElementById("count-stale"),
+    offline: document.getElementById("count-offline"),
+  };
 
-  function el(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
+  const devices = new Map(); // id → {id, name, online, last_seen, transport, metrics}
+  const rows = new Map(); // id → {tr, name, idLabel, badge, transport, seen, metrics, chips}
+  const dirty = new Set(); // ids to render on the next animation frame
+  let renderScheduled = false;
+  let needle = "";
+
+  function deviceUrl(id) {
+    return "/devices/" + encodeURIComponent(id) + "/";
   }
 
-  function setConnection(state, text) {
-    conn.className = "conn conn-" + state;
-    conn.textContent = text;
+  function makeRow(id) {
+    const tr = el("tr");
+    tr.dataset.device = id;
+    const cells = ["device", "status", "transport", "seen", "metrics"].map((cls) => el("td", cls));
+    tr.append(...cells);
+    const name = el("a", "name");
+    name.href = deviceUrl(id);
+    const idLabel = el("span", "id", id);
+    cells[0].append(name, idLabel);
+    const badge = el("span", "badge");
+    cells[1].appendChild(badge);
+    return {
+      tr, name, idLabel, badge,
+      transport: cells[2], seen: cells[3], metrics: cells[4],
+      chips: new Map(), // metric → value <span>
+      chipKeys: "",
+      lastSeen: undefined,
+      text: "",
+    };
   }
 
-  function formatValue(value) {
-    if (typeof value === "boolean") return value ? "true" : "false";
-    if (typeof value === "number") {
-      return value.toLocaleString(undefined, { maximumFractionDigits: 3 });
+  function renderMetrics(row, metrics) {
+    const names = Object.keys(metrics || {}).sort();
+    const keys = names.join("\u0000");
+    if (keys !== row.chipKeys) {
+      row.chipKeys = keys;
+      row.chips.clear();
+      const chips = names.map((name) => {
+        const value = el("span", "metric-value");
+        row.chips.set(name, value);
+        const chip = el("span", "metric");
+        chip.append(el("span", "metric-name", name), " ", value);
+        return chip;
+      });
+      row.metrics.replaceChildren(...chips);
     }
-    return String(value);
-  }
-
-  function formatAgo(epochSeconds) {
-    if (epochSeconds === null || epochSeconds === undefined) return "never";
-    const seconds = Math.max(0, Math.round(Date.now() / 1000 - epochSeconds));
-    if (seconds < 60) return seconds + " s ago";
-    if (seconds < 3600) return Math.floor(seconds / 60) + " min ago";
-    if (seconds < 86400) return Math.floor(seconds / 3600) + " h ago";
-    return new Date(epochSeconds * 1000).toLocaleString();
-  }
-
-  function renderSeen(cell, lastSeen) {
-    cell.replaceChildren();
-    if (lastSeen === null || lastSeen === undefined) {
-      cell.textContent = "never";
-      return;
+    for (const name of names) {
+      const span = row.chips.get(name);
+      const text = G.formatValue(metrics[name]);
+      if (span.textContent !== text) span.textContent = text;
     }
-    const time = el("time", null, formatAgo(lastSeen));
-    const date = new Date(lastSeen * 1000);
-    time.dateTime = date.toISOString();
-    time.title = date.toLocaleString();
-    time.dataset.epoch = String(lastSeen);
-    cell.appendChild(time);
   }
 
   function renderRow(device) {
-    let tr = rows.get(device.id);
-    if (!tr) {
-      tr = el("tr");
-      tr.dataset.device = device.id;
-      for (const cls of ["device", "status", "transport", "seen", "metrics"]) {
-        tr.appendChild(el("td", cls));
-      }
-      rows.set(device.id, tr);
-      insertSorted(tr, device.id);
+    let row = rows.get(device.id);
+    if (!row) {
+      row = makeRow(device.id);
+      rows.set(device.id, row);
+      insertSorted(row.tr, device.id);
     }
-    const [cellDevice, cellStatus, cellTransport, cellSeen, cellMetrics] = tr.children;
-
-    cellDevice.replaceChildren(el("span", "name", device.name || device.id));
-    if (device.name && device.name !== device.id) {
-      cellDevice.appendChild(el("span", "id", device.id));
+    const name = device.name || device.id;
+    if (row.name.textContent !== name) row.name.textContent = name;
+    row.idLabel.hidden = name === device.id;
+    row.text = (name + " " + device.id).toLowerCase();
+    row.tr.hidden = needle !== "" && !row.text.includes(needle);
+    G.setBadge(row.badge, G.presence(device, staleSeconds));
+    const transport = device.transport || "";
+    if (row.transport.textContent !== transport) row.transport.textContent = transport;
+    if (row.lastSeen !== device.last_seen) {
+      row.lastSeen = device.last_seen;
+      if (G.isNumber(device.last_seen)) row.seen.replaceChildren(G.timeAgo(device.last_seen));
+      else row.seen.textContent = "never";
     }
-    cellStatus.replaceChildren(
-      el("span", "badge " + (device.online ? "badge-online" : "badge-offline"),
-        device.online ? "online" : "offline"),
-    );
-    cellTransport.textContent = device.transport || "";
-    renderSeen(cellSeen, device.last_seen);
-
-    cellMetrics.replaceChildren();
-    for (const name of Object.keys(device.metrics || {}).sort()) {
-      const chip = el("span", "metric");
-      chip.append(el("span", "metric-name", name), " ",
-        el("span", "metric-value", formatValue(device.metrics[name])));
-      cellMetrics.appendChild(chip);
-    }
-    empty.hidden = rows.size > 0;
+    renderMetrics(row, device.metrics);
   }
 
   function insertSorted(tr, id) {
+    // Rows are kept in id order; new devices are rare, so a linear scan is fine.
     for (const other of tbody.children) {
       if (other.dataset.device > id) {
         tbody.insertBefore(tr, other);
@@ -105,30 +104,39 @@
     tbody.appendChild(tr);
   }
 
-  function flash(id) {
-    const tr = rows.get(id);
-    if (!tr) return;
-    tr.classList.remove("flash");
-    void tr.offsetWidth; // restart the transition
-    tr.classList.add("flash");
-    setTimeout(() => tr.classList.remove("flash"), 150);
+  function renderSummary() {
+    const n = { online: 0, stale: 0, offline: 0 };
+    for (const device of devices.values()) n[G.presence(device, staleSeconds)] += 1;
+    for (const key of Object.keys(n)) {
+      const text = String(n[key]);
+      if (counts[key].textContent !== text) counts[key].textContent = text;
+    }
+    empty.hidden = devices.size > 0;
+  }
+
+  function render() {
+    renderScheduled = false;
+    const flash = dirty.size <= 50; // a whole fleet changing at once needs no highlight
+    for (const id of dirty) {
+      const device = devices.get(id);
+      if (!device) continue;
+      renderRow(device);
+      if (flash && rows.get(id).tr.animate) {
+        rows.get(id).metrics.animate(
+          [{ backgroundColor: "var(--flash)" }, { backgroundColor: "transparent" }],
+          { duration: 900, easing: "ease-out" },
+        );
+      }
+    }
+    dirty.clear();
+    renderSummary();
   }
 
   function markDirty(id) {
     dirty.add(id);
     if (renderScheduled) return;
     renderScheduled = true;
-    requestAnimationFrame(() => {
-      renderScheduled = false;
-      for (const dirtyId of dirty) {
-        const device = devices.get(dirtyId);
-        if (device) {
-          renderRow(device);
-          flash(dirtyId);
-        }
-      }
-      dirty.clear();
-    });
+    requestAnimationFrame(render);
   }
 
   function device(id) {
@@ -141,72 +149,55 @@
   }
 
   function onSnapshot(frame) {
+    // Replace everything: a reconnect must not duplicate or keep forgotten devices.
     devices.clear();
     rows.clear();
     dirty.clear();
-    tbody.replaceChildren();
-    for (const d of frame.devices || []) {
-      devices.set(d.id, Object.assign({ metrics: {} }, d));
-      renderRow(devices.get(d.id));
+    const list = (frame.devices || []).slice().sort((a, b) => (a.id < b.id ? -1 : 1));
+    const fragment = document.createDocumentFragment();
+    for (const d of list) {
+      if (!d || typeof d.id !== "string") continue;
+      const copy = Object.assign({ metrics: {} }, d);
+      devices.set(d.id, copy);
+      const row = makeRow(d.id);
+      rows.set(d.id, row);
+      fragment.appendChild(row.tr);
+      renderRow(copy);
     }
-    empty.hidden = rows.size > 0;
+    tbody.replaceChildren(fragment);
+    renderSummary();
   }
 
-  const handlers = {
+  G.connect({
     snapshot: onSnapshot,
     telemetry(frame) {
+      if (typeof frame.device !== "string") return;
       const d = device(frame.device);
       Object.assign(d.metrics, frame.metrics || {});
-      if (typeof frame.ts === "number") d.last_seen = frame.ts;
+      if (G.isNumber(frame.ts)) d.last_seen = frame.ts;
+      d.online = true;
       markDirty(d.id);
     },
     status(frame) {
+      if (typeof frame.device !== "string") return;
       const d = device(frame.device);
       d.online = Boolean(frame.online);
-      if (typeof frame.ts === "number" && d.online) d.last_seen = frame.ts;
+      if (G.isNumber(frame.ts) && d.online) d.last_seen = frame.ts;
       markDirty(d.id);
     },
-    command() {}, // the command panel comes with the full dashboard
     error(frame) {
       console.warn("dashboard error", frame.code, frame.message);
     },
-  };
+  });
 
-  function connect() {
-    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-    setConnection("connecting", "connecting…");
-    socket = new WebSocket(scheme + location.host + WS_PATH);
-    socket.onopen = () => {
-      attempts = 0;
-      setConnection("connected", "live");
-    };
-    socket.onmessage = (event) => {
-      let frame;
-      try {
-        frame = JSON.parse(event.data);
-      } catch (err) {
-        console.warn("dashboard: frame is not JSON", err);
-        return;
-      }
-      const handler = frame && handlers[frame.type];
-      if (handler) handler(frame);
-    };
-    socket.onclose = () => {
-      socket = null;
-      // Exponential backoff with jitter, so a restarted gateway isn't hit by every tab at once.
-      const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempts) * (0.5 + Math.random() / 2);
-      attempts = Math.min(attempts + 1, 10);
-      setConnection("disconnected", "disconnected — retrying in " + Math.ceil(delay / 1000) + " s");
-      setTimeout(connect, delay);
-    };
-  }
+  filter.addEventListener("input", () => {
+    needle = filter.value.trim().toLowerCase();
+    for (const row of rows.values()) row.tr.hidden = needle !== "" && !row.text.includes(needle);
+  });
 
-  // Keep "x s ago" honest without re-rendering rows.
-  setInterval(() => {
-    for (const time of tbody.querySelectorAll("time[data-epoch]")) {
-      time.textContent = formatAgo(Number(time.dataset.epoch));
-    }
-  }, 5000);
-
-  connect();
+  // The page's one clock (live.js) also re-evaluates "stale" without waiting for a frame.
+  G.onTick(() => {
+    for (const [id, row] of rows) G.setBadge(row.badge, G.presence(devices.get(id), staleSeconds));
+    renderSummary();
+  });
 })();

@@ -1,0 +1,152 @@
+// Shared by the dashboard pages: the /ws/dashboard/ client (CONTRACT §6) and small helpers.
+// Everything that comes from devices or users is inserted with textContent / DOM APIs only.
+"use strict";
+
+window.Gateway = (function () {
+  const WS_PATH = "/ws/dashboard/";
+  const BACKOFF_MIN_MS = 500;
+  const BACKOFF_MAX_MS = 30000;
+  const TICK_MS = 5000;
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function isNumber(value) {
+    return typeof value === "number" && Number.isFinite(value);
+  }
+
+  function formatValue(value) {
+    if (typeof value === "boolean") return value ? "true" : "false";
+    if (isNumber(value)) return value.toLocaleString(undefined, { maximumFractionDigits: 3 });
+    if (value === null || value === undefined) return "–";
+    return String(value);
+  }
+
+  function formatAgo(epochSeconds) {
+    if (epochSeconds === null || epochSeconds === undefined) return "never";
+    const seconds = Math.max(0, Math.round(Date.now() / 1000 - epochSeconds));
+    if (seconds < 60) return seconds + " s ago";
+    if (seconds < 3600) return Math.floor(seconds / 60) + " min ago";
+    if (seconds < 86400) return Math.floor(seconds / 3600) + " h ago";
+    return new Date(epochSeconds * 1000).toLocaleString();
+  }
+
+  // A <time> element showing "x s ago"; the page's one clock refreshes every data-epoch.
+  function timeAgo(epochSeconds) {
+    const time = el("time", null, formatAgo(epochSeconds));
+    const date = new Date(epochSeconds * 1000);
+    time.dateTime = date.toISOString();
+    time.title = date.toLocaleString();
+    time.dataset.epoch = String(epochSeconds);
+    return time;
+  }
+
+  // "online", "stale" (online but silent for longer than staleSeconds) or "offline".
+  function presence(device, staleSeconds) {
+    if (!device.online) return "offline";
+    if (isNumber(device.last_seen) && Date.now() / 1000 - device.last_seen > staleSeconds) {
+      return "stale";
+    }
+    return "online";
+  }
+
+  function setBadge(badge, state) {
+    if (badge.dataset.state === state) return;
+    badge.dataset.state = state;
+    badge.className = "badge badge-" + state;
+    badge.textContent = state;
+  }
+
+  // ONE timer for the whole page: relative times and staleness are refreshed together.
+  const tickers = [];
+  function onTick(callback) {
+    tickers.push(callback);
+  }
+  setInterval(() => {
+    for (const time of document.querySelectorAll("time[data-epoch]")) {
+      const text = formatAgo(Number(time.dataset.epoch));
+      if (time.textContent !== text) time.textContent = text;
+    }
+    for (const callback of tickers) callback();
+  }, TICK_MS);
+
+  // A WebSocket that reconnects with exponential backoff and jitter. `handlers` maps frame
+  // types to functions; every (re)connection starts with a snapshot, which the page must use
+  // to REPLACE its state. Returns {send(frame) → bool, isOpen()}.
+  function connect(handlers) {
+    const conn = document.getElementById("conn");
+    let socket = null;
+    let attempts = 0;
+    let retryTimer = null;
+
+    function setConnection(state, text) {
+      if (!conn) return;
+      conn.className = "conn conn-" + state;
+      conn.textContent = text;
+      document.body.classList.toggle("is-disconnected", state === "disconnected");
+    }
+
+    function open() {
+      retryTimer = null;
+      const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+      setConnection("connecting", attempts ? "reconnecting…" : "connecting…");
+      socket = new WebSocket(scheme + location.host + WS_PATH);
+      socket.onopen = () => {
+        attempts = 0;
+        setConnection("connected", "live");
+      };
+      socket.onmessage = (event) => {
+        let frame;
+        try {
+          frame = JSON.parse(event.data);
+        } catch (err) {
+          console.warn("dashboard: frame is not JSON", err);
+          return;
+        }
+        const handler = frame && typeof frame.type === "string" && handlers[frame.type];
+        if (!handler) return;
+        try {
+          handler(frame);
+        } catch (err) {
+          console.error("dashboard: handling a " + frame.type + " frame failed", err);
+        }
+      };
+      socket.onclose = () => {
+        socket = null;
+        // Exponential backoff with jitter, so a restarted gateway isn't hit by every tab at once.
+        const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempts);
+        const delay = base * (0.5 + Math.random() / 2);
+        attempts = Math.min(attempts + 1, 10);
+        setConnection("disconnected", "disconnected — retrying in " + Math.ceil(delay / 1000) + " s");
+        if (handlers.close) handlers.close();
+        retryTimer = setTimeout(open, delay);
+      };
+    }
+
+    // Back on the network: don't wait out the backoff.
+    window.addEventListener("online", () => {
+      if (retryTimer !== null) {
+        clearTimeout(retryTimer);
+        open();
+      }
+    });
+
+    open();
+    return {
+      send(frame) {
+        if (!socket || socket.readyState !== WebSocket.OPEN) return false;
+        socket.send(JSON.stringify(frame));
+        return true;
+      },
+      isOpen() {
+        return Boolean(socket && socket.readyState === WebSocket.OPEN);
+      },
+    };
+  }
+
+  return { el, isNumber, formatValue, formatAgo, timeAgo, presence, setBadge, onTick, connect };
+})();
