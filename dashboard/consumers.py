@@ -254,7 +254,7 @@ class DashboardConsumer(AsyncWebsocketConsumer):
     # --- client → server --------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """Client frames: commands arrive in a later issue; anything malformed gets an error."""
+        """Client frames: a `command` goes to the command service; anything else gets an error."""
         if text_data is None:
             self._error("bad_request", "binary frames are not supported; send JSON text")
             return
@@ -275,12 +275,34 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         elif isinstance(ref, str) and len(ref) > MAX_REF_CHARS:
             ref = None
         if content.get("type") == "command":
-            self._error("not_implemented", "commands are not supported yet", ref)
+            await self.command(content, ref)
         else:
             kind = repr(content.get("type"))[:40]
             self._error("bad_request", f"unknown frame type {kind}; expected 'command'", ref)
         if self._too_slow:
             await self._close_slow_client()
+
+    async def command(self, content: Frame, ref: Any) -> None:
+        """Submit a `command` frame (`devices.commands.submit`). Its `pending` frame, echoing
+        `ref`, reaches every dashboard, this one too; a refusal is an `error` frame here."""
+        from devices import commands
+
+        device = content.get("device")
+        if not isinstance(device, str) or not device:
+            self._error("bad_request", "a command needs a device id", ref)
+            return
+        user = self.scope.get("user")
+        # Checked first (has_perm may query the database): nothing reaches the device.
+        if not await database_sync_to_async(commands.can_command)(user):
+            self._error("forbidden", "you may not send commands", ref)
+            return
+        try:
+            await commands.submit(user, device, content, ref=ref)
+        except commands.CommandError as exc:
+            self._error(exc.code, exc.message, ref)
+        except Exception:
+            logger.exception("command from %s failed", self.channel_name)
+            self._error("internal", "the command could not be stored; try again", ref)
 
     def _error(self, code: str, message: str, ref: Any = None) -> None:
         frame: Frame = {"type": "error", "code": code, "message": message}

@@ -1,8 +1,8 @@
-"""Django admin for devices and their stored telemetry (CONTRACT §5 `/admin/`)."""
+"""Django admin for devices, their stored telemetry and commands (CONTRACT §5 `/admin/`)."""
 
 from django.contrib import admin
 
-from devices.models import Device, Reading
+from devices.models import Command, Device, Reading
 
 
 @admin.register(Device)
@@ -28,3 +28,53 @@ class ReadingAdmin(admin.ModelAdmin):
     list_select_related = ("device",)
     ordering = ("-id",)  # insertion order: the primary key, no full sort of a big table
     show_full_result_count = False
+
+
+@admin.register(Command)
+class CommandAdmin(admin.ModelAdmin):
+    """The command audit trail: who commanded what, when, and how it ended; read-only.
+
+    Commands are created through the dashboard or the API (permission, rate limit, delivery),
+    never here; rows are never edited or deleted from the admin, so the trail stays whole.
+    """
+
+    list_display = (
+        "created_at",
+        "device",
+        "name",
+        "status",
+        "created_by",
+        "sent_at",
+        "finished_at",
+    )
+    list_filter = ("status", "name", "created_at", ("device", admin.RelatedOnlyFieldListFilter))
+    search_fields = ("id", "device__id", "name", "created_by__username", "error")
+    date_hierarchy = "created_at"
+    list_select_related = ("device", "created_by")
+    ordering = ("-created_at",)
+    fields = (
+        "id",
+        "device",
+        "name",
+        "args",
+        "status",
+        "result",
+        "error",
+        "created_by",
+        "created_at",
+        "sent_at",
+        "finished_at",
+        "timeout",
+        "expires_at",
+    )
+    readonly_fields = fields
+    show_full_result_count = False
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -2,7 +2,7 @@
 
 from django.urls import path, re_path
 
-from devices import views
+from devices import command_views, views
 
 app_name = "devices"
 
@@ -13,5 +13,15 @@ urlpatterns = [
         r"^devices/(?P<device_id>[^/]+)/telemetry/?$",
         views.device_telemetry,
         name="device-telemetry",
+    ),
+    re_path(
+        r"^devices/(?P<device_id>[^/]+)/commands/?$",
+        command_views.send_command,
+        name="device-commands",
+    ),
+    re_path(
+        r"^commands/(?P<command_id>[^/]+)/?$",
+        command_views.command_status,
+        name="command-status",
     ),
 ]
