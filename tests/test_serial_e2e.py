@@ -288,3 +288,67 @@ async def _through_the_gateway(
         assert port.device.commands[-1]["name"] == "set_relay"
         assert listed(gw, cookie, device)["online"] is True
         collector.cancel()
+
+
+async def test_absent_ports_are_retried_and_non_default_framing(mosquitto, tmp_path):
+    """Two ports absent at start (clear log line each), picked up when they appear; one frames
+    by a hex CR LF delimiter, one by idle gap (binary-safe: no delimiter at all)."""
+    crlf_link, idle_link = tmp_path / "rs485-crlf", tmp_path / "uart-idle"
+    specs = (
+        f"{crlf_link}?device=crlf-1&delimiter=hex:0d0a&baudrate=9600",
+        f"{idle_link}?device=idle-1&framing=idle&idle_ms=150",
+    )
+    with serial_gateway(mosquitto.url, *specs) as gw:
+        for link in (crlf_link, idle_link):
+            gw.wait_for_log(
+                rf"serial port {re.escape(str(link))} not available .*retrying", timeout=10
+            )
+        gw.create_user("operator", PASSWORD, staff=True)
+        cookie = gw.login("operator", PASSWORD)
+        async with gw.ws_connect(cookie) as ws:
+            json.loads(await asyncio.wait_for(ws.recv(), 10))  # snapshot
+            await asyncio.sleep(1.5)  # the retry backoff has reached its maximum
+
+            crlf = PlugPort(crlf_link)
+            appeared = crlf.plug()
+            try:
+                # A device streaming "a=..\r\nb=..\r\n": the CR LF pair ends a frame, so "\r"
+                # never reaches the codec, and a lone "\n" inside a frame is not a delimiter.
+                async with ticking(crlf, lambda n: f"counter={n}\r\nlevel=7\r\n".encode()):
+                    await next_frame(
+                        ws, lambda f: telemetry_of("crlf-1")(f) and "counter" in f["metrics"]
+                    )
+                    picked_up = time.monotonic() - appeared
+                    print(f"absent at start → appeared → first frame: {picked_up:.2f} s")
+                    assert picked_up < 4.0
+                    bad_before = rejected(metrics_of(gw), "bad_frame")
+                    await crlf.send(b"temp=1\nhum=2\r\n")  # one frame: bad_frame (a control char)
+                    await next_frame(
+                        ws, lambda f: telemetry_of("crlf-1")(f) and "level" in f["metrics"]
+                    )
+                assert rejected(metrics_of(gw), "bad_frame") == bad_before + 1
+                gw.wait_for_log(rf"serial port {re.escape(str(crlf_link))} opened")
+
+                idle = PlugPort(idle_link)
+                idle.plug()
+                try:
+                    gw.wait_for_log(rf"serial port {re.escape(str(idle_link))} opened", timeout=10)
+                    # Two writes close together, then silence: ONE frame (no delimiter at all).
+                    await idle.send(b"temperature=19.5 ")
+                    await asyncio.sleep(0.005)
+                    await idle.send(b"humidity=55")
+                    frame = await next_frame(ws, telemetry_of("idle-1"))
+                    assert frame["metrics"] == {"temperature": 19.5, "humidity": 55}
+                    await asyncio.sleep(0.5)
+                    await idle.send(b'{"pressure": 1013.25}')
+                    frame = await next_frame(ws, telemetry_of("idle-1"))
+                    assert frame["metrics"] == {"pressure": 1013.25}
+                finally:
+                    idle.unplug()
+                await next_frame(ws, status_of("idle-1", False))
+            finally:
+                crlf.unplug()
+            await next_frame(ws, status_of("crlf-1", False))
+        for device in ("crlf-1", "idle-1"):
+            entry = listed(gw, cookie, device)
+            assert entry is not None and entry["transport"] == "serial", entry
