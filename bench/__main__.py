@@ -1,0 +1,168 @@
+"""``python -m bench [--quick] [--profile] [--skip …]``: the gateway against its limit and its peer.
+
+Starts its own mosquitto (and redis-server), the bare aiomqtt subscriber, the mqttasgi 2.0.0
+peer, then ``manage.py rungateway`` with a fresh SQLite database (in-memory layer, then
+channels-redis) with a logged-in dashboard WebSocket client, and prints ONE table in which
+every figure has its baseline from the same run. docs/performance.md explains the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from bench import scenarios
+from bench.harness import Dashboard, Meter, start_gateway
+from bench.peer import run_peer
+from bench.report import Table
+from tests.support.servers import Mosquitto, Redis
+
+PARTS = ("bare", "peer", "memory", "redis", "latency", "commands", "idle", "scaling")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each measurement does (`--quick` is for the test that keeps it alive)."""
+
+    ingest: int  # messages per ingest run (100 devices)
+    latency_seconds: float
+    idle_seconds: float
+    commands: int
+    scale_devices: tuple[int, ...]
+    scale_messages: int
+    peer_messages: int
+    peer_cap: float  # seconds the peer may take
+
+
+QUICK = Sizes(3000, 2.0, 2.0, 5, (100, 1000), 3000, 300, 5.0)
+FULL = Sizes(50_000, 10.0, 10.0, 50, (100, 1000, 10_000), 40_000, 5000, 30.0)
+
+
+async def run(sizes: Sizes, parts: set[str], profile: bool) -> Table:
+    """Run the selected parts and fill the table."""
+    table = Table()
+    base: dict[str, dict[str, float]] = {}
+    with Mosquitto() as broker:
+        url = broker.url
+        if "bare" in parts:
+            for qos in (0, 1):
+                base[f"q{qos}"] = await scenarios.bare(url, sizes.ingest, qos)
+            rate = 1000.0
+            base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
+        if "peer" in parts:
+            base["peer"] = await run_peer(url, count=sizes.peer_messages, cap=sizes.peer_cap)
+        if parts & {"memory", "latency", "commands", "idle", "scaling"}:
+            await memory_stack(url, sizes, parts, base, table, profile)
+        if "redis" in parts:
+            with Redis() as redis:
+                await redis_stack(url, redis.url, sizes, base, table)
+    return table
+
+
+async def memory_stack(url, sizes, parts, base, table: Table, profile: bool) -> None:
+    """The gateway with the in-memory channel layer: every figure but the Redis rows."""
+    gateway = await asyncio.to_thread(start_gateway, url)
+    try:
+        meter = Meter(gateway.proc.pid)
+        rss_start = meter.rss_mb()
+        await asyncio.to_thread(gateway.create_user, "bench", "bench-pass-1234")
+        cookie = await asyncio.to_thread(gateway.login, "bench", "bench-pass-1234")
+        async with Dashboard(gateway, cookie) as dash:
+            fleet = None
+            try:
+                if parts & {"idle", "commands"}:
+                    figures, fleet = await scenarios.idle(
+                        meter, dash, url, seconds=sizes.idle_seconds
+                    )
+                    table.idle(figures)
+                if "commands" in parts:
+                    table.commands(await scenarios.commands(dash, url, rounds=sizes.commands))
+            finally:
+                if fleet is not None:
+                    fleet.terminate()
+                    await fleet.wait()
+            if "memory" in parts:
+                for qos in (0, 1):
+                    result = await scenarios.ingest(
+                        gateway, dash, meter, prefix=f"mem{qos}", devices=100,
+                        count=sizes.ingest, qos=qos,
+                    )  # fmt: skip
+                    table.ingest("in-memory", qos, result, base.get(f"q{qos}"), 0.6)
+                    if qos == 0:
+                        table.peer(result, base.get("peer"))
+            if "latency" in parts:
+                result = await scenarios.latency(gateway, dash, seconds=sizes.latency_seconds)
+                table.latency(result, base.get("lat"))
+            if profile:
+                from bench.profile import profile_ingest
+
+                await profile_ingest(gateway, dash, meter, sizes.ingest * 2)
+            if "scaling" in parts:
+                results = {}
+                for devices in sizes.scale_devices:
+                    results[devices] = await scenarios.ingest(
+                        gateway, dash, meter, prefix=f"s{devices}", devices=devices,
+                        count=max(sizes.scale_messages, devices * 2),
+                    )  # fmt: skip
+                table.scaling(results, base.get("q0"))
+                table.rss(max(sizes.scale_devices), meter.rss_mb(), rss_start)
+    finally:
+        await asyncio.to_thread(gateway.__exit__, None, None, None)
+
+
+async def redis_stack(url, redis_url, sizes, base, table: Table) -> None:
+    """The gateway with channels-redis: the two Redis ingest rows."""
+    gateway = await asyncio.to_thread(start_gateway, url, redis_url)
+    try:
+        meter = Meter(gateway.proc.pid)
+        await asyncio.to_thread(gateway.create_user, "bench", "bench-pass-1234")
+        cookie = await asyncio.to_thread(gateway.login, "bench", "bench-pass-1234")
+        async with Dashboard(gateway, cookie) as dash:
+            for qos in (0, 1):
+                result = await scenarios.ingest(
+                    gateway, dash, meter, prefix=f"red{qos}", devices=100,
+                    count=sizes.ingest, qos=qos,
+                )  # fmt: skip
+                table.ingest("channels-redis", qos, result, base.get(f"q{qos}"), 0.4)
+    finally:
+        await asyncio.to_thread(gateway.__exit__, None, None, None)
+
+
+def machine() -> str:
+    """One line about where the figures come from."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    mem = psutil.virtual_memory().total / 2**30
+    return (
+        f"{platform.platform()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} cores, {mem:.0f} GiB, load average before the run {load}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run, print the table."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
+    parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
+    parser.add_argument("--skip", action="append", default=[], choices=PARTS, metavar="PART")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
+    sizes = QUICK if args.quick else FULL
+    print(f"machine: {machine()}", flush=True)
+    started = time.monotonic()
+    table = asyncio.run(run(sizes, set(PARTS) - set(args.skip), args.profile))
+    print(table.render())
+    print(f"({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

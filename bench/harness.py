@@ -1,0 +1,175 @@
+"""What every bench scenario drives: worker processes, the gateway's CPU/RSS, a dashboard client.
+
+The gateway itself is `tests.support.gateway.GatewayProcess` (a real ``manage.py rungateway``
+with a fresh SQLite database); mosquitto and redis-server are `tests.support.servers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from tests.support.gateway import GatewayProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+FINAL = ("acked", "failed", "timeout")  # command states that end a round trip
+POLL = 0.05  # seconds between /metrics polls while waiting for storage
+
+
+async def run_worker(*args: str, limit: float = 300.0) -> dict[str, Any]:
+    """Run ``python -m bench.workers ARGS`` to completion; its JSON result."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.workers", *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), limit)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.workers {args[0]} exited with {proc.returncode}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def publish_args(
+    url: str, *, prefix: str, devices: int, count: int, qos: int = 0, rate: float = 0.0,
+    seq: int = 0,
+) -> list[str]:  # fmt: skip
+    """The command line of one `bench.workers publish` run."""
+    return [
+        "publish", "--url", url, "--prefix", prefix, "--devices", str(devices),
+        "--count", str(count), "--qos", str(qos), "--rate", str(rate), "--first-seq", str(seq),
+    ]  # fmt: skip
+
+
+class Meter:
+    """CPU seconds (all threads, user+system) and RSS of one process, read from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+
+    def cpu(self) -> float:
+        """Total CPU seconds used so far."""
+        times = self.proc.cpu_times()
+        return times.user + times.system
+
+    def rss_mb(self) -> float:
+        """Resident set size in MiB."""
+        return self.proc.memory_info().rss / (1024 * 1024)
+
+    async def cpu_over(self, seconds: float) -> float:
+        """CPU use over the next `seconds`, as a percentage of one core."""
+        before = self.cpu()
+        await asyncio.sleep(seconds)
+        return 100.0 * (self.cpu() - before) / seconds
+
+
+class Dashboard:
+    """A logged-in `/ws/dashboard/` client that tracks each device's last `n` and latencies."""
+
+    def __init__(self, gateway: GatewayProcess, cookie: str) -> None:
+        self.gateway = gateway
+        self.cookie = cookie
+        self.last_n: dict[str, float] = {}
+        self.online: set[str] = set()
+        self.latency: list[float] | None = None  # collecting while a list
+        self.latency_prefix = ""
+        self.frames = 0
+        self._targets: dict[str, float] = {}
+        self._done: asyncio.Future[float] | None = None
+        self._commands: dict[Any, asyncio.Queue[dict[str, Any]]] = {}
+        self._ids: dict[str, Any] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ws: Any = None
+
+    async def __aenter__(self) -> Dashboard:
+        self._ws = await self.gateway.ws_connect(self.cookie, max_size=None).__aenter__()
+        first = orjson.loads(await self._ws.recv())
+        if first.get("type") != "snapshot":
+            raise RuntimeError(f"expected a snapshot first, got {first!r}")
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._ws.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        async for raw in self._ws:
+            now = time.time()
+            frame = orjson.loads(raw)
+            self.frames += 1
+            kind = frame.get("type")
+            device = frame.get("device")
+            if kind == "telemetry":
+                n = frame["metrics"].get("n")
+                if n is not None:
+                    self.last_n[device] = n
+                    target = self._targets.get(device)
+                    if target is not None and n >= target:
+                        del self._targets[device]
+                        if not self._targets and self._done and not self._done.done():
+                            self._done.set_result(now)
+                if self.latency is not None and device.startswith(self.latency_prefix):
+                    self.latency.append(now - frame["ts"])
+            elif kind == "status":
+                (self.online.add if frame.get("online") else self.online.discard)(device)
+            elif kind in ("command", "error"):
+                self._route_command(frame, now)
+
+    def _route_command(self, frame: dict[str, Any], now: float) -> None:
+        ref = frame.get("ref")
+        if ref is not None and frame.get("id"):
+            self._ids[frame["id"]] = ref
+        ref = ref if ref is not None else self._ids.get(frame.get("id", ""))
+        queue = self._commands.get(ref)
+        if queue is not None:
+            queue.put_nowait({**frame, "_t": now})
+
+    def expect(self, targets: dict[str, float]) -> asyncio.Future[float]:
+        """A future set to the arrival time once every device's `n` reached its target."""
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._targets = {d: t for d, t in targets.items() if self.last_n.get(d, -1) < t}
+        if not self._targets:
+            self._done.set_result(time.time())
+        return self._done
+
+    async def command(self, ref: str, device: str, name: str, args: dict[str, Any]) -> dict:
+        """Send a `command` frame; the first final frame (acked/failed/timeout/error) for it."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._commands[ref] = queue
+        frame = {"type": "command", "device": device, "name": name, "args": args, "ref": ref}
+        sent = time.time()
+        await self._ws.send(orjson.dumps(frame).decode())
+        try:
+            while True:
+                reply = await queue.get()
+                if reply["type"] == "error" or reply.get("status") in FINAL:
+                    return {**reply, "_rtt": reply["_t"] - sent}
+        finally:
+            del self._commands[ref]
+
+
+async def wait_stored(gateway: GatewayProcess, target: float, limit: float) -> float:
+    """Poll /metrics until `gateway_telemetry_stored_total` ≥ target; the time it was seen."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
+        if value >= target:
+            return time.time()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stored {value:.0f} of {target:.0f} values after {limit:.0f}s")
+        await asyncio.sleep(POLL)
+
+
+def start_gateway(mqtt_url: str, redis_url: str | None = None) -> GatewayProcess:
+    """A started `rungateway` with its own SQLite DB, WARNING logs and no command rate limit."""
+    env = {"GATEWAY_COMMAND_RATE_COUNT": "1000000", "PYTHONPATH": str(ROOT)}
+    gateway = GatewayProcess(mqtt_url, redis_url=redis_url, env=env, log_level="WARNING")
+    gateway.__enter__()
+    return gateway

@@ -1,0 +1,187 @@
+"""The bench's measurements, one coroutine each; every one returns plain figures.
+
+Rates are messages over (the moment the last one was stored *and* shown on the dashboard −
+the publisher's first send), both on the wall clock of this machine. CPU per message is the
+gateway process's CPU time (all threads) over the same span, divided by the messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+import uuid
+from typing import Any
+
+import aiomqtt
+import orjson
+
+from bench.harness import ROOT, Dashboard, Meter, publish_args, run_worker, wait_stored
+from bench.workers import VALUES_PER_MESSAGE, device_id
+from tests.support.gateway import GatewayProcess
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+# --- the limit: a bare aiomqtt subscriber ----------------------------------------------------
+async def bare(url: str, count: int, qos: int = 0, rate: float = 0.0) -> dict[str, float]:
+    """A bare aiomqtt subscriber parsing `count` messages from 100 devices: rate, CPU, latency."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.workers", "bare", "--url", url, "--count", str(count),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"bare subscriber did not start: {line!r}")
+        pub = await run_worker(
+            *publish_args(url, prefix="bare", devices=100, count=count, qos=qos, rate=rate)
+        )
+        out = await asyncio.wait_for(proc.stdout.read(), 120)
+        result = orjson.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    return {
+        "rate": count / (result["done"] - pub["start"]),
+        "cpu_us": 1e6 * result["cpu"] / count,
+        "p50": result["p50"],
+        "p99": result["p99"],
+        "max": result["max"],
+    }
+
+
+# --- the gateway ---------------------------------------------------------------------------
+async def ingest(
+    gateway: GatewayProcess,
+    dash: Dashboard,
+    meter: Meter,
+    *,
+    prefix: str,
+    devices: int,
+    count: int,
+    qos: int = 0,
+    limit: float = 300.0,
+) -> dict[str, float]:
+    """After one warm-up message per device, `count` more until stored and on the dashboard."""
+    url = gateway.mqtt_url
+    ids = [device_id(prefix, i) for i in range(devices)]
+    stored = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
+    await run_worker(*publish_args(url, prefix=prefix, devices=devices, count=devices, qos=qos))
+    await asyncio.wait_for(dash.expect(dict.fromkeys(ids, 1)), limit)
+    await wait_stored(gateway, stored + devices * VALUES_PER_MESSAGE, limit)
+    per_device = count // devices
+    count = per_device * devices
+    base = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
+    done_dash = dash.expect(dict.fromkeys(ids, 1 + per_device))
+    cpu0 = meter.cpu()
+    pub_task = asyncio.create_task(
+        run_worker(*publish_args(url, prefix=prefix, devices=devices, count=count, qos=qos, seq=1))
+    )
+    t_stored = await wait_stored(gateway, base + count * VALUES_PER_MESSAGE, limit)
+    t_dash = await asyncio.wait_for(done_dash, limit)
+    cpu = meter.cpu() - cpu0
+    pub = await pub_task
+    return {
+        "rate": count / (max(t_stored, t_dash) - pub["start"]),
+        "cpu_us": 1e6 * cpu / count,
+        "messages": count,
+    }
+
+
+async def latency(
+    gateway: GatewayProcess, dash: Dashboard, *, seconds: float, rate: float = 1000.0
+) -> dict[str, float]:
+    """Device → dashboard latency at a steady `rate` msg/s from 100 devices (ts in payload)."""
+    url, prefix, devices = gateway.mqtt_url, "lat", 100
+    ids = [device_id(prefix, i) for i in range(devices)]
+    await run_worker(*publish_args(url, prefix=prefix, devices=devices, count=devices))
+    await asyncio.wait_for(dash.expect(dict.fromkeys(ids, 1)), 60)
+    count = int(rate * seconds) // devices * devices
+    dash.latency, dash.latency_prefix = [], prefix
+    done = dash.expect(dict.fromkeys(ids, 1 + count // devices))
+    await run_worker(
+        *publish_args(url, prefix=prefix, devices=devices, count=count, rate=rate, seq=1)
+    )
+    await asyncio.wait_for(done, 60)
+    samples, dash.latency = dash.latency, None
+    return {
+        "p50": percentile(samples, 0.5),
+        "p99": percentile(samples, 0.99),
+        "max": max(samples),
+        "frames": len(samples),
+        "messages": count,
+    }
+
+
+async def start_fleet(url: str, devices: int) -> asyncio.subprocess.Process:
+    """`python -m firmware_sim mqtt`: `devices` quiet devices (one reading per ~1000 s)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "firmware_sim", "mqtt", "--mqtt", url, "--devices", str(devices),
+        "--rate", "0.001", "--prefix", "quiet", "--report", "0", "--seed", "1",
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def idle(meter: Meter, dash: Dashboard, url: str, *, seconds: float, devices: int = 100):
+    """Idle CPU (% of one core) with no devices, then with `devices` quiet ones connected.
+
+    Returns (figures, fleet process): the fleet stays up for the command round trips.
+    """
+    empty = await meter.cpu_over(seconds)
+    fleet = await start_fleet(url, devices)
+    deadline = time.monotonic() + 60
+    while sum(1 for d in dash.online if d.startswith("quiet-")) < devices:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(dash.online)} quiet devices came online")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.0)  # let the registrations' batch reach the database
+    quiet = await meter.cpu_over(seconds)
+    return {"empty": empty, "quiet": quiet}, fleet
+
+
+async def commands(dash: Dashboard, url: str, *, rounds: int) -> dict[str, Any]:
+    """Command round trips dashboard → device → ack → dashboard, and the bare MQTT round trip."""
+    device = "quiet-0001"
+    rtts: list[float] = []
+    for i in range(rounds):
+        reply = await asyncio.wait_for(
+            dash.command(f"bench-{i}", device, "relay", {"state": bool(i % 2)}), 30
+        )
+        if reply["type"] == "error" or reply.get("status") != "acked":
+            why = reply.get("message") or reply.get("error") or reply.get("status")
+            return {"error": f"{reply.get('code') or reply.get('status')}: {why}"}
+        rtts.append(reply["_rtt"])
+    direct = await mqtt_round_trips(url, device, rounds)
+    return {
+        "p50": percentile(rtts, 0.5),
+        "p99": percentile(rtts, 0.99),
+        "base_p50": percentile(direct, 0.5),
+        "base_p99": percentile(direct, 0.99),
+    }
+
+
+async def mqtt_round_trips(url: str, device: str, rounds: int) -> list[float]:
+    """The floor: publish a command straight to the device and wait for its ack over MQTT."""
+    port = int(url.rsplit(":", 1)[1])
+    out = []
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(f"devices/{device}/commands/ack", qos=1)
+        for i in range(rounds):
+            cid = str(uuid.uuid4())
+            body = {"id": cid, "name": "relay", "args": {"state": bool(i % 2)}}
+            sent = time.time()
+            await client.publish(f"devices/{device}/commands", orjson.dumps(body), qos=1)
+            async with asyncio.timeout(10):
+                async for message in client.messages:
+                    if orjson.loads(message.payload).get("id") == cid:
+                        out.append(time.time() - sent)
+                        break
+    return out
