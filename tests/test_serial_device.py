@@ -21,7 +21,7 @@ from devices.serial_consumer import SerialDeviceConsumer, derive_device_id, devi
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.events import properties_to_dict
 from gateway.serial.testing import SerialCommunicator
-from tests.test_serial_server import Pty, serving
+from tests.test_serial_server import Pty, eventually, serving
 
 pytestmark = pytest.mark.django_db(transaction=True)
 APP = SerialDeviceConsumer.as_asgi()
@@ -237,3 +237,56 @@ async def test_mirroring_visible_to_a_plain_mqtt_subscriber(mosquitto, layer, da
             async for message in late.messages:
                 assert message.payload == b"offline" and message.retain
                 break
+
+
+async def test_mirrored_device_commands_go_to_the_port_not_the_broker(
+    mosquitto, layer, dashboard, tmp_path, django_user_model
+):
+    """With mirroring on, the gateway's own MQTT bridge sees the serial device's echoes; its
+    MQTT instance for that id must not take the device's commands (group `device.<id>`)."""
+    from gateway.asgi import application
+    from gateway.runner import mqtt_bridge
+
+    mirror.configure(enabled=True, url=mosquitto.url)
+    admin = await database_sync_to_async(django_user_model.objects.create_superuser)(
+        "root", password="x"
+    )
+    link = str(tmp_path / "usb-mirrored")
+    port = Pty(link)
+    bridge = mqtt_bridge(application, mosquitto.url)
+    bridge_task = asyncio.create_task(bridge.serve())
+    try:
+        async with (
+            serving(application, f"{link}?device=ser-x"),
+            aiomqtt.Client("127.0.0.1", mosquitto.port) as sub,
+        ):
+            await sub.subscribe("devices/ser-x/commands", qos=1)
+            await eventually(lambda: bridge.connected)
+            await port.write(b"temp=1\n")
+            # The echo reached the bridge once its device instance joined `device.ser-x`.
+            deadline = time.monotonic() + 10
+            while len(layer.groups.get("device.ser-x", {})) < 2:
+                assert time.monotonic() < deadline, "the mirror echo never reached the bridge"
+                await port.write(b"temp=1\n")
+                await asyncio.sleep(0.1)
+            await get_pipeline().flush()  # the device is registered
+            for n in range(5):
+                command = await commands.submit(admin, "ser-x", {"name": "ping", "args": {}})
+                line = (await port.read_until(b"}\n")).splitlines()[-1]
+                assert orjson.loads(line)["id"] == str(command.id), n
+                await port.write(orjson.dumps({"id": str(command.id), "ok": True}) + b"\n")
+                await frames_until(
+                    layer,
+                    dashboard,
+                    lambda f, cid=str(command.id): (
+                        f["type"] == "command" and f["id"] == cid and f["status"] == "acked"
+                    ),
+                )
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await anext(aiter(sub.messages))
+    finally:
+        await mirror.close_mirror()
+        await bridge.shutdown()
+        bridge_task.cancel()
+        port.close()
