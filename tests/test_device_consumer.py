@@ -76,12 +76,13 @@ def rejected(reason: str) -> float:
 
 def test_routes_cover_the_contract_topics():
     router = TopicRouter(mqtt_routes)
-    assert set(router.subscriptions) == {
+    # The Tasmota routes (tests/test_tasmota.py) come after these.
+    assert router.subscriptions[:4] == [
         "devices/+/telemetry",
         "devices/+/telemetry/+",
         "devices/+/status",
         "devices/+/commands/ack",
-    }
+    ]
     match = router.resolve("devices/d1/telemetry/temperature")
     assert match.key_params == {"device_id": "d1"} and match.params["metric"] == "temperature"
     assert router.resolve("devices/d1/other") is None
