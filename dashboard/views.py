@@ -16,6 +16,7 @@ from django.views.decorators.cache import never_cache
 
 from devices.commands import can_command
 from devices.models import Command, Device
+from devices.parsing import valid_device_id
 
 #: A device that says it is online but has sent nothing for this long is shown as "stale".
 #: Simulated and typical devices report every 1-60 s; two minutes tolerates a missed report
@@ -46,7 +47,7 @@ TASMOTA_METRIC_PREFIXES = ("AM2301.", "BMP280.", "DS18B20.", "SHT3X.", "ENERGY."
 
 
 def firmware_style(device: Device) -> str:
-    """ "tasmota" when the device looks like Tasmota firmware (id or metric names), else "native"."""
+    """Tasmota when the id or the metric names say so (buttons differ), else native."""
     if device.id.lower().startswith("tasmota"):
         return "tasmota"
     if any(str(m).startswith(TASMOTA_METRIC_PREFIXES) for m in device.metrics or {}):
@@ -93,12 +94,13 @@ def _command_row(command: Command) -> dict[str, Any]:
 @login_required
 def device(request: HttpRequest, device_id: str) -> HttpResponse:
     """One device: live charts of its numeric metrics and, for permitted users, commands."""
-    try:
-        dev = Device.objects.get(pk=device_id)
-    except Device.DoesNotExist:
-        raise Http404("no such device") from None
+    if not valid_device_id(device_id):
+        raise Http404("no such device")
+    # A device the list already shows may still be on its way to the database (batched
+    # writes): render it from its id and let the snapshot fill it in, rather than 404.
+    dev = Device.objects.filter(pk=device_id).first() or Device(id=device_id)
     allowed = can_command(request.user)
-    commands = Command.objects.filter(device=dev).select_related("created_by")
+    commands = Command.objects.filter(device_id=device_id).select_related("created_by")
     buttons = [
         {"label": label, "name": name, "args": json.dumps(args)}
         for label, name, args in KNOWN_COMMANDS[firmware_style(dev)]

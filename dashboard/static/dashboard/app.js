@@ -124,7 +124,7 @@
       if (flash && rows.get(id).tr.animate) {
         rows.get(id).metrics.animate(
           [{ backgroundColor: "var(--flash)" }, { backgroundColor: "transparent" }],
-          { duration: 900, easing: "ease-out" },
+          { duration: 700, easing: "ease-out" },
         );
       }
     }

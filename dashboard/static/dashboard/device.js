@@ -186,7 +186,7 @@
     });
   }
 
-  async function loadHistory(metric, chart, gen) {
+  async function loadHistory(metric, chart, gen, attempt = 0) {
     const since = Date.now() / 1000 - windowSeconds;
     const url =
       "/api/devices/" + encodeURIComponent(deviceId) + "/telemetry?metric=" +
@@ -197,7 +197,11 @@
       if (response.ok) {
         const body = await response.json();
         points = Array.isArray(body.points) ? body.points : [];
-      } else if (response.status !== 404) {
+      } else if (response.status === 404 && attempt < 3) {
+        // Seen live but not written yet (the gateway batches writes): ask again shortly.
+        setTimeout(() => loadHistory(metric, chart, gen, attempt + 1), 1000);
+        return;
+      } else {
         console.warn("history of " + metric + ": HTTP " + response.status);
       }
     } catch (err) {
