@@ -25,6 +25,7 @@ from bench.peer import run_peer
 from bench.report import Table
 from tests.support.servers import Mosquitto, Redis
 
+EXPERIMENTS = ("amortized-clean", "no-deflate")  # bench/experiments/sitecustomize.py
 PARTS = ("bare", "peer", "memory", "redis", "latency", "commands", "idle", "scaling")
 
 
@@ -46,7 +47,7 @@ QUICK = Sizes(3000, 2.0, 2.0, 5, (100, 1000), 3000, 300, 5.0)
 FULL = Sizes(50_000, 10.0, 10.0, 50, (100, 1000, 10_000), 40_000, 5000, 30.0)
 
 
-async def run(sizes: Sizes, parts: set[str], profile: bool) -> Table:
+async def run(sizes: Sizes, parts: set[str], profile: bool, experiments=()) -> Table:
     """Run the selected parts and fill the table."""
     table = Table()
     base: dict[str, dict[str, float]] = {}
@@ -60,16 +61,16 @@ async def run(sizes: Sizes, parts: set[str], profile: bool) -> Table:
         if "peer" in parts:
             base["peer"] = await run_peer(url, count=sizes.peer_messages, cap=sizes.peer_cap)
         if parts & {"memory", "latency", "commands", "idle", "scaling"}:
-            await memory_stack(url, sizes, parts, base, table, profile)
+            await memory_stack(url, sizes, parts, base, table, profile, experiments)
         if "redis" in parts:
             with Redis() as redis:
-                await redis_stack(url, redis.url, sizes, base, table)
+                await redis_stack(url, redis.url, sizes, base, table, experiments)
     return table
 
 
-async def memory_stack(url, sizes, parts, base, table: Table, profile: bool) -> None:
+async def memory_stack(url, sizes, parts, base, table: Table, profile: bool, experiments) -> None:
     """The gateway with the in-memory channel layer: every figure but the Redis rows."""
-    gateway = await asyncio.to_thread(start_gateway, url)
+    gateway = await asyncio.to_thread(start_gateway, url, None, experiments)
     try:
         meter = Meter(gateway.proc.pid)
         rss_start = meter.rss_mb()
@@ -118,9 +119,9 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: bool) -> 
         await asyncio.to_thread(gateway.__exit__, None, None, None)
 
 
-async def redis_stack(url, redis_url, sizes, base, table: Table) -> None:
+async def redis_stack(url, redis_url, sizes, base, table: Table, experiments) -> None:
     """The gateway with channels-redis: the two Redis ingest rows."""
-    gateway = await asyncio.to_thread(start_gateway, url, redis_url)
+    gateway = await asyncio.to_thread(start_gateway, url, redis_url, experiments)
     try:
         meter = Meter(gateway.proc.pid)
         await asyncio.to_thread(gateway.create_user, "bench", "bench-pass-1234")
@@ -152,12 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
     parser.add_argument("--skip", action="append", default=[], choices=PARTS, metavar="PART")
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        choices=EXPERIMENTS,
+        help="patch the gateway process (bench/experiments/sitecustomize.py) to try a fix",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
     sizes = QUICK if args.quick else FULL
     print(f"machine: {machine()}", flush=True)
+    if args.experiment:
+        print(f"experiments in the gateway process: {', '.join(args.experiment)}", flush=True)
     started = time.monotonic()
-    table = asyncio.run(run(sizes, set(PARTS) - set(args.skip), args.profile))
+    table = asyncio.run(run(sizes, set(PARTS) - set(args.skip), args.profile, args.experiment))
     print(table.render())
     print(f"({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
     return 0

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +169,15 @@ async def wait_stored(gateway: GatewayProcess, target: float, limit: float) -> f
         await asyncio.sleep(POLL)
 
 
-def start_gateway(mqtt_url: str, redis_url: str | None = None) -> GatewayProcess:
-    """A started `rungateway` with its own SQLite DB, WARNING logs and no command rate limit."""
+def start_gateway(
+    mqtt_url: str, redis_url: str | None = None, experiments: Sequence[str] = ()
+) -> GatewayProcess:
+    """A started `rungateway` with its own SQLite DB, WARNING logs and no command rate limit;
+    `experiments` are bench/experiments/sitecustomize.py patches applied inside it."""
     env = {"GATEWAY_COMMAND_RATE_COUNT": "1000000", "PYTHONPATH": str(ROOT)}
+    if experiments:
+        env["PYTHONPATH"] = f"{ROOT / 'bench' / 'experiments'}{os.pathsep}{ROOT}"
+        env["BENCH_EXPERIMENTS"] = ",".join(experiments)
     gateway = GatewayProcess(mqtt_url, redis_url=redis_url, env=env, log_level="WARNING")
     gateway.__enter__()
     return gateway
