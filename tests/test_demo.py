@@ -1,0 +1,196 @@
+"""The README's first command, `bin/run`, from a clean state: its printed login works, a real
+WebSocket client sees the simulated fleet (native, Tasmota, serial) and a command is acked,
+and SIGINT stops everything. Isolated: its own SQLite file, secret-key file, broker port and
+HTTP port; never port 1883 or the developer's db.sqlite3."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.gateway import ROOT, SCRUBBED, GatewayProcess
+from tests.support.servers import free_port, wait_for_port
+
+pytestmark = pytest.mark.timeout(180)
+
+DEADLINE = 60.0  # seconds from launch until the fleet is seen and a command is acked
+STOP_LIMIT = 10.0
+
+
+class Output:
+    """The demo's merged stdout/stderr, read by a thread, searchable while it runs."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            with self.changed:
+                self.lines.append(raw.decode(errors="replace").rstrip())
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def text(self) -> str:
+        with self.changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, deadline: float, proc: subprocess.Popen[bytes]) -> re.Match:
+        """The first match of `pattern` in the output, waiting until `deadline` (monotonic)."""
+        regex = re.compile(pattern)
+        with self.changed:
+            while True:
+                match = regex.search("\n".join(self.lines))
+                if match:
+                    return match
+                if proc.poll() is not None and not self.thread.is_alive():
+                    raise AssertionError(f"demo exited ({proc.returncode}):\n{self.tail()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no {pattern!r} in the demo's output:\n{self.tail()}")
+                self.changed.wait(0.2)
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.lines[-n:])
+
+
+def processes_mentioning(needle: str) -> list[str]:
+    """Command lines of live processes that contain `needle` (orphan check)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+async def watch(ws, started: float) -> dict:
+    """Read dashboard frames until ≥10 devices (Tasmota and serial among them) sent telemetry,
+    then command a Tasmota device and wait for its ack; returns what was seen and when."""
+    snapshot = json.loads(await ws.recv())
+    assert snapshot["type"] == "snapshot"
+    seen: dict[str, float] = {}
+    while not (
+        len(seen) >= 10 and any(d.startswith("tasmota-") for d in seen) and "serial-1" in seen
+    ):
+        frame = json.loads(await ws.recv())
+        if frame["type"] == "telemetry" and frame["metrics"]:
+            seen.setdefault(frame["device"], time.monotonic() - started)
+    target = sorted(d for d in seen if d.startswith("tasmota-"))[0]
+    ref = secrets.token_hex(4)
+    await ws.send(
+        json.dumps(
+            {
+                "type": "command",
+                "device": target,
+                "name": "Power",
+                "args": {"value": "TOGGLE"},
+                "ref": ref,
+            }
+        )
+    )
+    command_id = None
+    while True:
+        frame = json.loads(await ws.recv())
+        if frame["type"] == "error":
+            raise AssertionError(f"command refused: {frame}")
+        if frame["type"] != "command":
+            continue
+        if frame.get("ref") == ref:
+            command_id = frame["id"]
+        if frame["id"] == command_id and frame["status"] in ("acked", "failed", "timeout"):
+            return {"seen": seen, "command": frame, "acked_after": time.monotonic() - started}
+
+
+def test_bin_run_demo_end_to_end(tmp_path):
+    mqtt_port, http_port = free_port(), free_port()
+    mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
+    env = {k: v for k, v in os.environ.items() if k not in (*SCRUBBED, "DJANGO_SECRET_KEY")}
+    env.update(
+        {
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
+            "GATEWAY_SECRET_KEY_FILE": str(tmp_path / "secret_key"),
+            "MQTT_URL": mqtt_url,
+            "GATEWAY_ID": f"demo-test-{secrets.token_hex(4)}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(ROOT / "bin" / "run"), "--port", str(http_port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # so a failed test can take the whole tree down
+    )
+    out = Output(proc)
+    client = GatewayProcess(mqtt_url, port=http_port)  # only its HTTP/WebSocket helpers
+    try:
+        deadline = started + DEADLINE
+        url = out.wait_for(r"demo: dashboard\s+(\S+)", deadline, proc).group(1)
+        assert url == f"http://127.0.0.1:{http_port}/"
+        login = out.wait_for(r"Dashboard login \(\w+\): (\S+) / (\S+)", deadline, proc)
+        user, password = login.group(1), login.group(2)
+        assert len(password) >= 12
+        assert out.text().count(password) == 1  # printed once
+        cookie = client.login(user, password)
+
+        async def scenario() -> dict:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                async with client.ws_connect(cookie) as ws:
+                    return await watch(ws, started)
+
+        result = asyncio.run(scenario())
+        seen, command = result["seen"], result["command"]
+        assert command["status"] == "acked", command
+        assert command["result"] in ({"POWER": "ON"}, {"POWER": "OFF"})
+        assert any(d.startswith("sim-") for d in seen)
+        status, devices = client.http_get("/api/devices/", cookie)
+        assert status == 200
+        first = min(seen.values())
+        print(
+            f"demo: first telemetry {first:.1f} s after launch, {len(seen)} devices by "
+            f"{max(seen.values()):.1f} s, command acked at {result['acked_after']:.1f} s"
+        )
+
+        stop_began = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(STOP_LIMIT)
+        stopped_after = time.monotonic() - stop_began
+        out.thread.join(5)
+        print(f"demo: stopped {stopped_after:.2f} s after SIGINT")
+        assert code == 0, out.tail()
+        assert re.search(r"demo: stopped in [\d.]+ s \(gateway exit code 0\)", out.text())
+        assert "Traceback" not in out.text(), out.tail(200)
+        # No orphans: nothing serves the broker or HTTP port, no process names our broker.
+        for port in (mqtt_port, http_port):
+            with pytest.raises(TimeoutError):
+                wait_for_port(port, timeout=0.5)
+        assert processes_mentioning(f"127.0.0.1:{mqtt_port}") == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.thread.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        client._cleanup()
