@@ -160,11 +160,18 @@ def create_command(user: Any, device_id: str, data: Any) -> Command:
         )
 
 
-async def submit(user: Any, device_id: str, data: Any, ref: str | None = None) -> Command:
+async def submit(user: Any, device_id: str, data: Any, ref: Any = None) -> Command:
     """Create a command and start it on its way: dashboards hear `pending` (echoing `ref`),
     its hold timer is armed, and the device's consumer (group ``device.<id>``) gets a
     ``device.command`` to deliver now or when it can. CommandError when refused."""
-    command = await database_sync_to_async(create_command)(user, device_id, data)
+    try:
+        command = await database_sync_to_async(create_command)(user, device_id, data)
+    except CommandError as exc:
+        # A device heard a moment ago may still wait in this process's telemetry pipeline
+        # (batched writes): write it, then try once more.
+        if exc.code != "unknown_device" or not await _flush_if_pending(device_id):
+            raise
+        command = await database_sync_to_async(create_command)(user, device_id, data)
     await announce(command, ref=ref)
     get_timers().schedule(command)
     layer = get_channel_layer()
@@ -176,6 +183,17 @@ async def submit(user: Any, device_id: str, data: Any, ref: str | None = None) -
         except Exception:  # stored and held: the consumer picks it up when the device shows up
             logger.exception("command %s: could not reach the device's consumer", command.id)
     return command
+
+
+async def _flush_if_pending(device_id: str) -> bool:
+    """Flush this loop's telemetry pipeline if it holds `device_id` unwritten; True if so."""
+    from devices.pipeline import current_pipeline
+
+    pipeline = current_pipeline()
+    if pipeline is None or device_id not in pipeline.pending_devices():
+        return False
+    await pipeline.flush()
+    return True
 
 
 # -- transitions (sync ORM; each one a conditional UPDATE) --------------------------------
@@ -320,7 +338,7 @@ async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, erro
     return True
 
 
-async def announce(command: Command, ref: str | None = None) -> None:
+async def announce(command: Command, ref: Any = None) -> None:
     """Push the command's current state to every dashboard and count the transition."""
     COMMANDS.labels(status=command.status).inc()
     layer = get_channel_layer()

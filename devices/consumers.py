@@ -6,10 +6,10 @@ unexpected exception is counted as ``consumer_error`` and logged, and the instan
 
 Commands (`devices.commands`) are delivered only while the device is reachable: the instance
 tracks the device's online state from what it hears (any telemetry or ack → online; the
-``status`` topic, e.g. its Last Will, → online/offline; nothing heard yet → unknown) and
-whether the broker is connected. Otherwise a command stays pending (held); it goes out when
-the device turns online or the broker session comes back: one query for the held commands
-per such transition, never one per message.
+``status`` topic, e.g. its Last Will, → online/offline; nothing heard yet, or nothing since the
+broker connection was lost → unknown) and whether the broker is connected. Otherwise a command
+stays pending (held); it goes out when the device turns online while the broker is connected:
+one query for the held commands per such transition, never one per message.
 """
 
 from __future__ import annotations
@@ -150,8 +150,14 @@ class DeviceConsumer(MqttConsumer):
             await self.deliver_held()
 
     async def mqtt_disconnect(self, message: dict[str, Any]) -> None:
-        """Broker connection lost: hold commands until `mqtt.connect`."""
+        """Broker connection lost: hold commands until the device is heard again.
+
+        What we knew of the device is stale now (the broker may have restarted and lost it,
+        the device may reconnect later than we do), so its state becomes unknown: after the
+        reconnect, its retained ``status`` (replayed on subscribe) or its next message decides.
+        """
         self.broker_up = False
+        self.online = None
 
     async def device_command(self, event: dict[str, Any]) -> None:
         """A command for this device (group ``device.<id>``), published by `send_command`.
