@@ -8,7 +8,9 @@ of each other.
 
 Outbox: statuses are coalesced per device (only the latest matters, it is retained);
 telemetry waits in a deque of `OUTBOX_LIMIT` messages, the oldest dropped and counted
-(`gateway_serial_mirror_dropped_total`) while the broker is away.
+(`gateway_serial_mirror_dropped_total`) while the broker is away. On every (re)connect the
+last status of each device is published again (a broker without persistence forgets retained
+messages when it restarts).
 
 Echoes: the gateway's own MQTT bridge is subscribed to ``devices/+/...`` and receives these
 publishes back. Each mirrored publish carries the MQTT v5 user property
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 import weakref
 from collections import deque
@@ -104,8 +107,10 @@ class Mirror:
         self.broker = parse_broker_url(url)
         self.closed = False
         self.connected = False
+        self._tag = secrets.token_hex(3)  # unique client id (id(self) may be reused)
         self._telemetry: deque[tuple[str, bytes]] = deque()
         self._status: dict[str, bool] = {}
+        self._known: dict[str, bool] = {}  # last status of every device, republished on connect
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -129,6 +134,7 @@ class Mirror:
             return
         self._status.pop(device_id, None)
         self._status[device_id] = online
+        self._known[device_id] = online
         self._kick()
 
     def _kick(self) -> None:
@@ -149,14 +155,17 @@ class Mirror:
                     b.port,
                     username=b.username,
                     password=b.password,
-                    identifier=f"{_gateway_id()}-serial-mirror-{os.getpid()}-{id(self):x}",
+                    identifier=f"{_gateway_id()}-serial-mirror-{os.getpid()}-{self._tag}",
                     protocol=aiomqtt.ProtocolVersion.V5,
                     tls_context=b.ssl_context(),
                     timeout=5,
                 ) as client:
                     self.connected, backoff, warned = True, BACKOFF_FIRST, False
+                    # A broker without persistence forgets retained statuses when it restarts.
+                    for device_id, online in self._known.items():
+                        self._status.setdefault(device_id, online)
                     logger.info("serial mirror connected to %s", b)
-                    await self._drain(client)
+                    await self._serve(client)
             except aiomqtt.MqttError as exc:
                 self.connected = False
                 log = logger.debug if warned else logger.warning
@@ -164,6 +173,26 @@ class Mirror:
                 warned = True
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        # aiomqtt does not interrupt the body of `async with Client` when the connection
+        # drops; an idle publisher would only notice on its next publish. The message
+        # iterator raises MqttError on disconnection, so watch it beside the drain.
+        drain = asyncio.create_task(self._drain(client), name="devices.mirror.drain")
+        watch = asyncio.create_task(self._watch(client), name="devices.mirror.watch")
+        try:
+            done, _ = await asyncio.wait({drain, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (drain, watch):
+                task.cancel()
+            await asyncio.gather(drain, watch, return_exceptions=True)
+        for task in done:
+            task.result()  # the MqttError that ended the session
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        async for _ in client.messages:  # no subscriptions: this only ends by MqttError
+            pass
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         while True:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -55,6 +56,29 @@ def device_id_for_scope(scope: dict[str, Any]) -> str:
             "of A-Z a-z 0-9 _ -"
         )
     return device
+
+
+def mark_configured_offline(specs: Iterable[Any]) -> list[str]:
+    """At bridge start: every configured port's device is offline until its port opens.
+
+    Registers a configured device before it ever spoke, and corrects the stale ``online`` a
+    gateway that died uncleanly left in the database and in the retained mirror topic (no
+    per-device Last Will covers mirrored devices; docs/asgi-serial.md). Needs a running loop;
+    returns the device ids (invalid ones are skipped, their consumer reports them).
+    """
+    devices = []
+    for spec in specs:
+        try:
+            devices.append(device_id_for_scope(spec.as_scope()))
+        except ValueError:
+            continue
+    if devices:
+        pipeline, mirror, now = get_pipeline(), get_mirror(), time.time()
+        for device_id in devices:
+            pipeline.submit_status(device_id, SerialDeviceConsumer.transport, False, now)
+            if mirror is not None:
+                mirror.status(device_id, False)
+    return devices
 
 
 class SerialDeviceConsumer(SerialConsumer):

@@ -290,3 +290,27 @@ async def test_mirrored_device_commands_go_to_the_port_not_the_broker(
         await bridge.shutdown()
         bridge_task.cancel()
         port.close()
+
+
+async def test_mirror_republishes_statuses_after_a_broker_restart(mosquitto, layer, dashboard):
+    """A broker without persistence forgets retained messages; the mirror publishes each
+    device's last status again when it reconnects."""
+    mirror.configure(enabled=True, url=mosquitto.url)
+    comm = SerialCommunicator(APP, "loop://?device=ser-r")
+    await comm.connect()
+    await comm.send_frame(b"temp=1")
+    try:
+        assert await mirror.get_mirror().flush(10)
+        # Our mosquitto persists; forget the retained status as a broker without it would.
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as other:
+            await other.publish("devices/ser-r/status", b"", qos=1, retain=True)
+        mosquitto.stop()
+        mosquitto.start()
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as sub:
+            await sub.subscribe("devices/ser-r/status", qos=1)
+            async with asyncio.timeout(15):
+                message = await anext(aiter(sub.messages))
+        assert message.payload == b"online"
+    finally:
+        await comm.disconnect()
+        await mirror.close_mirror()

@@ -352,3 +352,41 @@ async def test_absent_ports_are_retried_and_non_default_framing(mosquitto, tmp_p
         for device in ("crlf-1", "idle-1"):
             entry = listed(gw, cookie, device)
             assert entry is not None and entry["transport"] == "serial", entry
+
+
+async def retained(broker_port: int, topic: str) -> bytes:
+    """The retained payload of `topic`, as a subscriber arriving now sees it."""
+    async with aiomqtt.Client("127.0.0.1", broker_port) as client:
+        await client.subscribe(topic, qos=1)
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                return message.payload
+
+
+async def test_unclean_stop_then_restart_without_the_port(mosquitto, tmp_path):
+    """SIGKILL leaves the mirrored device's retained `online` (no per-device Last Will): the
+    gateway's own Last Will says it is gone; a restart with the port absent corrects both."""
+    link = tmp_path / "usb-killed"
+    topic = "devices/killed-1/status"
+    async with plugged(link) as port:
+        with serial_gateway(mosquitto.url, f"{link}?device=killed-1") as gw:
+            gw.create_user("operator", PASSWORD, staff=True)
+            cookie = gw.login("operator", PASSWORD)
+            await port.send(b"temperature=20\n")
+            await until(lambda: (listed(gw, cookie, "killed-1") or {}).get("online"), what="online")
+            await until(
+                lambda: asyncio.run(retained(mosquitto.port, topic)) == b"online",
+                what="mirrored online",
+            )
+            gw.kill()
+            port.unplug()
+            assert await retained(mosquitto.port, gw.status_topic) == b"offline"  # Last Will
+            assert await retained(mosquitto.port, topic) == b"online"  # the limitation
+            gw.start()  # same database, the port still absent
+            gw.wait_for_log(r"usb-killed not available .*retrying")
+            await until(
+                lambda: asyncio.run(retained(mosquitto.port, topic)) == b"offline",
+                what="mirrored offline after restart",
+            )
+            entry = listed(gw, cookie, "killed-1")
+            assert entry["online"] is False and entry["transport"] == "serial", entry

@@ -68,6 +68,7 @@ async def run_gateway(
 ) -> int:
     """Start the embedded broker if asked, run everything until a signal, stop the broker last."""
     from devices import mirror
+    from devices.serial_consumer import mark_configured_offline
     from gateway.asgi import application
     from gateway.broker import BrokerStartError, ensure_broker
 
@@ -90,6 +91,8 @@ async def run_gateway(
             bridges["serial"] = serial_server
             # Serial devices are mirrored to the same broker the bridge uses (devices/mirror.py).
             mirror.configure(url=mqtt_url)
+            # Offline until their ports open (also undoes what an unclean stop left behind).
+            mark_configured_offline(serial_server.specs)
         setup = describe_setup()
         shown_url = str(parse_broker_url(mqtt_url))
         broker_note = f" (embedded {broker.kind})" if broker is not None else ""

@@ -71,9 +71,12 @@ class Command(BaseCommand):
 async def run_bridge(specs: list[Any]) -> int:
     """Run the serial bridge until SIGTERM/SIGINT, then mark devices offline and flush."""
     from devices.mirror import close_mirror, enabled
+    from devices.serial_consumer import mark_configured_offline
     from gateway.asgi import application
     from gateway.serial.server import SerialServer
 
+    # Offline until their ports open (also undoes what an unclean stop left behind).
+    mark_configured_offline(specs)
     setup = describe_setup()
     ports = " ".join(s.raw for s in specs)
 
