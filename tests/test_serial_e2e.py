@@ -390,3 +390,36 @@ async def test_unclean_stop_then_restart_without_the_port(mosquitto, tmp_path):
             )
             entry = listed(gw, cookie, "killed-1")
             assert entry["online"] is False and entry["transport"] == "serial", entry
+
+
+async def test_runserial_alone_beside_a_web_process(mosquitto, redis_server, tmp_path):
+    """`runserial` reaches the dashboards of a separate `rungateway` through Redis; sharing the
+    GATEWAY_ID, the web process's MQTT bridge skips the mirror echoes (stored once)."""
+    link = tmp_path / "usb-split"
+    async with plugged(link) as port:
+        with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
+            web.create_user("operator", PASSWORD, staff=True)
+            cookie = web.login("operator", PASSWORD)
+            bridge = GatewayProcess(
+                mosquitto.url,
+                command="runserial",
+                redis_url=redis_server.url,
+                database_url=web.database_url,
+                env={"GATEWAY_ID": web.gateway_id},
+                args=["--serial", f"{link}?device=split-1"],
+            )
+            with bridge:
+                bridge.wait_for_log(r"usb-split opened")
+                async with web.ws_connect(cookie) as ws:
+                    json.loads(await asyncio.wait_for(ws.recv(), 10))  # snapshot
+                    await port.send(b"temperature=18.5\n")
+                    frame = await next_frame(ws, telemetry_of("split-1"))
+                    assert frame["metrics"] == {"temperature": 18.5}
+                    await port.send(b'{"temperature": 18.75}\n')
+                    await next_frame(ws, lambda f: f.get("metrics", {}).get("temperature") == 18.75)
+                    await asyncio.sleep(1.5)  # mirror echoes reach the web process's bridge
+                    points = history(web, cookie, "split-1", "temperature")
+                    assert [p[1] for p in points] == [18.5, 18.75]
+                    assert listed(web, cookie, "split-1")["transport"] == "serial"
+                    port.unplug()
+                    await next_frame(ws, status_of("split-1", False))
