@@ -196,11 +196,11 @@ async def test_telemetry_waiting_for_the_socket_is_merged_per_device(layer, sess
         ('{"type": "subscribe", "ref": "r1"}', "bad_request", "r1"),
         (
             '{"type": "command", "device": "a", "name": "x", "args": {}, "ref": "r2"}',
-            "not_implemented",
+            "forbidden",  # alice may watch, not command (tests/test_command_lifecycle.py)
             "r2",
         ),
-        ('{"type": "command", "device": "a", "name": "x", "ref": 7}', "not_implemented", 7),
-        ('{"type": "command", "ref": {"nested": 1}}', "not_implemented", None),
+        ('{"type": "command", "device": "a", "name": "x", "ref": 7}', "forbidden", 7),
+        ('{"type": "command", "ref": {"nested": 1}}', "bad_request", None),
     ],
 )
 async def test_bad_client_frames_get_an_error_and_the_socket_stays_open(
@@ -230,7 +230,7 @@ async def test_binary_and_oversized_frames_get_errors(layer, session_cookie):
     await comm.send_to(text_data='{"type": "command", "pad": "' + "x" * 70_000 + '"}')
     assert (await comm.receive_json_from(timeout=5))["code"] == "bad_request"
     await comm.send_to(text_data='{"type": "command"}')
-    assert (await comm.receive_json_from(timeout=5))["code"] == "not_implemented"
+    assert (await comm.receive_json_from(timeout=5))["code"] == "bad_request"  # no device
     await comm.disconnect()
 
 
