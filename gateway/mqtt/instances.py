@@ -26,12 +26,17 @@ SendCallable = Callable[[dict[str, Any]], Awaitable[None]]
 class Instance:
     """One live application instance: its task, event queue and last activity time."""
 
-    __slots__ = ("key", "match", "queue", "task", "last_active", "space", "limit", "retired")
+    __slots__ = (
+        "key", "match", "queue", "task", "last_active", "space", "limit", "retired", "pool",
+        "pressed",
+    )  # fmt: skip
 
-    def __init__(self, key: Hashable, match: Match, limit: int) -> None:
+    def __init__(self, key: Hashable, match: Match, limit: int, pool: InstancePool) -> None:
         self.key = key
         self.match = match
         self.limit = limit
+        self.pool = pool
+        self.pressed = False  # counted in pool.pressured (queue past its high-water mark)
         # Unbounded for asyncio; the pool enforces `limit` on messages and `CONTROL_SLACK`.
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.space = asyncio.Event()
@@ -42,8 +47,11 @@ class Instance:
     async def receive(self) -> dict[str, Any]:
         """The ASGI `receive` of this instance; wakes a producer waiting for queue space."""
         event = await self.queue.get()
-        if self.queue.qsize() < self.limit:
+        size = self.queue.qsize()
+        if size < self.limit:
             self.space.set()
+        if self.pressed and size <= self.pool.low_water:
+            self.pool.relieve(self)
         return event
 
 
@@ -71,6 +79,11 @@ class InstancePool:
         self.connect_event = connect_event
         self.max_instances = max(1, max_instances)
         self.closing = False
+        # Instances whose queue is past `high_water`: while any is, the server reads one
+        # packet per loop turn instead of a burst, so a busy instance is not flooded.
+        self.pressured = 0
+        self.high_water = max(1, self.limit // 4)
+        self.low_water = self.high_water // 2
         # Least recently active first: `deliver` moves an instance to the end.
         self._instances: dict[Hashable, Instance] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -90,7 +103,7 @@ class InstancePool:
             oldest = next(iter(self._instances.values()))
             metrics.MQTT_INSTANCES_EVICTED.inc()
             self.retire(oldest, "evicted")
-        inst = Instance(match.instance_key, match, self.limit)
+        inst = Instance(match.instance_key, match, self.limit, self)
         scope = {
             **self.base_scope,
             "route": match.route,
@@ -119,6 +132,9 @@ class InstancePool:
         inst.last_active = asyncio.get_running_loop().time()
         if queue.qsize() < self.limit:
             queue.put_nowait(event)
+            if not inst.pressed and queue.qsize() >= self.high_water:
+                inst.pressed = True
+                self.pressured += 1
             return
         if qos == 0:
             metrics.MQTT_MESSAGES_DROPPED.labels("queue_full").inc()
@@ -149,7 +165,14 @@ class InstancePool:
         metrics.MQTT_MESSAGES_DROPPED.labels("queue_full").inc()
         return False
 
+    def relieve(self, inst: Instance) -> None:
+        """`inst` no longer counts as pressured (drained below low water, or finished)."""
+        if inst.pressed:
+            inst.pressed = False
+            self.pressured -= 1
+
     def _on_done(self, inst: Instance, task: asyncio.Task[Any]) -> None:
+        self.relieve(inst)
         if self._instances.get(inst.key) is inst:
             del self._instances[inst.key]
         if task.cancelled() or inst.retired:

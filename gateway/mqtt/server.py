@@ -63,13 +63,15 @@ def _inbox_type(limit: int, holder: list[asyncio.Queue[Any]]) -> type[asyncio.Qu
     return Inbox
 
 
-def _read_burst(paho: Any, max_packets: int = 1) -> Any:
+def _read_burst(paho: Any, pool: InstancePool, max_packets: int = 1) -> Any:
     """paho's loop_read, reading up to READ_BURST packets while the socket has data.
 
     Profiled (docs/performance.md): one packet per loop turn made every message pay a loop
-    turn, a group_send and a WebSocket frame; a burst lets the pipeline batch them.
+    turn, a group_send and a WebSocket frame; a burst lets the pipeline batch them. While an
+    instance's queue is past its high-water mark, one packet per turn as paho does, so busy
+    instances catch up instead of overflowing (QoS 0 drops).
     """
-    for _ in range(READ_BURST):
+    for _ in range(1 if pool.pressured else READ_BURST):
         if paho._sock is None:
             return MQTTErrorCode.MQTT_ERR_NO_CONN
         rc = paho._packet_read()
@@ -268,7 +270,7 @@ class MqttServer:
         paho.on_connect = record_connack
         # aiomqtt calls paho's loop_read() once per "socket readable" event, and paho reads one
         # packet per call, so each message cost a whole event-loop turn (and its own fan-out).
-        paho.loop_read = functools.partial(_read_burst, paho)
+        paho.loop_read = functools.partial(_read_burst, paho, self._pool)
         return client, holder
 
     async def _connection_loop(self) -> None:
