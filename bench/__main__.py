@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import sys
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
+    parser.add_argument("--messages", type=int, help="messages per 100-device ingest run")
     parser.add_argument("--skip", action="append", default=[], choices=PARTS, metavar="PART")
     parser.add_argument(
         "--experiment",
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
     sizes = QUICK if args.quick else FULL
+    if args.messages:
+        sizes = dataclasses.replace(sizes, ingest=args.messages)
     print(f"machine: {machine()}", flush=True)
     if args.experiment:
         print(f"experiments in the gateway process: {', '.join(args.experiment)}", flush=True)

@@ -165,7 +165,15 @@ async def wait_stored(gateway: GatewayProcess, target: float, limit: float) -> f
         if value >= target:
             return time.time()
         if time.monotonic() > deadline:
-            raise TimeoutError(f"stored {value:.0f} of {target:.0f} values after {limit:.0f}s")
+            drops = {
+                reason: await asyncio.to_thread(
+                    gateway.metric, "gateway_mqtt_messages_dropped_total", f'reason="{reason}"'
+                )
+                for reason in ("queue_full", "inbox_full")
+            }
+            raise TimeoutError(
+                f"stored {value:.0f} of {target:.0f} values after {limit:.0f}s (drops {drops})"
+            )
         await asyncio.sleep(POLL)
 
 
