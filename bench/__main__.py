@@ -26,7 +26,8 @@ from bench.peer import run_peer
 from bench.report import Table
 from tests.support.servers import Mosquitto, Redis
 
-EXPERIMENTS = ("amortized-clean", "no-deflate")  # bench/experiments/sitecustomize.py
+# Patches of the gateway process, in bench/experiments/sitecustomize.py.
+EXPERIMENTS = ("amortized-clean", "no-deflate", "fast-properties")
 PARTS = ("bare", "peer", "memory", "redis", "latency", "commands", "idle", "scaling")
 
 

@@ -17,6 +17,11 @@ from bench.harness import ROOT, Dashboard, Meter
 from bench.peer import ensure_venv
 from tests.support.gateway import GatewayProcess
 
+# Frames every sample of a thread has (start-up, the event loop itself): not findings.
+BOILERPLATE = re.compile(
+    r"\((manage\.py|django/core/management/|gateway/management/|asyncio/(runners|base_events|"
+    r"events)\.py|threading\.py|concurrent/futures/thread\.py)"
+)
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 
@@ -47,7 +52,8 @@ def summarise(raw: str, top: int = 15) -> str:
         total += n
         own[frames[-1]] += n
         for frame in set(frames):
-            inclusive[frame] += n
+            if not BOILERPLATE.search(frame):
+                inclusive[frame] += n
     lines = [f"{total} active samples"]
     for title, counter in (("own time", own), ("inclusive time", inclusive)):
         lines.append(f"-- top {top} by {title}")
