@@ -42,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.metrics import SERIAL_MIRROR_DROPPED
-from gateway.mqtt.url import parse_broker_url
+from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
 logger = logging.getLogger("devices.mirror")
 
@@ -158,6 +158,7 @@ class Mirror:
                     identifier=f"{_gateway_id()}-serial-mirror-{os.getpid()}-{self._tag}",
                     protocol=aiomqtt.ProtocolVersion.V5,
                     tls_context=b.ssl_context(),
+                    socket_options=SOCKET_OPTIONS,
                     timeout=5,
                 ) as client:
                     self.connected, backoff, warned = True, BACKOFF_FIRST, False

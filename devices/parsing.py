@@ -169,19 +169,30 @@ def _flatten(obj: dict, prefix: str, depth: int, out: Metrics) -> None:
         out[name] = value
 
 
-def parse_telemetry(payload: bytes, received_at: float, max_bytes: int) -> Telemetry:
-    """Parse a telemetry JSON object (``devices/<id>/telemetry``) into a `Telemetry`."""
+def load_object(payload: bytes, max_bytes: int, what: str = "the payload") -> dict:
+    """Decode a JSON-object payload of at most `max_bytes`; `Rejected` with a reason otherwise."""
     if len(payload) > max_bytes:
         raise Rejected("too_large", f"payload of {len(payload)} bytes > {max_bytes}")
     data = _loads(payload)
     if type(data) is not dict:
-        raise Rejected("not_object", "telemetry must be a JSON object")
-    ts = parse_timestamp(data.get("ts"), received_at)
+        raise Rejected("not_object", f"{what} must be a JSON object")
+    return data
+
+
+def metrics_of(data: dict) -> Metrics:
+    """The numbers and booleans of an object, nested keys joined with ``.``; none → Rejected."""
     metrics: Metrics = {}
     _flatten(data, "", 1, metrics)
     if not metrics:
         raise Rejected("no_metrics", "no numeric or boolean value in the object")
-    return Telemetry(ts, metrics)
+    return metrics
+
+
+def parse_telemetry(payload: bytes, received_at: float, max_bytes: int) -> Telemetry:
+    """Parse a telemetry JSON object (``devices/<id>/telemetry``) into a `Telemetry`."""
+    data = load_object(payload, max_bytes, "telemetry")
+    ts = parse_timestamp(data.get("ts"), received_at)
+    return Telemetry(ts, metrics_of(data))
 
 
 def _scalar_text(payload: bytes, reason: str) -> bytes:
@@ -222,12 +233,7 @@ def parse_status(payload: bytes) -> bool:
 
 def parse_ack(payload: bytes, max_bytes: int) -> Ack:
     """Parse a command ack ``{"id": …, "ok": true, "result": …}`` / ``{"ok": false, "error"}``."""
-    if len(payload) > max_bytes:
-        raise Rejected("too_large", f"payload of {len(payload)} bytes > {max_bytes}")
-    data = _loads(payload)
-    if type(data) is not dict:
-        raise Rejected("not_object", "an ack must be a JSON object")
-    return ack_from_dict(data)
+    return ack_from_dict(load_object(payload, max_bytes, "an ack"))
 
 
 def ack_from_dict(data: dict) -> Ack:

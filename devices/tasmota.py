@@ -51,8 +51,8 @@ from devices.consumers import DeviceConsumer
 from devices.parsing import (
     Metrics,
     Rejected,
-    _flatten,
-    _loads,
+    load_object,
+    metrics_of,
     parse_status,
     parse_telemetry,
 )
@@ -105,32 +105,19 @@ def parse_power(payload: bytes | str) -> bool:
 
 def parse_state(payload: bytes, max_bytes: int) -> Metrics:
     """A ``tele/<id>/STATE`` object → flat metrics, ``POWER<n>`` ``ON``/``OFF`` as booleans."""
-    if len(payload) > max_bytes:
-        raise Rejected("too_large", f"payload of {len(payload)} bytes > {max_bytes}")
-    data = _loads(payload)
-    if type(data) is not dict:
-        raise Rejected("not_object", "STATE must be a JSON object")
+    data = load_object(payload, max_bytes, "STATE")
     for key, value in data.items():
         if POWER_KEY.match(key) and isinstance(value, str):
             try:
                 data[key] = parse_power(value)
             except Rejected:
                 pass  # not ON/OFF: a string, ignored like any other
-    metrics: Metrics = {}
-    _flatten(data, "", 1, metrics)
-    if not metrics:
-        raise Rejected("no_metrics", "no numeric or boolean value in STATE")
-    return metrics
+    return metrics_of(data)
 
 
 def parse_result(payload: bytes, max_bytes: int) -> dict[str, Any]:
     """A ``stat/<id>/RESULT`` (or STATUS) JSON object."""
-    if len(payload) > max_bytes:
-        raise Rejected("too_large", f"payload of {len(payload)} bytes > {max_bytes}")
-    data = _loads(payload)
-    if type(data) is not dict:
-        raise Rejected("not_object", "a RESULT must be a JSON object")
-    return data
+    return load_object(payload, max_bytes, "a RESULT")
 
 
 def _base_name(name: str) -> str:

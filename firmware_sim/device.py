@@ -234,6 +234,8 @@ class SimDevice:
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain),
             tls_context=ssl.create_default_context() if self.broker.tls else None,
             max_queued_incoming_messages=1000,
+            # Real firmware (lwIP, ESP-IDF) sends small MQTT packets without Nagle delays.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             logger=logger,
         )
 

@@ -101,7 +101,7 @@ async def ensure_broker(url: str, kind: BrokerKind | None = None) -> EmbeddedBro
     return broker
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Ask Linux to SIGTERM the child when this process dies (even by SIGKILL)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -133,6 +133,7 @@ class MosquittoBroker:
         conf.write_text(
             f"listener {url.port} {host}\n"
             "allow_anonymous true\n"
+            "set_tcp_nodelay true\n"
             "persistence false\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
@@ -142,7 +143,7 @@ class MosquittoBroker:
             proc = await asyncio.create_subprocess_exec(
                 binary, "-c", str(conf),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
         finally:
             log.close()

@@ -37,7 +37,7 @@ from typing import Any
 
 from firmware_sim.fleet import Fleet
 from firmware_sim.serial_device import SerialSimDevice, open_pty
-from gateway.broker import _die_with_parent
+from gateway.broker import die_with_parent
 
 logger = logging.getLogger("gateway.demo")
 
@@ -145,7 +145,7 @@ class Demo:
             stderr=asyncio.subprocess.STDOUT,
             # Its own session: Ctrl-C in a terminal signals only us; we stop it once, in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._spawn(self._relay(self.gateway.stdout), "demo.gateway-log")
 

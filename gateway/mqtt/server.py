@@ -30,7 +30,7 @@ from gateway.mqtt.events import (
 )
 from gateway.mqtt.instances import InstancePool
 from gateway.mqtt.routing import find_topic_router
-from gateway.mqtt.url import parse_broker_url
+from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
 logger = logging.getLogger("gateway.mqtt")
 
@@ -252,6 +252,7 @@ class MqttServer:
             clean_start=self.clean_start if v5 else MQTT_CLEAN_START_FIRST_ONLY,
             properties=connect_props,
             tls_context=self.broker.ssl_context(),
+            socket_options=SOCKET_OPTIONS,
             timeout=self.operation_timeout,
         )
         # Many instances may publish at once; aiomqtt's default warns past 10 pending calls.

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+#: Socket options for every broker connection we open. paho leaves Nagle's algorithm on, and
+#: with the broker's delayed ACKs each small publish then waits ~40 ms (a command round trip
+#: measured 88 ms on loopback, ~4 ms with TCP_NODELAY on both ends).
+SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ One event loop, so the in-memory channel layer and SQLite are enough (CONTRACT Â
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Any
 
@@ -21,6 +22,8 @@ from gateway.runner import (
     mqtt_bridge,
     serial_bridge,
 )
+
+logger = logging.getLogger("gateway.runner")
 
 
 class Command(BaseCommand):
@@ -90,7 +93,13 @@ async def run_gateway(
         if serial_server is not None:
             bridges["serial"] = serial_server
             # Serial devices are mirrored to the same broker the bridge uses (devices/mirror.py).
-            mirror.configure(url=mqtt_url)
+            # The mirror marks its publishes with an MQTT v5 user property so the bridge can skip
+            # their echoes; a 3.1.1-only broker (the amqtt fallback) cannot carry it.
+            if protocol == "v5":
+                mirror.configure(url=mqtt_url)
+            else:
+                mirror.configure(enabled=False)
+                logger.warning("serial mirroring is off: the broker speaks MQTT 3.1.1 only")
             # Offline until their ports open (also undoes what an unclean stop left behind).
             mark_configured_offline(serial_server.specs)
         setup = describe_setup()
