@@ -49,7 +49,7 @@ QUICK = Sizes(3000, 2.0, 2.0, 5, (100, 1000), 3000, 300, 5.0)
 FULL = Sizes(50_000, 10.0, 10.0, 50, (100, 1000, 10_000), 40_000, 5000, 30.0)
 
 
-async def run(sizes: Sizes, parts: set[str], profile: bool, experiments=()) -> Table:
+async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Table:
     """Run the selected parts and fill the table."""
     table = Table()
     base: dict[str, dict[str, float]] = {}
@@ -62,7 +62,7 @@ async def run(sizes: Sizes, parts: set[str], profile: bool, experiments=()) -> T
             base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
         if "peer" in parts:
             base["peer"] = await run_peer(url, count=sizes.peer_messages, cap=sizes.peer_cap)
-        if parts & {"memory", "latency", "commands", "idle", "scaling"}:
+        if profile or parts & {"memory", "latency", "commands", "idle", "scaling"}:
             await memory_stack(url, sizes, parts, base, table, profile, experiments)
         if "redis" in parts:
             with Redis() as redis:
@@ -70,7 +70,7 @@ async def run(sizes: Sizes, parts: set[str], profile: bool, experiments=()) -> T
     return table
 
 
-async def memory_stack(url, sizes, parts, base, table: Table, profile: bool, experiments) -> None:
+async def memory_stack(url, sizes, parts, base, table: Table, profile: int, experiments) -> None:
     """The gateway with the in-memory channel layer: every figure but the Redis rows."""
     gateway = await asyncio.to_thread(start_gateway, url, None, experiments)
     try:
@@ -107,7 +107,7 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: bool, exp
             if profile:
                 from bench.profile import profile_ingest
 
-                await profile_ingest(gateway, dash, meter, sizes.ingest * 2)
+                await profile_ingest(gateway, dash, meter, sizes.ingest * 2, profile)
             if "scaling" in parts:
                 results = {}
                 for devices in sizes.scale_devices:
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
     parser.add_argument("--messages", type=int, help="messages per 100-device ingest run")
+    parser.add_argument("--profile-devices", type=int, default=100, metavar="N")
     parser.add_argument("--skip", action="append", default=[], choices=PARTS, metavar="PART")
     parser.add_argument(
         "--experiment",
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment:
         print(f"experiments in the gateway process: {', '.join(args.experiment)}", flush=True)
     started = time.monotonic()
-    table = asyncio.run(run(sizes, set(PARTS) - set(args.skip), args.profile, args.experiment))
+    profile = args.profile_devices if args.profile else 0  # devices in the profiled run
+    table = asyncio.run(run(sizes, set(PARTS) - set(args.skip), profile, args.experiment))
     print(table.render())
     print(f"({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
     return 0

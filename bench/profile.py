@@ -62,8 +62,10 @@ def summarise(raw: str, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-async def profile_ingest(gateway: GatewayProcess, dash: Dashboard, meter: Meter, count: int) -> str:
-    """py-spy the gateway while `count` QoS 0 messages from 100 devices go through."""
+async def profile_ingest(
+    gateway: GatewayProcess, dash: Dashboard, meter: Meter, count: int, devices: int = 100
+) -> str:
+    """py-spy the gateway while `count` QoS 0 messages from `devices` devices go through."""
     spy = ensure_venv() / "py-spy"
     out_dir = ROOT / "bench" / "profiles"
     out_dir.mkdir(exist_ok=True)
@@ -77,14 +79,15 @@ async def profile_ingest(gateway: GatewayProcess, dash: Dashboard, meter: Meter,
     await asyncio.sleep(1.0)
     try:
         result = await scenarios.ingest(
-            gateway, dash, meter, prefix="prof", devices=100, count=count
+            gateway, dash, meter, prefix=f"prof{devices}", devices=devices, count=count
         )
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 30)
     summary = summarise(out.read_text()) if out.exists() else "py-spy wrote nothing"
     text = (
-        f"profile of one QoS 0 ingest ({result['messages']:,} msgs, {result['rate']:,.0f} msg/s,"
+        f"profile of one QoS 0 ingest ({result['messages']:,} msgs from {devices:,} devices, "
+        f"{result['rate']:,.0f} msg/s,"
         f" {result['cpu_us']:.0f} µs/msg under py-spy), raw stacks in {out}\n{summary}"
     )
     print(text, flush=True)
