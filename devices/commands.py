@@ -417,6 +417,11 @@ _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CommandTimers] = (
 )
 
 
+def current_timers() -> CommandTimers | None:
+    """The running event loop's command timers if any were started (never starts them)."""
+    return _timers.get(asyncio.get_running_loop())
+
+
 def get_timers() -> CommandTimers:
     """The command timers of the running event loop, created (and recovered) on first use."""
     loop = asyncio.get_running_loop()

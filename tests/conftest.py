@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from channels.layers import get_channel_layer
 
 from tests.support.servers import Mosquitto, Redis
 
@@ -19,3 +20,33 @@ def redis_server():
     """A private redis-server for one test; `.stop()`/`.start()` restart it on the same port."""
     with Redis() as server:
         yield server
+
+
+@pytest.fixture
+async def layer():
+    """The process's in-memory channel layer, empty, for one test in its own event loop.
+
+    On the way out it stops what the test's loop started lazily (the telemetry pipeline,
+    command timers), so nothing of one test's loop leaks into the next.
+    """
+    from devices.commands import current_timers
+    from devices.pipeline import current_pipeline
+
+    channel_layer = get_channel_layer()
+    await channel_layer.flush()
+    yield channel_layer
+    pipeline = current_pipeline()
+    if pipeline is not None:
+        await pipeline.close()
+    timers = current_timers()
+    if timers is not None:
+        timers.cancel_all()
+    await channel_layer.flush()
+
+
+@pytest.fixture
+async def dashboard(layer):
+    """A channel in group `dashboard`, as one browser's consumer would be."""
+    channel = await layer.new_channel()
+    await layer.group_add("dashboard", channel)
+    return channel

@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.contrib.auth.models import Permission, User
 from django.test import AsyncClient
 
@@ -19,15 +18,6 @@ from devices.models import Command, Device
 pytestmark = pytest.mark.django_db(transaction=True)
 
 URL = "/api/devices/d1/commands"
-
-
-@pytest.fixture
-async def layer():
-    channel_layer = get_channel_layer()
-    await channel_layer.flush()
-    yield channel_layer
-    commands.get_timers().cancel_all()
-    await channel_layer.flush()
 
 
 @pytest.fixture

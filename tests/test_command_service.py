@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 
@@ -17,22 +16,6 @@ from devices.models import Command, Device
 from gateway.metrics import COMMANDS
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-async def layer():
-    channel_layer = get_channel_layer()
-    await channel_layer.flush()
-    yield channel_layer
-    commands.get_timers().cancel_all()
-    await channel_layer.flush()
-
-
-@pytest.fixture
-async def dashboard(layer):
-    channel = await layer.new_channel()
-    await layer.group_add("dashboard", channel)
-    return channel
 
 
 @pytest.fixture

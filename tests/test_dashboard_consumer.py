@@ -12,7 +12,6 @@ import uvicorn
 import websockets
 from asgiref.sync import sync_to_async
 from channels.auth import AuthMiddlewareStack
-from channels.layers import get_channel_layer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
@@ -60,14 +59,6 @@ def session_cookie(django_user_model) -> str:
     client = Client()
     client.force_login(user)
     return client.cookies[settings.SESSION_COOKIE_NAME].value
-
-
-@pytest.fixture
-async def layer():
-    channel_layer = get_channel_layer()
-    await channel_layer.flush()
-    yield channel_layer
-    await channel_layer.flush()
 
 
 async def connect(cookie, app=None, **header_kwargs) -> WebsocketCommunicator:

@@ -8,7 +8,6 @@ import logging
 import orjson
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 
 from devices.models import Device, Reading
 from devices.pipeline import current_pipeline
@@ -19,24 +18,6 @@ from gateway.mqtt.testing import MqttCommunicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TS = 1_764_214_000.0
-
-
-@pytest.fixture
-async def layer():
-    layer = get_channel_layer()
-    await layer.flush()
-    yield layer
-    pipeline = current_pipeline()
-    if pipeline is not None:
-        await pipeline.close()
-    await layer.flush()
-
-
-@pytest.fixture
-async def dashboard(layer):
-    channel = await layer.new_channel()
-    await layer.group_add("dashboard", channel)
-    return channel
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import time
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
@@ -23,23 +22,6 @@ from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TS = 1_764_214_000.0
-
-
-@pytest.fixture
-async def layer():
-    """The process's in-memory channel layer, emptied before and after the test."""
-    layer = get_channel_layer()
-    await layer.flush()
-    yield layer
-    await layer.flush()
-
-
-@pytest.fixture
-async def dashboard(layer):
-    """A channel in the `dashboard` group, like one browser's consumer."""
-    channel = await layer.new_channel()
-    await layer.group_add("dashboard", channel)
-    return channel
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ import aiomqtt
 import orjson
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 
 from devices import commands, mirror
 from devices.models import Command, Device, Reading
-from devices.pipeline import current_pipeline, get_pipeline
+from devices.pipeline import get_pipeline
 from devices.serial_consumer import SerialDeviceConsumer, derive_device_id, device_id_for_scope
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.events import properties_to_dict
@@ -34,25 +33,6 @@ def no_mirror():
     mirror.configure(enabled=False)
     yield
     mirror._config.update(saved)
-
-
-@pytest.fixture
-async def layer():
-    layer = get_channel_layer()
-    await layer.flush()
-    yield layer
-    await layer.flush()
-
-
-@pytest.fixture
-async def dashboard(layer):
-    """A member of group `dashboard`, like one browser's consumer."""
-    channel = await layer.new_channel()
-    await layer.group_add("dashboard", channel)
-    yield channel
-    pipeline = current_pipeline()
-    if pipeline is not None:
-        await pipeline.close()
 
 
 async def frames_until(layer, channel, predicate, timeout: float = 10.0) -> dict[str, Any]:

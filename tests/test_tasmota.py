@@ -12,7 +12,6 @@ from typing import Any
 import orjson
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 
 from devices import commands
 from devices.models import Command, Device, Reading
@@ -37,26 +36,6 @@ STATE = (
     b'{"Time":"2026-11-27T05:46:00","Uptime":"0T00:01:00","UptimeSec":60,"SleepMode":"Dynamic",'
     b'"POWER":"ON","Wifi":{"RSSI":70,"Signal":-65,"SSId":"net"}}'
 )
-
-
-@pytest.fixture
-async def layer():
-    layer = get_channel_layer()
-    await layer.flush()
-    yield layer
-    pipeline = current_pipeline()
-    if pipeline is not None:
-        await pipeline.close()
-    with contextlib.suppress(RuntimeError):
-        commands.get_timers().cancel_all()
-    await layer.flush()
-
-
-@pytest.fixture
-async def dashboard(layer):
-    channel = await layer.new_channel()
-    await layer.group_add("dashboard", channel)
-    return channel
 
 
 async def frame(layer, channel, predicate: Callable[[dict], bool], wait: float = 10.0) -> dict:
