@@ -82,6 +82,29 @@ def _read_burst(paho: Any, pool: InstancePool, max_packets: int = 1) -> Any:
     return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
+def _share_property_tables() -> None:
+    """Make paho's `Properties()` share its lookup tables instead of rebuilding them.
+
+    paho 2.2 builds three tables (27 entries, a `list.index` each) in every `Properties`, and
+    decodes one for each MQTT v5 PUBLISH received: 17 % of the gateway's CPU under load
+    (docs/performance.md, profile finding 3). They are only ever read, so one copy is shared.
+    """
+    if getattr(Properties, "_gateway_shared_tables", False):
+        return
+    template = Properties(PacketTypes.PUBLISH)
+    tables = (template.types, template.names, template.properties)
+
+    def __init__(self: Properties, packetType: int) -> None:
+        self.packetType = packetType
+        self.types, self.names, self.properties = tables
+
+    Properties.__init__ = __init__  # type: ignore[method-assign]
+    Properties._gateway_shared_tables = True  # type: ignore[attr-defined]
+
+
+_share_property_tables()
+
+
 class MqttServer:
     """Serves the `mqtt` routes of an ASGI application over one broker connection."""
 
