@@ -27,7 +27,7 @@ from bench.report import Table
 from tests.support.servers import Mosquitto, Redis
 
 # Patches of the gateway process, in bench/experiments/sitecustomize.py.
-EXPERIMENTS = ("amortized-clean", "no-deflate", "fast-properties")
+EXPERIMENTS = ("amortized-clean", "no-deflate")
 PARTS = ("bare", "peer", "memory", "redis", "latency", "commands", "idle", "scaling")
 
 

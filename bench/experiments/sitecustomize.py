@@ -8,8 +8,8 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   every group on each ``group_send`` and ``receive`` (O(devices) per fan-out); run it at most
   once a second instead (messages expire after 60 s, so nothing is kept noticeably longer).
 - ``no-deflate``: uvicorn without permessage-deflate on WebSockets.
-- ``fast-properties``: paho's ``Properties.__init__`` rebuilds three lookup tables (27 entries,
-  a ``list.index`` each) for every MQTT v5 PUBLISH received; share one read-only copy instead.
+(``fast-properties``, sharing paho's Properties tables, was one; it is now in
+``gateway/mqtt/server.py``.)
 """
 
 from __future__ import annotations
@@ -46,25 +46,6 @@ def _no_deflate() -> None:
     uvicorn.config.Config.__init__ = __init__
 
 
-def _fast_properties() -> None:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    template = Properties(PacketTypes.PUBLISH)
-
-    def __init__(self, packetType) -> None:
-        self.packetType = packetType
-        self.types, self.names, self.properties = (
-            template.types,
-            template.names,
-            template.properties,
-        )
-
-    Properties.__init__ = __init__
-
-
-if "fast-properties" in _EXPERIMENTS:
-    _fast_properties()
 if "amortized-clean" in _EXPERIMENTS:
     _amortize_clean()
 if "no-deflate" in _EXPERIMENTS:
