@@ -227,11 +227,10 @@
 
   function reloadAll() {
     generation += 1;
-    for (const [metric, chart] of charts) {
-      chart.xs = [];
-      chart.ys = [];
-      loadHistory(metric, chart, generation);
-    }
+    // Keep what is shown until the new history arrives: loadHistory replaces it and keeps
+    // the live points newer than the history (the gateway writes readings in batches, so
+    // the newest may not be stored yet).
+    for (const [metric, chart] of charts) loadHistory(metric, chart, generation);
   }
 
   for (const button of document.querySelectorAll("#windows button")) {
