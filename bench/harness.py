@@ -148,11 +148,13 @@ class Dashboard:
         frame = {"type": "command", "device": device, "name": name, "args": args, "ref": ref}
         sent = time.time()
         await self._ws.send(orjson.dumps(frame).decode())
+        stages: dict[str, float] = {}  # status → seconds after sending
         try:
             while True:
                 reply = await queue.get()
+                stages.setdefault(str(reply.get("status")), reply["_t"] - sent)
                 if reply["type"] == "error" or reply.get("status") in FINAL:
-                    return {**reply, "_rtt": reply["_t"] - sent}
+                    return {**reply, "_rtt": reply["_t"] - sent, "_stages": stages}
         finally:
             del self._commands[ref]
 

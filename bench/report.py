@@ -77,7 +77,8 @@ class Table:
             return
         self.add(
             "command round trip p50/p99",
-            f"{_ms(res['p50'])} / {_ms(res['p99'])}",
+            f"{_ms(res['p50'])} / {_ms(res['p99'])} (p50 `pending` at "
+            f"{_ms(res['pending_p50'])}, `sent` at {_ms(res['sent_p50'])})",
             f"MQTT only {_ms(res['base_p50'])} / {_ms(res['base_p99'])}",
             "",
             "-",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 import time
 import uuid
@@ -165,6 +166,8 @@ async def commands(dash: Dashboard, url: str, *, rounds: int) -> dict[str, Any]:
     """Command round trips dashboard → device → ack → dashboard, and the bare MQTT round trip."""
     device = "quiet-0001"
     rtts: list[float] = []
+    sent_at: list[float] = []  # when the `sent` frame arrived (the gateway published it)
+    pending_at: list[float] = []  # when the `pending` frame arrived (command stored)
     for i in range(rounds):
         reply = await asyncio.wait_for(
             dash.command(f"bench-{i}", device, "relay", {"state": bool(i % 2)}), 30
@@ -173,10 +176,14 @@ async def commands(dash: Dashboard, url: str, *, rounds: int) -> dict[str, Any]:
             why = reply.get("message") or reply.get("error") or reply.get("status")
             return {"error": f"{reply.get('code') or reply.get('status')}: {why}"}
         rtts.append(reply["_rtt"])
+        sent_at.append(reply["_stages"].get("sent", float("nan")))
+        pending_at.append(reply["_stages"].get("pending", float("nan")))
     direct = await mqtt_round_trips(url, device, rounds)
     return {
         "p50": percentile(rtts, 0.5),
         "p99": percentile(rtts, 0.99),
+        "sent_p50": percentile(sent_at, 0.5),
+        "pending_p50": percentile(pending_at, 0.5),
         "base_p50": percentile(direct, 0.5),
         "base_p99": percentile(direct, 0.99),
     }
@@ -186,7 +193,8 @@ async def mqtt_round_trips(url: str, device: str, rounds: int) -> list[float]:
     """The floor: publish a command straight to the device and wait for its ack over MQTT."""
     port = int(url.rsplit(":", 1)[1])
     out = []
-    async with aiomqtt.Client("127.0.0.1", port) as client:
+    nodelay = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)  # as the gateway and the sim
+    async with aiomqtt.Client("127.0.0.1", port, socket_options=nodelay) as client:
         await client.subscribe(f"devices/{device}/commands/ack", qos=1)
         for i in range(rounds):
             cid = str(uuid.uuid4())
