@@ -129,6 +129,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer: REDIS_URL → channels-redis, else in-memory ---------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+# Ten years: Channels expires group memberships after a day by default, which would silently
+# cut long-running device and dashboard consumers off their groups.
+GROUP_EXPIRY = 10 * 365 * 86400
 if REDIS_URL:
     # The pub/sub layer: ~6-7k group sends/s here where the list-based RedisChannelLayer did
     # ~1k and lost messages under load (STYLE.md, "Queues and hot paths").
@@ -141,10 +144,13 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # Channels' in-memory layer with its expiry sweep throttled (gateway/layers.py).
+            "BACKEND": "gateway.layers.ThrottledInMemoryChannelLayer",
             # Default capacity is 100 and group_send drops silently past it; our fan-out sends
             # one batch per flush, so 1000 pending batches per channel is ample headroom.
-            "CONFIG": {"capacity": 1000, "expiry": 60},
+            # Group memberships must outlive the default day: a device or dashboard consumer
+            # joins its groups once and may run for months.
+            "CONFIG": {"capacity": 1000, "expiry": 60, "group_expiry": GROUP_EXPIRY},
         }
     }
 
