@@ -16,7 +16,7 @@ from typing import Any
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTTErrorCode
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -30,6 +30,7 @@ from gateway.mqtt.events import (
 )
 from gateway.mqtt.instances import InstancePool
 from gateway.mqtt.routing import find_topic_router
+from gateway.mqtt.tuning import inbox_type, read_burst, share_property_tables
 from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
 logger = logging.getLogger("gateway.mqtt")
@@ -37,72 +38,6 @@ logger = logging.getLogger("gateway.mqtt")
 PROTOCOLS = {"v5": aiomqtt.ProtocolVersion.V5, "v311": aiomqtt.ProtocolVersion.V311}
 # CONNACK codes meaning "this broker does not speak the protocol version we asked for".
 _UNSUPPORTED_VERSION = {1, 0x84}
-# Packets read per "socket readable" event at most (bounds one loop turn's work).
-READ_BURST = 64
-
-
-def _inbox_type(limit: int, holder: list[asyncio.Queue[Any]]) -> type[asyncio.Queue[Any]]:
-    """aiomqtt's incoming-message queue, bounded our way and visible to the receive loop.
-
-    QoS 0 messages past `limit` are dropped and counted (reason `inbox_full`). QoS≥1 messages are
-    always kept: we acknowledge them only once routed, so the broker never has more than
-    Receive Maximum (v5) / its max_inflight_messages (v3.1.1) of them outstanding to us.
-    """
-
-    class Inbox(asyncio.Queue):  # type: ignore[type-arg]
-        def __init__(self, maxsize: int = 0) -> None:
-            super().__init__()
-            holder.append(self)
-
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            if item.qos == 0 and self.qsize() >= limit:
-                metrics.MQTT_MESSAGES_DROPPED.labels("inbox_full").inc()
-                return
-            super().put_nowait(item)
-
-    return Inbox
-
-
-def _read_burst(paho: Any, pool: InstancePool, max_packets: int = 1) -> Any:
-    """paho's loop_read, reading up to READ_BURST packets while the socket has data.
-
-    Profiled (docs/performance.md): one packet per loop turn made every message pay a loop
-    turn, a group_send and a WebSocket frame; a burst lets the pipeline batch them. While an
-    instance's queue is past its high-water mark, one packet per turn as paho does, so busy
-    instances catch up instead of overflowing (QoS 0 drops).
-    """
-    for _ in range(1 if pool.pressured else READ_BURST):
-        if paho._sock is None:
-            return MQTTErrorCode.MQTT_ERR_NO_CONN
-        rc = paho._packet_read()
-        if rc > 0:
-            return paho._loop_rc_handle(rc)
-        if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-            break
-    return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-
-def _share_property_tables() -> None:
-    """Make paho's `Properties()` share its lookup tables instead of rebuilding them.
-
-    paho 2.2 builds three tables (27 entries, a `list.index` each) in every `Properties`, and
-    decodes one for each MQTT v5 PUBLISH received: 17 % of the gateway's CPU under load
-    (docs/performance.md, profile finding 3). They are only ever read, so one copy is shared.
-    """
-    if getattr(Properties, "_gateway_shared_tables", False):
-        return
-    template = Properties(PacketTypes.PUBLISH)
-    tables = (template.types, template.names, template.properties)
-
-    def __init__(self: Properties, packetType: int) -> None:
-        self.packetType = packetType
-        self.types, self.names, self.properties = tables
-
-    Properties.__init__ = __init__  # type: ignore[method-assign]
-    Properties._gateway_shared_tables = True  # type: ignore[attr-defined]
-
-
-_share_property_tables()
 
 
 class MqttServer:
@@ -133,6 +68,7 @@ class MqttServer:
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}")
+        share_property_tables()
         self.application = application
         self.router = find_topic_router(application)
         self.broker = parse_broker_url(url)
@@ -266,7 +202,7 @@ class MqttServer:
             password=self.broker.password,
             logger=logging.getLogger("aiomqtt"),
             identifier=self.client_id,
-            queue_type=_inbox_type(self.inbox_size, holder),
+            queue_type=inbox_type(self.inbox_size, holder),
             protocol=PROTOCOLS[self.protocol],
             will=will,
             clean_session=None if v5 else self.clean_start,
@@ -294,7 +230,7 @@ class MqttServer:
         paho.on_connect = record_connack
         # aiomqtt calls paho's loop_read() once per "socket readable" event, and paho reads one
         # packet per call, so each message cost a whole event-loop turn (and its own fan-out).
-        paho.loop_read = functools.partial(_read_burst, paho, self._pool)
+        paho.loop_read = functools.partial(read_burst, paho, self._pool)
         return client, holder
 
     async def _connection_loop(self) -> None:

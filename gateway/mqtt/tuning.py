@@ -1,0 +1,84 @@
+"""How the MQTT server adapts aiomqtt and paho for throughput (each measured, see
+docs/performance.md): a bounded inbox with our drop policy, bursts of packets per socket read,
+and paho `Properties` lookup tables shared instead of rebuilt per message.
+
+These reach into paho/aiomqtt internals (`_sock`, `_packet_read`, `_loop_rc_handle`,
+`Properties.__init__`); re-check them when either is upgraded (pinned in requirements.txt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.client import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import metrics
+from gateway.mqtt.instances import InstancePool
+
+# Packets read per "socket readable" event at most (bounds one loop turn's work).
+READ_BURST = 64
+
+
+def inbox_type(limit: int, holder: list[asyncio.Queue[Any]]) -> type[asyncio.Queue[Any]]:
+    """aiomqtt's incoming-message queue, bounded our way and visible to the receive loop.
+
+    QoS 0 messages past `limit` are dropped and counted (reason `inbox_full`). QoS≥1 messages are
+    always kept: we acknowledge them only once routed, so the broker never has more than
+    Receive Maximum (v5) / its max_inflight_messages (v3.1.1) of them outstanding to us.
+    """
+
+    class Inbox(asyncio.Queue):  # type: ignore[type-arg]
+        def __init__(self, maxsize: int = 0) -> None:
+            super().__init__()
+            holder.append(self)
+
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            if item.qos == 0 and self.qsize() >= limit:
+                metrics.MQTT_MESSAGES_DROPPED.labels("inbox_full").inc()
+                return
+            super().put_nowait(item)
+
+    return Inbox
+
+
+def read_burst(paho: Any, pool: InstancePool, max_packets: int = 1) -> Any:
+    """paho's loop_read, reading up to READ_BURST packets while the socket has data.
+
+    Profiled (docs/performance.md): one packet per loop turn made every message pay a loop
+    turn, a group_send and a WebSocket frame; a burst lets the pipeline batch them. While an
+    instance's queue is past its high-water mark, one packet per turn as paho does, so busy
+    instances catch up instead of overflowing (QoS 0 drops).
+    """
+    for _ in range(1 if pool.pressured else READ_BURST):
+        if paho._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        rc = paho._packet_read()
+        if rc > 0:
+            return paho._loop_rc_handle(rc)
+        if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+            break
+    return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def share_property_tables() -> None:
+    """Make paho's `Properties()` share its lookup tables instead of rebuilding them.
+
+    paho 2.2 builds three tables (27 entries, a `list.index` each) in every `Properties`, and
+    decodes one for each MQTT v5 PUBLISH received: 17 % of the gateway's CPU under load
+    (docs/performance.md, profile finding 3). They are only ever read, so one copy is shared.
+    """
+    if getattr(Properties, "_gateway_shared_tables", False):
+        return
+    template = Properties(PacketTypes.PUBLISH)
+    tables = (template.types, template.names, template.properties)
+
+    def __init__(self: Properties, packetType: int) -> None:
+        self.packetType = packetType
+        self.types, self.names, self.properties = tables
+
+    Properties.__init__ = __init__  # type: ignore[method-assign]
+    Properties._gateway_shared_tables = True  # type: ignore[attr-defined]
