@@ -246,3 +246,24 @@ def test_only_loopback_gets_an_anonymous_broker():
     assert not embedded.is_loopback("0.0.0.0")
     assert not embedded.is_loopback("10.1.2.3")
     assert not embedded.is_loopback("broker.example")
+
+
+async def test_accepted_http_connections_have_nagle_off():
+    """Dashboard frames go out at once, not after the browser's delayed ACK (~40 ms)."""
+    from gateway.runner import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    sock.listen()
+    accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport):
+            raw = transport.get_extra_info("socket")
+            accepted.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    server = await asyncio.get_running_loop().create_server(Server, sock=sock)
+    async with server:
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
