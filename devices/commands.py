@@ -30,6 +30,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from devices.models import FINAL_STATUSES, Command, CommandStatus, Device
+from devices.pipeline import flush_if_pending
 from gateway.exceptions import GatewayError
 from gateway.metrics import COMMANDS
 
@@ -169,7 +170,7 @@ async def submit(user: Any, device_id: str, data: Any, ref: Any = None) -> Comma
     except CommandError as exc:
         # A device heard a moment ago may still wait in this process's telemetry pipeline
         # (batched writes): write it, then try once more.
-        if exc.code != "unknown_device" or not await _flush_if_pending(device_id):
+        if exc.code != "unknown_device" or not await flush_if_pending(device_id):
             raise
         command = await database_sync_to_async(create_command)(user, device_id, data)
     await announce(command, ref=ref)
@@ -183,17 +184,6 @@ async def submit(user: Any, device_id: str, data: Any, ref: Any = None) -> Comma
         except Exception:  # stored and held: the consumer picks it up when the device shows up
             logger.exception("command %s: could not reach the device's consumer", command.id)
     return command
-
-
-async def _flush_if_pending(device_id: str) -> bool:
-    """Flush this loop's telemetry pipeline if it holds `device_id` unwritten; True if so."""
-    from devices.pipeline import current_pipeline
-
-    pipeline = current_pipeline()
-    if pipeline is None or device_id not in pipeline.pending_devices():
-        return False
-    await pipeline.flush()
-    return True
 
 
 # -- transitions (sync ORM; each one a conditional UPDATE) --------------------------------

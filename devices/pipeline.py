@@ -430,6 +430,19 @@ def current_pipeline() -> TelemetryPipeline | None:
     return _pipelines.get(loop)
 
 
+async def flush_if_pending(device_id: str) -> bool:
+    """Write what this loop's pipeline holds if any of it is `device_id`'s; True if it did.
+
+    For readers that must see a reading received a moment ago (history, commands to a device
+    heard for the first time), instead of up to one batch delay late.
+    """
+    pipeline = current_pipeline()
+    if pipeline is None or device_id not in pipeline.pending_devices():
+        return False
+    await pipeline.flush()
+    return True
+
+
 def merge_pending(
     devices: Iterable[dict[str, Any]], pending: Mapping[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:

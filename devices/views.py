@@ -14,13 +14,14 @@ from inspect import iscoroutinefunction
 from typing import Any
 
 import orjson
+from channels.db import database_sync_to_async
 from django.db.models import Avg, Count, F, FloatField, Func, Max, Min, Value
 from django.db.models.functions import Floor
 from django.http import HttpRequest, HttpResponse
 
 from devices.models import Device, Reading
 from devices.parsing import MS_THRESHOLD, valid_device_id
-from devices.pipeline import snapshot_overlay
+from devices.pipeline import flush_if_pending, snapshot_overlay
 
 DEFAULT_MAX_POINTS = 1000
 MAX_POINTS_CAP = 10_000
@@ -149,8 +150,12 @@ def history(device_id: str, metric: str, since, until, max_points: int) -> list[
 
 
 @api_view
-def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse:
-    """``{"device", "metric", "points": [[epoch_seconds, value], …]}``, at most max_points."""
+async def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse:
+    """``{"device", "metric", "points": [[epoch_seconds, value], …]}``, at most max_points.
+
+    Readings this process holds for the device but has not written yet are written first, so
+    a chart opened right after a reading includes it.
+    """
     params = request.GET
     metric = params.get("metric", "")
     try:
@@ -163,7 +168,10 @@ def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse:
             raise BadParam("since is after until")
     except BadParam as exc:
         return json_error(400, str(exc))
-    if not valid_device_id(device_id) or not Device.objects.filter(id=device_id).exists():
+    if not valid_device_id(device_id):
         return json_error(404, f"unknown device {device_id!r}")
-    points = history(device_id, metric, since, until, max_points)
+    await flush_if_pending(device_id)
+    if not await Device.objects.filter(id=device_id).aexists():
+        return json_error(404, f"unknown device {device_id!r}")
+    points = await database_sync_to_async(history)(device_id, metric, since, until, max_points)
     return json_response({"device": device_id, "metric": metric, "points": points})

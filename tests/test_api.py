@@ -12,7 +12,6 @@ from django.test import AsyncClient
 from devices.models import Device, Reading
 from devices.pipeline import get_pipeline
 
-# WhiteNoise warns when STATIC_ROOT was never collected (tests don't run collectstatic).
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 URL = "/api/devices/d1/telemetry"
 
@@ -112,6 +111,19 @@ async def test_device_list_includes_values_not_yet_written(user):
         assert body["new-one"]["name"] == "new-one"
     finally:
         await pipeline.close()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_history_includes_a_reading_not_yet_written(user, layer):
+    """A chart opened right after a reading shows it: the API writes what is pending first."""
+    pipeline = get_pipeline()
+    pipeline.batch_delay = 3600  # without the flush the reading would stay pending
+    pipeline.submit_reading("fresh", "mqtt", T0.timestamp(), {"temp": 21.5})
+    client = AsyncClient()
+    await client.aforce_login(user)
+    response = await client.get("/api/devices/fresh/telemetry", {"metric": "temp"})
+    assert response.status_code == 200, response.content
+    assert response.json()["points"] == [[T0.timestamp(), 21.5]]
 
 
 # -- history -------------------------------------------------------------------------------
