@@ -14,7 +14,7 @@ from inspect import iscoroutinefunction
 from typing import Any
 
 import orjson
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
 from django.db.models import Avg, Count, F, FloatField, Func, Max, Min, Value
 from django.db.models.functions import Floor
 from django.http import HttpRequest, HttpResponse
@@ -173,5 +173,5 @@ async def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse
     await flush_if_pending(device_id)
     if not await Device.objects.filter(id=device_id).aexists():
         return json_error(404, f"unknown device {device_id!r}")
-    points = await database_sync_to_async(history)(device_id, metric, since, until, max_points)
+    points = await sync_to_async(history)(device_id, metric, since, until, max_points)
     return json_response({"device": device_id, "metric": metric, "points": points})

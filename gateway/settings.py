@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import socket
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -125,6 +126,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
+    # Tests use a file too, not Django's shared-cache in-memory database: there a second
+    # connection (the telemetry writer's thread) gets "database table is locked" at once
+    # instead of waiting, which is not how the gateway runs. One file per test process.
+    DATABASES["default"]["TEST"] = {
+        "NAME": str(Path(tempfile.gettempdir()) / f"gateway-test-{os.getpid()}.sqlite3")
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer: REDIS_URL → channels-redis, else in-memory ---------------------------
