@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from channels.layers import get_channel_layer
 
 from tests.support.servers import Mosquitto, Redis
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_database_leftovers():
+    """Remove the SQLite test file's WAL companions Django leaves behind after destroying it."""
+    yield
+    from django.conf import settings
+
+    name = settings.DATABASES["default"].get("TEST", {}).get("NAME")
+    if name:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{name}{suffix}").unlink(missing_ok=True)
 
 
 @pytest.fixture
