@@ -75,45 +75,59 @@ class DeviceConsumer(MqttConsumer):
         """``device.<id>``, where commands for this device arrive (none for a bad id)."""
         return [f"device.{self.device_id}"] if self.valid else []
 
+    #: Names this convention in log lines.
+    label = "device"
+
     async def mqtt_message(self, event: dict[str, Any]) -> None:
-        """Parse one message by the pattern it matched; count it if rejected."""
+        """Handle one message by the pattern it matched; count it if rejected.
+
+        The boundary every convention shares: a bad id, a rejection or a bug costs this one
+        message (counted by reason), never the device or the next message.
+        """
         if not self.valid:
             MESSAGES_REJECTED.labels(reason="bad_device_id").inc()
             return
         if is_mirror_echo(event.get("properties")):
             return  # our own mirror of a serial device: already stored by the serial bridge
         try:
-            pattern = event.get("pattern")
-            payload = event["payload"]
-            if pattern == TELEMETRY:
-                t = parse_telemetry(payload, time.time(), self.max_bytes)
-                get_pipeline().submit_reading(self.device_id, self.transport, t.ts, t.metrics)
-                await self.set_online(True)
-            elif pattern == METRIC:
-                name = event["params"].get("metric")
-                if not valid_metric_name(name):
-                    raise Rejected("bad_value", f"bad metric name {name!r}")
-                value = parse_metric_value(payload)
-                get_pipeline().submit_reading(
-                    self.device_id, self.transport, time.time(), {name: value}
-                )
-                await self.set_online(True)
-            elif pattern == STATUS:
-                online = parse_status(payload)
-                get_pipeline().submit_status(self.device_id, self.transport, online, time.time())
-                await self.set_online(online)
-            elif pattern == ACK:
-                ack = parse_ack(payload, self.max_bytes)
-                await self.set_online(True)
-                await self.handle_ack(ack)
-            else:
-                raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
+            await self.handle_message(event.get("pattern"), event)
         except Rejected as exc:
             MESSAGES_REJECTED.labels(reason=exc.reason).inc()
-            logger.debug("device %s: rejected %s: %s", self.device_id, event.get("topic"), exc)
+            logger.debug(
+                "%s %s: rejected %s: %s", self.label, self.device_id, event.get("topic"), exc
+            )
         except Exception:
             MESSAGES_REJECTED.labels(reason="consumer_error").inc()
-            logger.exception("device %s: error handling %r", self.device_id, event.get("topic"))
+            logger.exception(
+                "%s %s: error handling %r", self.label, self.device_id, event.get("topic")
+            )
+
+    async def handle_message(self, pattern: str | None, event: dict[str, Any]) -> None:
+        """One native message (CONTRACT §3); raises `Rejected` for bad input."""
+        payload = event["payload"]
+        if pattern == TELEMETRY:
+            t = parse_telemetry(payload, time.time(), self.max_bytes)
+            get_pipeline().submit_reading(self.device_id, self.transport, t.ts, t.metrics)
+            await self.set_online(True)
+        elif pattern == METRIC:
+            name = event["params"].get("metric")
+            if not valid_metric_name(name):
+                raise Rejected("bad_value", f"bad metric name {name!r}")
+            value = parse_metric_value(payload)
+            get_pipeline().submit_reading(
+                self.device_id, self.transport, time.time(), {name: value}
+            )
+            await self.set_online(True)
+        elif pattern == STATUS:
+            online = parse_status(payload)
+            get_pipeline().submit_status(self.device_id, self.transport, online, time.time())
+            await self.set_online(online)
+        elif pattern == ACK:
+            ack = parse_ack(payload, self.max_bytes)
+            await self.set_online(True)
+            await self.handle_ack(ack)
+        else:
+            raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
 
     async def handle_ack(self, ack: Ack) -> None:
         """Finish the command the ack names (`devices.commands`); unknown ids are rejected."""

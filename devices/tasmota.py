@@ -58,7 +58,6 @@ from devices.parsing import (
 )
 from devices.pipeline import get_pipeline
 from gateway.exceptions import BrokerUnavailable
-from gateway.metrics import MESSAGES_REJECTED
 
 logger = logging.getLogger(__name__)
 
@@ -133,37 +132,28 @@ class TasmotaConsumer(DeviceConsumer):
         # (command id, command name) sent and not yet answered, oldest first.
         self.awaiting: deque[tuple[str, str]] = deque()
 
-    async def mqtt_message(self, event: dict[str, Any]) -> None:
-        """Handle one message by the pattern it matched; count it if rejected."""
-        if not self.valid:
-            MESSAGES_REJECTED.labels(reason="bad_device_id").inc()
-            return
-        try:
-            pattern = event.get("pattern")
-            payload = event["payload"]
-            pipeline = get_pipeline()
-            if pattern == SENSOR:
-                t = parse_telemetry(payload, time.time(), self.max_bytes)
-                pipeline.submit_reading(self.device_id, self.transport, time.time(), t.metrics)
-                await self.set_online(True)
-            elif pattern == STATE:
-                metrics = parse_state(payload, self.max_bytes)
-                pipeline.submit_reading(self.device_id, self.transport, time.time(), metrics)
-                await self.set_online(True)
-            elif pattern == LWT:
-                online = parse_status(payload)
-                pipeline.submit_status(self.device_id, self.transport, online, time.time())
-                await self.set_online(online)
-            elif pattern == STAT:
-                await self.handle_stat(event["params"].get("kind", ""), payload)
-            else:
-                raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
-        except Rejected as exc:
-            MESSAGES_REJECTED.labels(reason=exc.reason).inc()
-            logger.debug("tasmota %s: rejected %s: %s", self.device_id, event.get("topic"), exc)
-        except Exception:
-            MESSAGES_REJECTED.labels(reason="consumer_error").inc()
-            logger.exception("tasmota %s: error handling %r", self.device_id, event.get("topic"))
+    label = "tasmota"
+
+    async def handle_message(self, pattern: str | None, event: dict[str, Any]) -> None:
+        """One Tasmota message (``tele/``, ``stat/``); raises `Rejected` for bad input."""
+        payload = event["payload"]
+        pipeline = get_pipeline()
+        if pattern == SENSOR:
+            t = parse_telemetry(payload, time.time(), self.max_bytes)
+            pipeline.submit_reading(self.device_id, self.transport, time.time(), t.metrics)
+            await self.set_online(True)
+        elif pattern == STATE:
+            metrics = parse_state(payload, self.max_bytes)
+            pipeline.submit_reading(self.device_id, self.transport, time.time(), metrics)
+            await self.set_online(True)
+        elif pattern == LWT:
+            online = parse_status(payload)
+            pipeline.submit_status(self.device_id, self.transport, online, time.time())
+            await self.set_online(online)
+        elif pattern == STAT:
+            await self.handle_stat(event["params"].get("kind", ""), payload)
+        else:
+            raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
 
     async def handle_stat(self, kind: str, payload: bytes) -> None:
         """``stat/<id>/<kind>``: relay state, command results, Status answers."""
