@@ -25,18 +25,10 @@ import aiomqtt
 import pytest
 
 from firmware_sim.fleet import Fleet
+from tests.support.browser import CHROMIUM, launch
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import Mosquitto
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 UPLOT = ROOT / "node_modules" / "uplot" / "dist" / "uPlot.iife.min.js"
 PASSWORD = secrets.token_urlsafe(12)
 XSS_NAME = "<img src=x onerror=alert('name')>"
@@ -69,9 +61,7 @@ async def browser_page(
 
     problems: list[str] = []
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
+        browser = await launch(pw)
         try:
             context = await browser.new_context(viewport={"width": width, "height": height})
             if user is not None:

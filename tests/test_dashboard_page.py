@@ -21,6 +21,7 @@ from dashboard import views
 from dashboard.routing import websocket_urlpatterns
 from devices.models import Device
 from gateway.origin import SameOriginValidator
+from tests.support.browser import CHROMIUM, launch
 from tests.support.servers import free_port
 
 # The site's URLconf minus the rooms this file does not test (gateway/urls.py has the same
@@ -169,16 +170,6 @@ def test_the_site_routes_to_the_dashboard():
 
 # --- in a real browser (Debian's Chromium) against uvicorn serving the web tier ------------
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
 
 @contextlib.asynccontextmanager
 async def serve(port: int):
@@ -220,9 +211,7 @@ async def test_live_page_in_a_browser(user):
     base = f"http://127.0.0.1:{port}"
     problems: list[str] = []
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
+        browser = await launch(pw)
         try:
             page = await browser.new_page()
             page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
