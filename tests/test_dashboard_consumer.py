@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 
 import pytest
-import uvicorn
 import websockets
 from asgiref.sync import sync_to_async
 from channels.auth import AuthMiddlewareStack
@@ -23,7 +21,7 @@ from dashboard.consumers import CLOSE_SLOW_CLIENT, DashboardConsumer
 from dashboard.routing import websocket_urlpatterns
 from devices.models import Device
 from gateway.origin import SameOriginValidator
-from tests.support.servers import free_port
+from tests.support.web import run_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -311,27 +309,6 @@ async def test_a_slow_client_whose_close_hangs_is_abandoned(layer, session_cooki
 
 
 # --- a real server: uvicorn's socket backpressure drives the slow-client policy ------------
-
-
-@contextlib.asynccontextmanager
-async def run_server(app):
-    """uvicorn serving `app` on a free loopback port in this event loop; yields the port."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", ws="auto"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(), name=f"uvicorn:{port}")
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield port
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 def _client_kwargs(port: int, cookie: str) -> dict:

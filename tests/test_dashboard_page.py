@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from asgiref.sync import sync_to_async
 from channels.auth import AuthMiddlewareStack
 from channels.layers import get_channel_layer
@@ -23,6 +21,7 @@ from devices.models import Device
 from gateway.origin import SameOriginValidator
 from tests.support.browser import CHROMIUM, launch
 from tests.support.servers import free_port
+from tests.support.web import run_server
 
 # The site's URLconf minus the rooms this file does not test (gateway/urls.py has the same
 # entries for "/" and "/accounts/").
@@ -182,19 +181,8 @@ async def serve(port: int):
             "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(), name=f"uvicorn:{port}")
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
+    async with run_server(app, port):
         yield
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 @pytest.mark.e2e
