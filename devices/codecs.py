@@ -81,7 +81,8 @@ def decode_key_values(line: bytes, received_at: float) -> Telemetry:
         try:
             metrics[key] = parse_metric_value(value.encode())
         except Rejected as exc:
-            if exc.reason == "bad_value" and not _looks_numeric(value):
+            # A long text value is still text (too_large only for an over-long number).
+            if exc.reason in ("bad_value", "too_large") and not _looks_numeric(value):
                 continue  # a text value (e.g. fw=1.2.3-beta): not a metric, like JSON strings
             raise
         if len(metrics) > MAX_METRICS:

@@ -85,7 +85,8 @@ class DelimiterFramer(Framer):
         if start:
             del buf[:start]
         self._scan = max(0, len(buf) - dlen + 1)
-        if len(buf) > self.max_frame:
+        # Up to dlen - 1 trailing bytes may be the start of a delimiter, not frame content.
+        if len(buf) - (dlen - 1) > self.max_frame:
             if not self._discarding:
                 self.drops.append("frame_too_long")
                 self._discarding = True
