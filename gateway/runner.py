@@ -295,28 +295,49 @@ class GatewayRunner:
 
 # --- Building blocks the management commands share ---------------------------------------
 def mqtt_bridge(
-    application: Any, url: str, *, shared_group: str | None = None, protocol: str = "v5"
+    application: Any,
+    url: str,
+    *,
+    shared_group: str | None = None,
+    protocol: str = "v5",
+    bridge_id: str | None = None,
 ) -> Bridge:
-    """The MQTT bridge with this gateway's client id and retained status topic."""
+    """The MQTT bridge with this gateway's client id, retained status topic and session.
+
+    The client id is fixed (`gateway-<GATEWAY_ID>`), so with `MQTT_SESSION_EXPIRY` > 0 the
+    broker keeps the session (subscriptions, QoS 1 messages) while the gateway is down. Bridges
+    of a shared group need distinct ids: `bridge_id` (default `GATEWAY_BRIDGE_ID`) names one
+    stably; without it the id is per process and the session clean (nobody would resume it).
+    """
     from django.conf import settings
 
     from gateway.mqtt.server import MqttServer
 
-    gateway_id = settings.GATEWAY["GATEWAY_ID"]
+    cfg = settings.GATEWAY
+    gateway_id = cfg["GATEWAY_ID"]
     client_id = f"gateway-{gateway_id}"
+    session_expiry = max(0, cfg["MQTT_SESSION_EXPIRY"])
     if shared_group:
         # Several bridges in one group share GATEWAY_ID; equal client ids would evict each other.
-        client_id = f"{client_id}-{shared_group}-{os.getpid()}"
+        bridge_id = bridge_id or cfg["MQTT_BRIDGE_ID"]
+        if bridge_id:
+            client_id = f"{client_id}-{shared_group}-{bridge_id}"
+        else:
+            client_id = f"{client_id}-{shared_group}-{os.getpid()}"
+            session_expiry = 0
     return MqttServer(
         application,
         url=url,
         client_id=client_id,
         status_topic=f"gateway/{gateway_id}/status",
         shared_group=shared_group,
-        instance_queue=settings.GATEWAY["MQTT_INSTANCE_QUEUE"],
-        idle_seconds=settings.GATEWAY["MQTT_INSTANCE_IDLE_SECONDS"],
-        max_instances=settings.GATEWAY["MQTT_MAX_INSTANCES"],
+        instance_queue=cfg["MQTT_INSTANCE_QUEUE"],
+        idle_seconds=cfg["MQTT_INSTANCE_IDLE_SECONDS"],
+        max_instances=cfg["MQTT_MAX_INSTANCES"],
         protocol=protocol,
+        clean_start=session_expiry == 0,
+        session_expiry=session_expiry,
+        subscribe_qos=1,
     )
 
 

@@ -89,6 +89,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Content-Security-Policy on every response (policy under "HTTPS, production" below).
+    "csp.middleware.CSPMiddleware",
 ]
 
 ROOT_URLCONF = "gateway.urls"
@@ -144,8 +146,9 @@ if REDIS_URL:
     # ~1k and lost messages under load (STYLE.md, "Queues and hot paths").
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # Its subclass in gateway/layers.py asks dashboards to resync after a Redis restart.
+            "BACKEND": "gateway.layers.ResyncingRedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "resync": {"dashboard": "dashboard.resync"}},
         }
     }
 else:
@@ -176,6 +179,63 @@ SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+
+# --- HTTPS, production, Content-Security-Policy ------------------------------------------
+# DJANGO_HTTPS: the site is reached over HTTPS (usually a TLS-terminating proxy in front).
+# It defaults to on when debug is off and DJANGO_ALLOWED_HOSTS names the site's hosts (a
+# configured deployment), and to off out of the box (hosts `*`): there `rungateway` on a Pi
+# is reached as http://<ip>:8000/, where a browser would drop Secure cookies and no login
+# could work. `manage.py check --deploy` passes with the production defaults.
+HTTPS = env_bool("DJANGO_HTTPS", not DEBUG and "*" not in ALLOWED_HOSTS)
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", HTTPS)
+# Probes and Prometheus scrape over plain HTTP from inside the host or cluster.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+# HSTS is only sent on HTTPS responses. One hour by default, so a mistake heals quickly;
+# raise it (e.g. 31536000) once HTTPS is known good.
+SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 3600 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+# Preloading commits the whole domain in browsers' built-in lists: only its owner may opt in,
+# so it is off unless asked for, and check --deploy's reminder (W021) is silenced until then.
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", False)
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+# Behind a proxy, the header it sets to "https" on TLS requests, e.g. X-Forwarded-Proto. Only
+# set it when the proxy always sets (or strips) that header: a client could forge it otherwise.
+_PROXY_SSL_HEADER = os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER", "").strip()
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https") if _PROXY_SSL_HEADER else None
+)
+
+
+def _weak_secret(key: str) -> bool:
+    """Django's own test for a guessable key (check --deploy, security.W009)."""
+    return len(key) < 50 or len(set(key)) < 5 or key.startswith("django-insecure-")
+
+
+if HTTPS and _weak_secret(SECRET_KEY):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is too weak for production (it needs 50+ random characters): "
+        "unset it to use the generated .secret_key, or set a long random value"
+    )
+
+# No inline script, style or event handler anywhere: an injected `<img onerror=…>` cannot
+# run even if escaping were missed. The admin is compatible (its scripts are files too).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],  # includes ws(s):// to the same host (CSP level 3)
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -215,6 +275,13 @@ GATEWAY = {
     "MQTT_INSTANCE_IDLE_SECONDS": env_float("GATEWAY_MQTT_INSTANCE_IDLE_SECONDS", 600.0),
     # At most this many live instances (devices); past it the least recently active is retired.
     "MQTT_MAX_INSTANCES": env_int("GATEWAY_MQTT_MAX_INSTANCES", 50_000),
+    # Persistent broker session (clean start off, fixed client id): the broker keeps our
+    # subscriptions and queues QoS 1 messages for this many seconds while we are down.
+    # 0 = a clean session each time (messages published while we are down are lost).
+    "MQTT_SESSION_EXPIRY": env_int("GATEWAY_MQTT_SESSION_EXPIRY", 3600),
+    # A `runmqtt --shared-group` bridge's stable name (unique per bridge), giving it a fixed
+    # client id and so a persistent session; unset = a per-process id and a clean session.
+    "MQTT_BRIDGE_ID": os.environ.get("GATEWAY_BRIDGE_ID", "").strip(),
     # Largest MQTT payload the gateway parses; larger ones are rejected (reason too_large).
     "MAX_PAYLOAD_BYTES": env_int("GATEWAY_MAX_PAYLOAD_BYTES", 64 * 1024),
     # Telemetry writes: one transaction per batch of at most this many readings, at most
@@ -223,11 +290,21 @@ GATEWAY = {
     "TELEMETRY_BATCH_DELAY": env_float("GATEWAY_TELEMETRY_BATCH_DELAY", 0.25),
     # Bound on readings waiting for the database; past it the oldest are dropped and counted.
     "TELEMETRY_BUFFER_LIMIT": env_int("GATEWAY_TELEMETRY_BUFFER_LIMIT", 200_000),
+    # `manage.py prune_telemetry` (daily, deploy/systemd/gateway-prune.timer): raw readings
+    # are kept this many days (0 = forever), then as hourly averages up to DOWNSAMPLE days
+    # (0 = no averages: deleted at the retention).
+    "TELEMETRY_RETENTION_DAYS": env_float("GATEWAY_TELEMETRY_RETENTION_DAYS", 30.0),
+    "TELEMETRY_DOWNSAMPLE_DAYS": env_float("GATEWAY_TELEMETRY_DOWNSAMPLE_DAYS", 365.0),
     # Frames buffered per dashboard client; a client this far behind is closed (4008) and
     # resyncs from a fresh snapshot when it reconnects.
     "WS_BUFFER_FRAMES": env_int("GATEWAY_WS_BUFFER_FRAMES", 1000),
     # Serial devices' telemetry and status are also published to the broker (CONTRACT §3).
     "SERIAL_MIRROR": env_bool("SERIAL_MIRROR", True),
+    # Home Assistant MQTT discovery (docs/homeassistant.md): one retained document per device
+    # on <prefix>/device/<id>/config, republished when Home Assistant announces itself.
+    "HA_DISCOVERY": env_bool("HA_DISCOVERY", True),
+    "HA_DISCOVERY_PREFIX": os.environ.get("HA_DISCOVERY_PREFIX", "").strip().strip("/")
+    or "homeassistant",
     # Commands: seconds to wait for an ack once sent (a command may ask for its own), how long
     # one is held for an offline device or a down broker before it times out, and the
     # per-user rate limit (COUNT commands per SECONDS).

@@ -110,9 +110,10 @@ class GatewayProcess:
             raise GatewayFailed(f"manage.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
         return result.stdout + result.stderr
 
-    def start(self) -> None:
-        """Migrate, start the process and wait until it is ready."""
-        self.manage("migrate", "--no-input", "-v", "0", timeout=120)
+    def start(self, migrate: bool = True) -> None:
+        """Migrate (unless told not to: a restart), start the process and wait until ready."""
+        if migrate:
+            self.manage("migrate", "--no-input", "-v", "0", timeout=120)
         cmd = [sys.executable, "manage.py", self.command]
         if self.command == "rungateway":
             cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
