@@ -131,7 +131,8 @@ def history(device_id: str, metric: str, since, until, max_points: int) -> list[
         qs = qs.filter(ts__gte=since)
     if until is not None:
         qs = qs.filter(ts__lte=until)
-    stats = qs.aggregate(n=Count("id"), first=Min("ts"), last=Max("ts"))
+    # count(*), not count(id): the (device, metric, ts) index then answers it without the heap.
+    stats = qs.aggregate(n=Count("*"), first=Min("ts"), last=Max("ts"))
     if stats["n"] <= max_points:
         rows = qs.order_by("ts", "id").values_list("ts", "value").iterator(chunk_size=2000)
         return [[ts.timestamp(), value] for ts, value in rows]
