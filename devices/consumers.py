@@ -10,6 +10,10 @@ tracks the device's online state from what it hears (any telemetry or ack → on
 broker connection was lost → unknown) and whether the broker is connected. Otherwise a command
 stays pending (held); it goes out when the device turns online while the broker is connected:
 one query for the held commands per such transition, never one per message.
+
+Several bridges in a shared group each get some of a device's messages, so each change of
+state is also sent to the device's group (``device.state``, with the time it was heard): every
+instance serving the device adopts the newest news, whichever bridge heard it.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ class DeviceConsumer(MqttConsumer):
     """One device's MQTT topics (CONTRACT §3): telemetry, single metrics, status, acks."""
 
     transport = Transport.MQTT.value
-    #: The device's state as this instance last heard it (None: nothing heard yet).
+    #: The device's state as last heard, here or by another bridge (None: nothing heard yet).
     online: bool | None = None
+    #: When that was heard (epoch s): older news from another bridge does not override it.
+    online_at: float = 0.0
     #: Whether the broker session is up (commands can be published).
     broker_up: bool = False
 
@@ -135,12 +141,35 @@ class DeviceConsumer(MqttConsumer):
             raise Rejected("unknown_command", f"no command {ack.id!r} awaiting an ack")
 
     async def set_online(self, online: bool) -> None:
-        """Track the device's state; on a change to online, send the commands held for it."""
+        """Track the device's state; on a change to online, send the commands held for it.
+
+        A change is also told to the other instances of this device (other bridges of a
+        shared group, `device_state`), so none of them sends to a device this one saw go
+        offline, and each sees the next change to online as one.
+        """
+        self.online_at = time.time()
         if online == self.online:
             return
         self.online = online
+        if self.channel_layer is not None and self.valid:
+            event = {"type": "device.state", "online": online, "at": self.online_at}
+            try:
+                await self.channel_layer.group_send(
+                    f"device.{self.device_id}", {**event, "origin": self.channel_name}
+                )
+            except Exception as exc:  # the layer is down: this bridge still decides alone
+                logger.debug("device %s: state not shared: %r", self.device_id, exc)
         if online and self.broker_up:
             await self.deliver_held()
+
+    async def device_state(self, event: dict[str, Any]) -> None:
+        """Another instance of this device (another bridge) heard it change state: adopt
+        that if it is newer than what this one heard. Held commands are its business."""
+        if event.get("origin") == self.channel_name:
+            return
+        at = event.get("at")
+        if isinstance(at, int | float) and at > self.online_at:
+            self.online, self.online_at = bool(event.get("online")), float(at)
 
     async def deliver_held(self) -> None:
         """Send this device's pending commands, oldest first (`commands.deliver_pending`)."""

@@ -118,9 +118,9 @@ class TelemetryPipeline:
             now = time.time()
             update = self._devices.get(device_id)
             if update is None:
-                self._devices[device_id] = DeviceUpdate(transport, True, now, dict(metrics))
+                self._devices[device_id] = DeviceUpdate(transport, True, now, dict(metrics), now)
             else:
-                update.online, update.last_seen = True, now
+                update.online, update.last_seen, update.at = True, now, now
                 update.metrics.update(metrics)
             self._dev_seq += 1
             rows = self._rows

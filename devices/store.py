@@ -4,19 +4,20 @@
 with one multi-row ``INSERT … ON CONFLICT DO UPDATE`` per chunk, merging the ``metrics`` JSON
 inside the database (SQLite ``json_patch``, PostgreSQL ``||``) so concurrent writers (several
 bridges) never lose each other's keys; then inserts the readings with one prepared
-``executemany``.
+``executemany``. Their batches may commit in any order, so the upsert is conditional on time:
+an update older than the row's ``last_seen`` never overwrites newer latest values or ``online``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
 from django.db import connections, router, transaction
-from django.utils import timezone
 
 from devices.models import Device, Reading
 
@@ -28,16 +29,22 @@ Row = tuple[str, str, float, float]
 
 @dataclass(slots=True)
 class DeviceUpdate:
-    """What a batch changes on one device; `last_seen` None leaves it as stored."""
+    """What a batch changes on one device; `last_seen` None leaves it as stored.
+
+    `at` is when the latest of its events was received (an offline status too): the upsert
+    keeps the stored `online` when the row has news newer than that (another bridge's).
+    """
 
     transport: str
     online: bool
     last_seen: float | None
     metrics: dict[str, float | bool] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
 
     def absorb(self, newer: DeviceUpdate) -> None:
         """Fold a later update of the same device into this one (later values win)."""
         self.online = newer.online
+        self.at = max(self.at, newer.at)
         if newer.last_seen is not None and (
             self.last_seen is None or newer.last_seen > self.last_seen
         ):
@@ -49,7 +56,8 @@ def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-# Columns of the upsert, in order; `name` is '' and `created` now for new devices.
+# Columns of the upsert, in order; `name` is '' for new devices. `created` carries the update's
+# `at`: the creation time of a new device, and for a known one the time its `online` is news of.
 _COLUMNS = ("id", "name", "transport", "online", "last_seen", "metrics", "created")
 
 
@@ -59,14 +67,24 @@ def _upsert_sql(vendor: str, quote, count: int) -> str:
     metrics_ph = "%s::jsonb" if vendor == "postgresql" else "%s"
     row = f"(%s, %s, %s, %s, %s, {metrics_ph}, %s)"
     t = f"{table}."
-    ls, mt = quote("last_seen"), quote("metrics")
+    ls, mt, at = quote("last_seen"), quote("metrics"), quote("created")
+    # Several bridges (shared subscriptions) write one device and their batches commit in any
+    # order: values seen before the row's last_seen only fill in metrics the row lacks, and
+    # an `online` older than it stays unapplied.
+    older_seen = f"(EXCLUDED.{ls} IS NOT NULL AND {t}{ls} IS NOT NULL AND EXCLUDED.{ls} < {t}{ls})"
+    older_news = f"({t}{ls} IS NOT NULL AND EXCLUDED.{at} < {t}{ls})"
     if vendor == "postgresql":
+        stored = f"(CASE WHEN jsonb_typeof({t}{mt}) = 'object' THEN {t}{mt} ELSE '{{}}'::jsonb END)"
         merged = (
-            f"(CASE WHEN jsonb_typeof({t}{mt}) = 'object' THEN {t}{mt} ELSE '{{}}'::jsonb END)"
-            f" || EXCLUDED.{mt}"
+            f"CASE WHEN {older_seen} THEN EXCLUDED.{mt} || {stored} "
+            f"ELSE {stored} || EXCLUDED.{mt} END"
         )
     else:
-        merged = f"json_patch(COALESCE({t}{mt}, '{{}}'), EXCLUDED.{mt})"
+        stored = f"COALESCE({t}{mt}, '{{}}')"
+        merged = (
+            f"CASE WHEN {older_seen} THEN json_patch(EXCLUDED.{mt}, {stored}) "
+            f"ELSE json_patch({stored}, EXCLUDED.{mt}) END"
+        )
     # Never move last_seen backwards (several writers, out-of-order batches).
     last_seen = (
         f"CASE WHEN EXCLUDED.{ls} IS NULL THEN {t}{ls} "
@@ -76,7 +94,8 @@ def _upsert_sql(vendor: str, quote, count: int) -> str:
     online = quote("online")
     return (
         f"INSERT INTO {table} ({cols}) VALUES {', '.join([row] * count)} "
-        f"ON CONFLICT ({quote('id')}) DO UPDATE SET {online} = EXCLUDED.{online}, "
+        f"ON CONFLICT ({quote('id')}) DO UPDATE SET "
+        f"{online} = CASE WHEN {older_news} THEN {t}{online} ELSE EXCLUDED.{online} END, "
         f"{ls} = {last_seen}, {mt} = {merged}"
     )
 
@@ -91,7 +110,6 @@ def upsert_devices(updates: Mapping[str, DeviceUpdate], using: str) -> None:
         _upsert_generic(updates, using)
         return
     ops = connection.ops
-    now = ops.adapt_datetimefield_value(timezone.now())
     params_per_row = len(_COLUMNS)
     chunk = (
         max(1, connection.features.max_query_params // params_per_row)
@@ -113,7 +131,7 @@ def upsert_devices(updates: Mapping[str, DeviceUpdate], using: str) -> None:
                     if u.last_seen is None
                     else ops.adapt_datetimefield_value(_dt(u.last_seen)),
                     orjson.dumps(u.metrics).decode(),
-                    now,
+                    ops.adapt_datetimefield_value(_dt(u.at)),
                 ]
             cursor.execute(_upsert_sql(vendor, ops.quote_name, len(part)), params)
 
@@ -128,17 +146,24 @@ def _upsert_generic(updates: Mapping[str, DeviceUpdate], using: str) -> None:
     for device_id, u in updates.items():
         old = existing.get(device_id)
         last_seen = _dt(u.last_seen) if u.last_seen is not None else None
+        online = u.online
         if old is not None:
+            stored = old.metrics if isinstance(old.metrics, dict) else {}
+            if old.last_seen and last_seen is not None and last_seen < old.last_seen:
+                metrics = {**u.metrics, **stored}  # older values fill gaps only
+            else:
+                metrics = {**stored, **u.metrics}
+            if old.last_seen and _dt(u.at) < old.last_seen:
+                online = old.online  # the row has newer news
             if last_seen is None or (old.last_seen and old.last_seen > last_seen):
                 last_seen = old.last_seen
-            metrics = {**(old.metrics if isinstance(old.metrics, dict) else {}), **u.metrics}
         else:
             metrics = dict(u.metrics)
         objs.append(
             Device(
                 id=device_id,
                 transport=u.transport,
-                online=u.online,
+                online=online,
                 last_seen=last_seen,
                 metrics=metrics,
             )

@@ -40,7 +40,8 @@ class GatewayFailed(AssertionError):
 
 
 class GatewayProcess:
-    """`manage.py rungateway` (default) or `runmqtt` as a subprocess with its own database."""
+    """`manage.py rungateway` (default) or `runmqtt`, or `uvicorn` (the web tier alone), as a
+    subprocess with its own database."""
 
     def __init__(
         self,
@@ -118,6 +119,9 @@ class GatewayProcess:
         if self.command == "rungateway":
             cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--mqtt", self.mqtt_url, *self.args]
+        if self.command == "uvicorn":  # the web tier alone (CONTRACT §1)
+            cmd = [sys.executable, "-m", "uvicorn", "gateway.asgi:application"]
+            cmd += ["--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -136,7 +140,7 @@ class GatewayProcess:
             time.sleep(0.1)
 
     def _ready(self) -> bool:
-        if self.ready_log is not None or self.command != "rungateway":
+        if self.ready_log is not None or self.command not in ("rungateway", "uvicorn"):
             return bool(re.search(self.ready_log or "bridge running", self.log_text()))
         try:
             status, body = self.http_get("/healthz")
