@@ -168,6 +168,13 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         if self._too_slow:
             await self._close_slow_client()
 
+    async def dashboard_resync(self, message: dict[str, Any]) -> None:
+        """The channel layer lost frames (Redis restarted): send a fresh snapshot to rebuild on."""
+        if not self._counted or self._too_slow:
+            return
+        devices = merge_snapshot(await _stored_devices(), _pending_devices())
+        self._enqueue({"type": "snapshot", "devices": devices})
+
     def _enqueue(self, frame: Frame) -> bool:
         """Buffer a frame for the writer (or merge it); False (frame counted) once too slow."""
         if self._too_slow:

@@ -7,9 +7,15 @@ Like a WebSocket consumer, an instance has a channel name and may join groups (e
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar
 
 from channels.consumer import AsyncConsumer, get_handler_name
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT = 2.0  # a channel layer (Redis) slower than this to join is retried in the background
+REJOIN_MAX = 30.0
 
 
 class BridgeConsumer(AsyncConsumer):
@@ -25,9 +31,12 @@ class BridgeConsumer(AsyncConsumer):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Run the instance, leaving its groups whatever way it ends."""
         self._joined: list[str] | None = None
+        self._rejoin: asyncio.Task[None] | None = None
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self._rejoin is not None:
+                self._rejoin.cancel()
             if self._joined:
                 # Shielded: the server may be cancelling us after a retire grace period.
                 await asyncio.shield(self._leave_groups())
@@ -54,7 +63,31 @@ class BridgeConsumer(AsyncConsumer):
         if self._joined is None:
             self._joined = []
             if self.channel_layer is not None:
-                for group in self.get_groups():
-                    await self.channel_layer.group_add(group, self.channel_name)
-                    self._joined.append(group)
+                try:
+                    async with asyncio.timeout(JOIN_TIMEOUT):
+                        await self._join_groups()
+                except Exception as exc:
+                    # The layer (Redis) is down: the message is handled now, the groups later.
+                    logger.warning(
+                        "%s: joining groups failed (%r); retrying", self.channel_name, exc
+                    )
+                    self._rejoin = asyncio.create_task(
+                        self._join_until_done(), name=f"bridge[{self.channel_name}].rejoin"
+                    )
         await handler(message)
+
+    async def _join_groups(self) -> None:
+        for group in self.get_groups():
+            if group not in self._joined:
+                await self.channel_layer.group_add(group, self.channel_name)
+                self._joined.append(group)
+
+    async def _join_until_done(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._join_groups()
+                return
+            except Exception:
+                delay = min(delay * 2, REJOIN_MAX)

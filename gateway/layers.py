@@ -5,15 +5,31 @@ group membership — on each `send`, `receive` and `group_send`. With one consum
 device that is O(devices) work per message: at 10,000 devices it was a quarter of the event
 loop's time and the per-message cost grew from 99 to 1,317 µs (docs/performance.md). Expired
 messages and memberships only need to go eventually, so we clean at most once a second.
+
+`ResyncingRedisPubSubChannelLayer` (REDIS_URL set) tells local consumers when Redis came back,
+since pub/sub drops what was published while it was away.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 from channels.layers import InMemoryChannelLayer
+from channels_redis.pubsub import (
+    RedisPubSubChannelLayer,
+    RedisPubSubLoopLayer,
+    RedisSingleShardConnection,
+)
+from channels_redis.utils import _wrap_close, create_pool
+from redis import asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 CLEAN_INTERVAL = 1.0
+logger = logging.getLogger(__name__)
 
 
 class ThrottledInMemoryChannelLayer(InMemoryChannelLayer):
@@ -27,3 +43,112 @@ class ThrottledInMemoryChannelLayer(InMemoryChannelLayer):
             return
         self._next_clean = now + CLEAN_INTERVAL
         super()._clean_expired()
+
+
+# --- Redis pub/sub: tell local consumers when the layer lost messages ---------------------
+
+
+class ResyncingRedisPubSubChannelLayer(RedisPubSubChannelLayer):
+    """channels-redis' pub/sub layer that tells local group members when Redis came back.
+
+    Pub/sub keeps nothing for a subscriber that is away: what was published while the
+    connection was down is gone (django/channels_redis#256). redis-py resubscribes when it
+    reconnects; right after that, each local member of a group named in ``resync`` gets a
+    message of the type given there (``{"dashboard": "dashboard.resync"}``), so it can rebuild
+    its state instead of waiting for a reload.
+    """
+
+    def __init__(self, *args, resync: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resync = dict(resync or {})
+
+    def _get_layer(self) -> RedisPubSubLoopLayer:
+        loop = asyncio.get_running_loop()
+        layer = self._layers.get(loop)
+        if layer is None:
+            layer = self._layers[loop] = _ResyncingLoopLayer(
+                *self._args, **self._kwargs, channel_layer=self
+            )
+            _wrap_close(self, loop)
+        return layer
+
+
+class _ResyncingLoopLayer(RedisPubSubLoopLayer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._shards = [_ResyncingShard(shard.host, self) for shard in self._shards]
+
+    def resubscribed(self) -> None:
+        """Queue each local member of a resync group its resync message (never raises)."""
+        outer = self.channel_layer
+        told = 0
+        for group, message_type in outer.resync.items():
+            data = outer.serialize({"type": message_type})
+            for channel in self.groups.get(self._get_group_channel_name(group), ()):
+                queue = self.channels.get(channel)
+                if queue is not None:
+                    queue.put_nowait(data)
+                    told += 1
+        logger.warning(
+            "Redis channel layer reconnected and resubscribed; messages published while it "
+            "was away are lost; %d local consumers asked to resync",
+            told,
+        )
+
+
+class _ResyncingShard(RedisSingleShardConnection):
+    """A shard whose subscriptions and publishes do not wait out a Redis that is known away.
+
+    While the subscriber connection is down, a subscription (a consumer's new channel, a
+    group_add) is only recorded, and redis-py replays it on reconnect; a publish fails at once
+    (the caller counts it). So a device first heard during the outage is handled right away.
+    """
+
+    def _away(self) -> bool:
+        conn = self._pubsub.connection if self._pubsub is not None else None
+        return conn is not None and not conn.is_connected
+
+    async def publish(self, channel, message) -> None:
+        if self._away():
+            raise RedisConnectionError("Redis is away (the subscriber connection is down)")
+        await super().publish(channel, message)
+
+    async def subscribe(self, channel) -> None:
+        async with self._lock:
+            if channel in self._subscribed_to:
+                return
+            self._ensure_redis()
+            self._ensure_receiver()
+            if not self._away():
+                try:
+                    await self._pubsub.subscribe(channel)
+                    self._subscribed_to.add(channel)
+                    return
+                except (RedisConnectionError, RedisTimeoutError):
+                    if self._pubsub.connection is None:
+                        raise  # never connected: nothing would replay it
+            # Recorded as redis-py records a subscription, so its on_connect replays it.
+            self._pubsub.channels.update(self._pubsub._normalize_keys({channel: None}))
+            self._subscribed_to.add(channel)
+
+    def _ensure_redis(self) -> None:
+        if self._redis is None:
+            pool = create_pool(self.host)
+            self._redis = aioredis.Redis(connection_pool=pool)
+            self._pubsub = _NotifyingPubSub(pool, self.channel_layer.resubscribed)
+
+
+class _NotifyingPubSub(PubSub):
+    """A PubSub that calls `on_resubscribed()` after redis-py replayed its subscriptions."""
+
+    def __init__(self, pool, on_resubscribed) -> None:
+        super().__init__(pool)
+        self._on_resubscribed = on_resubscribed
+
+    async def on_connect(self, connection) -> None:
+        await super().on_connect(connection)
+        if self.channels or self.patterns:  # a reconnect (the first connect has none yet)
+            try:
+                self._on_resubscribed()
+            except Exception:
+                logger.exception("Redis layer: resync notification failed")
