@@ -42,12 +42,19 @@ class CommandAdmin(admin.ModelAdmin):
         "created_at",
         "device",
         "name",
+        "args",
         "status",
         "created_by",
         "sent_at",
         "finished_at",
     )
-    list_filter = ("status", "name", "created_at", ("device", admin.RelatedOnlyFieldListFilter))
+    list_filter = (
+        "status",
+        "name",
+        "created_at",
+        ("created_by", admin.RelatedOnlyFieldListFilter),
+        ("device", admin.RelatedOnlyFieldListFilter),
+    )
     search_fields = ("id", "device__id", "name", "created_by__username", "error")
     date_hierarchy = "created_at"
     list_select_related = ("device", "created_by")
