@@ -67,8 +67,8 @@ LWT = "tele/{device_id}/LWT"
 STAT = "stat/{device_id}/{kind}"
 PATTERNS = [SENSOR, STATE, LWT, STAT]
 
-POWER_KEY = re.compile(r"^POWER\d*$", re.IGNORECASE)
-STATUS_KIND = re.compile(r"^STATUS\d*$")
+POWER_KEY = re.compile(r"^POWER[0-9]*\Z", re.IGNORECASE)  # \Z: "POWER\n" is no relay
+STATUS_KIND = re.compile(r"^STATUS[0-9]*\Z")
 FAILURES = {"unknown", "error"}
 #: Commands remembered per device while awaiting their RESULT; past it the oldest is forgotten
 #: (it then ends by its timeout, counted as `timeout`).

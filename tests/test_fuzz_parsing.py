@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 import string
-import unicodedata
 from datetime import UTC, datetime
 
 import orjson
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from devices.parsing import (
@@ -33,9 +32,9 @@ from devices.parsing import (
     valid_metric_name,
 )
 from devices.tasmota import parse_power, parse_state
-from tests.test_fuzz_serial import REASONS, assert_contract_telemetry
+from tests.support.fuzz import REASONS, assert_contract_telemetry, clean_metric_name, fuzz
 
-FUZZ = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz(75)
 NOW = 1_764_214_000.0
 MAX_BYTES = 64 * 1024
 ID_CHARS = set(string.ascii_letters + string.digits + "_-")
@@ -263,8 +262,7 @@ def test_a_device_id_is_valid_iff_1_to_64_ascii_letters_digits_underscore_or_das
 @FUZZ
 @given(st.one_of(odd_text, st.text(min_size=195, max_size=205)))
 def test_a_metric_name_is_valid_iff_1_to_200_characters_without_control_characters(name):
-    clean = all(unicodedata.category(c) != "Cc" for c in name)
-    assert valid_metric_name(name) == (1 <= len(name) <= 200 and clean)
+    assert valid_metric_name(name) == clean_metric_name(name)
 
 
 # --- Tasmota -------------------------------------------------------------------------------
@@ -286,7 +284,7 @@ def test_a_tasmota_state_is_contract_clean_metrics_or_a_documented_rejection(pay
         assert exc.reason in REASONS
         return
     for name, value in metrics.items():
-        assert valid_metric_name(name)
+        assert clean_metric_name(name), name
         assert type(value) is bool or (type(value) is float and math.isfinite(value))
 
 

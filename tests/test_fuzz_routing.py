@@ -8,14 +8,15 @@ spanning a '/'. An unresolved topic is what the server counts as ``bad_topic``.
 
 from __future__ import annotations
 
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
 from devices.routing import mqtt_routes
 from gateway.mqtt.routing import TopicPattern, TopicRouter
+from tests.support.fuzz import fuzz
 
-FUZZ = settings(max_examples=150, deadline=None)
+FUZZ = fuzz(150)
 ROUTER = TopicRouter(mqtt_routes)
 
 level = st.one_of(

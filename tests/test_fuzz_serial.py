@@ -8,44 +8,28 @@ ack, a blank (None), or a `Rejected` carrying one of the documented reasons, nev
 
 from __future__ import annotations
 
-import math
-import re
 import string
-from pathlib import Path
 
 import orjson
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from devices.codecs import MAX_LINE_BYTES, decode_frame
 from devices.parsing import (
-    FUTURE_SLACK,
-    MAX_METRIC_NAME,
-    MAX_METRICS,
-    MIN_TS,
     Ack,
     Rejected,
     Telemetry,
 )
 from gateway.serial.framing import DelimiterFramer, FixedFramer, IdleFramer, make_framer
 from gateway.serial.spec import Framing
+from tests.support.fuzz import REASONS, assert_contract_telemetry, fuzz
 
-FUZZ = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz(75)
 NOW = 1_764_214_000.0
 
 # Delimiters none of whose proper prefixes is also a suffix: with a self-overlapping one (b"aa")
 # the tail of garbage can legitimately complete a delimiter, so "the next frame" is ambiguous.
 DELIMITERS = [b"\n", b"\r\n", b"\x00", b"\x7e", b"<EOF>"]
-
-
-def documented_reasons() -> set[str]:
-    """The rejection reasons docs/architecture.md ("Rejections") promises, read from the doc."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
-    section = text.split("### Rejections", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"`([a-z_]+)`", section)) - {"gateway_messages_rejected_total"}
-
-
-REASONS = documented_reasons()
 
 
 # --- strategies ---------------------------------------------------------------------------
@@ -298,16 +282,6 @@ hostile_line = st.one_of(
     key_value_line(),
     json_line(),
 )
-
-
-def assert_contract_telemetry(t: Telemetry, received_at: float) -> None:
-    """What every accepted reading must be (CONTRACT §3/§4, devices/parsing.py)."""
-    assert MIN_TS <= t.ts <= received_at + FUTURE_SLACK and math.isfinite(t.ts)
-    assert 0 < len(t.metrics) <= MAX_METRICS
-    for name, value in t.metrics.items():
-        assert isinstance(name, str) and 0 < len(name) <= MAX_METRIC_NAME
-        assert not any(0x00 <= ord(c) <= 0x1F or 0x7F <= ord(c) <= 0x9F for c in name), name
-        assert type(value) is bool or (type(value) is float and math.isfinite(value))
 
 
 @FUZZ

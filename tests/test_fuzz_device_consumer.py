@@ -1,0 +1,189 @@
+"""Hostile devices at the consumer boundary, property-based, through the real router and DB.
+
+Each example is one device instance (as the MQTT server would start it) fed a hostile
+``mqtt.message`` and then a good reading, through `MqttCommunicator`, the real `TopicRouter`,
+the in-memory channel layer, the telemetry pipeline and the test database. Per message: either
+something is stored, or exactly one rejection is counted with a documented reason; never a
+``consumer_error`` (a crash the boundary had to catch is still a bug); and the good reading
+behind the garbage is always stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+
+import orjson
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from devices.models import Reading
+from devices.parsing import FUTURE_SLACK, MIN_TS, valid_device_id
+from devices.routing import mqtt_routes
+from gateway.metrics import MESSAGES_REJECTED
+from gateway.mqtt.routing import TopicRouter
+from gateway.mqtt.testing import MqttCommunicator
+from tests.support.fuzz import REASONS, clean_metric_name, fuzz
+from tests.test_fuzz_parsing import odd_text, telemetry_payload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROUTER = TopicRouter(mqtt_routes)
+PROBE = "__probe__"  # longer than any key the payload strategies generate
+GOOD_IDS = ["fz-1", "fz_2", "F"]
+
+device_id = st.one_of(st.sampled_from(GOOD_IDS), odd_text.filter(lambda s: s and "/" not in s))
+payload = st.one_of(
+    telemetry_payload(),
+    st.sampled_from([b"online", b" OFFLINE ", b"on", b"21.5", b"-1e999", b"true", b"", b"\xff"]),
+    st.binary(max_size=40),
+    st.fixed_dictionaries({"id": odd_text, "ok": st.booleans()}).map(orjson.dumps),
+)
+topic_template = st.sampled_from(
+    [
+        "devices/{}/telemetry",
+        "devices/{}/telemetry/temp",
+        "devices/{}/telemetry/{}",
+        "devices/{}/status",
+        "devices/{}/commands/ack",
+        "tele/{}/SENSOR",
+        "tele/{}/STATE",
+        "tele/{}/LWT",
+        "stat/{}/POWER",
+        "stat/{}/POWER2",
+        "stat/{}/POWER\n",
+        "stat/{}/power",
+        "stat/{}/RESULT",
+        "stat/{}/STATUS8",
+        "stat/{}/LOGGING",
+    ]
+)
+
+
+def rejections() -> dict[str, float]:
+    return {
+        sample.labels["reason"]: sample.value
+        for sample in MESSAGES_REJECTED.collect()[0].samples
+        if sample.name.endswith("_total")
+    }
+
+
+def new_rejections(before: dict[str, float]) -> dict[str, float]:
+    after = rejections()
+    return {r: n - before.get(r, 0.0) for r, n in after.items() if n != before.get(r, 0.0)}
+
+
+@database_sync_to_async
+def readings_since(last_id: int) -> list[Reading]:
+    return list(Reading.objects.filter(id__gt=last_id).order_by("id"))
+
+
+@database_sync_to_async
+def last_reading_id() -> int:
+    last = Reading.objects.order_by("-id").first()
+    return last.id if last else 0
+
+
+class Bench:
+    """One event loop for all examples: the layer, the pipeline and timers live across them."""
+
+    def __init__(self) -> None:
+        self.runner = asyncio.Runner()
+        self.probe = itertools.count(1)
+
+    def __enter__(self) -> Bench:
+        self.runner.__enter__()
+        self.runner.run(get_channel_layer().flush())
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        from devices.commands import current_timers
+        from devices.pipeline import current_pipeline
+
+        async def close() -> None:
+            pipeline = current_pipeline()
+            if pipeline is not None:
+                await pipeline.close()
+            timers = current_timers()
+            if timers is not None:
+                timers.cancel_all()
+            await get_channel_layer().flush()
+
+        self.runner.run(close())
+        self.runner.__exit__(*exc_info)
+
+    async def deliver(self, topic_name: str, body: bytes) -> None:
+        """Start the instance the topic routes to, connect it, send garbage then a good reading
+        on the same instance, and retire it (which waits until it handled both)."""
+        from devices.pipeline import get_pipeline
+
+        comm = MqttCommunicator(ROUTER, topic=topic_name)
+        await comm.connect()
+        await comm.send_message(topic_name, body)
+        good_topic, good = self.good_message(comm.scope["route"], comm.scope)
+        await comm.send_message(good_topic, good)
+        await comm.retire(timeout=5)
+        await get_pipeline().flush()
+
+    def good_message(self, route: str, scope: dict) -> tuple[str, bytes]:
+        device = scope["url_route"]["kwargs"]["device_id"]
+        self.value = float(next(self.probe))
+        body = orjson.dumps({PROBE: self.value})
+        if route == "tasmota":
+            return f"tele/{device}/SENSOR", body
+        return f"devices/{device}/telemetry", body
+
+
+@pytest.fixture
+def bench():
+    with Bench() as bench:
+        yield bench
+
+
+def test_every_hostile_message_is_stored_or_rejected_once_and_the_next_one_arrives(bench):
+    @fuzz(40)
+    @given(topic_template, device_id, odd_text, payload)
+    @example("stat/{}/POWER\n", "fz-1", "", b"ON")  # stored a metric named "POWER\n"
+    @example("devices/{}/telemetry", "fz-1", "", b'{"t": NaN}')
+    @example("devices/{}/telemetry", "fz-1", "", b'{"a":' * 9 + b"1" + b"}" * 9)
+    @example("devices/{}/status", "d1\n", "", b"online")
+    def check(template, device, metric, body):
+        topic_name = template.format(device, metric.replace("/", ""))
+        match = ROUTER.resolve(topic_name)
+        if match is None:
+            return  # the server counts it as bad_topic (tests/test_fuzz_routing.py)
+        before, last_id = rejections(), bench.runner.run(last_reading_id())
+        bench.runner.run(bench.deliver(topic_name, body))
+        counted = new_rejections(before)
+        stored = bench.runner.run(readings_since(last_id))
+        probes = [r for r in stored if r.metric == PROBE]
+        garbage = [r for r in stored if r.metric != PROBE]
+
+        assert set(counted) <= REASONS and "consumer_error" not in counted, counted
+        if not valid_device_id(device):
+            assert counted == {"bad_device_id": 2.0} and stored == []
+            return
+        # The good reading behind the garbage always arrives, exactly once.
+        assert [(r.device_id, r.value) for r in probes] == [(device, bench.value)]
+        # Garbage: one rejection, or accepted (then whatever it stored is contract-clean).
+        assert sum(counted.values()) in (0, 1)
+        if counted:
+            assert garbage == []
+        for reading in garbage:
+            assert reading.device_id == device and clean_metric_name(reading.metric)
+            assert math.isfinite(reading.value)
+            assert MIN_TS <= reading.ts.timestamp() <= time.time() + FUTURE_SLACK
+        if template.startswith("devices/") and template.endswith(("telemetry", "telemetry/temp")):
+            assert bool(counted) != bool(garbage), "a telemetry message neither stored nor counted"
+        if template.endswith(("/status", "/LWT")):
+            status_ok = len(body) <= 100 and body.strip().lower() in (b"online", b"offline")
+            assert bool(counted) != status_ok and garbage == []
+        if template.endswith("/commands/ack"):
+            assert counted and garbage == []  # no command awaits any ack here
+
+    check()
