@@ -28,7 +28,7 @@ class Instance:
 
     __slots__ = (
         "key", "match", "queue", "task", "last_active", "space", "limit", "retired", "pool",
-        "pressed",
+        "pressed", "static",
     )  # fmt: skip
 
     def __init__(self, key: Hashable, match: Match, limit: int, pool: InstancePool) -> None:
@@ -43,6 +43,7 @@ class Instance:
         self.task: asyncio.Task[Any] | None = None
         self.last_active = asyncio.get_running_loop().time()
         self.retired = False
+        self.static = False  # a static route's instance: never idle-retired nor evicted
 
     async def receive(self) -> dict[str, Any]:
         """The ASGI `receive` of this instance; wakes a producer waiting for queue space."""
@@ -86,6 +87,7 @@ class InstancePool:
         self.low_water = self.high_water // 2
         # Least recently active first: `deliver` moves an instance to the end.
         self._instances: dict[Hashable, Instance] = {}
+        self._static_keys: set[Hashable] = set()
         self._reaper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -96,14 +98,16 @@ class InstancePool:
         if self._reaper is None and self.idle_seconds > 0:
             self._reaper = asyncio.create_task(self._reap_idle(), name="mqtt-instances.reaper")
 
-    def _create(self, match: Match) -> Instance:
+    def _create(self, match: Match, static: bool = False) -> Instance:
         if len(self._instances) >= self.max_instances:
             # A flood of new keys (e.g. random device ids) must not grow memory without bound:
             # retire the least recently active instance; its state lives outside it anyway.
-            oldest = next(iter(self._instances.values()))
-            metrics.MQTT_INSTANCES_EVICTED.inc()
-            self.retire(oldest, "evicted")
+            oldest = next((i for i in self._instances.values() if not i.static), None)
+            if oldest is not None:
+                metrics.MQTT_INSTANCES_EVICTED.inc()
+                self.retire(oldest, "evicted")
         inst = Instance(match.instance_key, match, self.limit, self)
+        inst.static = static
         scope = {
             **self.base_scope,
             "route": match.route,
@@ -125,7 +129,7 @@ class InstancePool:
         key = match.instance_key
         inst = self._instances.pop(key, None)
         if inst is None or inst.task is None or inst.task.done():
-            inst = self._create(match)
+            inst = self._create(match, key in self._static_keys)
         else:
             self._instances[key] = inst  # now the most recently active
         queue = inst.queue
@@ -189,10 +193,19 @@ class InstancePool:
             event = inst.queue.get_nowait()
             if event["type"] == "mqtt.message":
                 leftovers.append(event)
+        # A static instance that failed is started again by its next message or connect.
         if leftovers and not self.closing:
-            successor = self._instances.get(inst.key) or self._create(inst.match)
+            successor = self._instances.get(inst.key) or self._create(inst.match, inst.static)
             for event in leftovers:
                 successor.queue.put_nowait(event)
+
+    def start_static(self, matches: list[Match]) -> None:
+        """Start the instance of each static route that is not running (on every connect)."""
+        for match in matches:
+            self._static_keys.add(match.instance_key)
+            inst = self._instances.get(match.instance_key)
+            if not self.closing and (inst is None or inst.task is None or inst.task.done()):
+                self._create(match, static=True)
 
     def retire(self, inst: Instance, reason: str) -> None:
         """Ask an instance to finish (`mqtt.retire`); cancel it if still running after grace."""
@@ -213,7 +226,7 @@ class InstancePool:
             await asyncio.sleep(self.idle_seconds / 4)
             deadline = loop.time() - self.idle_seconds
             for inst in list(self._instances.values()):
-                if inst.last_active < deadline and inst.queue.empty():
+                if inst.last_active < deadline and inst.queue.empty() and not inst.static:
                     self.retire(inst, "idle")
 
     async def close(self, grace: float) -> None:

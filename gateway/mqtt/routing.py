@@ -112,6 +112,7 @@ class TopicRoute:
     app: Any
     key: tuple[str, ...]
     name: str | None = None
+    static: bool = False
     id: str | int = field(default="", init=False)
 
 
@@ -121,10 +122,13 @@ def topic(
     *,
     key: Sequence[str] | None = None,
     name: str | None = None,
+    static: bool = False,
 ) -> TopicRoute:
     """Route MQTT topic patterns to `app`; one app instance per distinct value of `key` params.
 
-    `key` defaults to the parameters common to all patterns (e.g. `device_id`).
+    `key` defaults to the parameters common to all patterns (e.g. `device_id`). A `static`
+    route has no key (one instance), started on connect without waiting for a message and
+    never retired for idleness: a service that publishes on its own (docs/asgi-mqtt.md).
     """
     texts = [patterns] if isinstance(patterns, str) else list(patterns)
     if not texts:
@@ -138,7 +142,9 @@ def topic(
             raise ValueError(f"key parameter(s) {missing} not captured by pattern {pattern.text!r}")
     if not callable(app):
         raise ValueError(f"route application {app!r} is not callable")
-    return TopicRoute(compiled, app, key_names, name)
+    if static and key_names:
+        raise ValueError(f"a static route has one instance: no key parameters, not {key_names}")
+    return TopicRoute(compiled, app, key_names, name, static)
 
 
 class TopicRouter:
@@ -155,6 +161,15 @@ class TopicRouter:
                 raise ValueError(f"duplicate route name {route.id!r}")
             self._by_id[route.id] = route
         self._table = [(route, pattern) for route in self.routes for pattern in route.patterns]
+
+    @property
+    def static_matches(self) -> list[Match]:
+        """One `Match` per static route: the instances the server starts on connect."""
+        return [
+            Match(route.id, (route.id,), {}, {}, route.patterns[0].text)
+            for route in self.routes
+            if route.static
+        ]
 
     @property
     def subscriptions(self) -> list[str]:

@@ -294,6 +294,7 @@ class MqttServer:
         metrics.MQTT_RECONNECTS.inc()
         self._connected_event.set()
         self._pool.broadcast({"type": "mqtt.connect", "session_present": self._session_present})
+        self._pool.start_static(self.router.static_matches)  # each gets its own mqtt.connect
         self._receiving = asyncio.create_task(
             self._receive(client, inbox), name=f"mqtt-server[{self.client_id}].receive"
         )
