@@ -113,7 +113,9 @@ class DeviceConsumer(MqttConsumer):
         payload = event["payload"]
         if pattern == TELEMETRY:
             t = parse_telemetry(payload, time.time(), self.max_bytes)
-            get_pipeline().submit_reading(self.device_id, self.transport, t.ts, t.metrics)
+            get_pipeline().submit_reading(
+                self.device_id, self.transport, t.ts, t.metrics, source=TELEMETRY
+            )
             await self.set_online(True)
         elif pattern == METRIC:
             name = event["params"].get("metric")
@@ -121,12 +123,14 @@ class DeviceConsumer(MqttConsumer):
                 raise Rejected("bad_value", f"bad metric name {name!r}")
             value = parse_metric_value(payload)
             get_pipeline().submit_reading(
-                self.device_id, self.transport, time.time(), {name: value}
+                self.device_id, self.transport, time.time(), {name: value}, source=METRIC
             )
             await self.set_online(True)
         elif pattern == STATUS:
             online = parse_status(payload)
-            get_pipeline().submit_status(self.device_id, self.transport, online, time.time())
+            get_pipeline().submit_status(
+                self.device_id, self.transport, online, time.time(), source=STATUS
+            )
             await self.set_online(online)
         elif pattern == ACK:
             ack = parse_ack(payload, self.max_bytes)

@@ -39,6 +39,13 @@ from gateway.metrics import DASHBOARD_EVENTS_DROPPED, TELEMETRY_DROPPED, TELEMET
 logger = logging.getLogger(__name__)
 
 DASHBOARD_GROUP = "dashboard"
+#: Group told when this process first sees a device or a new metric of it (never per reading):
+#: ``{"type": "device.metrics", "devices": [{"device", "transport", "source", "metrics":
+#: {name: "number" | "bool"}}]}``; Home Assistant discovery (devices/homeassistant.py) listens.
+DEVICE_METRICS_GROUP = "device-metrics"
+#: Devices whose announced metric names are remembered; past it the memory starts over (a few
+#: announcements repeat; listeners ignore what they already know).
+ANNOUNCED_LIMIT = 100_000
 SEND_TIMEOUT = 5.0  # a group_send stuck longer than this is abandoned (frames counted)
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 
@@ -101,6 +108,11 @@ class TelemetryPipeline:
         self._fan_wake = asyncio.Event()
         # device_id → online, as this process last saw it (unknown until then).
         self._online: dict[str, bool] = {}
+        # Announcements (DEVICE_METRICS_GROUP): metric names told per device, everything
+        # told by (device, source), and what waits for the fan-out task.
+        self._announced: dict[str, set[str]] = {}
+        self._told: dict[tuple[str, str], dict[str, Any]] = {}
+        self._announce: dict[tuple[str, str], dict[str, Any]] = {}
         self._tasks: list[asyncio.Task] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="telemetry-writer")
         self._log_drop = _RateLimitedLog()
@@ -109,11 +121,20 @@ class TelemetryPipeline:
 
     # -- submitting (sync, O(1), never raises) ---------------------------------------------
 
-    def submit_reading(self, device_id: str, transport: str, ts: float, metrics: Metrics) -> None:
-        """Queue one telemetry message: its values for storage, a frame for dashboards."""
+    def submit_reading(
+        self, device_id: str, transport: str, ts: float, metrics: Metrics, source: str = ""
+    ) -> None:
+        """Queue one telemetry message: its values for storage, a frame for dashboards.
+
+        `source` names where it came from (the topic pattern, e.g. ``devices/{device_id}/
+        telemetry``); it only travels with the announcement of a new device or metric.
+        """
         try:
             if self._refuse(len(metrics)):
                 return
+            known = self._announced.get(device_id)
+            if known is None or not known.issuperset(metrics):
+                self._announce_metrics(device_id, transport, metrics, source)
             new_rows = [(device_id, name, ts, float(value)) for name, value in metrics.items()]
             now = time.time()
             update = self._devices.get(device_id)
@@ -151,11 +172,15 @@ class TelemetryPipeline:
         except Exception:  # a caller's bad metrics (or a bug) must not take the consumer down
             logger.exception("telemetry pipeline: submit_reading(%r) failed", device_id)
 
-    def submit_status(self, device_id: str, transport: str, online: bool, ts: float) -> None:
+    def submit_status(
+        self, device_id: str, transport: str, online: bool, ts: float, source: str = ""
+    ) -> None:
         """Record a device's online/offline status: stored and pushed to dashboards."""
         try:
             if self._refuse(0):
                 return
+            if device_id not in self._announced:
+                self._announce_metrics(device_id, transport, {}, source)
             # "online" is news from the device; "offline" is usually its Last Will, sent by
             # the broker, so it does not move last_seen.
             seen = time.time() if online else None
@@ -172,6 +197,32 @@ class TelemetryPipeline:
             self._add_frame(device_id, frame)
         except Exception:  # pragma: no cover
             logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
+
+    def _announce_metrics(
+        self, device_id: str, transport: str, metrics: Metrics, source: str
+    ) -> None:
+        """Queue the news of a device first seen, or of its new metrics, for the fan-out."""
+        known = self._announced.get(device_id)
+        if known is None:
+            if len(self._announced) >= ANNOUNCED_LIMIT:
+                self._announced.clear()
+                self._told.clear()
+            known = self._announced[device_id] = set()
+        known.update(metrics)
+        kinds = {n: "bool" if v is True or v is False else "number" for n, v in metrics.items()}
+        key = (device_id, source)
+        for table in (self._told, self._announce):
+            entry = table.get(key)
+            if entry is None:
+                entry = table[key] = {
+                    "device": device_id,
+                    "transport": transport,
+                    "source": source,
+                    "metrics": {},
+                }
+            entry["metrics"].update(kinds)
+        self._fan_seq += 1
+        self._fan_wake.set()
 
     def _refuse(self, values: int) -> bool:
         if not self.closed:
@@ -308,6 +359,8 @@ class TelemetryPipeline:
             self._fan_wake.clear()
             frames, self._frames, self._last_frame = self._frames, [], {}
             seq = self._fan_seq
+            if self._announce:
+                await self._send_announcements()
             if frames and self.channel_layer is not None:
                 message = {"type": "dashboard.events", "events": frames}
                 try:
@@ -324,6 +377,17 @@ class TelemetryPipeline:
                     )
             self._fan_done = seq
             self._notify()
+
+    async def _send_announcements(self) -> None:
+        entries, self._announce = list(self._announce.values()), {}
+        if self.channel_layer is None:
+            return
+        message = {"type": "device.metrics", "devices": entries}
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await self.channel_layer.group_send(DEVICE_METRICS_GROUP, message)
+        except Exception as exc:
+            self._log_drop(logging.WARNING, "device-metrics announcement failed: %r", exc)
 
     async def run_in_writer(self, func: Callable[..., T], *args: Any) -> T:
         """Run `func(*args)` in the writer's thread (its database connection); tests use it."""
@@ -376,6 +440,10 @@ class TelemetryPipeline:
             logger.error("telemetry pipeline closed with %d values unwritten", lost)
         if _pipelines.get(self.loop) is self:
             del _pipelines[self.loop]
+
+    def announcements(self) -> list[dict[str, Any]]:
+        """Everything this process announced so far (a listener that joined late catches up)."""
+        return [{**entry, "metrics": dict(entry["metrics"])} for entry in self._told.values()]
 
     def pending_devices(self) -> dict[str, dict[str, Any]]:
         """Devices with changes not yet in the database: ``{id: as_dict-like overlay}``."""

@@ -140,15 +140,19 @@ class TasmotaConsumer(DeviceConsumer):
         pipeline = get_pipeline()
         if pattern == SENSOR:
             t = parse_telemetry(payload, time.time(), self.max_bytes)
-            pipeline.submit_reading(self.device_id, self.transport, time.time(), t.metrics)
+            pipeline.submit_reading(
+                self.device_id, self.transport, time.time(), t.metrics, source=SENSOR
+            )
             await self.set_online(True)
         elif pattern == STATE:
             metrics = parse_state(payload, self.max_bytes)
-            pipeline.submit_reading(self.device_id, self.transport, time.time(), metrics)
+            pipeline.submit_reading(
+                self.device_id, self.transport, time.time(), metrics, source=STATE
+            )
             await self.set_online(True)
         elif pattern == LWT:
             online = parse_status(payload)
-            pipeline.submit_status(self.device_id, self.transport, online, time.time())
+            pipeline.submit_status(self.device_id, self.transport, online, time.time(), source=LWT)
             await self.set_online(online)
         elif pattern == STAT:
             await self.handle_stat(event["params"].get("kind", ""), payload)
@@ -160,7 +164,7 @@ class TasmotaConsumer(DeviceConsumer):
         if POWER_KEY.match(kind):
             value = parse_power(_scalar(payload))
             get_pipeline().submit_reading(
-                self.device_id, self.transport, time.time(), {kind.upper(): value}
+                self.device_id, self.transport, time.time(), {kind.upper(): value}, source=STAT
             )
         elif kind == "RESULT":
             await self.handle_result(parse_result(payload, self.max_bytes))

@@ -305,6 +305,11 @@ GATEWAY = {
     "HA_DISCOVERY": env_bool("HA_DISCOVERY", True),
     "HA_DISCOVERY_PREFIX": os.environ.get("HA_DISCOVERY_PREFIX", "").strip().strip("/")
     or "homeassistant",
+    # Home Assistant MQTT discovery (docs/homeassistant.md): one retained document per device
+    # on <prefix>/device/<id>/config, republished when Home Assistant announces itself.
+    "HA_DISCOVERY": env_bool("HA_DISCOVERY", True),
+    "HA_DISCOVERY_PREFIX": os.environ.get("HA_DISCOVERY_PREFIX", "").strip().strip("/")
+    or "homeassistant",
     # Commands: seconds to wait for an ack once sent (a command may ask for its own), how long
     # one is held for an offline device or a down broker before it times out, and the
     # per-user rate limit (COUNT commands per SECONDS).
