@@ -25,7 +25,7 @@ from devices.homeassistant import KnownDevice, device_document, object_id, value
 from devices.pipeline import current_pipeline
 from devices.routing import build_routes
 from firmware_sim.serial_device import SerialSimDevice, open_pty
-from gateway.mqtt.routing import TopicRouter
+from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from tests.support.gateway import GatewayProcess
 
@@ -339,3 +339,44 @@ async def test_serial_device_is_discovered_through_its_mirror(mosquitto, tmp_pat
 
         os.close(master)
         os.close(slave)
+
+
+# --- the protocol feature discovery rests on: a static route ------------------------------
+
+
+def test_a_static_route_has_no_key():
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    with pytest.raises(ValueError, match="static"):
+        topic("svc/{name}/ping", app, static=True)
+    router = TopicRouter([topic("svc/ping", app, name="svc", static=True)])
+    assert [m.instance_key for m in router.static_matches] == [("svc",)]
+    assert router.resolve("svc/ping").instance_key == ("svc",)  # its messages go to it
+
+
+async def test_static_instance_starts_on_connect_and_outlives_idleness(mosquitto):
+    events: list[str] = []
+    started = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            event = await receive()
+            events.append(event["type"])
+            started.set()
+            if event["type"] == "mqtt.retire":
+                return
+
+    server = MqttServer(
+        TopicRouter([topic("svc/ping", app, name="svc", static=True)]),
+        url=mosquitto.url,
+        client_id=f"static-{secrets.token_hex(3)}",
+        idle_seconds=0.2,
+    )
+    task = asyncio.create_task(server.serve())
+    await server.wait_connected(10)
+    await asyncio.wait_for(started.wait(), 5)  # no message needed
+    await asyncio.sleep(0.6)  # three idle periods: a keyed instance would be retired by now
+    assert server.instances == 1 and events == ["mqtt.connect"]
+    await server.shutdown(2.0)
+    await asyncio.wait_for(task, 5)
+    assert events == ["mqtt.connect", "mqtt.retire"]
