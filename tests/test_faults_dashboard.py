@@ -1,0 +1,137 @@
+"""Fault: a dashboard client that stops reading, while devices keep publishing.
+
+The real gateway runs with a small per-client buffer (``GATEWAY_WS_BUFFER_FRAMES``). One
+logged-in WebSocket client stops reading its socket (a tiny receive buffer, so the kernel soon
+stops absorbing frames); another reads normally. A hundred devices publish rounds of large
+readings at QoS 1, and one device flaps online/offline (status frames never merge, so the
+stuck client's buffer fills; waiting telemetry merges per device). The stuck client is closed
+with 4008 (its dropped frames counted) and can resync from a snapshot; the normal client gets
+the latest value of every device to the end; every reading is stored. The consumer-level
+details (merging, ordering, a hanging close) are in tests/test_dashboard_consumer.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+from typing import Any
+
+import aiomqtt
+import pytest
+import websockets
+
+from dashboard.consumers import CLOSE_SLOW_CLIENT
+from tests.support.gateway import GatewayProcess
+from tests.test_e2e import until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+PASSWORD = secrets.token_urlsafe(12)
+DEVICES = 100
+BUFFER_FRAMES = 300  # more than one round's frames, so a client that reads keeps up
+FLAPS = 50  # status changes per round: frames that, unlike telemetry, never merge
+PADDING = {
+    f"padding_metric_with_a_rather_long_name_to_fill_frames_{i:02d}": i + 0.5 for i in range(60)
+}
+
+
+class Latest:
+    """A client that reads everything: the latest `n` it saw per device."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.n: dict[str, int] = {}
+        self.frames = 0
+        self.closed: BaseException | None = None
+        self.task = asyncio.create_task(self._read(), name="test.fast-client")
+
+    async def _read(self) -> None:
+        try:
+            async for text in self.ws:
+                frame = json.loads(text)
+                self.frames += 1
+                if frame.get("type") == "telemetry" and "n" in frame["metrics"]:
+                    self.n[frame["device"]] = int(frame["metrics"]["n"])
+        except websockets.ConnectionClosed as exc:
+            self.closed = exc
+
+
+async def test_a_stuck_dashboard_is_closed_4008_and_never_slows_ingest_or_others(mosquitto):
+    env = {"GATEWAY_WS_BUFFER_FRAMES": str(BUFFER_FRAMES)}
+    with GatewayProcess(mosquitto.url, env=env) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        cookie = gw.login("operator", PASSWORD)
+        stored_before = gw.metric("gateway_telemetry_stored_total")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        async with (
+            gw.ws_connect(cookie, sock=sock, max_queue=1, compression=None) as stuck,
+            gw.ws_connect(cookie, compression=None) as ws,
+            aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="slow-ws-fleet") as fleet,
+        ):
+            fast = Latest(ws)
+            rounds = 0
+
+            async def publish_round() -> None:
+                nonlocal rounds
+                rounds += 1
+                for d in range(DEVICES):
+                    body = json.dumps({"n": rounds, **PADDING})
+                    await fleet.publish(f"devices/slow-ws-{d:03d}/telemetry", body, qos=1)
+                    if d % (DEVICES // FLAPS) == 0:
+                        state = "offline" if d % 2 else "online"
+                        await fleet.publish("devices/slow-ws-flapper/status", state, qos=1)
+
+            # Devices keep publishing until the stuck client has been dropped, then 3 rounds more.
+            async with asyncio.timeout(60):
+                while await asyncio.to_thread(gw.metric, "gateway_ws_frames_dropped_total") == 0:
+                    await publish_round()
+            for _ in range(3):
+                await publish_round()
+            published = rounds * DEVICES
+
+            # The normal client has the last round of every device and was never closed.
+            await until(
+                lambda: len(fast.n) == DEVICES and min(fast.n.values()) == rounds,
+                wait=30,
+                what="the normal client to see the last round",
+            )
+            assert fast.closed is None
+
+            # The stuck client, reading again: a prefix of frames, then the 4008 close.
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                async with asyncio.timeout(30):
+                    while True:
+                        await stuck.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == CLOSE_SLOW_CLIENT
+            dropped = gw.metric("gateway_ws_frames_dropped_total")
+
+            # It reconnects and resyncs from a snapshot holding every device's last round.
+            async with gw.ws_connect(cookie) as again:
+                snapshot = json.loads(await asyncio.wait_for(again.recv(), 10))
+            assert snapshot["type"] == "snapshot"
+            latest = {d["id"]: d["metrics"].get("n") for d in snapshot["devices"]}
+            assert all(latest[f"slow-ws-{d:03d}"] == rounds for d in range(DEVICES))
+            fast.task.cancel()
+
+        # Ingest never waited on the stuck socket: every value of every reading is stored.
+        per_reading = 1 + len(PADDING)
+        await until(
+            lambda: (
+                gw.metric("gateway_telemetry_stored_total") - stored_before
+                >= published * per_reading
+            ),
+            wait=30,
+            what="every reading stored",
+        )
+        assert gw.metric("gateway_telemetry_dropped_total", 'reason="buffer_full"') == 0
+        assert gw.metric("gateway_ws_clients") == 0
+        print(
+            f"\nstuck client (buffer {BUFFER_FRAMES} frames) closed 4008 after {rounds - 3} "
+            f"rounds of {DEVICES} readings (~4 kB frames) and {FLAPS} status changes; "
+            f"{dropped:.0f} frames dropped; "
+            f"the normal client read {fast.frames} frames; {published} readings all stored"
+        )
