@@ -151,6 +151,11 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run, print the table."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["history"]:  # the history query on a large PostgreSQL table (bench/history.py)
+        from bench.history import main as history_main
+
+        return history_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")

@@ -35,9 +35,13 @@ LAYOUTS: dict[str, tuple[str, list[str]]] = {
         "(device, metric, ts)",
         [f"CREATE INDEX bench_dmt ON {TABLE} (device_id, metric, ts)"],
     ),
-    "covering": (
+    "include": (
         "(device, metric, ts) INCLUDE (value)",
         [f"CREATE INDEX bench_dmt_cov ON {TABLE} (device_id, metric, ts) INCLUDE (value)"],
+    ),
+    "series": (
+        "(device, metric, ts, value), the migrations' reading_series_covering",
+        [f"CREATE INDEX reading_series_covering ON {TABLE} (device_id, metric, ts, value)"],
     ),
 }
 
@@ -246,19 +250,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=int, default=4, choices=range(1, len(METRICS) + 1))
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between readings")
     parser.add_argument("--repeat", type=int, default=6, help="runs per query (first is cold)")
-    parser.add_argument("--layouts", default="fk,composite,covering", help="comma-separated")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"of {', '.join(LAYOUTS)}")
     parser.add_argument("--no-prune", action="store_true", help="skip the prune_telemetry run")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
+    parser.add_argument(
+        "--reuse", action="store_true", help="use the table a --keep run left (same shape)"
+    )
     args = parser.parse_args(argv)
     shape = Shape(args.rows, args.devices, args.metrics, args.interval)
     end = datetime.now(UTC).replace(microsecond=0)
-    admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-    admin(f'CREATE DATABASE "{DATABASE}"')
+    reuse = args.reuse and database_exists()
+    if not reuse:
+        admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+        admin(f'CREATE DATABASE "{DATABASE}"')
     try:
         setup_django(DATABASE)
         from django.core.management import call_command
 
-        call_command("migrate", verbosity=0)
+        if not reuse:
+            call_command("migrate", verbosity=0)
         (version,) = sql("SHOW server_version")[0]
         (shared,) = sql("SHOW shared_buffers")[0]
         say(
@@ -266,10 +276,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{shape.ticks * shape.series:,} rows: {shape.devices} devices × {shape.metrics} "
             f"metrics, one reading per {shape.interval:g} s = {shape.span.days} days"
         )
-        drop_reading_indexes()
-        took = generate(shape, end)
-        (size,) = sql(f"SELECT pg_size_pretty(pg_table_size('{TABLE}'))")[0]
-        say(f"  generated in {took:.0f} s; table {size}")
+        if reuse:
+            (last,) = sql(f"SELECT max(ts) FROM {TABLE}")[0]
+            end = last + timedelta(seconds=shape.interval)
+        else:
+            drop_reading_indexes()
+            took = generate(shape, end)
+            say(f"  generated in {took:.0f} s")
+        (size, count) = sql(
+            f"SELECT pg_size_pretty(pg_table_size('{TABLE}')), count(*) FROM {TABLE}"
+        )[0]
+        say(f"  table {size}, {count:,} rows")
         for name in args.layouts.split(","):
             description, statements = LAYOUTS[name]
             drop_reading_indexes()
@@ -282,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  layout {name}: {description}; built in {built:.0f} s; {sizes}")
             measure(shape, end, args.repeat)
         if not args.no_prune:
-            # Back to the migrations' own indexes, then keep 7 days raw, hourly beyond.
-            drop_reading_indexes()
-            recreate_migration_indexes()
+            # The migrations' own index, then keep 7 days raw, hourly averages beyond.
+            if args.layouts.split(",")[-1] != "series":
+                drop_reading_indexes()
+                sql(LAYOUTS["series"][1][0])
+                sql(f"VACUUM (ANALYZE) {TABLE}")
             prune(7, 365)
     finally:
         from django.db import connections
@@ -296,21 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def recreate_migration_indexes() -> None:
-    """The indexes the migrations define for Reading (after the layouts replaced them)."""
-    from django.db import connection
+def database_exists() -> bool:
+    import psycopg
 
-    from devices.models import Reading
-
-    with connection.schema_editor() as editor:
-        for index in Reading._meta.indexes:
-            editor.add_index(Reading, index)
-        field = Reading._meta.get_field("device")
-        if field.db_index:
-            editor.execute(
-                f"CREATE INDEX bench_fk ON {TABLE} (device_id)"
-            )  # Django's FK index, as migrations make it
-    sql(f"VACUUM (ANALYZE) {TABLE}")
+    with psycopg.connect(dsn("postgres"), autocommit=True, connect_timeout=5) as conn:
+        return (
+            conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+            is not None
+        )
 
 
 if __name__ == "__main__":

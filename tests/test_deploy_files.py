@@ -103,6 +103,7 @@ def test_units_run_the_contract_commands_from_one_install():
         "--port 8000 --workers 2 --proxy-headers",
         "gateway-bridge@.service": f"{PREFIX}python manage.py runmqtt --shared-group gateway",
         "gateway-prune.service": f"{PREFIX}python manage.py prune_telemetry",
+        "gateway-serial.service": f"{PREFIX}python manage.py runserial",
     }
     for path in UNITS:
         if path.suffix == ".service":
