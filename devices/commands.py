@@ -174,7 +174,9 @@ async def submit(user: Any, device_id: str, data: Any, ref: Any = None) -> Comma
             raise
         command = await database_sync_to_async(create_command)(user, device_id, data)
     await announce(command, ref=ref)
-    get_timers().schedule(command)
+    # Checked first one ack timeout from now (then re-armed for its real deadline): if the
+    # bridge that sends it dies before that deadline, this process still times it out.
+    get_timers().schedule(command, within=command.timeout)
     layer = get_channel_layer()
     if layer is not None:
         try:
@@ -362,8 +364,9 @@ class CommandTimers:
         except Exception:
             logger.exception("could not recover open commands")
 
-    def schedule(self, command: Command) -> None:
-        """Arm the timer for the command's next deadline (hold TTL or ack timeout)."""
+    def schedule(self, command: Command, within: float | None = None) -> None:
+        """Arm the timer for the command's next deadline (hold TTL or ack timeout), or to
+        check it `within` seconds if that is sooner."""
         if command.status == CommandStatus.SENT and command.sent_at:
             due: datetime = command.sent_at + timedelta(seconds=command.timeout)
         elif command.status == CommandStatus.PENDING:
@@ -373,6 +376,8 @@ class CommandTimers:
         key = str(command.id)
         self.cancel(key)
         delay = max(0.0, (due - timezone.now()).total_seconds()) + 0.01
+        if within is not None:
+            delay = min(delay, within + 0.01)
         self._handles[key] = self.loop.call_later(delay, self._fire, key)
 
     def cancel(self, key: str) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,11 +24,13 @@ import aiomqtt
 import pytest
 from channels.db import database_sync_to_async
 
-from devices.models import Device
+from devices import commands
+from devices.models import Command, Device
 from devices.store import DeviceUpdate, write_batch
 from tests.support.gateway import GatewayProcess, postgres_available, postgres_database
 
 TS = 1_764_214_000.0
+PASSWORD = secrets.token_urlsafe(12)
 
 
 # --- two writers, batches committed in either order -----------------------------------------
@@ -55,3 +59,308 @@ async def test_an_older_batch_committed_later_never_overwrites_newer_values():
     await write([], {"d": DeviceUpdate("mqtt", True, TS + 4, {"t": 23.0}, TS + 4)})
     device = await Device.objects.aget(pk="d")
     assert (device.online, device.metrics) == (True, {"t": 23.0, "h": 40.0})
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_command_times_out_even_when_the_bridge_that_sent_it_is_gone(
+    layer, dashboard, django_user_model
+):
+    """Submitted here (a web worker), claimed and sent by a bridge that then dies with its
+    timers: this process's timer still ends it one ack timeout after it was sent."""
+    user = await database_sync_to_async(django_user_model.objects.create_user)(
+        "ops", password=PASSWORD, is_staff=True
+    )
+    await Device.objects.acreate(id="d1")
+    command = await commands.submit(user, "d1", {"name": "ping", "timeout": 0.5})
+    assert await database_sync_to_async(commands._claim)(command.id) is not None  # the bridge
+    async with asyncio.timeout(5):
+        while True:
+            events = (await layer.receive(dashboard))["events"]
+            if any(e["id"] == str(command.id) and e["status"] == "timeout" for e in events):
+                break
+    assert (await Command.objects.aget(pk=command.id)).status == "timeout"
+
+
+# --- the whole split: 2 bridges + 2 web workers + Redis + PostgreSQL + mosquitto -------------
+
+DEVICES = [f"sx-{i}" for i in range(8)]
+BEFORE_KILL = 25  # readings per device while both bridges run
+AFTER_KILL = 10  # readings per device once one is killed
+PARKED = 6  # readings per device while a bridge with a persistent session is down
+
+
+class Dashboard:
+    """A logged-in dashboard WebSocket on one web worker, recording what it is told."""
+
+    def __init__(self, ws: Any, name: str) -> None:
+        self.ws, self.name = ws, name
+        self.snapshot: dict = {}
+        self.telemetry: dict[str, list[float]] = {}
+        self.commands: dict[str, list[dict]] = {}
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.snapshot = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+        assert self.snapshot["type"] == "snapshot"
+        self.task = asyncio.create_task(self._read(), name=f"dashboard[{self.name}]")
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            frame = json.loads(raw)
+            if frame["type"] == "telemetry":
+                self.telemetry.setdefault(frame["device"], []).append(frame["metrics"]["seq"])
+            elif frame["type"] == "command":
+                self.commands.setdefault(frame["id"], []).append(frame)
+            self.changed.set()
+
+    async def until(self, check: Callable[[], Any], what: str, wait: float = 15.0) -> Any:
+        """Wait until `check()` is truthy, re-checked on each frame."""
+        try:
+            async with asyncio.timeout(wait):
+                while not (result := check()):
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"{self.name}: timed out waiting for {what}") from None
+        return result
+
+    def status_of(self, command_id: str) -> str | None:
+        frames = self.commands.get(command_id)
+        return frames[-1]["status"] if frames else None
+
+
+@contextlib.asynccontextmanager
+async def running(*procs: GatewayProcess, meanwhile: Callable[[], Any] = lambda: None):
+    """Migrate once, start every process (and run `meanwhile`) at the same time; stop them all
+    (cleanly) after."""
+    procs[0].manage("migrate", "--no-input", "-v", "0", timeout=120)
+    try:
+        starts = [asyncio.to_thread(p.start, False) for p in procs]
+        await asyncio.gather(*starts, asyncio.to_thread(meanwhile))
+        yield procs
+    except BaseException:
+        for p in procs:
+            print(f"--- {p.command} {p.args} log tail ---\n{p.tail()}")
+            p.kill()
+        raise
+    else:
+        codes = await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
+        # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
+        clean = [-signal.SIGTERM if p.command == "uvicorn" else 0 for p in procs]
+        assert codes == clean, [p.tail() for p in procs]
+    finally:
+        for p in procs:
+            p._cleanup()
+
+
+def stored_readings(database_url: str) -> tuple[int, int]:
+    """(rows, distinct (device, seq) pairs) of the `seq` metric in PostgreSQL."""
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            "SELECT count(*), count(DISTINCT (device_id, value)) FROM devices_reading"
+            " WHERE metric = 'seq'"
+        ).fetchone()
+
+
+async def until_stored(database_url: str, count: int, wait: float = 20.0) -> tuple[int, int]:
+    deadline = time.monotonic() + wait
+    while True:
+        rows = await asyncio.to_thread(stored_readings, database_url)
+        if rows[0] >= count or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.05)
+
+
+async def publish_readings(port: int, first: int, count: int) -> None:
+    """`count` numbered QoS 1 readings per device, interleaved across devices."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"pub-{first}") as pub:
+        pub.pending_calls_threshold = 10_000
+        # Concurrently (paho sends them in this order), each done at its PUBACK.
+        await asyncio.gather(
+            *(
+                pub.publish(f"devices/{device}/telemetry", json.dumps({"seq": seq}), qos=1)
+                for seq in range(first, first + count)
+                for device in DEVICES
+            )
+        )
+
+
+async def acking_device(port: int, device: str, received: list[dict]) -> None:
+    """A device that acks every command it gets (CONTRACT §3)."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"dev-{device}") as client:
+        await client.subscribe(f"devices/{device}/commands", qos=1)
+        async for message in client.messages:
+            command = json.loads(message.payload)
+            received.append(command)
+            ack = {"id": command["id"], "ok": True, "result": {"name": command["name"]}}
+            await client.publish(f"devices/{device}/commands/ack", json.dumps(ack), qos=1)
+
+
+@contextlib.contextmanager
+def background(*coros: Any) -> Iterator[None]:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+async def test_two_bridges_and_two_web_workers_share_one_redis_and_postgresql(
+    mosquitto, redis_server
+):
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    gateway_id = f"scaleout-{secrets.token_hex(3)}"
+    common = {"GATEWAY_ID": gateway_id, "DJANGO_SECRET_KEY": secrets.token_urlsafe(40)}
+    with postgres_database() as database_url:
+
+        def process(command: str, *args: str, **env: str) -> GatewayProcess:
+            return GatewayProcess(
+                mosquitto.url,
+                command=command,
+                args=args,
+                database_url=database_url,
+                redis_url=redis_server.url,
+                env={**common, **env},
+                ready_log="MQTT bridge subscribed" if command == "runmqtt" else None,
+            )
+
+        bridges = [
+            process("runmqtt", "--shared-group", "g", GATEWAY_LOG_LEVEL="DEBUG") for _ in range(2)
+        ]
+        webs = [process("uvicorn", "--no-access-log") for _ in range(2)]
+        operator = functools.partial(webs[0].create_user, "operator", PASSWORD, staff=True)
+        async with running(*bridges, *webs, meanwhile=operator):
+            cookie = webs[0].login("operator", PASSWORD)  # one session, valid on both workers
+            async with webs[0].ws_connect(cookie) as ws0, webs[1].ws_connect(cookie) as ws1:
+                dashboards = [Dashboard(ws0, "web0"), Dashboard(ws1, "web1")]
+                for dashboard in dashboards:
+                    await dashboard.start()
+
+                # Every message stored exactly once, whichever bridge took it.
+                await publish_readings(mosquitto.port, 0, BEFORE_KILL)
+                total = len(DEVICES) * BEFORE_KILL
+                assert await until_stored(database_url, total) == (total, total)
+
+                # Both bridges took a share: each logs the rejections it handled.
+                async with aiomqtt.Client("127.0.0.1", mosquitto.port) as pub:
+                    for _ in range(8):
+                        await pub.publish("devices/probe/telemetry", b"not json", qos=1)
+                for bridge in bridges:
+                    bridge.wait_for_log(r"device probe: rejected")
+
+                # Dashboards on either worker see every device's readings, up to the last.
+                last = float(BEFORE_KILL - 1)
+                for dashboard in dashboards:
+                    await dashboard.until(
+                        lambda d=dashboard: all(
+                            last in d.telemetry.get(device, ()) for device in DEVICES
+                        ),
+                        f"every device's last reading on {dashboard.name}",
+                    )
+
+                # A command through either worker reaches its device and its ack both dashboards.
+                got: dict[str, list[dict]] = {device: [] for device in DEVICES[:2]}
+                with background(
+                    *(acking_device(mosquitto.port, device, got[device]) for device in got)
+                ):
+                    await asyncio.sleep(0.5)  # the devices' subscriptions are in place
+                    status, body = await asyncio.to_thread(
+                        webs[0].http_request,
+                        "POST",
+                        f"/api/devices/{DEVICES[0]}/commands",
+                        cookie=cookie,
+                        body={"name": "set_interval", "args": {"seconds": 5}},
+                    )
+                    assert status == 202, body
+                    rest_id = body["id"]
+                    await ws1.send(
+                        json.dumps(
+                            {"type": "command", "device": DEVICES[1], "name": "ping", "ref": "r1"}
+                        )
+                    )
+                    ws_id = await dashboards[1].until(
+                        lambda: next(
+                            (i for i, f in dashboards[1].commands.items() if f[0].get("ref")),
+                            None,
+                        ),
+                        "the pending frame of the WebSocket command",
+                    )
+                    for dashboard in dashboards:
+                        for command_id in (rest_id, ws_id):
+                            await dashboard.until(
+                                lambda d=dashboard, c=command_id: d.status_of(c) == "acked",
+                                f"command {command_id} acked on {dashboard.name}",
+                            )
+                    assert [c["id"] for c in got[DEVICES[0]]] == [rest_id]  # exactly once
+                    assert [c["id"] for c in got[DEVICES[1]]] == [ws_id]
+
+                    # One bridge killed: the other takes all the traffic.
+                    bridges[0].kill()
+                    killed = time.monotonic()
+                    await publish_readings(mosquitto.port, BEFORE_KILL, AFTER_KILL)
+                    published = time.monotonic() - killed
+                    total += len(DEVICES) * AFTER_KILL
+                    assert await until_stored(database_url, total) == (total, total)
+                    takeover = time.monotonic() - killed
+                    print(
+                        f"\nafter SIGKILL of one bridge: {len(DEVICES) * AFTER_KILL} readings"
+                        f" published in {published:.2f} s, all stored {takeover:.2f} s after"
+                        " the kill"
+                    )
+                    # ... commands too.
+                    status, body = await asyncio.to_thread(
+                        webs[1].http_request,
+                        "POST",
+                        f"/api/devices/{DEVICES[0]}/commands",
+                        cookie=cookie,
+                        body={"name": "ping"},
+                    )
+                    assert status == 202, body
+                    for dashboard in dashboards:
+                        await dashboard.until(
+                            lambda d=dashboard: d.status_of(body["id"]) == "acked",
+                            f"the command after the kill acked on {dashboard.name}",
+                        )
+
+                # The device list on either worker: every device online, its newest value.
+                for web in webs:
+                    status, listed = await asyncio.to_thread(web.http_get, "/api/devices/", cookie)
+                    assert status == 200
+                    listed = listed if isinstance(listed, list) else listed["devices"]
+                    latest = {d["id"]: (d["online"], d["metrics"].get("seq")) for d in listed}
+                    expected = (True, float(BEFORE_KILL + AFTER_KILL - 1))
+                    assert {device: latest.get(device) for device in DEVICES} == dict.fromkeys(
+                        DEVICES, expected
+                    )
+
+            # A bridge with a persistent session (--bridge-id) killed instead: the broker goes
+            # on giving its session a share of the messages (mosquitto 2), parked there until
+            # that bridge is back; then they are stored, each still once.
+            def persistent() -> GatewayProcess:
+                return process("runmqtt", "--shared-group", "g", "--bridge-id", "p")
+
+            extra = [persistent()]
+            try:
+                await asyncio.to_thread(extra[0].start, False)
+                extra[0].kill()
+                before, total = total, total + len(DEVICES) * PARKED
+                await publish_readings(mosquitto.port, BEFORE_KILL + AFTER_KILL, PARKED)
+                await until_stored(database_url, before + len(DEVICES) * PARKED // 2)
+                await asyncio.sleep(0.5)  # the survivor's share is all in by now
+                parked = total - (await asyncio.to_thread(stored_readings, database_url))[0]
+                assert parked > 0, "the killed bridge's session got no share"
+                extra.append(persistent())
+                await asyncio.to_thread(extra[1].start, False)
+                assert await until_stored(database_url, total) == (total, total)
+                print(f"{parked} readings waited in the killed bridge's session until it returned")
+            finally:
+                for bridge in extra:
+                    bridge.stop()
+                    bridge._cleanup()

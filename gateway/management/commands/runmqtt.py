@@ -36,6 +36,12 @@ class Command(BaseCommand):
             metavar="NAME",
             help="subscribe as $share/NAME/… so several bridges split the load (MQTT v5)",
         )
+        parser.add_argument(
+            "--bridge-id",
+            metavar="ID",
+            help="this bridge's stable name in its shared group, so the broker keeps its session "
+            "across restarts (default: GATEWAY_BRIDGE_ID; unset: a clean session per process)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
@@ -48,13 +54,17 @@ class Command(BaseCommand):
                 "the channel layer is in-memory: telemetry is stored, but nothing reaches "
                 "dashboards in other processes; set REDIS_URL to share one"
             )
-        code = asyncio.run(run_bridge(url, options["shared_group"]))
+        code = asyncio.run(run_bridge(url, options["shared_group"], options["bridge_id"]))
         if code:
             sys.exit(code)
 
 
-async def run_bridge(mqtt_url: str, shared_group: str | None) -> int:
-    """Run the MQTT bridge until SIGTERM/SIGINT, then publish offline and flush."""
+async def run_bridge(mqtt_url: str, shared_group: str | None, bridge_id: str | None = None) -> int:
+    """Run the MQTT bridge until SIGTERM/SIGINT, then publish offline and flush.
+
+    Logs "MQTT bridge subscribed" once it first has its subscriptions (in a shared group,
+    from then on the broker gives it its share of the messages).
+    """
     from gateway.asgi import application
 
     setup = describe_setup()
@@ -67,11 +77,23 @@ async def run_bridge(mqtt_url: str, shared_group: str | None) -> int:
             f"{setup['channel_layer']} | database {setup['database']}"
         )
 
+    bridge = mqtt_bridge(application, mqtt_url, shared_group=shared_group, bridge_id=bridge_id)
     runner = GatewayRunner(
         application,
         web=False,
-        bridges={"mqtt": mqtt_bridge(application, mqtt_url, shared_group=shared_group)},
+        bridges={"mqtt": bridge},
         shutdown_hooks=[close_pipeline],
         banner=banner,
     )
-    return await runner.serve()
+    subscribed = asyncio.create_task(_log_subscribed(bridge, group), name="runmqtt.subscribed")
+    try:
+        return await runner.serve()
+    finally:
+        subscribed.cancel()
+
+
+async def _log_subscribed(bridge: Any, group: str) -> None:
+    wait_connected = getattr(bridge, "wait_connected", None)
+    if wait_connected is not None:
+        await wait_connected()
+        logger.info("MQTT bridge subscribed%s", group)
