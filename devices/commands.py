@@ -36,7 +36,7 @@ from gateway.metrics import COMMANDS
 
 logger = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")  # \Z: "$" would let "reboot\n" through
 MAX_ARGS_BYTES = 16 * 1024
 TIMEOUT_RANGE = (0.1, 3600.0)
 PERMISSION = "devices.send_command"

@@ -91,9 +91,12 @@ def parse_time(name: str, text: str | None) -> datetime | None:
         if text[-1:] in ("Z", "z"):
             text = text[:-1] + "+00:00"
         moment = datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        # In UTC here: 0001-01-01T00:00+01:00 has no UTC datetime (the database query would 500).
+        return moment.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         raise BadParam(f"{name} must be ISO 8601 or epoch seconds, got {text!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_max_points(text: str | None) -> int:
