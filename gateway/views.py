@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from urllib.parse import urlsplit
+import secrets
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -17,12 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway import metrics as gateway_metrics
 from gateway import runtime
+from gateway.mqtt.url import parse_broker_url
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 1.0  # seconds for the TCP probe of the broker
 DB_TIMEOUT = 2.0  # seconds for SELECT 1
-MQTT_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 # Labelled series only appear once a label value is used; give the fixed ones a zero so
 # scrapes and alerts see every CONTRACT §5 name from the start.
@@ -35,27 +35,59 @@ for _status in ("pending", "sent", "acked", "failed", "timeout"):
     gateway_metrics.COMMANDS.labels(status=_status)
 
 
-def broker_address(url: str) -> tuple[str, int]:
-    """(host, port) of an `mqtt://` / `mqtts://` broker URL (CONTRACT §1)."""
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme not in MQTT_DEFAULT_PORTS or not parts.hostname:
-        raise ValueError(f"not a broker URL: {url!r}")
-    return parts.hostname, parts.port or MQTT_DEFAULT_PORTS[scheme]
+def _connect_packet(username: str | None, password: str | None) -> bytes:
+    """An MQTT 3.1.1 CONNECT (clean session, keepalive 10 s) with the URL's credentials."""
+
+    def field(data: bytes) -> bytes:
+        return len(data).to_bytes(2, "big") + data
+
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = field(b"MQTT") + bytes([4, flags]) + (10).to_bytes(2, "big")
+    body += field(f"healthz-{secrets.token_hex(4)}".encode())
+    if username is not None:
+        body += field(username.encode())
+    if password is not None:
+        body += field(password.encode())
+    length, encoded = len(body), b""
+    while True:  # the remaining length as MQTT's variable-length integer
+        byte, length = length % 128, length // 128
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            return b"\x10" + encoded + body
 
 
 async def probe_broker(url: str, within: float = PROBE_TIMEOUT) -> bool:
-    """True when the broker accepts a TCP connection within `within` seconds."""
+    """True when the broker lets us in within `within` seconds: TCP, then TLS for `mqtts://`
+    (same CA and client certificate as the bridge), then an MQTT CONNECT with the URL's
+    credentials answered by a CONNACK that accepts them."""
     try:
-        host, port = broker_address(url)
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
-    except (OSError, ValueError, TimeoutError):
+        broker = parse_broker_url(url)
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(
+                broker.host,
+                broker.port,
+                ssl=broker.ssl_context(),
+                server_hostname=broker.host if broker.tls else None,
+            )
+            try:
+                writer.write(_connect_packet(broker.username, broker.password))
+                await writer.drain()
+                connack = await reader.readexactly(4)
+                writer.write(b"\xe0\x00")  # DISCONNECT
+                await writer.drain()
+            finally:
+                writer.close()
+    except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        # ssl.SSLError is an OSError: a wrong CA or a refused client certificate lands here.
+        logger.debug("health check: broker %s unreachable: %s", url.split("@")[-1], exc)
         return False
-    writer.close()
-    try:
-        await asyncio.wait_for(writer.wait_closed(), within)
-    except (OSError, TimeoutError):
-        pass
+    if connack[0] != 0x20 or connack[3] != 0:
+        logger.warning(
+            "health check: broker %s refused the connection (CONNACK code %d)",
+            broker,
+            connack[3],
+        )
+        return False
     return True
 
 

@@ -86,19 +86,31 @@ class ServerProcess:
 
 
 class Mosquitto(ServerProcess):
-    """mosquitto on 127.0.0.1:<port>, anonymous, with persistence in its own folder."""
+    """mosquitto on 127.0.0.1:<port>, anonymous, with persistence in its own folder.
+
+    `config` adds lines for the listener (e.g. `cafile`, `certfile`, `keyfile`,
+    `require_certificate true`, `password_file …`); `anonymous=False` refuses clients without
+    credentials; `tls=True` makes `url` an `mqtts://` one.
+    """
 
     name = "mosquitto"
 
+    def __init__(self, *, config: str = "", anonymous: bool = True, tls: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.anonymous = anonymous
+        self.tls = tls
+
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{self.config.strip()}\n"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             "set_tcp_nodelay true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
