@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.history import main as history_main
 
         return history_main(argv[1:])
+    if argv[:1] == ["scaleout"]:  # ingest with 1 vs 2 MQTT bridges (bench/scaleout.py)
+        from bench.scaleout import main as scaleout_main
+
+        return scaleout_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
