@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.scaleout import main as scaleout_main
 
         return scaleout_main(argv[1:])
+    if argv[:1] == ["soak"]:  # long steady load with broker and Redis restarts (bench/soak.py)
+        from bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
