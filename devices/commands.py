@@ -42,6 +42,8 @@ TIMEOUT_RANGE = (0.1, 3600.0)
 PERMISSION = "devices.send_command"
 #: Default bound on commands held (pending) per device; `GATEWAY["COMMAND_HOLD_MAX"]` overrides.
 HOLD_MAX = 100
+#: Device ids per query when looking up held commands for many devices at once.
+LOOKUP_CHUNK = 500
 
 #: What a transport's send coroutine raises when it cannot deliver now (broker down, port
 #: closed): the command goes back to pending and is re-driven later.
@@ -245,12 +247,21 @@ def _expire(command_id: Any) -> tuple[Command | None, Command | None]:
     return done, None
 
 
-def _pending_ids(device_id: str) -> list[Any]:
-    return list(
-        Command.objects.filter(device_id=device_id, status=CommandStatus.PENDING)
-        .order_by("created_at")
-        .values_list("pk", flat=True)
-    )
+def _pending_ids(device_ids: list[str]) -> dict[str, list[Any]]:
+    """The pending commands of each device, oldest first: one query per `LOOKUP_CHUNK` ids."""
+    found: dict[str, list[Any]] = {device_id: [] for device_id in device_ids}
+    for start in range(0, len(device_ids), LOOKUP_CHUNK):
+        rows = (
+            Command.objects.filter(
+                device_id__in=device_ids[start : start + LOOKUP_CHUNK],
+                status=CommandStatus.PENDING,
+            )
+            .order_by("created_at")
+            .values_list("device_id", "pk")
+        )
+        for device_id, pk in rows:
+            found[device_id].append(pk)
+    return found
 
 
 def _open_commands() -> list[Command]:
@@ -302,12 +313,82 @@ async def deliver_pending(device_id: str, send: SendCommand) -> int:
     """
     get_timers()
     sent = 0
-    for command_id in await database_sync_to_async(_pending_ids)(device_id):
+    for command_id in await _lookups().pending(device_id):
         outcome = await _deliver(command_id, send)
         if outcome == HELD:
             break
         sent += outcome == SENT
     return sent
+
+
+class _PendingLookups:
+    """Batches "which commands are held for device X" into one query for many devices.
+
+    Every device instance asks when its device comes online, so a fleet (re)connecting at
+    once asked thousands of times, one query and one sync-thread hop each (finding 5 in
+    docs/performance.md). Requests made while a lookup runs wait for the next one, so there
+    is at most one query in flight and never one per device under load; always a fresh
+    query, so commands stored by any process are seen.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[asyncio.Future[list[Any]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def pending(self, device_id: str) -> list[Any]:
+        """The ids of `device_id`'s pending commands, oldest first."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(device_id, []).append(future)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="commands.pending-lookups")
+        return await future
+
+    async def _run(self) -> None:
+        batch: dict[str, list[asyncio.Future[list[Any]]]] = {}
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                try:
+                    found = await database_sync_to_async(_pending_ids)(list(batch))
+                except Exception as exc:
+                    _settle(batch, error=exc)
+                    continue
+                _settle(batch, found=found)
+        finally:
+            self._task = None
+            for pending in (batch, self._waiting):  # cancelled (loop closing): nobody hangs
+                _settle(pending)
+
+
+def _settle(
+    batch: dict[str, list[asyncio.Future[list[Any]]]],
+    found: dict[str, list[Any]] | None = None,
+    error: Exception | None = None,
+) -> None:
+    """Resolve each waiter with its device's ids, or `error`, or cancel it (neither given)."""
+    for device_id, futures in batch.items():
+        for future in futures:
+            if future.done():
+                continue
+            if found is not None:
+                future.set_result(found[device_id])
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.cancel()
+
+
+_pending_lookups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PendingLookups] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lookups() -> _PendingLookups:
+    loop = asyncio.get_running_loop()
+    lookups = _pending_lookups.get(loop)
+    if lookups is None:
+        lookups = _pending_lookups[loop] = _PendingLookups()
+    return lookups
 
 
 async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, error: str) -> bool:

@@ -11,11 +11,15 @@ import logging
 from typing import Any, ClassVar
 
 from channels.consumer import AsyncConsumer, get_handler_name
+from channels.exceptions import ChannelFull, StopConsumer
+from channels.layers import get_channel_layer
 
 logger = logging.getLogger(__name__)
 
 JOIN_TIMEOUT = 2.0  # a channel layer (Redis) slower than this to join is retried in the background
 REJOIN_MAX = 30.0
+#: Channel messages waiting while the instance handles an event; more are refused (ChannelFull).
+CHANNEL_CAPACITY = 100
 
 
 class BridgeConsumer(AsyncConsumer):
@@ -29,17 +33,95 @@ class BridgeConsumer(AsyncConsumer):
         return list(self.groups)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Run the instance, leaving its groups whatever way it ends."""
+        """Run the instance: events from `receive` and from its channel, one at a time.
+
+        Channels' `AsyncConsumer` waits with `await_many_dispatch`: two standing receive
+        tasks and an `asyncio.wait` per instance. A bridge runs one instance per device, so
+        that was most of ~27 KB per idle device (docs/performance.md). Here the instance task
+        is the only standing one: a layer that can `attach` a channel (ours, gateway/layers.py)
+        hands its messages over as they are sent; any other layer gets one reader task.
+        Either way, handlers never overlap: a channel message that arrives while the instance
+        waits in `receive` is handled by a short-lived task the main loop waits for.
+        """
+        self.scope = scope
+        self.base_send = send
         self._joined: list[str] | None = None
         self._rejoin: asyncio.Task[None] | None = None
+        self._inbox: list[dict[str, Any]] = []  # channel messages not yet handled (rare)
+        self._side: asyncio.Task[None] | None = None  # handling them while the loop waits
+        self._waiting = False  # the main loop is in `await receive()`
+        self._failure: BaseException | None = None  # raised by a channel message's handler
+        self._main = asyncio.current_task()
+        reader: asyncio.Task[None] | None = None
+        layer = self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        if layer is not None:
+            self.channel_name = await layer.new_channel()
+            attach = getattr(layer, "attach", None)
+            if attach is not None:
+                attach(self.channel_name, self._from_layer)
+            else:
+                reader = asyncio.create_task(self._read_layer(), name=f"{self.channel_name}.read")
         try:
-            await super().__call__(scope, receive, send)
+            while True:
+                self._waiting = True
+                try:
+                    message = await receive()
+                except asyncio.CancelledError:
+                    if self._failure is None:
+                        raise
+                    message = None
+                finally:
+                    self._waiting = False
+                if self._side is not None:
+                    await asyncio.shield(self._side)
+                if self._failure is not None:
+                    raise self._failure
+                await self.dispatch(message)
+                while self._inbox:
+                    await self.dispatch(self._inbox.pop(0))
+        except StopConsumer:
+            pass
         finally:
-            if self._rejoin is not None:
-                self._rejoin.cancel()
+            if layer is not None:
+                detach = getattr(layer, "detach", None)
+                if detach is not None:
+                    detach(self.channel_name)
+            for task in (reader, self._side, self._rejoin):
+                if task is not None:
+                    task.cancel()
             if self._joined:
                 # Shielded: the server may be cancelling us after a retire grace period.
                 await asyncio.shield(self._leave_groups())
+
+    def _from_layer(self, message: dict[str, Any]) -> None:
+        """A message on this instance's channel: handle it now if idle, else after the current
+        event. Past the layer's capacity it is refused (`ChannelFull`), as a full queue is."""
+        if len(self._inbox) >= CHANNEL_CAPACITY:
+            raise ChannelFull(self.channel_name)
+        self._inbox.append(message)
+        if self._waiting and self._side is None:
+            self._side = asyncio.create_task(self._handle_inbox(), name=f"{self.channel_name}.side")
+
+    async def _handle_inbox(self) -> None:
+        """Handle channel messages while the main loop waits in `receive` (never overlapping)."""
+        try:
+            while self._inbox:
+                await self.dispatch(self._inbox.pop(0))
+        except BaseException as exc:  # StopConsumer or a handler's error ends the instance
+            self._failure = exc
+            if self._waiting and self._main is not None:
+                self._main.cancel()
+        finally:
+            self._side = None
+
+    async def _read_layer(self) -> None:
+        """For layers without `attach`: one task moving channel messages to `_from_layer`."""
+        while True:
+            message = await self.channel_layer.receive(self.channel_name)
+            try:
+                self._from_layer(message)
+            except ChannelFull:
+                logger.warning("%s: channel backlog full; message dropped", self.channel_name)
 
     async def _leave_groups(self) -> None:
         for group in self._joined or ():

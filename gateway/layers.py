@@ -15,7 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from copy import deepcopy
+from typing import Any
 
+from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 from channels_redis.pubsub import (
     RedisPubSubChannelLayer,
@@ -33,9 +37,64 @@ logger = logging.getLogger(__name__)
 
 
 class ThrottledInMemoryChannelLayer(InMemoryChannelLayer):
-    """`InMemoryChannelLayer` whose expiry sweep runs at most once per `CLEAN_INTERVAL` s."""
+    """`InMemoryChannelLayer` whose expiry sweep runs at most once per `CLEAN_INTERVAL` s,
+    and whose channels can be `attach`ed: their messages go straight to a callback.
+
+    `attach` is what lets a bridge instance (`gateway.consumer.BridgeConsumer`) have a channel
+    and groups without a standing receive task and queue per device (docs/performance.md).
+    Sends are synchronous underneath, so `group_send` makes no task per member either.
+    """
 
     _next_clean = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sinks: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+    def attach(self, channel: str, sink: Callable[[dict[str, Any]], None]) -> None:
+        """Deliver every message for `channel` to `sink(message)` (a copy) as it is sent;
+        `sink` may raise `ChannelFull` to refuse one."""
+        self._sinks[channel] = sink
+
+    def detach(self, channel: str) -> None:
+        """Stop delivering to `channel`'s sink (its consumer has ended)."""
+        self._sinks.pop(channel, None)
+
+    async def flush(self) -> None:
+        """Make the layer like new: no messages, groups or attached channels."""
+        await super().flush()
+        self._sinks = {}
+
+    def _put(self, channel: str, message: dict[str, Any]) -> None:
+        sink = self._sinks.get(channel)
+        if sink is not None:
+            sink(deepcopy(message))
+            return
+        queue = self.channels.get(channel)
+        if queue is None:
+            queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
+        try:
+            queue.put_nowait((time.time() + self.expiry, deepcopy(message)))
+        except asyncio.QueueFull:
+            raise ChannelFull(channel) from None
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Send a message onto a channel (ChannelFull when its queue or sink is full)."""
+        assert isinstance(message, dict), "message is not a dict"
+        self.require_valid_channel_name(channel)
+        assert "__asgi_channel__" not in message
+        self._put(channel, message)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send to every member of `group`; a full member misses it, the others do not."""
+        assert isinstance(message, dict), "Message is not a dict"
+        self.require_valid_group_name(group)
+        self._clean_expired()
+        for channel in list(self.groups.get(group, ())):
+            try:
+                self._put(channel, message)
+            except ChannelFull:
+                pass
 
     def _clean_expired(self) -> None:
         now = time.monotonic()

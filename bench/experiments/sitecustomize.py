@@ -8,6 +8,9 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   every group on each ``group_send`` and ``receive`` (O(devices) per fan-out); run it at most
   once a second instead (messages expire after 60 s, so nothing is kept noticeably longer).
 - ``no-deflate``: uvicorn without permessage-deflate on WebSockets.
+- ``tracemalloc``: trace Python allocations from SIGUSR1 on (the bench sends it before the
+  scaling runs; tracing from start-up makes Django's start too slow); on SIGUSR2 the gateway
+  writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``).
 (``fast-properties``, sharing paho's Properties tables, was one; it is now in
 ``gateway/mqtt/server.py``.)
 """
@@ -46,7 +49,31 @@ def _no_deflate() -> None:
     uvicorn.config.Config.__init__ = __init__
 
 
+def _tracemalloc() -> None:
+    import signal
+    import tracemalloc
+    from pathlib import Path
+
+    def start(signum, frame) -> None:
+        tracemalloc.start(1)
+
+    def dump(signum, frame) -> None:
+        snapshot = tracemalloc.take_snapshot()
+        stats = snapshot.statistics("lineno")
+        out = Path(__file__).resolve().parents[1] / "profiles" / f"tracemalloc-{os.getpid()}.txt"
+        out.parent.mkdir(exist_ok=True)
+        total = sum(stat.size for stat in stats)
+        lines = [f"traced {total / 2**20:.1f} MiB in {len(stats)} sites"]
+        lines += [f"{s.size / 2**20:8.2f} MiB {s.count:9d} {s.traceback[0]}" for s in stats[:60]]
+        out.write_text("\n".join(lines) + "\n")
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, dump)
+
+
 if "amortized-clean" in _EXPERIMENTS:
     _amortize_clean()
 if "no-deflate" in _EXPERIMENTS:
     _no_deflate()
+if "tracemalloc" in _EXPERIMENTS:
+    _tracemalloc()

@@ -24,11 +24,17 @@ SendCallable = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Instance:
-    """One live application instance: its task, event queue and last activity time."""
+    """One live application instance: its task, event queue and last activity time.
+
+    Thousands live at once (one per device), so the queue is a plain list (short: usually
+    empty or one event; a deque costs 600 bytes even empty) with at most one waiting future
+    each way, created only while someone waits, instead of an asyncio.Queue and Event
+    (~5 KB per instance; docs/performance.md).
+    """
 
     __slots__ = (
-        "key", "match", "queue", "task", "last_active", "space", "limit", "retired", "pool",
-        "pressed", "static",
+        "key", "match", "queue", "task", "last_active", "waiter", "space", "limit", "retired",
+        "pool", "pressed", "static",
     )  # fmt: skip
 
     def __init__(self, key: Hashable, match: Match, limit: int, pool: InstancePool) -> None:
@@ -37,20 +43,39 @@ class Instance:
         self.limit = limit
         self.pool = pool
         self.pressed = False  # counted in pool.pressured (queue past its high-water mark)
-        # Unbounded for asyncio; the pool enforces `limit` on messages and `CONTROL_SLACK`.
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.space = asyncio.Event()
+        # Unbounded itself; the pool enforces `limit` on messages and `CONTROL_SLACK`.
+        self.queue: list[dict[str, Any]] = []
+        self.waiter: asyncio.Future[None] | None = None  # the application waiting in receive
+        self.space: asyncio.Future[None] | None = None  # a producer waiting for room
         self.task: asyncio.Task[Any] | None = None
         self.last_active = asyncio.get_running_loop().time()
         self.retired = False
         self.static = False  # a static route's instance: never idle-retired nor evicted
 
+    def put(self, event: dict[str, Any]) -> None:
+        """Append an event and wake the application if it waits in `receive`."""
+        self.queue.append(event)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def receive(self) -> dict[str, Any]:
-        """The ASGI `receive` of this instance; wakes a producer waiting for queue space."""
-        event = await self.queue.get()
-        size = self.queue.qsize()
-        if size < self.limit:
-            self.space.set()
+        """The ASGI `receive` of this instance; wakes a producer waiting for queue space.
+
+        The event is taken only after the wait, so a cancelled receive loses nothing.
+        """
+        queue = self.queue
+        while not queue:
+            self.waiter = waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+        event = queue.pop(0)
+        size = len(queue)
+        space = self.space
+        if space is not None and size < self.limit and not space.done():
+            space.set_result(None)
         if self.pressed and size <= self.pool.low_water:
             self.pool.relieve(self)
         return event
@@ -115,7 +140,7 @@ class InstancePool:
         }
         connect = self.connect_event()
         if connect is not None:
-            inst.queue.put_nowait(connect)
+            inst.queue.append(connect)
         inst.task = asyncio.create_task(
             self.application(scope, inst.receive, self.send),
             name=f"mqtt-instance[{':'.join(map(str, match.instance_key))}]",
@@ -134,9 +159,9 @@ class InstancePool:
             self._instances[key] = inst  # now the most recently active
         queue = inst.queue
         inst.last_active = asyncio.get_running_loop().time()
-        if queue.qsize() < self.limit:
-            queue.put_nowait(event)
-            if not inst.pressed and queue.qsize() >= self.high_water:
+        if len(queue) < self.limit:
+            inst.put(event)
+            if not inst.pressed and len(queue) >= self.high_water:
                 inst.pressed = True
                 self.pressured += 1
             return
@@ -144,18 +169,17 @@ class InstancePool:
             metrics.MQTT_MESSAGES_DROPPED.labels("queue_full").inc()
             return
         # Backpressure: stop reading until the instance makes room (or dies and is replaced).
-        while queue.qsize() >= self.limit:
-            inst.space.clear()
-            waiter = asyncio.ensure_future(inst.space.wait())
+        while len(queue) >= self.limit:
+            inst.space = space = asyncio.get_running_loop().create_future()
             assert inst.task is not None
             try:
-                await asyncio.wait({waiter, inst.task}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({space, inst.task}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                waiter.cancel()
+                inst.space = None
             if inst.task.done() or inst.retired:
                 await self.deliver(match, event, qos)
                 return
-        queue.put_nowait(event)
+        inst.put(event)
 
     def broadcast(self, event: dict[str, Any]) -> None:
         """Queue a control event (mqtt.connect / mqtt.disconnect) for every live instance."""
@@ -163,8 +187,8 @@ class InstancePool:
             self._put_control(inst, event)
 
     def _put_control(self, inst: Instance, event: dict[str, Any]) -> bool:
-        if inst.queue.qsize() < self.limit + CONTROL_SLACK:
-            inst.queue.put_nowait(dict(event))
+        if len(inst.queue) < self.limit + CONTROL_SLACK:
+            inst.put(dict(event))
             return True
         metrics.MQTT_MESSAGES_DROPPED.labels("queue_full").inc()
         return False
@@ -188,16 +212,13 @@ class InstancePool:
             )
             metrics.CONSUMER_ERRORS.labels("mqtt").inc()
         # Messages queued behind the one that failed are not lost: a fresh instance gets them.
-        leftovers = []
-        while not inst.queue.empty():
-            event = inst.queue.get_nowait()
-            if event["type"] == "mqtt.message":
-                leftovers.append(event)
+        leftovers = [event for event in inst.queue if event["type"] == "mqtt.message"]
+        inst.queue.clear()
         # A static instance that failed is started again by its next message or connect.
         if leftovers and not self.closing:
             successor = self._instances.get(inst.key) or self._create(inst.match, inst.static)
             for event in leftovers:
-                successor.queue.put_nowait(event)
+                successor.put(event)
 
     def start_static(self, matches: list[Match]) -> None:
         """Start the instance of each static route that is not running (on every connect)."""
@@ -226,7 +247,7 @@ class InstancePool:
             await asyncio.sleep(self.idle_seconds / 4)
             deadline = loop.time() - self.idle_seconds
             for inst in list(self._instances.values()):
-                if inst.last_active < deadline and inst.queue.empty() and not inst.static:
+                if inst.last_active < deadline and not inst.queue and not inst.static:
                     self.retire(inst, "idle")
 
     async def close(self, grace: float) -> None:
