@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from asgiref.sync import sync_to_async
-from django.db.models import Avg, Count, F, FloatField, Func, Max, Min, Value
+from django.db.models import Avg, F, FloatField, Func, Value
 from django.db.models.functions import Floor
 from django.http import HttpRequest, HttpResponse
 
@@ -123,23 +123,28 @@ class Epoch(Func):
         return self.as_sql(compiler, connection, template=template, **extra)
 
     def as_postgresql(self, compiler, connection, **extra):  # noqa: D102
-        template = "EXTRACT(EPOCH FROM %(expressions)s)::double precision"
+        # date_part is double precision already; EXTRACT returns numeric since PostgreSQL 14,
+        # twice as slow over the rows of a long history.
+        template = "date_part('epoch', %(expressions)s)"
         return self.as_sql(compiler, connection, template=template, **extra)
 
 
 def history(device_id: str, metric: str, since, until, max_points: int) -> list[list[float]]:
-    """Points of one metric, oldest first; time-bucketed averages in SQL when more than N."""
+    """Points of one metric, oldest first; time-bucketed averages in SQL when more than N.
+
+    No count over the range: the first N + 1 points tell whether there are more than N, and
+    the last one is an index seek (the series index covers every column read here).
+    """
     qs = Reading.objects.filter(device_id=device_id, metric=metric)
     if since is not None:
         qs = qs.filter(ts__gte=since)
     if until is not None:
         qs = qs.filter(ts__lte=until)
-    # count(*), not count(id): the (device, metric, ts) index then answers it without the heap.
-    stats = qs.aggregate(n=Count("*"), first=Min("ts"), last=Max("ts"))
-    if stats["n"] <= max_points:
-        rows = qs.order_by("ts", "id").values_list("ts", "value").iterator(chunk_size=2000)
-        return [[ts.timestamp(), value] for ts, value in rows]
-    t0, t1 = stats["first"].timestamp(), stats["last"].timestamp()
+    head = list(qs.order_by("ts", "id").values_list("ts", "value")[: max_points + 1])
+    if len(head) <= max_points:
+        return [[ts.timestamp(), value] for ts, value in head]
+    last = qs.order_by("-ts").values_list("ts", flat=True).first()
+    t0, t1 = head[0][0].timestamp(), last.timestamp()
     # max_points - 0.5 buckets' worth of width keeps the last point in bucket max_points - 1.
     width = max((t1 - t0) / (max_points - 0.5), 1e-6)
     bucket = Floor((Epoch("ts") - Value(t0)) / Value(width))
