@@ -165,7 +165,8 @@ def explain(statements: list[str]) -> list[str]:
         plan = (json.loads(plan_json) if isinstance(plan_json, str) else plan_json)[0]
         nodes = plan_nodes(plan["Plan"])
         top = plan["Plan"]
-        kind = "aggregate" if "count(" in statement.lower() else "points"
+        upper = statement.upper()
+        kind = "buckets" if "GROUP BY" in upper else "last" if " DESC" in upper else "first N+1"
         lines.append(
             f"{kind}: {' → '.join(nodes)}; rows {top.get('Actual Rows')}, "
             f"buffers hit {top.get('Shared Hit Blocks', 0)} read {top.get('Shared Read Blocks', 0)}"
