@@ -30,12 +30,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from devices.models import FINAL_STATUSES, Command, CommandStatus, Device
+from devices.parsing import valid_device_id
 from devices.pipeline import flush_if_pending
 from gateway.exceptions import GatewayError
 from gateway.metrics import COMMANDS
 
 logger = logging.getLogger(__name__)
 
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL in orjson's output
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")  # \Z: "$" would let "reboot\n" through
 MAX_ARGS_BYTES = 16 * 1024
 TIMEOUT_RANGE = (0.1, 3600.0)
@@ -84,10 +86,13 @@ def parse_request(data: Any) -> tuple[str, dict, float | None]:
     if not isinstance(args, dict):
         raise CommandError("bad_request", "args must be a JSON object")
     try:
-        if len(orjson.dumps(args)) > MAX_ARGS_BYTES:
-            raise CommandError("bad_request", f"args larger than {MAX_ARGS_BYTES} bytes")
+        encoded = orjson.dumps(args)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise CommandError("bad_request", "args must be plain JSON") from exc
+    if len(encoded) > MAX_ARGS_BYTES:
+        raise CommandError("bad_request", f"args larger than {MAX_ARGS_BYTES} bytes")
+    if _NUL.search(encoded):  # PostgreSQL's jsonb cannot store U+0000: a 400, not a 500
+        raise CommandError("bad_request", "args must not contain NUL (U+0000) characters")
     timeout = data.get("timeout")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
@@ -147,7 +152,8 @@ def create_command(user: Any, device_id: str, data: Any) -> Command:
     with transaction.atomic():  # SQLite: IMMEDIATE, so count-then-insert is serialised
         now = timezone.now()
         _check_rate(user, now)
-        if not Device.objects.filter(pk=device_id).exists():
+        # An invalid id is never a device (and a NUL in it would break a PostgreSQL query).
+        if not valid_device_id(device_id) or not Device.objects.filter(pk=device_id).exists():
             raise CommandError("unknown_device", f"no device {device_id!r}", status=404)
         _check_held(device_id)
         hold = settings.GATEWAY["COMMAND_HOLD_SECONDS"]

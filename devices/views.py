@@ -20,7 +20,7 @@ from django.db.models.functions import Floor
 from django.http import HttpRequest, HttpResponse
 
 from devices.models import Device, Reading
-from devices.parsing import MS_THRESHOLD, valid_device_id
+from devices.parsing import MS_THRESHOLD, valid_device_id, valid_metric_name
 from devices.pipeline import flush_if_pending, snapshot_overlay
 
 DEFAULT_MAX_POINTS = 1000
@@ -170,6 +170,8 @@ async def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse
     try:
         if not metric:
             raise BadParam("metric is required")
+        if not valid_metric_name(metric):  # never stored; a NUL would also break PostgreSQL
+            raise BadParam("metric must be 1-200 characters without control characters")
         since = parse_time("since", params.get("since"))
         until = parse_time("until", params.get("until"))
         max_points = parse_max_points(params.get("max_points"))

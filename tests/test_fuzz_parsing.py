@@ -8,6 +8,7 @@ exception. Ids and names are checked against models written independently of the
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 from datetime import UTC, datetime
@@ -68,6 +69,7 @@ odd_text = st.one_of(
 )
 
 
+@functools.cache  # one strategy object per size: building them per draw is slow and flaky
 def json_document(max_leaves: int = 30) -> st.SearchStrategy:
     leaf = st.one_of(
         st.none(),
@@ -118,8 +120,8 @@ timestamp_value = st.one_of(
     st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat()),
     st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat().replace("+00:00", "Z")),
     st.text(max_size=80),
-    st.lists(st.integers(), max_size=2),
-    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.lists(st.integers(-(2**63), 2**63), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(-(2**63), 2**63), max_size=2),
 )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import string
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
@@ -148,6 +149,7 @@ def history_examples(caller: Caller) -> None:
     @example(DEVICE, ("t", True), ("0001-01-01T00:00:00+01:00", False), None, None)
     @example(DEVICE, ("t", True), None, ("9999-12-31T23:59:59-01:00", False), None)
     @example(DEVICE, ("t", True), None, None, ("9" * 5000, False))
+    @example(DEVICE, ("t\0", False), None, None, None)
     def check(device, metric, since, until, max_points):
         params = {"metric": metric[0]}
         for name, value in (("since", since), ("until", until), ("max_points", max_points)):
@@ -164,6 +166,9 @@ def history_examples(caller: Caller) -> None:
         )
         if device != DEVICE:
             json_error(response, 400, 404)
+            return
+        if any(unicodedata.category(c) == "Cc" for c in metric[0]) or len(metric[0]) > 200:
+            json_error(response, 400)  # never a stored metric name
             return
         if not (all(known for _, known in good) and ordered):
             if response.status_code != 200:
@@ -231,6 +236,15 @@ def _non_finite(value) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+def has_nul(value) -> bool:
+    """Whether a decoded JSON value holds U+0000 in any key or string (PostgreSQL can't)."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    return isinstance(value, list) and any(has_nul(v) for v in value)
+
+
 def expected_status(device: str, body: bytes) -> int:
     """CONTRACT §5 and docs/architecture.md "Commands": what POSTing `body` must answer."""
     if len(body) > 64 * 1024:
@@ -252,6 +266,8 @@ def expected_status(device: str, body: bytes) -> int:
                 return 400
         except orjson.JSONEncodeError:
             return 400  # deeper than any JSON we store
+        if has_nul(args):
+            return 400
     number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
     if timeout is not None and not (number and 0.1 <= timeout <= 3600):
         return 400
@@ -272,6 +288,9 @@ def command_examples(caller: Caller) -> None:
     @fuzz(60)
     @given(st.one_of(st.just(DEVICE), st.just("ghost"), odd_text.filter(_routable)), bodies)
     @example(DEVICE, b'{"name": "reboot\\n"}')
+    @example(DEVICE, b'{"name": "a", "args": {"x": "\\u0000"}}')
+    @example(DEVICE, b'{"name": "a", "args": {"x": "\\\\u0000"}}')  # text, not a NUL
+    @example("ws\0", b'{"name": "a"}')
     def check(device, body):
         response = caller.post(f"/api/devices/{quote(device, safe='')}/commands", body)
         status = expected_status(device, body)

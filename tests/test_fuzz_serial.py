@@ -341,6 +341,8 @@ def test_a_text_value_in_a_key_value_line_is_ignored_whatever_its_length(metrics
     """Like a JSON string, `fw=v1-beta` is not a metric and does not cost the line its
     numbers (a text value over 100 bytes used to reject the whole line as too_large)."""
     metrics.pop(key, None)
+    if text.lower() in ("true", "false"):
+        return  # a boolean, hence a metric
     line = ",".join([f"{k}={v!r}" for k, v in metrics.items()] + [f"{key}={text}"])
     if not metrics:
         return

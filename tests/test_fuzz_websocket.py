@@ -27,6 +27,7 @@ from devices.models import Device
 from tests.support.fuzz import fuzz
 from tests.test_dashboard_consumer import websocket_app, ws_headers
 from tests.test_fuzz_parsing import json_document, odd_text
+from tests.test_fuzz_rest import has_nul
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -99,7 +100,7 @@ def expected_answer(kind: str, data) -> tuple[str, str | None, object]:
         return "error", "bad_request", ref
     if not (isinstance(name, str) and 1 <= len(name) <= 64 and set(name) <= NAME_CHARS):
         return "error", "bad_request", ref
-    if not (args is None or isinstance(args, dict)):
+    if not (args is None or isinstance(args, dict)) or has_nul(args):
         return "error", "bad_request", ref
     if timeout is not None and (
         isinstance(timeout, bool)
@@ -152,6 +153,7 @@ def run_examples(runner: asyncio.Runner, comm: WebsocketCommunicator) -> None:
     @example(("text", '{"type": "command", "device": "ws-1", "name": "a", "ref": 1e308}'))
     @example(("text", '{"type": "command", "device": "ws-1", "name": "a", "timeout": 1e400}'))
     @example(("text", "\ud800"))
+    @example(("text", '{"type": "command", "device": "ws-1", "name": "a", "args": {"\\u0000": 1}}'))
     def check(frame):
         kind, data = frame
         # As the server hands it over (send_to refuses empty frames, which clients can send).
