@@ -1,11 +1,11 @@
 """Hostile devices at the consumer boundary, property-based, through the real router and DB.
 
-Each example is one device instance (as the MQTT server would start it) fed a hostile
-``mqtt.message`` and then a good reading, through `MqttCommunicator`, the real `TopicRouter`,
-the in-memory channel layer, the telemetry pipeline and the test database. Per message: either
-something is stored, or exactly one rejection is counted with a documented reason; never a
-``consumer_error`` (a crash the boundary had to catch is still a bug); and the good reading
-behind the garbage is always stored.
+Each example is one device instance (as the MQTT or serial server would start it) fed a hostile
+``mqtt.message`` / ``serial.frame`` and then a good reading, through `MqttCommunicator` /
+`SerialCommunicator`, the real `TopicRouter`, the in-memory channel layer, the telemetry
+pipeline and the test database. Per message: either something is stored, or exactly one
+rejection is counted with a documented reason; never a ``consumer_error`` (a crash the boundary
+had to catch is still a bug); and the good reading behind the garbage is always stored.
 """
 
 from __future__ import annotations
@@ -22,18 +22,23 @@ from channels.layers import get_channel_layer
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from devices import mirror
 from devices.models import Reading
 from devices.parsing import FUTURE_SLACK, MIN_TS, valid_device_id
 from devices.routing import mqtt_routes
+from devices.serial_consumer import SerialDeviceConsumer
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
+from gateway.serial.testing import SerialCommunicator
 from tests.support.fuzz import REASONS, clean_metric_name, fuzz
 from tests.test_fuzz_parsing import odd_text, telemetry_payload
+from tests.test_fuzz_serial import hostile_line
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ROUTER = TopicRouter(mqtt_routes)
+SERIAL_APP = SerialDeviceConsumer.as_asgi()
 PROBE = "__probe__"  # longer than any key the payload strategies generate
 GOOD_IDS = ["fz-1", "fz_2", "F"]
 
@@ -117,6 +122,18 @@ class Bench:
         self.runner.run(close())
         self.runner.__exit__(*exc_info)
 
+    async def deliver_serial(self, spec: str, line: bytes) -> None:
+        """Open a port's instance, send a hostile frame then a good line, close the port."""
+        from devices.pipeline import get_pipeline
+
+        comm = SerialCommunicator(SERIAL_APP, spec)
+        await comm.connect()
+        await comm.send_frame(line)
+        self.value = float(next(self.probe))
+        await comm.send_frame(f"{PROBE}={self.value!r}")
+        await comm.disconnect(timeout=5)
+        await get_pipeline().flush()
+
     async def deliver(self, topic_name: str, body: bytes) -> None:
         """Start the instance the topic routes to, connect it, send garbage then a good reading
         on the same instance, and retire it (which waits until it handled both)."""
@@ -141,8 +158,21 @@ class Bench:
 
 @pytest.fixture
 def bench():
-    with Bench() as bench:
-        yield bench
+    saved = dict(mirror._config)
+    mirror.configure(enabled=False)  # no broker here: the serial→MQTT mirror is tested elsewhere
+    try:
+        with Bench() as bench:
+            yield bench
+    finally:
+        mirror._config.update(saved)
+
+
+def assert_clean_readings(readings: list[Reading], device: str) -> None:
+    """Whatever garbage got stored is contract-clean: valid name, finite value, ts in range."""
+    for reading in readings:
+        assert reading.device_id == device and clean_metric_name(reading.metric)
+        assert math.isfinite(reading.value)
+        assert MIN_TS <= reading.ts.timestamp() <= time.time() + FUTURE_SLACK
 
 
 def test_every_hostile_message_is_stored_or_rejected_once_and_the_next_one_arrives(bench):
@@ -153,12 +183,14 @@ def test_every_hostile_message_is_stored_or_rejected_once_and_the_next_one_arriv
     @example("devices/{}/telemetry", "fz-1", "", b'{"a":' * 9 + b"1" + b"}" * 9)
     @example("devices/{}/status", "d1\n", "", b"online")
     def check(template, device, metric, body):
+        """One hostile message then a good one, on one device's fresh instance."""
         topic_name = template.format(device, metric.replace("/", ""))
         match = ROUTER.resolve(topic_name)
         if match is None:
             return  # the server counts it as bad_topic (tests/test_fuzz_routing.py)
         before, last_id = rejections(), bench.runner.run(last_reading_id())
         bench.runner.run(bench.deliver(topic_name, body))
+        delivered.append(valid_device_id(device))
         counted = new_rejections(before)
         stored = bench.runner.run(readings_since(last_id))
         probes = [r for r in stored if r.metric == PROBE]
@@ -174,10 +206,7 @@ def test_every_hostile_message_is_stored_or_rejected_once_and_the_next_one_arriv
         assert sum(counted.values()) in (0, 1)
         if counted:
             assert garbage == []
-        for reading in garbage:
-            assert reading.device_id == device and clean_metric_name(reading.metric)
-            assert math.isfinite(reading.value)
-            assert MIN_TS <= reading.ts.timestamp() <= time.time() + FUTURE_SLACK
+        assert_clean_readings(garbage, device)
         if template.startswith("devices/") and template.endswith(("telemetry", "telemetry/temp")):
             assert bool(counted) != bool(garbage), "a telemetry message neither stored nor counted"
         if template.endswith(("/status", "/LWT")):
@@ -185,5 +214,50 @@ def test_every_hostile_message_is_stored_or_rejected_once_and_the_next_one_arriv
             assert bool(counted) != status_ok and garbage == []
         if template.endswith("/commands/ack"):
             assert counted and garbage == []  # no command awaits any ack here
+
+    delivered: list[bool] = []
+    check()
+    # Not vacuous: most examples reached a valid device's instance (not just unrouted topics).
+    assert sum(delivered) >= 10, delivered
+
+
+def is_ack_line(line: bytes) -> bool:
+    """CONTRACT §4: a JSON object with both ``id`` and ``ok`` is an ack, not telemetry."""
+    try:
+        data = orjson.loads(line.strip())
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "id" in data and "ok" in data
+
+
+def test_every_hostile_serial_line_is_stored_or_rejected_once_and_the_next_one_arrives(bench):
+    @fuzz(40)
+    @given(hostile_line, st.sampled_from(["fz-s", "bad id!"]))
+    @example(b"\x00\xff garbage", "fz-s")
+    @example(b'{"id": "x", "ok": true}', "fz-s")
+    @example(b"t=1e999", "fz-s")
+    @example(b"   ", "fz-s")
+    def check(line, device):
+        before, last_id = rejections(), bench.runner.run(last_reading_id())
+        spec = f"loop://?device={device.replace(' ', '%20')}"
+        bench.runner.run(bench.deliver_serial(spec, line))
+        counted = new_rejections(before)
+        stored = bench.runner.run(readings_since(last_id))
+        probes = [r for r in stored if r.metric == PROBE]
+        garbage = [r for r in stored if r.metric != PROBE]
+
+        assert set(counted) <= REASONS and "consumer_error" not in counted, counted
+        if device != "fz-s":
+            assert counted == {"bad_device_id": 2.0} and stored == []
+            return
+        assert [(r.device_id, r.value) for r in probes] == [(device, bench.value)]
+        assert sum(counted.values()) in (0, 1)
+        assert_clean_readings(garbage, device)
+        if not line.strip():
+            assert not counted and not garbage  # a blank line is nothing, not an error
+        elif is_ack_line(line):
+            assert counted and not garbage  # no command awaits any ack here
+        else:
+            assert bool(counted) != bool(garbage), "a line neither stored nor counted"
 
     check()

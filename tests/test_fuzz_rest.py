@@ -213,8 +213,17 @@ command_body = st.fixed_dictionaries(
         "timeout": st.one_of(scalar, st.floats(0, 4000), st.sampled_from([0.1, 3600, 0])),
     },
 ).map(lambda d: orjson.dumps({k: v for k, v in d.items() if not _non_finite(v)}))
+#: Well-formed commands, fuzzed within the rules: any legal name, args, timeout.
+good_command = st.fixed_dictionaries(
+    {"name": st.text("".join(sorted(NAME_CHARS)), min_size=1, max_size=64)},
+    optional={
+        "args": st.dictionaries(st.text(max_size=8), json_document(10), max_size=4),
+        "timeout": st.floats(0.1, 3600),
+    },
+)
 bodies = st.one_of(
     command_body,
+    good_command.map(orjson.dumps),
     command_body.map(lambda b: b"  " + b + b"\n"),
     st.binary(max_size=60),
     json_document(10).map(orjson.dumps),

@@ -27,7 +27,7 @@ from devices.models import Device
 from tests.support.fuzz import fuzz
 from tests.test_dashboard_consumer import websocket_app, ws_headers
 from tests.test_fuzz_parsing import json_document, odd_text
-from tests.test_fuzz_rest import has_nul
+from tests.test_fuzz_rest import good_command, has_nul
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,6 +59,11 @@ command_frame = command_frame.map(
     lambda d: {k: v for k, v in d.items() if not (isinstance(v, float) and not math.isfinite(v))}
 )
 frames = st.one_of(
+    st.builds(
+        lambda d, ref: ("text", orjson.dumps({**d, "type": "command", "device": DEVICE, **ref})),
+        good_command,
+        st.fixed_dictionaries({}, optional={"ref": st.one_of(scalar, st.just("r-1"))}),
+    ).map(lambda kv: (kv[0], kv[1].decode())),
     st.binary(max_size=50).map(lambda b: ("bytes", b)),
     st.just(("text", "")),
     st.text(max_size=50).map(lambda s: ("text", s)),
