@@ -114,7 +114,12 @@ class DeviceConsumer(MqttConsumer):
         if pattern == TELEMETRY:
             t = parse_telemetry(payload, time.time(), self.max_bytes)
             get_pipeline().submit_reading(
-                self.device_id, self.transport, t.ts, t.metrics, source=TELEMETRY
+                self.device_id,
+                self.transport,
+                t.ts,
+                t.metrics,
+                source=TELEMETRY,
+                durable=self.defer_ack(),
             )
             await self.set_online(True)
         elif pattern == METRIC:
@@ -123,13 +128,23 @@ class DeviceConsumer(MqttConsumer):
                 raise Rejected("bad_value", f"bad metric name {name!r}")
             value = parse_metric_value(payload)
             get_pipeline().submit_reading(
-                self.device_id, self.transport, time.time(), {name: value}, source=METRIC
+                self.device_id,
+                self.transport,
+                time.time(),
+                {name: value},
+                source=METRIC,
+                durable=self.defer_ack(),
             )
             await self.set_online(True)
         elif pattern == STATUS:
             online = parse_status(payload)
             get_pipeline().submit_status(
-                self.device_id, self.transport, online, time.time(), source=STATUS
+                self.device_id,
+                self.transport,
+                online,
+                time.time(),
+                source=STATUS,
+                durable=self.defer_ack(),
             )
             await self.set_online(online)
         elif pattern == ACK:

@@ -12,6 +12,12 @@ One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sy
   Waiting values are bounded by ``TELEMETRY_BUFFER_LIMIT``; past it the oldest are dropped
   and counted (``gateway_telemetry_dropped_total{reason="buffer_full"}``).
   A failed write keeps its batch and retries with backoff (0.1 s doubling to 5 s).
+- a submission may carry a `durable` callback (an MQTT QoS 1 message's acknowledgement): it is
+  called once the submission is committed (or dropped and counted: refused by the database,
+  buffer full), never before; it is not called if the process stops first, so the broker
+  redelivers. While such callbacks wait, the writer does not wait the batch delay: it writes
+  what accumulated during the previous write (group commit), so acknowledgements follow
+  commits closely and the broker's in-flight window (Receive Maximum) keeps flowing.
 - the fan-out sends every frame produced since its last send in ONE
   ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``; the first frame
   wakes it on the next loop turn, frames arriving during a send go in the next one.
@@ -25,7 +31,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -50,6 +56,8 @@ SEND_TIMEOUT = 5.0  # a group_send stuck longer than this is abandoned (frames c
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 
 Metrics = Mapping[str, float | bool]
+#: Called (and awaited if it returns an awaitable) once a submission is safely stored.
+Durable = Callable[[], Awaitable[None] | None]
 T = TypeVar("T")
 
 
@@ -102,6 +110,8 @@ class TelemetryPipeline:
         self._dev_seq = self._dev_done = 0
         self._fan_seq = self._fan_done = 0
         self._progress = asyncio.Event()
+        # (rows mark, device mark, callback): submissions waiting for their commit, in order.
+        self._durable: deque[tuple[int, int, Durable]] = deque()
         # Fan-out state: frames of the next group_send; each device's last frame in it.
         self._frames: list[dict[str, Any]] = []
         self._last_frame: dict[str, dict[str, Any]] = {}
@@ -122,7 +132,13 @@ class TelemetryPipeline:
     # -- submitting (sync, O(1), never raises) ---------------------------------------------
 
     def submit_reading(
-        self, device_id: str, transport: str, ts: float, metrics: Metrics, source: str = ""
+        self,
+        device_id: str,
+        transport: str,
+        ts: float,
+        metrics: Metrics,
+        source: str = "",
+        durable: Durable | None = None,
     ) -> None:
         """Queue one telemetry message: its values for storage, a frame for dashboards.
 
@@ -149,7 +165,9 @@ class TelemetryPipeline:
             self._rows_added += len(new_rows)
             if len(rows) > self.buffer_limit:
                 self._drop_oldest(len(rows) - self.buffer_limit)
-            self._schedule_write(len(rows) >= self.batch_size)
+            if durable is not None:
+                self._durable.append((self._rows_added, self._dev_seq, durable))
+            self._schedule_write(len(rows) >= self.batch_size or durable is not None)
             if self._online.get(device_id) is not True:
                 self._online[device_id] = True
                 self._add_frame(
@@ -171,9 +189,16 @@ class TelemetryPipeline:
                 self._add_frame(device_id, frame)
         except Exception:  # a caller's bad metrics (or a bug) must not take the consumer down
             logger.exception("telemetry pipeline: submit_reading(%r) failed", device_id)
+            self._release_soon(durable)
 
     def submit_status(
-        self, device_id: str, transport: str, online: bool, ts: float, source: str = ""
+        self,
+        device_id: str,
+        transport: str,
+        online: bool,
+        ts: float,
+        source: str = "",
+        durable: Durable | None = None,
     ) -> None:
         """Record a device's online/offline status: stored and pushed to dashboards."""
         try:
@@ -191,12 +216,21 @@ class TelemetryPipeline:
             else:
                 pending.absorb(update)
             self._dev_seq += 1
-            self._schedule_write(False)
+            if durable is not None:
+                self._durable.append((self._rows_added, self._dev_seq, durable))
+            self._schedule_write(durable is not None)
             self._online[device_id] = online
             frame = {"type": "status", "device": device_id, "online": online, "ts": ts}
             self._add_frame(device_id, frame)
         except Exception:  # pragma: no cover
             logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
+            self._release_soon(durable)
+
+    def _release_soon(self, durable: Durable | None) -> None:
+        """A submission that failed (a bug, logged): acknowledge it with the next write."""
+        if durable is not None:
+            self._durable.append((self._rows_added, self._dev_seq, durable))
+            self._wake.set()
 
     def _announce_metrics(
         self, device_id: str, transport: str, metrics: Metrics, source: str
@@ -274,6 +308,7 @@ class TelemetryPipeline:
                 self._timer.cancel()
                 self._timer = None
             if not self._rows and not self._devices:
+                await self._release_durable()
                 self._notify()
                 continue
             count = min(len(self._rows), self.batch_size)
@@ -306,7 +341,20 @@ class TelemetryPipeline:
             TELEMETRY_STORED.inc(stored)
             self._rows_done += len(rows)
             self._dev_done = dev_seq
+            await self._release_durable()
             self._notify()
+
+    async def _release_durable(self) -> None:
+        """Call the `durable` callbacks of what is now committed (or dropped and counted)."""
+        waiters = self._durable
+        while waiters and waiters[0][0] <= self._rows_done and waiters[0][1] <= self._dev_done:
+            callback = waiters.popleft()[2]
+            try:
+                result = callback()
+                if result is not None:
+                    await result
+            except Exception:
+                logger.exception("telemetry pipeline: a durable callback failed")
 
     async def _after_failure(self, exc: Exception, count: int, backoff: float) -> None:
         """Log, drop the (possibly broken) connection, and wait `backoff` before the retry."""
@@ -434,6 +482,12 @@ class TelemetryPipeline:
         except Exception:
             logger.debug("telemetry writer: closing its connection failed", exc_info=True)
         self._executor.shutdown(wait=False)
+        if self._durable:
+            logger.warning(
+                "telemetry pipeline closed with %d submissions unacknowledged (redelivered)",
+                len(self._durable),
+            )
+            self._durable.clear()
         lost = len(self._rows)
         if lost:
             TELEMETRY_DROPPED.labels(reason="shutdown").inc(lost)

@@ -141,18 +141,35 @@ class TasmotaConsumer(DeviceConsumer):
         if pattern == SENSOR:
             t = parse_telemetry(payload, time.time(), self.max_bytes)
             pipeline.submit_reading(
-                self.device_id, self.transport, time.time(), t.metrics, source=SENSOR
+                self.device_id,
+                self.transport,
+                time.time(),
+                t.metrics,
+                source=SENSOR,
+                durable=self.defer_ack(),
             )
             await self.set_online(True)
         elif pattern == STATE:
             metrics = parse_state(payload, self.max_bytes)
             pipeline.submit_reading(
-                self.device_id, self.transport, time.time(), metrics, source=STATE
+                self.device_id,
+                self.transport,
+                time.time(),
+                metrics,
+                source=STATE,
+                durable=self.defer_ack(),
             )
             await self.set_online(True)
         elif pattern == LWT:
             online = parse_status(payload)
-            pipeline.submit_status(self.device_id, self.transport, online, time.time(), source=LWT)
+            pipeline.submit_status(
+                self.device_id,
+                self.transport,
+                online,
+                time.time(),
+                source=LWT,
+                durable=self.defer_ack(),
+            )
             await self.set_online(online)
         elif pattern == STAT:
             await self.handle_stat(event["params"].get("kind", ""), payload)
@@ -164,7 +181,12 @@ class TasmotaConsumer(DeviceConsumer):
         if POWER_KEY.match(kind):
             value = parse_power(_scalar(payload))
             get_pipeline().submit_reading(
-                self.device_id, self.transport, time.time(), {kind.upper(): value}, source=STAT
+                self.device_id,
+                self.transport,
+                time.time(),
+                {kind.upper(): value},
+                source=STAT,
+                durable=self.defer_ack(),
             )
         elif kind == "RESULT":
             await self.handle_result(parse_result(payload, self.max_bytes))

@@ -6,15 +6,54 @@ like a WebSocket consumer it has a channel name and may join groups.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.exceptions import StopConsumer
 
 from gateway.consumer import BridgeConsumer
 
+#: Acknowledges one QoS 1/2 message to the broker when awaited (see `MqttConsumer.defer_ack`).
+AckCallback = Callable[[], Awaitable[None]]
+
 
 class MqttConsumer(BridgeConsumer):
-    """Dispatches `mqtt.*` events to `mqtt_*` handlers; helpers to publish and subscribe."""
+    """Dispatches `mqtt.*` events to `mqtt_*` handlers; helpers to publish and subscribe.
+
+    A QoS 1/2 message is acknowledged (`mqtt.ack`) once its handler returns, or raises (the
+    failure is counted; redelivering a message that breaks the handler would not help),
+    unless the handler took that over with `defer_ack`, e.g. until the data is stored.
+    """
+
+    #: The `ack` handle of the QoS 1/2 message being handled; None once deferred (or QoS 0).
+    _ack: Any = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Dispatch, then acknowledge a QoS 1/2 message unless its handler deferred that."""
+        ack = message.get("ack")
+        if ack is None:
+            await super().dispatch(message)
+            return
+        self._ack = ack
+        try:
+            await super().dispatch(message)
+        except Exception:
+            await self.send({"type": "mqtt.ack", "ack": ack})
+            raise
+        finally:
+            undeferred, self._ack = self._ack, None
+        if undeferred is not None:
+            await self.send({"type": "mqtt.ack", "ack": ack})
+
+    def defer_ack(self) -> AckCallback | None:
+        """Take over acknowledging the message being handled: await the returned callable
+        once it is safe, e.g. stored (a second call does nothing). None when there is
+        nothing to acknowledge (QoS 0, or already deferred)."""
+        ack, self._ack = self._ack, None
+        if ack is None:
+            return None
+        return functools.partial(self.send, {"type": "mqtt.ack", "ack": ack})
 
     async def mqtt_connect(self, message: dict[str, Any]) -> None:
         """The broker session is (re-)established; nothing to do by default."""

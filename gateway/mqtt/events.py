@@ -37,6 +37,8 @@ class MessageEvent(TypedDict):
     properties: dict[str, Any]
     params: dict[str, str]
     pattern: str
+    #: QoS 1/2 only: the opaque handle to send back in `mqtt.ack` (MqttConsumer does it).
+    ack: NotRequired[Any]
 
 
 class RetireEvent(TypedDict):
@@ -62,6 +64,11 @@ class SubscribeEvent(TypedDict):
 class UnsubscribeEvent(TypedDict):
     type: Literal["mqtt.unsubscribe"]
     topic: str
+
+
+class AckEvent(TypedDict):
+    type: Literal["mqtt.ack"]
+    ack: Any  # the `ack` of a QoS 1/2 `mqtt.message`
 
 
 # snake_case event keys ↔ paho property names (MQTT v5 PUBLISH properties we pass through).
@@ -176,6 +183,10 @@ def validate_app_event(event: Any) -> dict[str, Any]:
     if not isinstance(event, Mapping):
         raise InvalidEvent(f"an event must be a dict, got {type(event).__name__}")
     kind = event.get("type")
+    if kind == "mqtt.ack":
+        if event.get("ack") is None:
+            raise InvalidEvent("mqtt.ack: 'ack' must be the handle of a QoS 1/2 mqtt.message")
+        return {"type": kind, "ack": event["ack"]}
     if kind == "mqtt.publish":
         payload = event.get("payload")
         if isinstance(payload, str):
@@ -205,5 +216,5 @@ def validate_app_event(event: Any) -> dict[str, Any]:
         return {"type": kind, "topic": check_topic_filter(event.get("topic"), kind)}
     raise InvalidEvent(
         f"unknown event type {kind!r}: an mqtt application may send "
-        "mqtt.publish, mqtt.subscribe or mqtt.unsubscribe"
+        "mqtt.publish, mqtt.subscribe, mqtt.unsubscribe or mqtt.ack"
     )

@@ -21,7 +21,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import metrics
-from gateway.exceptions import BrokerUnavailable
+from gateway.exceptions import BrokerUnavailable, InvalidEvent
+from gateway.mqtt.acks import AckHandle, AckLedger
 from gateway.mqtt.events import (
     ASGI,
     properties_from_dict,
@@ -106,6 +107,7 @@ class MqttServer:
             connect_event=self._connect_event,
         )
         self._client: aiomqtt.Client | None = None
+        self._ledger: AckLedger | None = None  # this connection's un-acked QoS>0 messages
         self._connected = False
         self._session_present = False
         self._connected_event = asyncio.Event()
@@ -126,6 +128,11 @@ class MqttServer:
     def instances(self) -> int:
         """The number of live application instances."""
         return len(self._pool)
+
+    @property
+    def unacknowledged(self) -> int:
+        """QoS>0 messages of this connection handed to the app and not yet acknowledged."""
+        return self._ledger.outstanding if self._ledger is not None else 0
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until connected; raises TimeoutError after `timeout` seconds."""
@@ -170,6 +177,15 @@ class MqttServer:
                     logger.warning("could not publish 'offline' status: %s", exc)
             grace = max(0.0, min(self._pool.retire_grace, (deadline - loop.time()) / 2))
             await self._pool.close(grace)
+            if self._ledger is not None and self._ledger.outstanding:
+                # Acks still coming (readings being committed): sent now, they spare the
+                # broker redelivering those messages to the next run as duplicates.
+                budget = (deadline - loop.time()) / 2
+                if not await self._ledger.drained(budget):
+                    logger.warning(
+                        "%d messages not acknowledged at shutdown; the broker will redeliver them",
+                        self._ledger.outstanding,
+                    )
             self._release.set()
             if self._conn_task is not None and not self._conn_task.done():
                 remaining = max(0.05, deadline - loop.time())
@@ -217,8 +233,8 @@ class MqttServer:
         # Many instances may publish at once; aiomqtt's default warns past 10 pending calls.
         client.pending_calls_threshold = 10_000
         # aiomqtt has no option for these two paho features, so set them on its paho client:
-        # manual acks (PUBACK only once a message is queued for its instance, which is our
-        # backpressure) and the CONNACK session-present flag (for mqtt.connect).
+        # manual acks (PUBACK only when the app sends `mqtt.ack`, e.g. once stored: no loss
+        # on a crash, and backpressure) and the CONNACK session-present flag (mqtt.connect).
         paho = client._client
         paho.manual_ack_set(True)
         on_connect = paho.on_connect
@@ -279,6 +295,7 @@ class MqttServer:
         if self._stopping:
             return
         self._client = client
+        self._ledger = AckLedger(client._client)
         filters = [(self._shared(f), self.subscribe_qos) for f in self.router.subscriptions]
         filters += list(self.app_subscriptions.items())
         if filters:
@@ -317,6 +334,9 @@ class MqttServer:
     def _set_disconnected(self, reason: str, notify: bool = True) -> None:
         self._client = None
         self._receiving = None
+        if self._ledger is not None:
+            self._ledger.close()  # the broker redelivers what was not acknowledged
+            self._ledger = None
         if not self._connected:
             return
         self._connected = False
@@ -336,45 +356,53 @@ class MqttServer:
         # `client.messages` creates a task and an asyncio.wait per message to race the queue
         # against disconnection; we use it only to sleep when the inbox is empty and drain
         # with get_nowait() otherwise, so a busy connection pays no task per message.
+        # QoS>0 messages are acknowledged when the app says so (`mqtt.ack`, gateway/mqtt/acks.py);
+        # one that fails to be delivered is not, so the broker redelivers it after a reconnect.
         messages = client.messages
         paho = client._client
+        ledger = self._ledger
+        assert ledger is not None
         resolve = self.router.resolve
         deliver = self._pool.deliver
         received = metrics.MQTT_MESSAGES_RECEIVED
         while True:
             message = inbox.get_nowait() if inbox.qsize() else await anext(messages)
             received.inc()
-            try:
-                topic = message.topic.value
-                match = resolve(topic)
-                if match is None:
-                    metrics.MQTT_MESSAGES_DROPPED.labels("no_route").inc()
-                    metrics.MESSAGES_REJECTED.labels("bad_topic").inc()
-                    continue
-                await deliver(
-                    match,
-                    {
-                        "type": "mqtt.message",
-                        "topic": topic,
-                        "payload": message.payload,
-                        "qos": message.qos,
-                        "retain": message.retain,
-                        "properties": properties_to_dict(message.properties),
-                        "params": match.params,
-                        "pattern": match.pattern,
-                    },
-                    message.qos,
-                )
-            finally:
+            topic = message.topic.value
+            match = resolve(topic)
+            if match is None:
+                metrics.MQTT_MESSAGES_DROPPED.labels("no_route").inc()
+                metrics.MESSAGES_REJECTED.labels("bad_topic").inc()
                 if message.qos:
                     paho.ack(message.mid, message.qos)
+                continue
+            event = {
+                "type": "mqtt.message",
+                "topic": topic,
+                "payload": message.payload,
+                "qos": message.qos,
+                "retain": message.retain,
+                "properties": properties_to_dict(message.properties),
+                "params": match.params,
+                "pattern": match.pattern,
+            }
+            if message.qos:
+                event["ack"] = ledger.handle(message.mid, message.qos)
+            await deliver(match, event, message.qos)
 
     # --- send path ----------------------------------------------------------------------
     async def _app_send(self, event: Any) -> None:
-        """The ASGI `send` of every instance: validate, then publish or (un)subscribe."""
+        """The ASGI `send` of every instance: validate, then ack, publish or (un)subscribe."""
+        if type(event) is dict and event.get("type") == "mqtt.ack":
+            handle = event.get("ack")
+            if type(handle) is AckHandle:  # the hot path: one per QoS>0 message
+                handle.ledger.ack(handle)
+                return
         event = validate_app_event(event)
         kind = event["type"]
         client = self._client if self._connected else None
+        if kind == "mqtt.ack":
+            raise InvalidEvent(f"mqtt.ack: {event['ack']!r} is not a handle from this server")
         if kind == "mqtt.publish":
             if client is None:
                 raise BrokerUnavailable(f"not connected to {self.broker}")

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from channels.testing import ApplicationCommunicator
 
+from gateway.exceptions import InvalidEvent
 from gateway.mqtt.events import ASGI, validate_app_event
 from gateway.mqtt.routing import find_topic_router
+
+
+class TestAck:
+    """The opaque `ack` handle the communicator gives a QoS 1/2 message (as the server does)."""
+
+    __slots__ = ("topic", "acked")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.acked = False
+
+    def __repr__(self) -> str:
+        return f"<TestAck {self.topic!r} {'acked' if self.acked else 'pending'}>"
 
 
 class MqttCommunicator(ApplicationCommunicator):
@@ -51,9 +66,16 @@ class MqttCommunicator(ApplicationCommunicator):
             "url_route": {"args": (), "kwargs": dict(kwargs or {})},
         }
 
+        self.acks: list[TestAck] = []  # acknowledged handles, in order (not in the outputs)
+        self._ack_seen: asyncio.Event | None = None
+
         async def validating_app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
             async def checked_send(event: Any) -> None:
-                await send(validate_app_event(event))
+                event = validate_app_event(event)
+                if event["type"] == "mqtt.ack":
+                    self._record_ack(event["ack"])
+                    return
+                await send(event)
 
             return await application(scope, receive, checked_send)
 
@@ -75,8 +97,11 @@ class MqttCommunicator(ApplicationCommunicator):
         retain: bool = False,
         properties: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
-    ) -> None:
-        """Deliver an `mqtt.message`; `params`/`pattern` come from the router unless given."""
+    ) -> TestAck | None:
+        """Deliver an `mqtt.message`; `params`/`pattern` come from the router unless given.
+
+        A QoS 1/2 message carries an `ack` handle, returned: see `wait_acked`.
+        """
         pattern = ""
         if self.router is not None:
             match = self.router.resolve(topic)
@@ -84,18 +109,37 @@ class MqttCommunicator(ApplicationCommunicator):
                 pattern = match.pattern
                 if params is None:
                     params = match.params
-        await self.send_input(
-            {
-                "type": "mqtt.message",
-                "topic": topic,
-                "payload": payload.encode() if isinstance(payload, str) else payload,
-                "qos": qos,
-                "retain": retain,
-                "properties": dict(properties or {}),
-                "params": dict(params or {}),
-                "pattern": pattern,
-            }
-        )
+        event = {
+            "type": "mqtt.message",
+            "topic": topic,
+            "payload": payload.encode() if isinstance(payload, str) else payload,
+            "qos": qos,
+            "retain": retain,
+            "properties": dict(properties or {}),
+            "params": dict(params or {}),
+            "pattern": pattern,
+        }
+        handle = event["ack"] = TestAck(topic) if qos else None
+        if handle is None:
+            del event["ack"]
+        await self.send_input(event)
+        return handle
+
+    def _record_ack(self, handle: Any) -> None:
+        if not isinstance(handle, TestAck):
+            raise InvalidEvent(f"mqtt.ack: {handle!r} is not a handle this communicator gave")
+        if not handle.acked:  # a second ack of one message is ignored, as the server does
+            handle.acked = True
+            self.acks.append(handle)
+        if self._ack_seen is not None:
+            self._ack_seen.set()
+
+    async def wait_acked(self, handle: TestAck, timeout: float = 1) -> None:  # noqa: ASYNC109
+        """Wait until the app acknowledged that message (`mqtt.ack`); TimeoutError if not."""
+        async with asyncio.timeout(timeout):
+            while not handle.acked:
+                self._ack_seen = asyncio.Event()
+                await self._ack_seen.wait()
 
     async def receive_publish(self, timeout: float = 1) -> dict[str, Any]:  # noqa: ASYNC109
         """The next event the app sent, which must be an `mqtt.publish`."""

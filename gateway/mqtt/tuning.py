@@ -27,8 +27,8 @@ def inbox_type(limit: int, holder: list[asyncio.Queue[Any]]) -> type[asyncio.Que
     """aiomqtt's incoming-message queue, bounded our way and visible to the receive loop.
 
     QoS 0 messages past `limit` are dropped and counted (reason `inbox_full`). QoS≥1 messages are
-    always kept: we acknowledge them only once routed, so the broker never has more than
-    Receive Maximum (v5) / its max_inflight_messages (v3.1.1) of them outstanding to us.
+    always kept: we acknowledge them only once the app has (`mqtt.ack`), so the broker never has
+    more than Receive Maximum (v5) / its max_inflight_messages (v3.1.1) of them outstanding to us.
     """
 
     class Inbox(asyncio.Queue):  # type: ignore[type-arg]
