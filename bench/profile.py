@@ -71,19 +71,27 @@ async def profile_ingest(
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     assert gateway.proc is not None
-    proc = await asyncio.create_subprocess_exec(
-        str(spy), "record", "--pid", str(gateway.proc.pid), "--rate", "250", "--format", "raw",
-        "--threads", "-o", str(out),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    await asyncio.sleep(1.0)
+    pid = gateway.proc.pid
+    spies: list[asyncio.subprocess.Process] = []
+
+    async def start_spy() -> None:  # after first contact: the profile is the steady cost
+        proc = await asyncio.create_subprocess_exec(
+            str(spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+            "--threads", "-o", str(out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        spies.append(proc)
+        await asyncio.sleep(1.0)
+
     try:
         result = await scenarios.ingest(
-            gateway, dash, meter, prefix=f"prof{devices}", devices=devices, count=count
-        )
+            gateway, dash, meter, prefix=f"prof{devices}", devices=devices, count=count,
+            steady=start_spy,
+        )  # fmt: skip
     finally:
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.wait(), 30)
+        for proc in spies:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
     summary = summarise(out.read_text()) if out.exists() else "py-spy wrote nothing"
     text = (
         f"profile of one QoS 0 ingest ({result['messages']:,} msgs from {devices:,} devices, "

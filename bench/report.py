@@ -94,8 +94,9 @@ class Table:
             last = devices == sizes[-1] and len(sizes) > 1
             self.add(
                 f"CPU per message, {devices:,} devices",
-                f"{cpu:.0f} µs ({_rate(results[devices]['rate'])}; first contact "
-                f"{results[devices]['first_contact_us'] / 1000:.1f} ms/device)",
+                f"{cpu:.0f} µs ({_rate(results[devices]['rate'])}; "
+                f"{results[devices].get('frames_per_message', 0):.2f} dashboard frames/msg; "
+                f"first contact {results[devices]['first_contact_us'] / 1000:.1f} ms/device)",
                 f"bare aiomqtt {bare['cpu_us']:.0f} µs" if bare else "n/a",
                 f"{cpu / first:.2f}× the {sizes[0]}-device cost" if last else "",
                 f"≤ 1.3× at {sizes[-1]:,}" if last else "",

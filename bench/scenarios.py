@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
@@ -70,8 +71,12 @@ async def ingest(
     count: int,
     qos: int = 0,
     limit: float = 300.0,
+    steady: Callable[[], Awaitable[Any]] | None = None,
 ) -> dict[str, float]:
-    """After one warm-up message per device, `count` more until stored and on the dashboard."""
+    """After one warm-up message per device, `count` more until stored and on the dashboard.
+
+    `steady` is awaited after first contact has settled, right before the measured messages
+    (the profiler starts there, so a profile shows the steady cost, not first contact)."""
     url = gateway.mqtt_url
     ids = [device_id(prefix, i) for i in range(devices)]
     stored = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
@@ -86,8 +91,10 @@ async def ingest(
     per_device = count // devices
     count = per_device * devices
     base = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
+    if steady is not None:
+        await steady()
     done_dash = dash.expect(dict.fromkeys(ids, 1 + per_device))
-    cpu0 = meter.cpu()
+    cpu0, frames0 = meter.cpu(), dash.frames
     pub_task = asyncio.create_task(
         run_worker(*publish_args(url, prefix=prefix, devices=devices, count=count, qos=qos, seq=1))
     )
@@ -101,6 +108,7 @@ async def ingest(
         "cpu_us": 1e6 * cpu / count,
         "messages": count,
         "first_contact_us": 1e6 * first_contact / devices,
+        "frames_per_message": (dash.frames - frames0) / count,
     }
 
 

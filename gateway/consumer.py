@@ -77,6 +77,7 @@ class BridgeConsumer(AsyncConsumer):
                 if self._failure is not None:
                     raise self._failure
                 await self.dispatch(message)
+                message = None  # not kept alive (payload and all) while the device is quiet
                 while self._inbox:
                     await self.dispatch(self._inbox.pop(0))
         except StopConsumer:

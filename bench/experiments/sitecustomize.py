@@ -10,7 +10,8 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
 - ``no-deflate``: uvicorn without permessage-deflate on WebSockets.
 - ``tracemalloc``: trace Python allocations from SIGUSR1 on (the bench sends it before the
   scaling runs; tracing from start-up makes Django's start too slow); on SIGUSR2 the gateway
-  writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``).
+  writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``), with the time
+  spent in each garbage-collector generation since SIGUSR1.
 (``fast-properties``, sharing paho's Properties tables, was one; it is now in
 ``gateway/mqtt/server.py``.)
 """
@@ -50,12 +51,25 @@ def _no_deflate() -> None:
 
 
 def _tracemalloc() -> None:
+    import gc
     import signal
     import tracemalloc
     from pathlib import Path
 
+    gc_time = [0.0, 0.0, 0.0]
+    gc_count = [0, 0, 0]
+    started = [0.0]
+
+    def gc_timer(phase, info) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif started[0]:
+            gc_time[info["generation"]] += time.perf_counter() - started[0]
+            gc_count[info["generation"]] += 1
+
     def start(signum, frame) -> None:
         tracemalloc.start(1)
+        gc.callbacks.append(gc_timer)
 
     def dump(signum, frame) -> None:
         snapshot = tracemalloc.take_snapshot()
@@ -63,7 +77,11 @@ def _tracemalloc() -> None:
         out = Path(__file__).resolve().parents[1] / "profiles" / f"tracemalloc-{os.getpid()}.txt"
         out.parent.mkdir(exist_ok=True)
         total = sum(stat.size for stat in stats)
-        lines = [f"traced {total / 2**20:.1f} MiB in {len(stats)} sites"]
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        lines = [f"traced {total / 2**20:.1f} MiB in {len(stats)} sites, peak {peak:.1f} MiB"]
+        lines += [
+            f"gc generation {g}: {gc_count[g]} collections, {gc_time[g]:.3f} s" for g in range(3)
+        ] + [f"gc objects now: {len(gc.get_objects())}"]
         lines += [f"{s.size / 2**20:8.2f} MiB {s.count:9d} {s.traceback[0]}" for s in stats[:60]]
         out.write_text("\n".join(lines) + "\n")
 

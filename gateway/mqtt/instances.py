@@ -8,6 +8,7 @@ and retired by one timer task when idle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
@@ -145,7 +146,7 @@ class InstancePool:
             self.application(scope, inst.receive, self.send),
             name=f"mqtt-instance[{':'.join(map(str, match.instance_key))}]",
         )
-        inst.task.add_done_callback(lambda task: self._on_done(inst, task))
+        inst.task.add_done_callback(functools.partial(self._on_done, inst))
         self._instances[inst.key] = inst
         return inst
 
