@@ -38,7 +38,7 @@ def seed() -> None:
     minutes = [
         Reading(device=device, metric="temp", ts=T0 + timedelta(minutes=i), value=i)
         for i in range(500)
-    ]  # noqa: E501
+    ]
     same = [Reading(device=device, metric="same", ts=T0, value=v) for v in (1.0, 2.0, 3.0)]
     Reading.objects.bulk_create(minutes + same)
 

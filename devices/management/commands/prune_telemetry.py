@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Avg, Count, QuerySet
 from django.db.models.functions import TruncHour
 
@@ -204,6 +204,14 @@ class Command(BaseCommand):
         began = time.monotonic()
         pruner = Pruner(cutoff, horizon, options["batch_size"], options["dry_run"])
         report = pruner.run()
+        vacuumed = False
+        if report.deleted + report.rolled and connection.vendor == "postgresql":
+            # Now, not whenever autovacuum comes: the dead rows would slow every series scan
+            # (the next run's took 30 s instead of 1 s at 10M rows) and index-only scans need
+            # the visibility map this sets.
+            with connection.cursor() as cursor:
+                cursor.execute(f"VACUUM (ANALYZE) {Reading._meta.db_table}")
+            vacuumed = True
         verb = ("would delete", "would roll") if options["dry_run"] else ("deleted", "rolled")
         lines = [
             f"prune_telemetry{' (dry run, nothing changed)' if options['dry_run'] else ''}: "
@@ -217,6 +225,6 @@ class Command(BaseCommand):
             )
         lines.append(
             f"  {report.series:,} series on {report.devices:,} devices in "
-            f"{time.monotonic() - began:.1f} s"
+            f"{time.monotonic() - began:.1f} s{' (then VACUUM ANALYZE)' if vacuumed else ''}"
         )
         self.stdout.write("\n".join(lines))
