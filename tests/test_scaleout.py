@@ -188,10 +188,13 @@ async def publish_readings(port: int, first: int, count: int) -> None:
         )
 
 
-async def acking_device(port: int, device: str, received: list[dict]) -> None:
+async def acking_device(
+    port: int, device: str, received: list[dict], subscribed: asyncio.Event
+) -> None:
     """A device that acks every command it gets (CONTRACT §3)."""
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"dev-{device}") as client:
         await client.subscribe(f"devices/{device}/commands", qos=1)
+        subscribed.set()
         async for message in client.messages:
             command = json.loads(message.payload)
             received.append(command)
@@ -267,10 +270,16 @@ async def test_two_bridges_and_two_web_workers_share_one_redis_and_postgresql(
 
                 # A command through either worker reaches its device and its ack both dashboards.
                 got: dict[str, list[dict]] = {device: [] for device in DEVICES[:2]}
+                ready = {device: asyncio.Event() for device in got}
                 with background(
-                    *(acking_device(mosquitto.port, device, got[device]) for device in got)
+                    *(
+                        acking_device(mosquitto.port, device, got[device], ready[device])
+                        for device in got
+                    )
                 ):
-                    await asyncio.sleep(0.5)  # the devices' subscriptions are in place
+                    async with asyncio.timeout(10):
+                        for event in ready.values():
+                            await event.wait()
                     status, body = await asyncio.to_thread(
                         webs[0].http_request,
                         "POST",
