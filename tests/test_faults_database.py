@@ -42,19 +42,21 @@ class Counter:
     def __init__(self, client: aiomqtt.Client) -> None:
         self.client = client
         self.published = 0
+        self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name="test.counter")
 
     async def _run(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             body = json.dumps({"n": self.published + 1})
             await self.client.publish(f"devices/{DEVICE}/telemetry", body, qos=1)
             self.published += 1
-            await asyncio.sleep(EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), EVERY)
 
     async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        """Stop after the publish in flight is acknowledged, so `published` counts it."""
+        self.stopping.set()
+        await self.task
 
 
 @contextlib.asynccontextmanager
@@ -65,6 +67,19 @@ async def counting_device(port: int) -> AsyncIterator[Counter]:
             yield counter
         finally:
             await counter.stop()
+
+
+async def all_stored(gw: GatewayProcess, cookie: str, published: int) -> list[int]:
+    """The stored counters once there are `published` of them (fails naming what is missing)."""
+    try:
+        return await until(
+            lambda: (v := stored_values(gw, cookie)) and len(v) >= published and v,
+            wait=30,
+            what="every reading stored",
+        )
+    except AssertionError:
+        absent = sorted(set(range(1, published + 1)) - set(stored_values(gw, cookie)))
+        raise AssertionError(f"{len(absent)} readings never stored: {absent[:50]}") from None
 
 
 def stored_values(gw: GatewayProcess, cookie: str) -> list[int]:
@@ -111,11 +126,7 @@ async def test_sqlite_locked_for_seconds_then_every_reading_is_stored_once(mosqu
             await asyncio.sleep(1.0)
         published = device.published
 
-        values = await until(
-            lambda: (v := stored_values(gw, cookie)) and len(v) >= published and v,
-            wait=30,
-            what="every reading stored",
-        )
+        values = await all_stored(gw, cookie, published)
         assert moved == 0, "the writer stored values through an exclusive lock?"
         assert sorted(values) == list(range(1, published + 1))
         assert gw.metric("gateway_telemetry_dropped_total", 'reason="buffer_full"') == 0
@@ -190,11 +201,7 @@ async def test_postgresql_refusing_connections_then_every_reading_is_stored_once
             admin.close()
         published = device.published
 
-        values = await until(
-            lambda: (v := stored_values(gw, cookie)) and len(v) >= published and v,
-            wait=30,
-            what="every reading stored",
-        )
+        values = await all_stored(gw, cookie, published)
         caught_up = time.monotonic() - back
         assert sorted(values) == list(range(1, published + 1))
         assert gw.metric("gateway_telemetry_dropped_total", 'reason="buffer_full"') == 0
