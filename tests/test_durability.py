@@ -23,6 +23,7 @@ from django.db import connections
 from devices.models import Reading
 from devices.pipeline import TelemetryPipeline, get_pipeline
 from devices.routing import mqtt_routes
+from gateway.metrics import TELEMETRY_DROPPED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.testing import MqttCommunicator
@@ -105,6 +106,21 @@ async def test_pipeline_closed_with_unwritten_waiters_never_acknowledges_them(la
         await eventually(lambda: _true(pipeline.failures >= 1), what="a failed write")
         await pipeline.close(grace=0.2)
     assert acks.done == []  # the broker will redeliver it to the next run
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_pipeline_acknowledges_a_reading_its_bound_dropped_once_counted(layer):
+    pipeline = TelemetryPipeline(batch_delay=3600, buffer_limit=2)
+    acks = Acks()
+    dropped = TELEMETRY_DROPPED.labels(reason="buffer_full")._value.get()
+    try:
+        pipeline.submit_reading("dur-b", "mqtt", TS, {"n": 1.0}, durable=acks("r1"))
+        pipeline.submit_reading("dur-b", "mqtt", TS + 1, {"a": 2.0, "b": 3.0})  # QoS 0, no ack
+        await eventually(lambda: _true(acks.done == ["r1"]), what="ack of the dropped reading")
+        assert sorted(await stored("dur-b")) == [2.0, 3.0]
+        assert TELEMETRY_DROPPED.labels(reason="buffer_full")._value.get() == dropped + 1
+    finally:
+        await pipeline.close()
 
 
 async def _true(value: bool) -> bool:

@@ -90,16 +90,29 @@ class Mosquitto(ServerProcess):
 
     `config` adds lines for the listener (e.g. `cafile`, `certfile`, `keyfile`,
     `require_certificate true`, `password_file …`); `anonymous=False` refuses clients without
-    credentials; `tls=True` makes `url` an `mqtts://` one.
+    credentials; `tls=True` makes `url` an `mqtts://` one. `keep_state=True` makes sure the
+    persistence file can be written, so sessions, queued QoS 1 messages and retained messages
+    survive `stop()`/`start()` as on a deployed broker: started as root, mosquitto drops to
+    its own user, which cannot write the (root-only) folder otherwise ("Permission denied"
+    in its log, and a restart forgets everything).
     """
 
     name = "mosquitto"
 
-    def __init__(self, *, config: str = "", anonymous: bool = True, tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        config: str = "",
+        anonymous: bool = True,
+        tls: bool = False,
+        keep_state: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
         self.anonymous = anonymous
         self.tls = tls
+        if keep_state:
+            self.workdir.chmod(0o777)
 
     @property
     def url(self) -> str:
