@@ -239,7 +239,10 @@ def test_status_is_online_or_offline_case_insensitive_else_bad_status(payload):
     st.one_of(
         st.binary(max_size=80),
         st.fixed_dictionaries(
-            {"id": st.one_of(odd_text, st.integers(), st.none()), "ok": json_document(3)},
+            {
+                "id": st.one_of(odd_text, st.integers(-(2**63), 2**63), st.none()),
+                "ok": json_document(3),
+            },
             optional={"result": json_document(), "error": json_document()},
         ).map(orjson.dumps),
     )
