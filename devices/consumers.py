@@ -183,12 +183,18 @@ class DeviceConsumer(MqttConsumer):
 
     async def device_state(self, event: dict[str, Any]) -> None:
         """Another instance of this device (another bridge) heard it change state: adopt
-        that if it is newer than what this one heard. Held commands are its business."""
+        that if it is newer than what this one heard. Held commands are its business.
+
+        An offline is also stored from here, after whatever this bridge still holds of the
+        device: an earlier reading committed later would otherwise mark it online again.
+        """
         if event.get("origin") == self.channel_name:
             return
         at = event.get("at")
         if isinstance(at, int | float) and at > self.online_at:
             self.online, self.online_at = bool(event.get("online")), float(at)
+            if not self.online:
+                get_pipeline().submit_status(self.device_id, self.transport, False, float(at))
 
     async def deliver_held(self) -> None:
         """Send this device's pending commands, oldest first (`commands.deliver_pending`)."""

@@ -21,12 +21,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiomqtt
+import orjson
 import pytest
 from channels.db import database_sync_to_async
 
 from devices import commands
 from devices.models import Command, Device
+from devices.pipeline import get_pipeline
+from devices.routing import mqtt_routes
 from devices.store import DeviceUpdate, write_batch
+from gateway.mqtt.routing import TopicRouter
+from gateway.mqtt.testing import MqttCommunicator
 from tests.support.gateway import GatewayProcess, postgres_available, postgres_database
 
 TS = 1_764_214_000.0
@@ -59,6 +64,37 @@ async def test_an_older_batch_committed_later_never_overwrites_newer_values():
     await write([], {"d": DeviceUpdate("mqtt", True, TS + 4, {"t": 23.0}, TS + 4)})
     device = await Device.objects.aget(pk="d")
     assert (device.online, device.metrics) == (True, {"t": 23.0, "h": 40.0})
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_two_bridges_instances_of_a_device_agree_on_its_state(layer, django_user_model):
+    """Bridge A heard the device's telemetry, bridge B its Last Will: A holds its commands too,
+    and sends them when it hears the device come back."""
+    app = TopicRouter(mqtt_routes)
+    bridge_a = MqttCommunicator(app, topic="devices/d1/telemetry")
+    bridge_b = MqttCommunicator(app, topic="devices/d1/telemetry")
+    await bridge_a.connect()
+    await bridge_b.connect()
+    try:
+        user = await database_sync_to_async(django_user_model.objects.create_user)(
+            "ops", password=PASSWORD, is_staff=True
+        )
+        await bridge_a.send_message("devices/d1/telemetry", b'{"t": 20.5}')
+        await bridge_b.send_message("devices/d1/status", b"offline", retain=True)
+        await get_pipeline().flush()
+        command = await commands.submit(user, "d1", {"name": "ping"})
+        for bridge in (bridge_a, bridge_b):  # held: the device is offline
+            assert await bridge.receive_nothing(timeout=0.5)
+        assert (await Command.objects.aget(pk=command.id)).status == "pending"
+        assert (await Device.objects.aget(pk="d1")).online is False
+
+        await bridge_a.send_message("devices/d1/status", b"online", retain=True)
+        event = await bridge_a.receive_publish(timeout=5)
+        assert orjson.loads(event["payload"])["id"] == str(command.id)
+        assert await bridge_b.receive_nothing(timeout=0.3)  # sent once
+    finally:
+        await bridge_a.retire()
+        await bridge_b.retire()
 
 
 @pytest.mark.django_db(transaction=True)
