@@ -4,8 +4,10 @@ one Redis and one PostgreSQL, all real processes on loopback.
 The story: two `runmqtt --shared-group g` bridges split the devices' messages; each one is
 stored exactly once; dashboards on either of two uvicorn workers see every device; a command
 sent through one worker reaches its device whichever bridge serves it, and its ack reaches
-both workers' dashboards; one bridge killed, the other takes all the traffic. Before that, the
-parts that make two bridges agree: the device row upsert and the device consumers' state.
+both workers' dashboards; one bridge killed, the other takes all the traffic; a bridge with a
+persistent session killed instead, its share waits for it. Before that, each part that makes
+processes agree, on its own: the device row upsert, the device instances' shared online
+state, and the deadline of a command whose bridge died.
 """
 
 from __future__ import annotations
