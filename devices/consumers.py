@@ -18,6 +18,7 @@ instance serving the device adopts the newest news, whichever bridge heard it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from functools import cached_property
@@ -50,6 +51,8 @@ METRIC = "devices/{device_id}/telemetry/{metric}"
 STATUS = "devices/{device_id}/status"
 ACK = "devices/{device_id}/commands/ack"
 PATTERNS = [TELEMETRY, METRIC, STATUS, ACK]
+#: Longest wait for the channel layer when sharing a change of the device's state.
+SHARE_TIMEOUT = 1.0
 
 
 class DeviceConsumer(MqttConsumer):
@@ -173,9 +176,10 @@ class DeviceConsumer(MqttConsumer):
         if self.channel_layer is not None and self.valid:
             event = {"type": "device.state", "online": online, "at": self.online_at}
             try:
-                await self.channel_layer.group_send(
-                    f"device.{self.device_id}", {**event, "origin": self.channel_name}
-                )
+                async with asyncio.timeout(SHARE_TIMEOUT):
+                    await self.channel_layer.group_send(
+                        f"device.{self.device_id}", {**event, "origin": self.channel_name}
+                    )
             except Exception as exc:  # the layer is down: this bridge still decides alone
                 logger.debug("device %s: state not shared: %r", self.device_id, exc)
         if online and self.broker_up:
