@@ -241,6 +241,9 @@ class _NotifyingPubSub(PubSub):
     async def on_connect(self, connection) -> None:
         await super().on_connect(connection)
         if self.channels or self.patterns:  # a reconnect (the first connect has none yet)
+            # The idle publish connections died with the server too, and a PUBLISH written to
+            # one can vanish without an error (seen: the first frame after a restart).
+            await self.connection_pool.disconnect(inuse_connections=False)
             try:
                 self._on_resubscribed()
             except Exception:

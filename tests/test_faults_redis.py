@@ -20,6 +20,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from tests.support.browser import CHROMIUM
 from tests.support.gateway import GatewayProcess
 from tests.test_e2e import until
 
@@ -169,3 +170,51 @@ async def test_redis_restart_under_load_loses_no_reading_and_the_dashboard_recov
             f"{dropped - dropped_before:.0f} frames counted as layer_error; "
             f"telemetry again {recovered:.2f} s after Redis restart"
         )
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
+async def test_the_open_page_shows_what_happened_during_the_outage_without_a_reload(
+    mosquitto, redis_server
+):
+    """Chromium on the dashboard: a device first heard while Redis was down appears, and live
+    values flow again, on the same page and the same WebSocket."""
+    from playwright.async_api import expect
+
+    from tests.test_dashboard_browser import PASSWORD as BROWSER_PASSWORD
+    from tests.test_dashboard_browser import browser_page
+
+    with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as gw:
+        gw.create_user("operator", BROWSER_PASSWORD, staff=True)
+        async with (
+            browser_page(gw, "operator") as (page, problems),
+            aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="redis-browser-dev") as device,
+        ):
+            sockets: list[Any] = []
+            page.on("websocket", lambda ws: sockets.append(ws))
+            await page.goto(gw.base_url + "/")
+            await expect(page.locator("#conn")).to_have_text("live")
+            await page.evaluate("window.__sameDocument = true")
+
+            async def reading(device_id: str, value: float) -> None:
+                body = json.dumps({"temperature": value})
+                await device.publish(f"devices/{device_id}/telemetry", body, qos=1)
+
+            await reading(DEVICE, 20.5)
+            row = page.locator(f'tr[data-device="{DEVICE}"]')
+            value = row.locator(".metric", has_text="temperature").locator(".metric-value")
+            await expect(value).to_have_text("20.5", timeout=15_000)
+
+            redis_server.kill()
+            await reading(NEWCOMER, 7.25)
+            await reading(DEVICE, 21.5)
+            await asyncio.sleep(OUTAGE_SECONDS)
+            await asyncio.to_thread(redis_server.start)
+
+            newcomer = page.locator(f'tr[data-device="{NEWCOMER}"]')
+            await expect(newcomer).to_have_count(1, timeout=20_000)  # from the resync snapshot
+            await expect(value).to_have_text("21.5")
+            await reading(DEVICE, 22.5)  # and live frames again
+            await expect(value).to_have_text("22.5", timeout=15_000)
+            assert await page.evaluate("window.__sameDocument === true"), "the page reloaded"
+            assert len(sockets) == 1, "the page opened another WebSocket"
+            assert problems == []
