@@ -188,6 +188,8 @@ def start_gateway(
     if experiments:
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'experiments'}{os.pathsep}{ROOT}"
         env["BENCH_EXPERIMENTS"] = ",".join(experiments)
+    if "no-ha-discovery" in experiments:
+        env["HA_DISCOVERY"] = "0"
     gateway = GatewayProcess(mqtt_url, redis_url=redis_url, env=env, log_level="WARNING")
     gateway.__enter__()
     return gateway

@@ -8,6 +8,11 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   every group on each ``group_send`` and ``receive`` (O(devices) per fan-out); run it at most
   once a second instead (messages expire after 60 s, so nothing is kept noticeably longer).
 - ``no-deflate``: uvicorn without permessage-deflate on WebSockets.
+- ``gc-thresholds``: the cyclic garbage collector's young generation collected every 20,000
+  allocations instead of 700, so per-message objects die before a collection sees them and
+  fewer reach the old generation, whose full walks grow with the live device instances.
+- ``no-ha-discovery``: the gateway started with ``HA_DISCOVERY=0`` (no Home Assistant
+  discovery documents; applied by ``bench/harness.py``, not here).
 - ``tracemalloc``: trace Python allocations from SIGUSR1 on (the bench sends it before the
   scaling runs; tracing from start-up makes Django's start too slow); on SIGUSR2 the gateway
   writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``), with the time
@@ -89,9 +94,17 @@ def _tracemalloc() -> None:
     signal.signal(signal.SIGUSR2, dump)
 
 
+def _gc_thresholds() -> None:
+    import gc
+
+    gc.set_threshold(20_000, 10, 10)
+
+
 if "amortized-clean" in _EXPERIMENTS:
     _amortize_clean()
 if "no-deflate" in _EXPERIMENTS:
     _no_deflate()
 if "tracemalloc" in _EXPERIMENTS:
     _tracemalloc()
+if "gc-thresholds" in _EXPERIMENTS:
+    _gc_thresholds()
