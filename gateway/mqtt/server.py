@@ -58,7 +58,7 @@ class MqttServer:
         protocol: str = "v5",
         keepalive: int = 30,
         subscribe_qos: int = 1,
-        receive_maximum: int = 100,
+        receive_maximum: int = 1000,
         inbox_size: int = 10_000,
         clean_start: bool = True,
         session_expiry: int = 0,
@@ -205,6 +205,9 @@ class MqttServer:
         connect_props = None
         if v5 and (self.receive_maximum != 65535 or self.session_expiry):
             # Absent properties mean Receive Maximum 65535 and Session Expiry 0 (MQTT v5 §3.1.2).
+            # Receive Maximum bounds the QoS>0 messages delivered and not acknowledged, i.e.
+            # not yet stored: 1000 keeps the pipeline's group commits large (100 halved QoS 1
+            # ingest, docs/reliability.md).
             connect_props = Properties(PacketTypes.CONNECT)
             connect_props.ReceiveMaximum = self.receive_maximum
             connect_props.SessionExpiryInterval = self.session_expiry
