@@ -36,7 +36,7 @@ class ResilientDevice:
     (it went down mid-way) is retried with the same number after the reconnect.
     """
 
-    def __init__(self, port: int, device: str, period: float = 0.02) -> None:
+    def __init__(self, port: int, device: str, period: float = 0.01) -> None:
         self.port = port
         self.device = device
         self.period = period
@@ -117,7 +117,7 @@ async def test_broker_restart_is_reported_survived_and_resumed(broker):
         assert await retained(broker.port, gw.status_topic) == b"online"
         device = ResilientDevice(broker.port, "restart-1")
         device.start()
-        await until(lambda: stored_numbers(db, "restart-1"), what="first reading stored")
+        await until(lambda: len(stored_numbers(db, "restart-1")) >= 50, what="readings stored")
         # A marker in place of the retained status: only the gateway republishing it after
         # the restart can put `online` back.
         async with aiomqtt.Client("127.0.0.1", broker.port) as marker:
@@ -147,6 +147,7 @@ async def test_broker_restart_is_reported_survived_and_resumed(broker):
         async with aiomqtt.Client("127.0.0.1", broker.port) as tasmota:
             await tasmota.publish("tele/restart-2/SENSOR", b'{"AM2301": {"n": 1}}', qos=1)
         await until(lambda: stored_numbers(db, "restart-2", "AM2301.n"), what="Tasmota stored")
+        await until(lambda: len(device.acked) >= before + 50, what="50 more readings published")
 
         acked = await device.stop()
         # With its state kept, the broker holds the gateway's session (subscriptions, queued
