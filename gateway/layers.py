@@ -224,6 +224,15 @@ class _ResyncingShard(RedisSingleShardConnection):
             self._pubsub.channels.update(self._pubsub._normalize_keys({channel: None}))
             self._subscribed_to.add(channel)
 
+    async def unsubscribe(self, channel) -> None:
+        if self._away():  # forget it, so the reconnect does not replay it
+            async with self._lock:
+                key = next(iter(self._pubsub._normalize_keys({channel: None})))
+                self._pubsub.channels.pop(key, None)
+                self._subscribed_to.discard(channel)
+            return
+        await super().unsubscribe(channel)
+
     def _ensure_redis(self) -> None:
         if self._redis is None:
             pool = create_pool(self.host)

@@ -121,6 +121,10 @@ async def test_redis_restart_under_load_loses_no_reading_and_the_dashboard_recov
                         await newcomer.publish(f"devices/{NEWCOMER}/telemetry", body, qos=1)
                         await asyncio.sleep(OUTAGE_SECONDS / NEWCOMER_READINGS)
                 during = list(published)
+                # A page opened (and closed) during the outage still gets its snapshot.
+                async with gw.ws_connect(cookie) as late:
+                    first = json.loads(await asyncio.wait_for(late.recv(), 10))
+                    assert first["type"] == "snapshot"
 
                 # Stored while Redis is still down: the old device's and the newcomer's.
                 def stored_meanwhile() -> bool:
