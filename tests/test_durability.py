@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import sqlite3
 import time
 import uuid
@@ -33,8 +34,14 @@ TS = 1_764_214_000.0
 
 
 async def eventually(predicate, within: float = 10.0, what: str = "condition") -> None:
+    """Until `predicate()` (a value, or an awaitable of one) is true; fails after `within` s."""
     deadline = time.monotonic() + within
-    while not await predicate():
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         assert time.monotonic() < deadline, f"{what}: not met within {within} s"
         await asyncio.sleep(0.02)
 
@@ -84,14 +91,14 @@ async def test_pipeline_calls_durable_only_after_the_commit(layer):
     try:
         pipeline.submit_reading("dur-p", "mqtt", TS, {"n": 1.0}, durable=acks("r1"))
         pipeline.submit_status("dur-p", "mqtt", True, TS, durable=acks("s1"))
-        await eventually(lambda: _true(acks.done == ["r1", "s1"]), what="acks after commit")
+        await eventually(lambda: acks.done == ["r1", "s1"], what="acks after commit")
         assert await stored("dur-p") == [1.0]
 
         async with readings_table_gone():
             pipeline.submit_reading("dur-p", "mqtt", TS + 1, {"n": 2.0}, durable=acks("r2"))
-            await eventually(lambda: _true(pipeline.failures >= 2), what="two failed writes")
+            await eventually(lambda: pipeline.failures >= 2, what="two failed writes")
             assert acks.done == ["r1", "s1"]  # not stored, so not acknowledged
-        await eventually(lambda: _true("r2" in acks.done), what="ack once written")
+        await eventually(lambda: "r2" in acks.done, what="ack once written")
         assert await stored("dur-p") == [1.0, 2.0]
     finally:
         await pipeline.close()
@@ -103,7 +110,7 @@ async def test_pipeline_closed_with_unwritten_waiters_never_acknowledges_them(la
     acks = Acks()
     async with readings_table_gone():
         pipeline.submit_reading("dur-c", "mqtt", TS, {"n": 1.0}, durable=acks("r1"))
-        await eventually(lambda: _true(pipeline.failures >= 1), what="a failed write")
+        await eventually(lambda: pipeline.failures >= 1, what="a failed write")
         await pipeline.close(grace=0.2)
     assert acks.done == []  # the broker will redeliver it to the next run
 
@@ -116,15 +123,11 @@ async def test_pipeline_acknowledges_a_reading_its_bound_dropped_once_counted(la
     try:
         pipeline.submit_reading("dur-b", "mqtt", TS, {"n": 1.0}, durable=acks("r1"))
         pipeline.submit_reading("dur-b", "mqtt", TS + 1, {"a": 2.0, "b": 3.0})  # QoS 0, no ack
-        await eventually(lambda: _true(acks.done == ["r1"]), what="ack of the dropped reading")
+        await eventually(lambda: acks.done == ["r1"], what="ack of the dropped reading")
         assert sorted(await stored("dur-b")) == [2.0, 3.0]
         assert TELEMETRY_DROPPED.labels(reason="buffer_full")._value.get() == dropped + 1
     finally:
         await pipeline.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # -- the device consumer: QoS 1 acknowledged once stored, rejects at once ------------------
@@ -140,7 +143,7 @@ async def test_device_consumer_acknowledges_qos1_when_stored_and_rejects_at_once
             good = await comm.send_message("devices/dur-d/telemetry", b'{"n": 1}', qos=1)
             bad = await comm.send_message("devices/dur-d/telemetry", b"not json", qos=1)
             await comm.wait_acked(bad)  # rejected and counted: nothing to keep it for
-            await eventually(lambda: _true(get_pipeline().failures >= 1), what="failed write")
+            await eventually(lambda: get_pipeline().failures >= 1, what="failed write")
             assert not good.acked
         await comm.wait_acked(good, timeout=10)
         assert await stored("dur-d") == [1.0]
@@ -173,7 +176,7 @@ async def test_unstored_message_is_not_acknowledged_and_the_broker_redelivers_it
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as dev:
             await dev.publish("devices/dur-s/telemetry", b'{"n": 7}', qos=1)
         pipeline = get_pipeline()
-        await eventually(lambda: _true(pipeline.failures >= 1), what="a failed write")
+        await eventually(lambda: pipeline.failures >= 1, what="a failed write")
         assert first.unacknowledged == 1
         await first.shutdown(1.0)  # still not stored: it waits a little, then goes unacked
         await serving
@@ -185,7 +188,7 @@ async def test_unstored_message_is_not_acknowledged_and_the_broker_redelivers_it
     try:
         await eventually(lambda: stored("dur-s"), what="redelivered and stored")
         assert await stored("dur-s") == [7.0]
-        await eventually(lambda: _true(second.unacknowledged == 0), what="acknowledged")
+        await eventually(lambda: second.unacknowledged == 0, what="acknowledged")
     finally:
         await second.shutdown(2.0)
         await serving
