@@ -29,7 +29,10 @@ from tests.support.gateway import GatewayFailed
 from tests.support.servers import Mosquitto, Redis
 
 # Patches of the gateway process, in bench/experiments/sitecustomize.py.
-EXPERIMENTS = ("amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "tracemalloc")
+EXPERIMENTS = (
+    "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
+    "tracemalloc",
+)  # fmt: skip
 PARTS = ("bare", "peer", "memory", "redis", "latency", "commands", "idle", "scaling")
 
 

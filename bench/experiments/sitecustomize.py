@@ -13,6 +13,9 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   fewer reach the old generation, whose full walks grow with the live device instances.
 - ``no-ha-discovery``: the gateway started with ``HA_DISCOVERY=0`` (no Home Assistant
   discovery documents; applied by ``bench/harness.py``, not here).
+- ``right-sized-json``: ``orjson.dumps`` results copied into exactly sized bytes. orjson's own
+  keep a 4 KiB allocation however short they are, so a long-lived one (the Home Assistant
+  discovery consumer remembers each device's last document) costs 4 KiB per device.
 - ``tracemalloc``: trace Python allocations from SIGUSR1 on (the bench sends it before the
   scaling runs; tracing from start-up makes Django's start too slow); on SIGUSR2 the gateway
   writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``), with the time
@@ -100,6 +103,17 @@ def _gc_thresholds() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
+def _right_sized_json() -> None:
+    import orjson
+
+    dumps = orjson.dumps
+
+    def right_sized(*args, **kwargs) -> bytes:
+        return bytes(memoryview(dumps(*args, **kwargs)))
+
+    orjson.dumps = right_sized
+
+
 if "amortized-clean" in _EXPERIMENTS:
     _amortize_clean()
 if "no-deflate" in _EXPERIMENTS:
@@ -108,3 +122,5 @@ if "tracemalloc" in _EXPERIMENTS:
     _tracemalloc()
 if "gc-thresholds" in _EXPERIMENTS:
     _gc_thresholds()
+if "right-sized-json" in _EXPERIMENTS:
+    _right_sized_json()
