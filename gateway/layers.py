@@ -155,6 +155,22 @@ class ResyncingRedisPubSubChannelLayer(RedisPubSubChannelLayer):
         super().__init__(*args, **kwargs)
         self.resync = dict(resync or {})
 
+    def attach(self, channel: str, sink: Callable[[dict[str, Any]], None]) -> None:
+        """As `ThrottledInMemoryChannelLayer.attach`: messages for `channel` (subscribed by
+        `new_channel`) go to `sink` as they arrive, with no queue and no receive task."""
+        self._get_layer().channels[channel] = _Sink(channel, sink, self.deserialize)
+
+    def detach(self, channel: str) -> None:
+        """Stop delivering to `channel` and unsubscribe it (as a cancelled `receive` does)."""
+        layer = self._get_layer()
+        if isinstance(layer.channels.get(channel), _Sink):
+            del layer.channels[channel]
+            task = asyncio.get_running_loop().create_task(
+                layer._get_shard(channel).unsubscribe(channel), name=f"{channel}.unsubscribe"
+            )
+            _unsubscribing.add(task)
+            task.add_done_callback(_unsubscribing.discard)
+
     def _get_layer(self) -> RedisPubSubLoopLayer:
         loop = asyncio.get_running_loop()
         layer = self._layers.get(loop)
@@ -164,6 +180,26 @@ class ResyncingRedisPubSubChannelLayer(RedisPubSubChannelLayer):
             )
             _wrap_close(self, loop)
         return layer
+
+
+_unsubscribing: set[asyncio.Task[None]] = set()  # detach's unsubscriptions, kept referenced
+
+
+class _Sink:
+    """Stands in for an attached channel's queue: `put_nowait` hands the message over."""
+
+    __slots__ = ("channel", "sink", "deserialize")
+
+    def __init__(self, channel: str, sink: Callable[[dict[str, Any]], None], deserialize) -> None:
+        self.channel, self.sink, self.deserialize = channel, sink, deserialize
+
+    def put_nowait(self, data: bytes) -> None:
+        try:
+            self.sink(self.deserialize(data))
+        except ChannelFull:
+            logger.warning("%s: channel backlog full; message dropped", self.channel)
+        except Exception:  # never into the layer's receive loop (it would pause for 1 s)
+            logger.exception("%s: could not hand a message over", self.channel)
 
 
 class _ResyncingLoopLayer(RedisPubSubLoopLayer):

@@ -34,9 +34,13 @@ class Recorder(MqttConsumer):
     log: list[tuple[str, str]] = []
     gate: asyncio.Event | None = None
 
+    handled: asyncio.Queue | None = None  # gets each test.event's "n" once handled
+
     async def test_event(self, message: dict[str, Any]) -> None:
         self.log.append(("start", message["n"]))
         self.log.append(("end", message["n"]))
+        if self.handled is not None:
+            self.handled.put_nowait(message["n"])
 
     async def slow_event(self, message: dict[str, Any]) -> None:
         self.log.append(("start", message["n"]))
@@ -259,3 +263,35 @@ async def test_a_started_pool_lets_per_message_objects_die_young(layer):
         await pool.close(0.5)
     finally:
         gc.set_threshold(*saved)
+
+
+async def test_with_redis_an_instance_gets_group_messages_without_a_receive_task(redis_server):
+    """channels-redis' pub/sub layer (ours): an attached channel, unsubscribed when it ends."""
+    from channels.layers import channel_layers
+
+    layer = layers.ResyncingRedisPubSubChannelLayer(hosts=[redis_server.url])
+    previous = channel_layers.set("lean-redis", layer)
+
+    class RedisRecorder(Recorder):
+        channel_layer_alias = "lean-redis"
+
+    try:
+        Recorder.handled = handled = asyncio.Queue()
+        pool = pool_for(RedisRecorder.as_asgi())
+        pool._create(match("r"))
+        assert await asyncio.wait_for(handled.get(), 5) == "connect"  # groups joined first
+        assert not [t for t in asyncio.all_tasks() if t.get_name().endswith(".read")]
+        await layer.group_send("lean.test", {"type": "test.event", "n": "redis"})
+        assert await asyncio.wait_for(handled.get(), 5) == "redis"
+        loop_layer = layer._get_layer()
+        [channel] = loop_layer.channels
+        shard = loop_layer._get_shard(channel)
+        assert channel in shard._subscribed_to
+        await pool.close(1.0)
+        await asyncio.wait_for(asyncio.gather(*layers._unsubscribing), 5)
+        assert channel not in shard._subscribed_to
+        assert not loop_layer.channels and not loop_layer.groups
+    finally:
+        Recorder.handled = None
+        await layer.flush()
+        channel_layers.set("lean-redis", previous)
