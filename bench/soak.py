@@ -37,7 +37,7 @@ SAMPLE_SECONDS = 5.0
 class Tally:
     """QoS 1 readings the broker acknowledged, per device, and the RSS samples."""
 
-    acked: dict[str, set[int]] = field(default_factory=dict)
+    acked: dict[str, dict[int, float]] = field(default_factory=dict)  # device → n → when (s)
     sent: int = 0
     failed: int = 0
     rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB)
@@ -46,7 +46,7 @@ class Tally:
 
 async def device_client(
     index: int, port: int, devices: list[str], qos1: set[str], rate: float, stop: asyncio.Event,
-    tally: Tally,
+    tally: Tally, started: float,
 ) -> None:  # fmt: skip
     """One MQTT connection publishing for `devices` round-robin at `rate` msg/s, reconnecting."""
     counters = dict.fromkeys(devices, 0)
@@ -67,7 +67,7 @@ async def device_client(
                     await client.publish(f"devices/{device}/telemetry", body, qos=qos)
                     tally.sent += 1
                     if qos:
-                        tally.acked.setdefault(device, set()).add(n)
+                        tally.acked.setdefault(device, {})[n] = time.monotonic() - started
                     next_at += period
                     delay = next_at - loop.time()
                     if delay > 0:
@@ -107,7 +107,9 @@ async def soak(minutes: float, devices: int, qos1_devices: int, rate: float) -> 
     names = [f"soak-{i:04d}" for i in range(devices)]
     qos1 = set(names[:qos1_devices])
     tally = Tally()
-    with Mosquitto() as broker, Redis() as redis:
+    # keep_state: the broker keeps sessions and queued QoS 1 messages across its restart, as
+    # a deployed one does (the test fixture's default forgets them; tests/support/servers.py).
+    with Mosquitto(keep_state=True) as broker, Redis() as redis:
         env = {"GATEWAY_COMMAND_RATE_COUNT": "1000000"}
         gw = GatewayProcess(broker.url, redis_url=redis.url, env=env, log_level="WARNING")
         await asyncio.to_thread(gw.__enter__)
@@ -118,7 +120,7 @@ async def soak(minutes: float, devices: int, qos1_devices: int, rate: float) -> 
             groups = [names[i::CLIENTS] for i in range(CLIENTS)]
             tasks = [
                 asyncio.create_task(
-                    device_client(i, broker.port, group, qos1, rate / CLIENTS, stop, tally)
+                    device_client(i, broker.port, group, qos1, rate / CLIENTS, stop, tally, started)
                 )
                 for i, group in enumerate(groups)
             ]
@@ -142,11 +144,19 @@ async def soak(minutes: float, devices: int, qos1_devices: int, rate: float) -> 
             deadline = time.monotonic() + 60
             while True:
                 stored = await asyncio.to_thread(stored_counters, db, qos1)
-                lost = sum(len(acked - stored.get(d, set())) for d, acked in tally.acked.items())
+                missing = [
+                    (when, d, n)
+                    for d, acked in tally.acked.items()
+                    for n, when in acked.items()
+                    if n not in stored.get(d, ())
+                ]
+                lost = len(missing)
                 if lost == 0 or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(2)
             print(f"QoS 1 readings acknowledged by the broker: {expected}, lost: {lost}")
+            for when, d, n in sorted(missing)[:20]:
+                print(f"  lost: {d} n={n}, published at {when:.1f} s")
         finally:
             await asyncio.to_thread(gw.__exit__, None, None, None)
     return tally, lost
