@@ -7,6 +7,7 @@ Like a WebSocket consumer, an instance has a channel name and may join groups (e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Any, ClassVar
 
@@ -52,6 +53,9 @@ class BridgeConsumer(AsyncConsumer):
         self._waiting = False  # the main loop is in `await receive()`
         self._failure: BaseException | None = None  # raised by a channel message's handler
         self._main = asyncio.current_task()
+        # The side task runs in this instance's context, not in the sender's (a web request's
+        # thread-sensitive context must not carry the device's database calls).
+        self._context = contextvars.copy_context()
         reader: asyncio.Task[None] | None = None
         layer = self.channel_layer = get_channel_layer(self.channel_layer_alias)
         if layer is not None:
@@ -101,7 +105,9 @@ class BridgeConsumer(AsyncConsumer):
             raise ChannelFull(self.channel_name)
         self._inbox.append(message)
         if self._waiting and self._side is None:
-            self._side = asyncio.create_task(self._handle_inbox(), name=f"{self.channel_name}.side")
+            self._side = asyncio.create_task(
+                self._handle_inbox(), name=f"{self.channel_name}.side", context=self._context
+            )
 
     async def _handle_inbox(self) -> None:
         """Handle channel messages while the main loop waits in `receive` (never overlapping)."""

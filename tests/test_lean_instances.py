@@ -9,6 +9,7 @@ never two handlers at once, and one held-commands query for a fleet coming onlin
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import time
 import tracemalloc
@@ -25,6 +26,9 @@ from gateway.mqtt import instances
 from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.instances import InstancePool
 from gateway.mqtt.routing import Match
+
+#: Set by a sender (think: a web request's thread-sensitive context) around its group_send.
+SENDER: contextvars.ContextVar[str | None] = contextvars.ContextVar("SENDER", default=None)
 
 
 class Recorder(MqttConsumer):
@@ -47,6 +51,9 @@ class Recorder(MqttConsumer):
         assert self.gate is not None
         await self.gate.wait()
         self.log.append(("end", message["n"]))
+
+    async def context_event(self, message: dict[str, Any]) -> None:
+        self.log.append(("context", SENDER.get()))
 
     async def boom_event(self, message: dict[str, Any]) -> None:
         raise RuntimeError("handler failed")
@@ -164,6 +171,21 @@ async def test_a_channel_message_never_overlaps_the_event_being_handled(layer):
     Recorder.gate.set()
     await settle()
     assert Recorder.log[-3:] == [("end", "group2"), ("start", "mqtt2"), ("end", "mqtt2")]
+    await pool.close(1.0)
+
+
+async def test_a_channel_message_is_handled_in_the_instance_context_not_the_senders(layer):
+    Recorder.log = []
+    pool = pool_for(Recorder.as_asgi())
+    pool._create(match("a"))
+    await settle()
+    token = SENDER.set("a web request")
+    try:
+        await layer.group_send("lean.test", {"type": "context.event"})
+    finally:
+        SENDER.reset(token)
+    await settle()
+    assert ("context", None) in Recorder.log
     await pool.close(1.0)
 
 
