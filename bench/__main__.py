@@ -31,7 +31,7 @@ from tests.support.servers import Mosquitto, Redis
 # Patches of the gateway process, in bench/experiments/sitecustomize.py.
 EXPERIMENTS = (
     "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
-    "tracemalloc",
+    "device-rows-per-second", "tracemalloc",
 )  # fmt: skip
 PARTS = ("bare", "peer", "memory", "redis", "latency", "commands", "idle", "scaling")
 
