@@ -317,3 +317,19 @@ async def test_with_redis_an_instance_gets_group_messages_without_a_receive_task
         Recorder.handled = None
         await layer.flush()
         channel_layers.set("lean-redis", previous)
+
+
+async def test_a_busy_instance_lets_the_event_loop_turn_every_few_events(layer):
+    Recorder.log = []
+    pool = pool_for(Recorder.as_asgi())
+    inst = pool._create(match("a"))
+    await settle()
+    for n in range(100):
+        inst.put({"type": "test.event", "n": n})
+    await asyncio.sleep(0)  # one turn of the loop: the instance ran once meanwhile
+    handled = sum(1 for entry in Recorder.log if entry[0] == "end" and entry[1] != "connect")
+    assert 0 < handled < 100, "queued events go in streaks, then the loop turns"
+    assert handled <= instances.STREAK
+    await settle()
+    assert sum(1 for entry in Recorder.log if entry[0] == "end") == 101
+    await pool.close(1.0)
