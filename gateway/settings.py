@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -66,8 +67,12 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "*").replace(",", " ").split()
 CSRF_TRUSTED_ORIGINS = os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").replace(",", " ").split()
 
+# Daphne's app only swaps `manage.py runserver` for its ASGI one, and importing it loads Twisted
+# (+27 MiB RSS in every gateway process): it is installed only for `runserver`. `rungateway`
+# serves with uvicorn; `daphne gateway.asgi:application` needs no app (CONTRACT §1).
+_DAPHNE_APP = ["daphne"] if sys.argv[1:2] == ["runserver"] else []
 INSTALLED_APPS = [
-    "daphne",
+    *_DAPHNE_APP,
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -300,11 +305,6 @@ GATEWAY = {
     "WS_BUFFER_FRAMES": env_int("GATEWAY_WS_BUFFER_FRAMES", 1000),
     # Serial devices' telemetry and status are also published to the broker (CONTRACT §3).
     "SERIAL_MIRROR": env_bool("SERIAL_MIRROR", True),
-    # Home Assistant MQTT discovery (docs/homeassistant.md): one retained document per device
-    # on <prefix>/device/<id>/config, republished when Home Assistant announces itself.
-    "HA_DISCOVERY": env_bool("HA_DISCOVERY", True),
-    "HA_DISCOVERY_PREFIX": os.environ.get("HA_DISCOVERY_PREFIX", "").strip().strip("/")
-    or "homeassistant",
     # Home Assistant MQTT discovery (docs/homeassistant.md): one retained document per device
     # on <prefix>/device/<id>/config, republished when Home Assistant announces itself.
     "HA_DISCOVERY": env_bool("HA_DISCOVERY", True),
