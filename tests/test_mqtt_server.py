@@ -20,6 +20,8 @@ from gateway.exceptions import BrokerUnavailable, InvalidEvent
 from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
+from gateway.mqtt.url import parse_broker_url
+from tests.support.servers import free_port
 
 RECORDS: asyncio.Queue = asyncio.Queue()
 GATE = asyncio.Event()
@@ -322,6 +324,65 @@ async def test_shared_group_splits_messages_between_two_servers(mosquitto):
         assert not any(r[2] == "message" for r in _drain())  # each handled exactly once
         assert one.instances > 0 and two.instances > 0
         assert one.instances + two.instances == 20
+
+
+def _kill(server: MqttServer) -> None:
+    """Like kill -9 for the broker: the socket closes without DISCONNECT (the broker sends the
+    Last Will), and the bridge never comes back (it retries a port where nothing listens)."""
+    server.broker = parse_broker_url(f"mqtt://127.0.0.1:{free_port()}")
+    server._client._client.socket().shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("protocol", ["v5", "v311"])
+async def test_a_dead_bridge_does_not_leave_the_gateway_offline_while_another_runs(
+    mosquitto, protocol
+):
+    status = f"gateway/{uuid.uuid4().hex[:8]}/status"
+    bad_topic = metric("gateway_messages_rejected_total", reason="bad_topic")
+    # Receive Maximum 1: a status message the server did not acknowledge would stall its session.
+    one, two = (
+        make_server(
+            mosquitto,
+            shared_group="bridges",
+            status_topic=status,
+            protocol=protocol,
+            receive_maximum=1,
+        )
+        for _ in range(2)
+    )
+    serving = {server: asyncio.create_task(server.serve()) for server in (one, two)}
+    await one.wait_connected(5)
+    await two.wait_connected(5)
+    async with client(mosquitto) as watcher:
+        await watcher.subscribe(status, qos=1)
+        assert (await first_message(watcher)).payload == b"online"  # retained
+
+        _kill(one)
+        assert (await first_message(watcher)).payload == b"offline"  # one's Last Will
+        assert (await first_message(watcher)).payload == b"online"  # two answers
+        async with client(mosquitto) as fresh:
+            await fresh.subscribe(status, qos=1)
+            message = await first_message(fresh)
+            assert (message.payload, message.retain) == (b"online", True)
+        # two acknowledged the status message itself and still takes QoS 1 messages.
+        async with client(mosquitto) as pub:
+            await pub.publish("devices/k1/telemetry", b"after", qos=1)
+            assert (await next_record("message"))[3]["payload"] == b"after"
+        assert two.connected and not one.connected
+
+        # The last bridge dies: nobody is left to answer, so `offline` stays.
+        _kill(two)
+        assert (await first_message(watcher)).payload == b"offline"
+        async with client(mosquitto) as fresh:
+            await fresh.subscribe(status, qos=1)
+            message = await first_message(fresh)
+            assert (message.payload, message.retain) == (b"offline", True)
+    # The status messages were handled by the servers, never routed (nor counted as bad topics).
+    assert metric("gateway_messages_rejected_total", reason="bad_topic") == bad_topic
+    assert not any(r[3] and "gateway/" in str(r[3]) for r in _drain())
+    for server, task in serving.items():
+        await server.shutdown(1)
+        await asyncio.wait_for(task, 1)
 
 
 def _drain() -> list:

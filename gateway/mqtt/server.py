@@ -1,8 +1,8 @@
 """The `mqtt` interface server: one broker connection (aiomqtt), topic routing, app instances.
 
 Lifecycle in three beats: `serve()` connects, subscribes and routes, reconnecting forever with
-backoff; `shutdown()` publishes the retained `offline` status, retires instances and
-disconnects within its timeout. The protocol is specified in docs/asgi-mqtt.md.
+backoff, keeping its retained status `online` (gateway/mqtt/status.py); `shutdown()` publishes
+`offline`, retires instances and disconnects within its timeout. Specified in docs/asgi-mqtt.md.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gateway.mqtt.events import (
 )
 from gateway.mqtt.instances import InstancePool
 from gateway.mqtt.routing import find_topic_router
+from gateway.mqtt.status import OFFLINE, ONLINE, StatusTopic
 from gateway.mqtt.tuning import inbox_type, read_burst, share_property_tables
 from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
@@ -75,6 +76,7 @@ class MqttServer:
         self.broker = parse_broker_url(url)
         self.client_id = client_id
         self.status_topic = status_topic
+        self._status = StatusTopic(status_topic) if status_topic else None
         self.shared_group = shared_group
         self.protocol = protocol
         self.keepalive = keepalive
@@ -169,10 +171,11 @@ class MqttServer:
             if self._receiving is not None:
                 self._receiving.cancel()
             client = self._client if self._connected else None
-            if client is not None and self.status_topic:
+            if client is not None and self._status is not None:
+                self._status.cancel()
                 budget = min(1.0, timeout / 4)
                 try:
-                    await asyncio.wait_for(self._publish_status(client, b"offline"), budget)
+                    await asyncio.wait_for(self._status.publish(client, OFFLINE), budget)
                 except (aiomqtt.MqttError, TimeoutError) as exc:
                     logger.warning("could not publish 'offline' status: %s", exc)
             grace = max(0.0, min(self._pool.retire_grace, (deadline - loop.time()) / 2))
@@ -211,9 +214,7 @@ class MqttServer:
             connect_props = Properties(PacketTypes.CONNECT)
             connect_props.ReceiveMaximum = self.receive_maximum
             connect_props.SessionExpiryInterval = self.session_expiry
-        will = None
-        if self.status_topic:
-            will = aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True)
+        will = self._status.will() if self._status is not None else None
         client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,
@@ -301,14 +302,16 @@ class MqttServer:
         self._ledger = AckLedger(client._client)
         filters = [(self._shared(f), self.subscribe_qos) for f in self.router.subscriptions]
         filters += list(self.app_subscriptions.items())
+        if self._status is not None:  # to hear another bridge's `offline` (status.py)
+            filters.append(self._status.subscription(self.protocol == "v5"))
         if filters:
             codes = await client.subscribe(filters)
             for (name, _), code in zip(filters, codes, strict=False):
                 value = getattr(code, "value", code)
                 if value not in (0, 1, 2):
                     logger.warning("broker refused subscription %s: %s", name, code)
-        if self.status_topic:
-            await self._publish_status(client, b"online")
+        if self._status is not None:
+            await self._status.publish(client, ONLINE)
         self._connected = True
         metrics.MQTT_CONNECTED.set(1)
         metrics.MQTT_RECONNECTS.inc()
@@ -330,13 +333,11 @@ class MqttServer:
     def _shared(self, mqtt_filter: str) -> str:
         return f"$share/{self.shared_group}/{mqtt_filter}" if self.shared_group else mqtt_filter
 
-    async def _publish_status(self, client: aiomqtt.Client, payload: bytes) -> None:
-        assert self.status_topic
-        await client.publish(self.status_topic, payload, qos=1, retain=True)
-
     def _set_disconnected(self, reason: str, notify: bool = True) -> None:
         self._client = None
         self._receiving = None
+        if self._status is not None:
+            self._status.cancel()
         if self._ledger is not None:
             self._ledger.close()  # the broker redelivers what was not acknowledged
             self._ledger = None
@@ -368,10 +369,14 @@ class MqttServer:
         resolve = self.router.resolve
         deliver = self._pool.deliver
         received = metrics.MQTT_MESSAGES_RECEIVED
+        status, status_topic = self._status, self.status_topic
         while True:
             message = inbox.get_nowait() if inbox.qsize() else await anext(messages)
             received.inc()
             topic = message.topic.value
+            if topic == status_topic:  # the gateway's own status: handled here, not routed
+                status.heard(client, message)  # type: ignore[union-attr]
+                continue
             match = resolve(topic)
             if match is None:
                 metrics.MQTT_MESSAGES_DROPPED.labels("no_route").inc()
