@@ -1,63 +1,62 @@
-"""The telemetry pipeline: batched database writes and batched dashboard fan-out.
+"""The telemetry pipeline: one per event loop, the front door to batched writes and fan-out.
 
 One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sync, O(1)
-`submit_*` methods; two background tasks do the slow parts:
+`submit_*` methods; the pipeline hands each submission to its rooms and runs their two
+background tasks:
 
-- the writer stores readings in one transaction per batch, at most ``TELEMETRY_BATCH_DELAY``
-  after the first pending value or as soon as ``TELEMETRY_BATCH_SIZE`` values wait, with one
-  thread hop per batch. It runs in its own thread rather than Channels' shared
-  ``database_sync_to_async`` thread, so a 20-80 ms batch never queues the sync views and the
-  command service behind it; that thread keeps its database connection between batches and
-  closes it after a failure, so the retry reconnects.
-  Waiting values are bounded by ``TELEMETRY_BUFFER_LIMIT``; past it the oldest are dropped
-  and counted (``gateway_telemetry_dropped_total{reason="buffer_full"}``).
-  A failed write keeps its batch and retries with backoff (0.1 s doubling to 5 s).
-- a submission may carry a `durable` callback (an MQTT QoS 1 message's acknowledgement): it is
-  called once the submission is committed (or dropped and counted: refused by the database,
-  buffer full), never before; it is not called if the process stops first, so the broker
-  redelivers. While such callbacks wait, the writer does not wait the batch delay: it writes
-  what accumulated during the previous write (group commit), so acknowledgements follow
-  commits closely and the broker's in-flight window (Receive Maximum) keeps flowing.
-- the fan-out sends every frame produced since its last send in ONE
-  ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``; the first frame
-  wakes it on the next loop turn, frames arriving during a send go in the next one.
+- the writer (devices/batching.py: `TelemetryWriter`) stores readings in one transaction per
+  batch, at most ``TELEMETRY_BATCH_DELAY`` after the first pending value or as soon as
+  ``TELEMETRY_BATCH_SIZE`` values wait, in its own thread; waiting values are bounded by
+  ``TELEMETRY_BUFFER_LIMIT`` (oldest dropped and counted); failed writes retry with backoff; a
+  submission's `durable` callback (an MQTT QoS 1 acknowledgement) is called once it is
+  committed, with group commit while such callbacks wait.
+- the fan-out (devices/fanout.py: `DashboardFanout`) sends every frame produced since its last
+  send in ONE ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``.
+- news of a device first seen or a new metric of it (devices/announce.py: `MetricAnnouncer`)
+  goes to group ``device-metrics`` with the fan-out, never per reading.
+
+This module keeps what callers use: the pipeline's lifecycle (start on first submission,
+`flush()`, `close()`), one pipeline per loop, and the overlay of not-yet-stored device changes
+on stored ones (API list, dashboard snapshot). Its public names are unchanged by the split.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import weakref
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import DatabaseError, DataError, IntegrityError, connections
 
-from devices.store import DeviceUpdate, Row, salvage_batch, write_batch
-from gateway.metrics import DASHBOARD_EVENTS_DROPPED, TELEMETRY_DROPPED, TELEMETRY_STORED
+from devices.announce import ANNOUNCED_LIMIT, DEVICE_METRICS_GROUP, MetricAnnouncer
+from devices.batching import BACKOFF_FIRST, BACKOFF_MAX, Durable, Metrics, TelemetryWriter
+from devices.fanout import SEND_TIMEOUT, DashboardFanout
+from gateway.metrics import TELEMETRY_DROPPED
+
+__all__ = [
+    "ANNOUNCED_LIMIT",
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
+    "DASHBOARD_GROUP",
+    "DEVICE_METRICS_GROUP",
+    "SEND_TIMEOUT",
+    "Durable",
+    "Metrics",
+    "TelemetryPipeline",
+    "current_pipeline",
+    "flush_if_pending",
+    "get_pipeline",
+    "merge_pending",
+    "snapshot_overlay",
+]
 
 logger = logging.getLogger(__name__)
 
 DASHBOARD_GROUP = "dashboard"
-#: Group told when this process first sees a device or a new metric of it (never per reading):
-#: ``{"type": "device.metrics", "devices": [{"device", "transport", "source", "metrics":
-#: {name: "number" | "bool"}}]}``; Home Assistant discovery (devices/homeassistant.py) listens.
-DEVICE_METRICS_GROUP = "device-metrics"
-#: Devices whose announced metric names are remembered; past it the memory starts over (a few
-#: announcements repeat; listeners ignore what they already know).
-ANNOUNCED_LIMIT = 100_000
-SEND_TIMEOUT = 5.0  # a group_send stuck longer than this is abandoned (frames counted)
-BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
-
-Metrics = Mapping[str, float | bool]
-#: Called (and awaited if it returns an awaitable) once a submission is safely stored.
-Durable = Callable[[], Awaitable[None] | None]
 T = TypeVar("T")
 
 
@@ -80,6 +79,18 @@ class _RateLimitedLog:
         logger.log(level, msg, *args, exc_info=exc_info)
 
 
+def _forward(room: str, name: str, doc: str) -> property:
+    """An attribute of the pipeline that is `name` of its `room` (``_writer``, ``_fanout``)."""
+
+    def get(self: TelemetryPipeline) -> Any:
+        return getattr(getattr(self, room), name)
+
+    def set_(self: TelemetryPipeline, value: Any) -> None:
+        setattr(getattr(self, room), name, value)
+
+    return property(get, set_, doc=doc)
+
+
 class TelemetryPipeline:
     """Batches readings to the database and frames to dashboards, for one event loop."""
 
@@ -93,41 +104,24 @@ class TelemetryPipeline:
     ) -> None:
         cfg = settings.GATEWAY
         self.loop = asyncio.get_running_loop()
-        self.batch_size = max(1, batch_size or cfg["TELEMETRY_BATCH_SIZE"])
-        self.batch_delay = cfg["TELEMETRY_BATCH_DELAY"] if batch_delay is None else batch_delay
-        self.buffer_limit = max(1, buffer_limit or cfg["TELEMETRY_BUFFER_LIMIT"])
-        self.group = group
         self.closed = False
-        self.channel_layer = get_channel_layer()
-        # Writer state: FIFO rows, pending device updates, the batch being written.
-        self._rows: deque[Row] = deque()
-        self._devices: dict[str, DeviceUpdate] = {}
-        self._inflight: dict[str, DeviceUpdate] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._wake = asyncio.Event()
-        # Progress counters, so flush() waits for exactly what was submitted before it.
-        self._rows_added = self._rows_done = 0
-        self._dev_seq = self._dev_done = 0
-        self._fan_seq = self._fan_done = 0
-        self._progress = asyncio.Event()
-        # (rows mark, device mark, callback): submissions waiting for their commit, in order.
-        self._durable: deque[tuple[int, int, Durable]] = deque()
-        # Fan-out state: frames of the next group_send; each device's last frame in it.
-        self._frames: list[dict[str, Any]] = []
-        self._last_frame: dict[str, dict[str, Any]] = {}
-        self._fan_wake = asyncio.Event()
-        # device_id → online, as this process last saw it (unknown until then).
-        self._online: dict[str, bool] = {}
-        # Announcements (DEVICE_METRICS_GROUP): metric names told per device, everything
-        # told by (device, source), and what waits for the fan-out task.
-        self._announced: dict[str, set[str]] = {}
-        self._told: dict[tuple[str, str], dict[str, Any]] = {}
-        self._announce: dict[tuple[str, str], dict[str, Any]] = {}
         self._tasks: list[asyncio.Task] = []
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="telemetry-writer")
-        self._log_drop = _RateLimitedLog()
-        self._log_db = _RateLimitedLog()
-        self.failures = 0  # failed batch writes since start (for health checks)
+        # Progress: set (and replaced) whenever a task finished a round, for flush().
+        self._progress = asyncio.Event()
+        log_drop = self._log_drop = _RateLimitedLog()
+        self._writer = TelemetryWriter(
+            self.loop,
+            batch_size=max(1, batch_size or cfg["TELEMETRY_BATCH_SIZE"]),
+            batch_delay=cfg["TELEMETRY_BATCH_DELAY"] if batch_delay is None else batch_delay,
+            buffer_limit=max(1, buffer_limit or cfg["TELEMETRY_BUFFER_LIMIT"]),
+            notify=self._notify,
+            log_drop=log_drop,
+            log_db=_RateLimitedLog(),
+        )
+        self._announcer = MetricAnnouncer()
+        self._fanout = DashboardFanout(
+            get_channel_layer(), group, self._announcer, self._notify, log_drop
+        )
 
     # -- submitting (sync, O(1), never raises) ---------------------------------------------
 
@@ -148,48 +142,14 @@ class TelemetryPipeline:
         try:
             if self._refuse(len(metrics)):
                 return
-            known = self._announced.get(device_id)
-            if known is None or not known.issuperset(metrics):
-                self._announce_metrics(device_id, transport, metrics, source)
-            new_rows = [(device_id, name, ts, float(value)) for name, value in metrics.items()]
+            if self._announcer.note(device_id, transport, metrics, source):
+                self._fanout.poke()
             now = time.time()
-            update = self._devices.get(device_id)
-            if update is None:
-                self._devices[device_id] = DeviceUpdate(transport, True, now, dict(metrics), now)
-            else:
-                update.online, update.last_seen, update.at = True, now, now
-                update.metrics.update(metrics)
-            self._dev_seq += 1
-            rows = self._rows
-            rows.extend(new_rows)
-            self._rows_added += len(new_rows)
-            if len(rows) > self.buffer_limit:
-                self._drop_oldest(len(rows) - self.buffer_limit)
-            if durable is not None:
-                self._durable.append((self._rows_added, self._dev_seq, durable))
-            self._schedule_write(len(rows) >= self.batch_size or durable is not None)
-            if self._online.get(device_id) is not True:
-                self._online[device_id] = True
-                self._add_frame(
-                    device_id, {"type": "status", "device": device_id, "online": True, "ts": now}
-                )
-            last = self._last_frame.get(device_id)
-            if last is not None and last["type"] == "telemetry":
-                last["metrics"].update(metrics)  # coalesce: same device, nothing in between
-                if ts > last["ts"]:
-                    last["ts"] = ts
-                self._fan_seq += 1
-            else:
-                frame = {
-                    "type": "telemetry",
-                    "device": device_id,
-                    "ts": ts,
-                    "metrics": dict(metrics),
-                }
-                self._add_frame(device_id, frame)
+            self._writer.add_reading(device_id, transport, ts, metrics, now, durable)
+            self._fanout.reading(device_id, ts, metrics, now)
         except Exception:  # a caller's bad metrics (or a bug) must not take the consumer down
             logger.exception("telemetry pipeline: submit_reading(%r) failed", device_id)
-            self._release_soon(durable)
+            self._writer.release_soon(durable)
 
     def submit_status(
         self,
@@ -204,59 +164,13 @@ class TelemetryPipeline:
         try:
             if self._refuse(0):
                 return
-            if device_id not in self._announced:
-                self._announce_metrics(device_id, transport, {}, source)
-            # "online" is news from the device; "offline" is usually its Last Will, sent by
-            # the broker, so it does not move last_seen.
-            seen = time.time() if online else None
-            update = DeviceUpdate(transport, online, seen)
-            pending = self._devices.get(device_id)
-            if pending is None:
-                self._devices[device_id] = update
-            else:
-                pending.absorb(update)
-            self._dev_seq += 1
-            if durable is not None:
-                self._durable.append((self._rows_added, self._dev_seq, durable))
-            self._schedule_write(durable is not None)
-            self._online[device_id] = online
-            frame = {"type": "status", "device": device_id, "online": online, "ts": ts}
-            self._add_frame(device_id, frame)
+            if self._announcer.note(device_id, transport, {}, source):
+                self._fanout.poke()
+            self._writer.add_status(device_id, transport, online, durable)
+            self._fanout.status(device_id, online, ts)
         except Exception:  # pragma: no cover
             logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
-            self._release_soon(durable)
-
-    def _release_soon(self, durable: Durable | None) -> None:
-        """A submission that failed (a bug, logged): acknowledge it with the next write."""
-        if durable is not None:
-            self._durable.append((self._rows_added, self._dev_seq, durable))
-            self._wake.set()
-
-    def _announce_metrics(
-        self, device_id: str, transport: str, metrics: Metrics, source: str
-    ) -> None:
-        """Queue the news of a device first seen, or of its new metrics, for the fan-out."""
-        known = self._announced.get(device_id)
-        if known is None:
-            if len(self._announced) >= ANNOUNCED_LIMIT:
-                self._announced.clear()
-                self._told.clear()
-            known = self._announced[device_id] = set()
-        known.update(metrics)
-        kinds = {n: "bool" if v is True or v is False else "number" for n, v in metrics.items()}
-        key = (device_id, source)
-        for table in (self._told, self._announce):
-            entry = table.get(key)
-            if entry is None:
-                entry = table[key] = {
-                    "device": device_id,
-                    "transport": transport,
-                    "source": source,
-                    "metrics": {},
-                }
-            entry["metrics"].update(kinds)
-        self._fan_seq += 1
-        self._fan_wake.set()
+            self._writer.release_soon(durable)
 
     def _refuse(self, values: int) -> bool:
         if not self.closed:
@@ -269,193 +183,30 @@ class TelemetryPipeline:
 
     def _start(self) -> None:
         self._tasks = [
-            self.loop.create_task(self._write_loop(), name="telemetry-pipeline.writer"),
-            self.loop.create_task(self._fanout_loop(), name="telemetry-pipeline.fanout"),
+            self.loop.create_task(self._writer.run(), name="telemetry-pipeline.writer"),
+            self.loop.create_task(self._fanout.run(), name="telemetry-pipeline.fanout"),
         ]
-
-    def _drop_oldest(self, count: int) -> None:
-        for _ in range(count):
-            self._rows.popleft()
-        self._rows_done += count
-        TELEMETRY_DROPPED.labels(reason="buffer_full").inc(count)
-        self._log_drop(
-            logging.WARNING,
-            "telemetry buffer full (%d values): dropped the %d oldest",
-            self.buffer_limit,
-            count,
-        )
-
-    def _schedule_write(self, now: bool) -> None:
-        if now:
-            self._wake.set()
-        elif self._timer is None and not self._wake.is_set():
-            self._timer = self.loop.call_later(self.batch_delay, self._wake.set)
-
-    def _add_frame(self, device_id: str, frame: dict[str, Any]) -> None:
-        self._frames.append(frame)
-        self._last_frame[device_id] = frame
-        self._fan_seq += 1
-        self._fan_wake.set()
-
-    # -- background tasks ------------------------------------------------------------------
-
-    async def _write_loop(self) -> None:
-        backoff = BACKOFF_FIRST
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if not self._rows and not self._devices:
-                await self._release_durable()
-                self._notify()
-                continue
-            count = min(len(self._rows), self.batch_size)
-            rows = [self._rows.popleft() for _ in range(count)]
-            updates, self._devices = self._devices, {}
-            self._inflight, dev_seq = updates, self._dev_seq
-            if self._rows:
-                self._wake.set()  # more than a batch was waiting: go again right away
-            try:
-                stored = await self.run_in_writer(write_batch, rows, updates)
-            except asyncio.CancelledError:
-                self._inflight = {}
-                self._restore(rows, updates)  # close() counts what stays unwritten
-                raise
-            except Exception as exc:
-                if not _transient(exc):
-                    # The data itself is refused: retrying would block every later batch.
-                    stored = await self._salvage(rows, updates, exc)
-                else:
-                    self._inflight = {}
-                    self._restore(rows, updates)
-                    await self._after_failure(exc, len(rows), backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
-                    self._wake.set()
-                    continue
-            self._inflight = {}
-            if backoff > BACKOFF_FIRST:
-                logger.info("telemetry writes recovered")
-                backoff = BACKOFF_FIRST
-            TELEMETRY_STORED.inc(stored)
-            self._rows_done += len(rows)
-            self._dev_done = dev_seq
-            await self._release_durable()
-            self._notify()
-
-    async def _release_durable(self) -> None:
-        """Call the `durable` callbacks of what is now committed (or dropped and counted)."""
-        waiters = self._durable
-        while waiters and waiters[0][0] <= self._rows_done and waiters[0][1] <= self._dev_done:
-            callback = waiters.popleft()[2]
-            try:
-                result = callback()
-                if result is not None:
-                    await result
-            except Exception:
-                logger.exception("telemetry pipeline: a durable callback failed")
-
-    async def _after_failure(self, exc: Exception, count: int, backoff: float) -> None:
-        """Log, drop the (possibly broken) connection, and wait `backoff` before the retry."""
-        self.failures += 1
-        self._log_db(
-            logging.ERROR,
-            "telemetry write of %d values failed (%s: %s); keeping them, retry in %.1fs",
-            count,
-            type(exc).__name__,
-            exc,
-            backoff,
-        )
-        try:
-            await self.run_in_writer(connections.close_all)
-        except Exception:
-            logger.debug("telemetry writer: closing its connection failed", exc_info=True)
-        self._notify()
-        await asyncio.sleep(backoff)
-
-    async def _salvage(
-        self, rows: list[Row], updates: dict[str, DeviceUpdate], exc: Exception
-    ) -> int:
-        logger.error("telemetry batch refused (%r), writing it row by row", exc)
-        try:
-            stored, refused = await self.run_in_writer(salvage_batch, rows, updates)
-        except Exception:
-            logger.exception("telemetry salvage failed; dropping %d values", len(rows))
-            stored, refused = 0, len(rows)
-        if refused:
-            TELEMETRY_DROPPED.labels(reason="db_refused").inc(refused)
-        return stored
-
-    def _restore(self, rows: list[Row], updates: dict[str, DeviceUpdate]) -> None:
-        """Put a failed batch back in front of what arrived meanwhile, within the bound."""
-        if rows:
-            self._rows.extendleft(reversed(rows))
-            if len(self._rows) > self.buffer_limit:
-                self._drop_oldest(len(self._rows) - self.buffer_limit)
-        for device_id, newer in self._devices.items():
-            older = updates.get(device_id)
-            if older is not None:
-                older.absorb(newer)
-            else:
-                updates[device_id] = newer
-        self._devices = updates
-
-    async def _fanout_loop(self) -> None:
-        while True:
-            await self._fan_wake.wait()
-            self._fan_wake.clear()
-            frames, self._frames, self._last_frame = self._frames, [], {}
-            seq = self._fan_seq
-            if self._announce:
-                await self._send_announcements()
-            if frames and self.channel_layer is not None:
-                message = {"type": "dashboard.events", "events": frames}
-                try:
-                    async with asyncio.timeout(SEND_TIMEOUT):
-                        await self.channel_layer.group_send(self.group, message)
-                except Exception as exc:
-                    reason = "timeout" if isinstance(exc, TimeoutError) else "layer_error"
-                    DASHBOARD_EVENTS_DROPPED.labels(reason=reason).inc(len(frames))
-                    self._log_drop(
-                        logging.WARNING,
-                        "dashboard fan-out of %d frames failed: %r",
-                        len(frames),
-                        exc,
-                    )
-            self._fan_done = seq
-            self._notify()
-
-    async def _send_announcements(self) -> None:
-        entries, self._announce = list(self._announce.values()), {}
-        if self.channel_layer is None:
-            return
-        message = {"type": "device.metrics", "devices": entries}
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT):
-                await self.channel_layer.group_send(DEVICE_METRICS_GROUP, message)
-        except Exception as exc:
-            self._log_drop(logging.WARNING, "device-metrics announcement failed: %r", exc)
-
-    async def run_in_writer(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func(*args)` in the writer's thread (its database connection); tests use it."""
-        return await self.loop.run_in_executor(self._executor, functools.partial(func, *args))
 
     def _notify(self) -> None:
         self._progress.set()
         self._progress = asyncio.Event()
 
+    async def run_in_writer(self, func: Callable[..., T], *args: Any) -> T:
+        """Run `func(*args)` in the writer's thread (its database connection); tests use it."""
+        return await self._writer.run_in_writer(func, *args)
+
     # -- control ---------------------------------------------------------------------------
 
     async def flush(self) -> None:
         """Write and fan out everything submitted before this call (retrying a failing DB)."""
-        rows, dev, fan = self._rows_added, self._dev_seq, self._fan_seq
-        while self._rows_done < rows or self._dev_done < dev or self._fan_done < fan:
+        writer, fanout = self._writer, self._fanout
+        rows, dev, fan = writer.rows_added, writer.dev_seq, fanout.seq
+        while writer.rows_done < rows or writer.dev_done < dev or fanout.done < fan:
             if not self._tasks or any(t.done() for t in self._tasks):
                 break  # never started, or closed
             progress = self._progress
-            self._wake.set()
-            self._fan_wake.set()
+            writer.wake.set()
+            fanout.wake.set()
             await progress.wait()
 
     async def close(self, grace: float = 10.0) -> None:
@@ -475,63 +226,33 @@ class TelemetryPipeline:
                 await task
             except asyncio.CancelledError:
                 pass
-        if self._timer is not None:
-            self._timer.cancel()
-        try:
-            await self.run_in_writer(connections.close_all)
-        except Exception:
-            logger.debug("telemetry writer: closing its connection failed", exc_info=True)
-        self._executor.shutdown(wait=False)
-        if self._durable:
-            logger.warning(
-                "telemetry pipeline closed with %d submissions unacknowledged (redelivered)",
-                len(self._durable),
-            )
-            self._durable.clear()
-        lost = len(self._rows)
-        if lost:
-            TELEMETRY_DROPPED.labels(reason="shutdown").inc(lost)
-            logger.error("telemetry pipeline closed with %d values unwritten", lost)
+        await self._writer.close()
         if _pipelines.get(self.loop) is self:
             del _pipelines[self.loop]
 
+    # -- reading ---------------------------------------------------------------------------
+
     def announcements(self) -> list[dict[str, Any]]:
         """Everything this process announced so far (a listener that joined late catches up)."""
-        return [{**entry, "metrics": dict(entry["metrics"])} for entry in self._told.values()]
+        return self._announcer.announcements()
 
     def pending_devices(self) -> dict[str, dict[str, Any]]:
         """Devices with changes not yet in the database: ``{id: as_dict-like overlay}``."""
-        out: dict[str, dict[str, Any]] = {}
-        for source in (self._inflight, self._devices):
-            for device_id, u in source.items():
-                entry = out.get(device_id)
-                if entry is None:
-                    out[device_id] = {
-                        "id": device_id,
-                        "online": u.online,
-                        "last_seen": u.last_seen,
-                        "transport": u.transport,
-                        "metrics": dict(u.metrics),
-                    }
-                else:
-                    entry["online"] = u.online
-                    if u.last_seen is not None and (
-                        entry["last_seen"] is None or u.last_seen > entry["last_seen"]
-                    ):
-                        entry["last_seen"] = u.last_seen
-                    entry["metrics"].update(u.metrics)
-        return out
+        return self._writer.pending_devices()
+
+    # Settings and state that live in the rooms, readable (and the settings writable, as tests
+    # do) on the pipeline as before the split.
+    failures = _forward("_writer", "failures", "failed batch writes since start (health checks)")
+    batch_size = _forward("_writer", "batch_size", "values per write transaction, at most")
+    batch_delay = _forward("_writer", "batch_delay", "seconds a value may wait for its batch")
+    buffer_limit = _forward("_writer", "buffer_limit", "values waiting, at most")
+    group = _forward("_fanout", "group", "the dashboards' group")
+    channel_layer = _forward("_fanout", "channel_layer", "the layer frames go out on")
 
 
 _pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TelemetryPipeline] = (
     weakref.WeakKeyDictionary()
 )
-
-
-def _transient(exc: BaseException) -> bool:
-    """A database that is down, locked or mid-migration: keep the batch and retry. Anything
-    else (integrity, data, a value the driver cannot take) would fail forever."""
-    return isinstance(exc, DatabaseError) and not isinstance(exc, IntegrityError | DataError)
 
 
 _last: TelemetryPipeline | None = None  # the last one returned: called once per message

@@ -1,0 +1,69 @@
+"""What this process has announced about devices and their metrics (group ``device-metrics``).
+
+The telemetry pipeline tells listeners (Home Assistant discovery, devices/homeassistant.py)
+when it first sees a device or a new metric of it, never per reading. This room remembers
+what was told, so a reading of known metrics costs one set check, and holds the news until the
+pipeline's fan-out task sends it (devices/fanout.py); it knows nothing of the channel layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from devices.batching import Metrics
+
+#: Group told when this process first sees a device or a new metric of it (never per reading):
+#: ``{"type": "device.metrics", "devices": [{"device", "transport", "source", "metrics":
+#: {name: "number" | "bool"}}]}``; Home Assistant discovery (devices/homeassistant.py) listens.
+DEVICE_METRICS_GROUP = "device-metrics"
+#: Devices whose announced metric names are remembered; past it the memory starts over (a few
+#: announcements repeat; listeners ignore what they already know).
+ANNOUNCED_LIMIT = 100_000
+
+
+class MetricAnnouncer:
+    """Metric names told per device, everything told by (device, source), and what waits."""
+
+    def __init__(self) -> None:
+        self._announced: dict[str, set[str]] = {}
+        self._told: dict[tuple[str, str], dict[str, Any]] = {}
+        self._waiting: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def note(self, device_id: str, transport: str, metrics: Metrics, source: str) -> bool:
+        """Queue the news of a device first seen, or of its new metrics; True if there was any.
+
+        Empty `metrics` (a status) is news only for a device never seen.
+        """
+        known = self._announced.get(device_id)
+        if known is not None and known.issuperset(metrics):
+            return False
+        if known is None:
+            if len(self._announced) >= ANNOUNCED_LIMIT:
+                self._announced.clear()
+                self._told.clear()
+            known = self._announced[device_id] = set()
+        known.update(metrics)
+        kinds = {n: "bool" if v is True or v is False else "number" for n, v in metrics.items()}
+        key = (device_id, source)
+        for table in (self._told, self._waiting):
+            entry = table.get(key)
+            if entry is None:
+                entry = table[key] = {
+                    "device": device_id,
+                    "transport": transport,
+                    "source": source,
+                    "metrics": {},
+                }
+            entry["metrics"].update(kinds)
+        return True
+
+    def take(self) -> list[dict[str, Any]]:
+        """The news not yet sent (the fan-out sends it in one message), forgotten here."""
+        if not self._waiting:
+            return []
+        entries, self._waiting = list(self._waiting.values()), {}
+        return entries
+
+    def announcements(self) -> list[dict[str, Any]]:
+        """Everything announced so far (a listener that joined late catches up)."""
+        return [{**entry, "metrics": dict(entry["metrics"])} for entry in self._told.values()]
