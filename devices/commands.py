@@ -1,10 +1,16 @@
-"""Commands: who may send them, their lifecycle, and how everyone hears of each change.
+"""Commands: who may send them, and the service that creates, delivers and finishes them.
 
-A command moves pending → sent → acked | failed | timeout (CONTRACT §6). Every transition is a
-conditional UPDATE (``WHERE status = <expected>``), so two processes racing on one command —
-two bridges, a timer and an ack — can never both win: a command is sent at most once and ends
-exactly once. Each change is pushed to every dashboard and counted in
-``gateway_commands_total{status}``.
+A command moves pending → sent → acked | failed | timeout (CONTRACT §6). This room checks a
+request (permission, input, the user's rate, the device's hold) and stores it pending, then
+drives it: `submit()`, `deliver()`, `deliver_pending()`, `apply_ack()`. The other rooms of the
+command lifecycle, re-exported here so callers keep one import:
+
+- devices/command_states.py: every transition is a conditional UPDATE (``WHERE status =
+  <expected>``), so two processes racing on one command never both win; `announce()` pushes
+  each change to every dashboard and counts it in ``gateway_commands_total{status}``.
+- devices/command_timers.py: `CommandTimers`, one call_later per open command (hold TTL, ack
+  timeout), recovered from the database on start.
+- devices/held.py: "which commands wait for this device", one query for a whole fleet.
 
 The transport is someone else's business: a device consumer hands `deliver()` a coroutine that
 puts the command on its wire (an MQTT publish, a serial line).
@@ -12,13 +18,11 @@ puts the command on its wire (an MQTT publish, a serial line).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
 import uuid
-import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,11 +33,40 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from devices.models import FINAL_STATUSES, Command, CommandStatus, Device
+from devices.command_states import announce
+from devices.command_states import claim as _claim
+from devices.command_states import finish as _finish
+from devices.command_states import release as _release
+from devices.command_timers import CommandTimers, current_timers, get_timers
+from devices.held import LOOKUP_CHUNK, held_commands
+from devices.models import Command, CommandStatus, Device
 from devices.parsing import valid_device_id
 from devices.pipeline import flush_if_pending
 from gateway.exceptions import GatewayError
-from gateway.metrics import COMMANDS
+
+# The public names, with those of the command rooms re-exported (callers import them here).
+__all__ = [
+    "HOLD_MAX",
+    "LOOKUP_CHUNK",
+    "MAX_ARGS_BYTES",
+    "NAME_RE",
+    "PERMISSION",
+    "TIMEOUT_RANGE",
+    "CommandError",
+    "CommandTimers",
+    "SendCommand",
+    "Unavailable",
+    "announce",
+    "apply_ack",
+    "can_command",
+    "create_command",
+    "current_timers",
+    "deliver",
+    "deliver_pending",
+    "get_timers",
+    "parse_request",
+    "submit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +77,6 @@ TIMEOUT_RANGE = (0.1, 3600.0)
 PERMISSION = "devices.send_command"
 #: Default bound on commands held (pending) per device; `GATEWAY["COMMAND_HOLD_MAX"]` overrides.
 HOLD_MAX = 100
-#: Device ids per query when looking up held commands for many devices at once.
-LOOKUP_CHUNK = 500
 
 #: What a transport's send coroutine raises when it cannot deliver now (broker down, port
 #: closed): the command goes back to pending and is re-driven later.
@@ -196,85 +227,7 @@ async def submit(user: Any, device_id: str, data: Any, ref: Any = None) -> Comma
     return command
 
 
-# -- transitions (sync ORM; each one a conditional UPDATE) --------------------------------
-
-
-def _transition(command_id: Any, expected: Iterable[str], **changes: Any) -> Command | None:
-    """Apply `changes` if the command is still in one of `expected`; the new row, or None."""
-    updated = Command.objects.filter(pk=command_id, status__in=list(expected)).update(**changes)
-    return Command.objects.get(pk=command_id) if updated else None
-
-
-def _claim(command_id: Any) -> Command | None:
-    return _transition(
-        command_id, [CommandStatus.PENDING], status=CommandStatus.SENT, sent_at=timezone.now()
-    )
-
-
-def _release(command_id: Any) -> Command | None:
-    return _transition(command_id, [CommandStatus.SENT], status=CommandStatus.PENDING, sent_at=None)
-
-
-def _finish(command_id: Any, device_id: str | None, status: str, **fields: Any) -> Command | None:
-    qs = Command.objects.filter(pk=command_id, status=CommandStatus.SENT)
-    if device_id is not None:
-        qs = qs.filter(device_id=device_id)
-    if not qs.update(status=status, finished_at=timezone.now(), **fields):
-        return None
-    return Command.objects.get(pk=command_id)
-
-
-def _expire(command_id: Any) -> tuple[Command | None, Command | None]:
-    """Time out a command whose hold TTL (pending) or ack deadline (sent) has passed.
-
-    Returns (timed-out command, None), or (None, still-open command) when it is not due yet
-    (re-armed by the caller), or (None, None) when it has finished.
-    """
-    now = timezone.now()
-    command = Command.objects.filter(pk=command_id).first()
-    if command is None:
-        return None, None
-    if command.status == CommandStatus.PENDING and command.expires_at <= now:
-        hold = (command.expires_at - command.created_at).total_seconds()
-        error = f"not delivered: the device stayed offline or the broker unreachable for {hold:g} s"
-    elif (
-        command.status == CommandStatus.SENT
-        and command.sent_at
-        and command.sent_at + timedelta(seconds=command.timeout) <= now
-    ):
-        error = f"no acknowledgement from the device within {command.timeout:g} s"
-    elif command.status in (CommandStatus.PENDING, CommandStatus.SENT):
-        return None, command
-    else:
-        return None, None
-    done = _transition(
-        command_id, [command.status], status=CommandStatus.TIMEOUT, finished_at=now, error=error
-    )
-    return done, None
-
-
-def _pending_ids(device_ids: list[str]) -> dict[str, list[Any]]:
-    """The pending commands of each device, oldest first: one query per `LOOKUP_CHUNK` ids."""
-    found: dict[str, list[Any]] = {device_id: [] for device_id in device_ids}
-    for start in range(0, len(device_ids), LOOKUP_CHUNK):
-        rows = (
-            Command.objects.filter(
-                device_id__in=device_ids[start : start + LOOKUP_CHUNK],
-                status=CommandStatus.PENDING,
-            )
-            .order_by("created_at")
-            .values_list("device_id", "pk")
-        )
-        for device_id, pk in rows:
-            found[device_id].append(pk)
-    return found
-
-
-def _open_commands() -> list[Command]:
-    return list(Command.objects.exclude(status__in=FINAL_STATUSES))
-
-
-# -- delivery, acks, announcements (async) ------------------------------------------------
+# -- delivery and acks (async) ------------------------------------------------
 
 SendCommand = Callable[[dict[str, Any]], Awaitable[None]]
 SENT, SKIPPED, HELD = "sent", "skipped", "held"
@@ -319,82 +272,12 @@ async def deliver_pending(device_id: str, send: SendCommand) -> int:
     """
     get_timers()
     sent = 0
-    for command_id in await _lookups().pending(device_id):
+    for command_id in await held_commands(device_id):
         outcome = await _deliver(command_id, send)
         if outcome == HELD:
             break
         sent += outcome == SENT
     return sent
-
-
-class _PendingLookups:
-    """Batches "which commands are held for device X" into one query for many devices.
-
-    Every device instance asks when its device comes online, so a fleet (re)connecting at
-    once asked thousands of times, one query and one sync-thread hop each (finding 5 in
-    docs/performance.md). Requests made while a lookup runs wait for the next one, so there
-    is at most one query in flight and never one per device under load; always a fresh
-    query, so commands stored by any process are seen.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[str, list[asyncio.Future[list[Any]]]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def pending(self, device_id: str) -> list[Any]:
-        """The ids of `device_id`'s pending commands, oldest first."""
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(device_id, []).append(future)
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="commands.pending-lookups")
-        return await future
-
-    async def _run(self) -> None:
-        batch: dict[str, list[asyncio.Future[list[Any]]]] = {}
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, {}
-                try:
-                    found = await database_sync_to_async(_pending_ids)(list(batch))
-                except Exception as exc:
-                    _settle(batch, error=exc)
-                    continue
-                _settle(batch, found=found)
-        finally:
-            self._task = None
-            for pending in (batch, self._waiting):  # cancelled (loop closing): nobody hangs
-                _settle(pending)
-
-
-def _settle(
-    batch: dict[str, list[asyncio.Future[list[Any]]]],
-    found: dict[str, list[Any]] | None = None,
-    error: Exception | None = None,
-) -> None:
-    """Resolve each waiter with its device's ids, or `error`, or cancel it (neither given)."""
-    for device_id, futures in batch.items():
-        for future in futures:
-            if future.done():
-                continue
-            if found is not None:
-                future.set_result(found[device_id])
-            elif error is not None:
-                future.set_exception(error)
-            else:
-                future.cancel()
-
-
-_pending_lookups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PendingLookups] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _lookups() -> _PendingLookups:
-    loop = asyncio.get_running_loop()
-    lookups = _pending_lookups.get(loop)
-    if lookups is None:
-        lookups = _pending_lookups[loop] = _PendingLookups()
-    return lookups
 
 
 async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, error: str) -> bool:
@@ -415,99 +298,3 @@ async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, erro
     get_timers().cancel(str(key))
     await announce(command)
     return True
-
-
-async def announce(command: Command, ref: Any = None) -> None:
-    """Push the command's current state to every dashboard and count the transition."""
-    COMMANDS.labels(status=command.status).inc()
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        await layer.group_send(
-            "dashboard", {"type": "dashboard.events", "events": [command.as_frame(ref=ref)]}
-        )
-    except Exception:
-        logger.exception("command %s: could not notify dashboards", command.id)
-
-
-# -- timers: one call_later per open command, recovered from the database on start ----------
-
-
-class CommandTimers:
-    """Times out held and unacknowledged commands exactly when they are due (no polling)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._handles: dict[str, asyncio.TimerHandle] = {}
-        self._recovered = self.loop.create_task(self._recover(), name="commands.recover")
-
-    async def _recover(self) -> None:
-        """After a (re)start: re-arm timers for every open command in the database."""
-        try:
-            for command in await database_sync_to_async(_open_commands)():
-                if str(command.id) not in self._handles:
-                    self.schedule(command)
-        except Exception:
-            logger.exception("could not recover open commands")
-
-    def schedule(self, command: Command, within: float | None = None) -> None:
-        """Arm the timer for the command's next deadline (hold TTL or ack timeout), or to
-        check it `within` seconds if that is sooner."""
-        if command.status == CommandStatus.SENT and command.sent_at:
-            due: datetime = command.sent_at + timedelta(seconds=command.timeout)
-        elif command.status == CommandStatus.PENDING:
-            due = command.expires_at
-        else:
-            return
-        key = str(command.id)
-        self.cancel(key)
-        delay = max(0.0, (due - timezone.now()).total_seconds()) + 0.01
-        if within is not None:
-            delay = min(delay, within + 0.01)
-        self._handles[key] = self.loop.call_later(delay, self._fire, key)
-
-    def cancel(self, key: str) -> None:
-        """Disarm a command's timer (it has finished)."""
-        if handle := self._handles.pop(key, None):
-            handle.cancel()
-
-    def _fire(self, key: str) -> None:
-        self._handles.pop(key, None)
-        self.loop.create_task(self._expire(key), name=f"commands.expire[{key}]")
-
-    async def _expire(self, key: str) -> None:
-        try:
-            done, still_open = await database_sync_to_async(_expire)(key)
-            if done is not None:
-                await announce(done)
-            elif still_open is not None and key not in self._handles:
-                self.schedule(still_open)  # fired early (clock) or re-sent: its new deadline
-        except Exception:
-            logger.exception("command %s: could not time out", key)
-
-    def cancel_all(self) -> None:
-        """Disarm every timer (shutdown, tests); the database keeps the deadlines."""
-        for handle in self._handles.values():
-            handle.cancel()
-        self._handles.clear()
-        self._recovered.cancel()
-
-
-_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CommandTimers] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def current_timers() -> CommandTimers | None:
-    """The running event loop's command timers if any were started (never starts them)."""
-    return _timers.get(asyncio.get_running_loop())
-
-
-def get_timers() -> CommandTimers:
-    """The command timers of the running event loop, created (and recovered) on first use."""
-    loop = asyncio.get_running_loop()
-    timers = _timers.get(loop)
-    if timers is None:
-        timers = _timers[loop] = CommandTimers()
-    return timers

@@ -20,6 +20,7 @@ from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 
 from devices import commands
+from devices import held as held_lookups
 from devices.models import Device
 from gateway import layers
 from gateway.mqtt import instances
@@ -243,13 +244,13 @@ async def test_a_fleet_coming_online_together_asks_for_held_commands_once(
     held = await create(staff, "fleet-7", {"name": "one"})
     later = await create(staff, "fleet-7", {"name": "two"})
     queries: list[list[str]] = []
-    real = commands._pending_ids
+    real = held_lookups._pending_ids
 
     def counted(device_ids: list[str]) -> dict:
         queries.append(device_ids)
         return real(device_ids)
 
-    monkeypatch.setattr(commands, "_pending_ids", counted)
+    monkeypatch.setattr(held_lookups, "_pending_ids", counted)
     wires: dict[str, list[dict]] = {i: [] for i in ids}
 
     async def come_online(device_id: str) -> int:
