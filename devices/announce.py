@@ -22,11 +22,14 @@ ANNOUNCED_LIMIT = 100_000
 
 
 class MetricAnnouncer:
-    """Metric names told per device, everything told by (device, source), and what waits."""
+    """Metric kinds told per device, the metric names told by (device, source), and what waits.
+
+    One entry per known device, so it is kept small: 10,000 devices stay a few MiB.
+    """
 
     def __init__(self) -> None:
-        self._announced: dict[str, set[str]] = {}
-        self._told: dict[tuple[str, str], dict[str, Any]] = {}
+        self._announced: dict[str, dict[str, str]] = {}  # device → {metric: kind}
+        self._told: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}  # → (transport, names)
         self._waiting: dict[tuple[str, str], dict[str, Any]] = {}
 
     def note(self, device_id: str, transport: str, metrics: Metrics, source: str) -> bool:
@@ -35,26 +38,27 @@ class MetricAnnouncer:
         Empty `metrics` (a status) is news only for a device never seen.
         """
         known = self._announced.get(device_id)
-        if known is not None and known.issuperset(metrics):
+        if known is not None and known.keys() >= metrics.keys():
             return False
         if known is None:
             if len(self._announced) >= ANNOUNCED_LIMIT:
                 self._announced.clear()
                 self._told.clear()
-            known = self._announced[device_id] = set()
-        known.update(metrics)
+            known = self._announced[device_id] = {}
         kinds = {n: "bool" if v is True or v is False else "number" for n, v in metrics.items()}
+        known.update(kinds)
         key = (device_id, source)
-        for table in (self._told, self._waiting):
-            entry = table.get(key)
-            if entry is None:
-                entry = table[key] = {
-                    "device": device_id,
-                    "transport": transport,
-                    "source": source,
-                    "metrics": {},
-                }
-            entry["metrics"].update(kinds)
+        _, names = self._told.get(key, (transport, ()))
+        self._told[key] = (transport, (*names, *(n for n in kinds if n not in names)))
+        entry = self._waiting.get(key)
+        if entry is None:
+            entry = self._waiting[key] = {
+                "device": device_id,
+                "transport": transport,
+                "source": source,
+                "metrics": {},
+            }
+        entry["metrics"].update(kinds)
         return True
 
     def take(self) -> list[dict[str, Any]]:
@@ -66,4 +70,11 @@ class MetricAnnouncer:
 
     def announcements(self) -> list[dict[str, Any]]:
         """Everything announced so far (a listener that joined late catches up)."""
-        return [{**entry, "metrics": dict(entry["metrics"])} for entry in self._told.values()]
+        out = []
+        for (device_id, source), (transport, names) in self._told.items():
+            kinds = self._announced.get(device_id, {})
+            metrics = {name: kinds[name] for name in names if name in kinds}
+            out.append(
+                {"device": device_id, "transport": transport, "source": source, "metrics": metrics}
+            )
+        return out

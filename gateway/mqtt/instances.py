@@ -161,12 +161,15 @@ class InstancePool:
             if oldest is not None:
                 metrics.MQTT_INSTANCES_EVICTED.inc()
                 self.retire(oldest, "evicted")
-        inst = Instance(match.instance_key, match, self.limit, self)
+        # The instance keeps only what a successor needs (its key's params, not the message's).
+        key_params = match.key_params
+        kept = Match(match.route, match.instance_key, key_params, key_params, match.pattern)
+        inst = Instance(match.instance_key, kept, self.limit, self)
         inst.static = static
         scope = {
             **self.base_scope,
             "route": match.route,
-            "url_route": {"args": (), "kwargs": dict(match.key_params)},
+            "url_route": {"args": (), "kwargs": key_params},  # shared, read-only
         }
         connect = self.connect_event()
         if connect is not None:

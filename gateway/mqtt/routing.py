@@ -93,7 +93,7 @@ class TopicPattern:
         return params if len(topic_levels) == n else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Match:
     """The outcome of `TopicRouter.resolve`: which route and instance a topic belongs to."""
 
