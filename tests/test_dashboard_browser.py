@@ -126,26 +126,6 @@ async def acking(client: aiomqtt.Client, device_id: str, result: Any) -> AsyncIt
             await task
 
 
-def rename(gw: GatewayProcess, device_id: str, name: str) -> None:
-    """Set the admin-editable `Device.name` in the gateway's database (waits for the device)."""
-    script = (
-        "import json, os, time\n"
-        "from devices.models import Device\n"
-        "spec = json.loads(os.environ['GW_RENAME'])\n"
-        "for _ in range(200):\n"
-        "    if Device.objects.filter(id=spec['id']).update(name=spec['name']):\n"
-        "        break\n"
-        "    time.sleep(0.05)\n"
-        "else:\n"
-        "    raise SystemExit('no device ' + spec['id'])\n"
-    )
-    gw.env["GW_RENAME"] = json.dumps({"id": device_id, "name": name})
-    try:
-        gw.manage("shell", "-c", script)
-    finally:
-        gw.env.pop("GW_RENAME", None)
-
-
 def screenshot_path(name: str) -> Path:
     if os.environ.get("GATEWAY_SCREENSHOTS") == "1":
         folder = ROOT / "docs" / "img"
@@ -290,7 +270,7 @@ async def test_hostile_names_metrics_and_results_render_as_text(stack):
         acking(evil, "evil-1", lambda command: {XSS_RESULT: XSS_RESULT}),
     ):
         await publish(evil, "evil-1", **{XSS_METRIC: 1.5, "ok": 2})
-        await asyncio.to_thread(rename, gw, "evil-1", XSS_NAME)
+        await asyncio.to_thread(gw.rename_device, "evil-1", XSS_NAME)
         async with browser_page(gw, "operator") as (page, problems):
             await page.goto(gw.base_url + "/")
             row = page.locator('tr[data-device="evil-1"]')
@@ -396,7 +376,7 @@ async def test_screenshots_of_a_live_fleet(stack):
         now = time.time()
         for i in range(150):  # five minutes of history, every two seconds
             await publish(greenhouse, "greenhouse", ts=now - 300 + i * 2, **greenhouse_reading(i))
-        await asyncio.to_thread(rename, gw, "greenhouse", "Greenhouse north")
+        await asyncio.to_thread(gw.rename_device, "greenhouse", "Greenhouse north")
         async with browser_page(gw, "operator") as (page, problems):
             await page.goto(gw.base_url + "/")
             await expect(page.locator('tr[data-device="sensor-0005"] .badge')).to_have_text(

@@ -88,26 +88,6 @@ async def publish(client: aiomqtt.Client, device_id: str, **metrics: float) -> N
     await client.publish(f"devices/{device_id}/telemetry", json.dumps(body), qos=1)
 
 
-def rename(gw: GatewayProcess, device_id: str, name: str) -> None:
-    """Give the device a name in the gateway's database (as an admin would)."""
-    script = (
-        "import json, os, time\n"
-        "from devices.models import Device\n"
-        "spec = json.loads(os.environ['GW_XSS_RENAME'])\n"
-        "for _ in range(200):\n"
-        "    if Device.objects.filter(id=spec['id']).update(name=spec['name']):\n"
-        "        break\n"
-        "    time.sleep(0.05)\n"
-        "else:\n"
-        "    raise SystemExit('no device ' + spec['id'])\n"
-    )
-    gw.env["GW_XSS_RENAME"] = json.dumps({"id": device_id, "name": name})
-    try:
-        gw.manage("shell", "-c", script)
-    finally:
-        gw.env.pop("GW_XSS_RENAME", None)
-
-
 @contextlib.asynccontextmanager
 async def logged_in_page(gw: GatewayProcess) -> AsyncIterator[tuple[Any, list[str]]]:
     """A Chromium page logged in as `ops`, watching CSP violations; with its page errors."""
@@ -159,7 +139,7 @@ async def test_hostile_text_renders_as_text_everywhere(stack):
     broker, gw = stack
     async with hostile_device(broker, "xss-1") as dev:
         await publish(dev, "xss-1", **{XSS_METRIC: 1.5, "ok": 2})
-        await asyncio.to_thread(rename, gw, "xss-1", XSS_NAME)
+        await asyncio.to_thread(gw.rename_device, "xss-1", XSS_NAME)
         async with logged_in_page(gw) as (page, errors):
             # The device list, then a live frame for the hostile metric.
             response = await open_page(page, gw, "/")

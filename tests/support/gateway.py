@@ -258,6 +258,25 @@ class GatewayProcess:
         if result.returncode != 0:
             raise GatewayFailed(f"create_user failed:\n{result.stderr[-3000:]}")
 
+    def rename_device(self, device_id: str, name: str) -> None:
+        """Set the admin-editable `Device.name` in the gateway's database (waits for the device)."""
+        script = (
+            "import json, os, time\n"
+            "from devices.models import Device\n"
+            "spec = json.loads(os.environ['GW_RENAME'])\n"
+            "for _ in range(200):\n"
+            "    if Device.objects.filter(id=spec['id']).update(name=spec['name']):\n"
+            "        break\n"
+            "    time.sleep(0.05)\n"
+            "else:\n"
+            "    raise SystemExit('no device ' + spec['id'])\n"
+        )
+        self.env["GW_RENAME"] = json.dumps({"id": device_id, "name": name})
+        try:
+            self.manage("shell", "-c", script)
+        finally:
+            self.env.pop("GW_RENAME", None)
+
     def login(self, username: str, password: str) -> str:
         """Log in through /accounts/login/; returns the Cookie header (session + CSRF)."""
         jar = http.cookiejar.CookieJar()
