@@ -8,16 +8,13 @@ throwaway PostgreSQL database, and the answers compared.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from devices.models import Device, Reading
 from devices.views import history
-from tests.support.gateway import ROOT, postgres_available, postgres_database
+from tests.support.gateway import postgres_available, run_on_postgres
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 QUERIES = {
@@ -74,22 +71,14 @@ def test_postgresql_answers_like_sqlite():
     seed()
     on_sqlite = answers()
     script = (
-        "import json, django\n"
-        "django.setup()\n"
-        "from django.core.management import call_command\n"
+        "import json\n"
         "from tests import test_history_backends as t\n"
-        "call_command('migrate', verbosity=0)\n"
         "t.seed()\n"
         "got = t.answers()\n"
         "t.check_contract(got)\n"
         "print(json.dumps(got))\n"
     )
-    with postgres_database() as url:
-        env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "gateway.settings"}
-        result = subprocess.run(
-            [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
+    result = run_on_postgres(script)
     assert result.returncode == 0, result.stderr[-4000:]
     on_postgres = json.loads(result.stdout.strip().splitlines()[-1])
     assert on_postgres.keys() == on_sqlite.keys()

@@ -1,15 +1,12 @@
 """`manage.py prune_telemetry`: old readings become hourly averages, then go; on both databases.
 
 Each story below is a plain function run twice: on SQLite in this process (pytest-django), and
-on PostgreSQL in a child process migrated onto a throwaway database (`postgres_database`).
+on PostgreSQL in a child process migrated onto a throwaway database (`run_on_postgres`).
 """
 
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,7 +14,7 @@ from django.core.management import CommandError, call_command
 
 from devices.models import Device, Reading
 from devices.views import history
-from tests.support.gateway import ROOT, postgres_available, postgres_database
+from tests.support.gateway import postgres_available, run_on_postgres
 
 DAY = timedelta(days=1)
 
@@ -139,23 +136,14 @@ def test_on_sqlite(story):
 def test_on_postgresql():
     """Every story, in one child process migrated onto a throwaway database, emptied between."""
     script = (
-        "import django\n"
-        "django.setup()\n"
-        "from django.core.management import call_command\n"
         "from devices.models import Device\n"
         "from tests import test_prune_telemetry as t\n"
-        "call_command('migrate', verbosity=0)\n"
         "for story in t.STORIES:\n"
         "    Device.objects.all().delete()\n"
         "    story()\n"
         "    print('ok', story.__name__)\n"
     )
-    with postgres_database() as url:
-        env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "gateway.settings"}
-        result = subprocess.run(
-            [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
+    result = run_on_postgres(script)
     assert result.returncode == 0, f"on PostgreSQL:\n{result.stdout}{result.stderr[-4000:]}"
     assert result.stdout.count("ok story_") == len(STORIES)
 

@@ -3,7 +3,8 @@
 `GatewayProcess` makes a fresh database, migrates it, starts `manage.py rungateway` (or
 `runmqtt`) on a free port, waits until it is ready, and on exit stops it with SIGTERM, asserting
 that it is gone within 5 s. It logs in over real HTTP and opens the dashboard WebSocket with the
-session cookie, as a browser would. `postgres_database()` lends a throwaway PostgreSQL database.
+session cookie, as a browser would. `postgres_database()` lends a throwaway PostgreSQL database;
+`run_on_postgres()` runs a script on one in a child process.
 """
 
 from __future__ import annotations
@@ -400,6 +401,29 @@ def postgres_database(admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
             _dsn(admin_url, "postgres"), autocommit=True, connect_timeout=5
         ) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_on_postgres(script: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run `script` in a child Python with Django set up on a throwaway, migrated database.
+
+    The script's stdout/stderr come back as text; the database is dropped afterwards.
+    """
+    setup = (
+        "import django\n"
+        "django.setup()\n"
+        "from django.core.management import call_command\n"
+        "call_command('migrate', verbosity=0)\n"
+    )
+    with postgres_database() as url:
+        env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "gateway.settings"}
+        return subprocess.run(
+            [sys.executable, "-c", setup + script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def _dsn(admin_url: str, database: str) -> str:
