@@ -140,10 +140,8 @@ class TelemetryPipeline:
         telemetry``); it only travels with the announcement of a new device or metric.
         """
         try:
-            if self._refuse(len(metrics)):
+            if not self._admit(device_id, transport, metrics, source):
                 return
-            if self._announcer.note(device_id, transport, metrics, source):
-                self._fanout.poke()
             now = time.time()
             self._writer.add_reading(device_id, transport, ts, metrics, now, durable)
             self._fanout.reading(device_id, ts, metrics, now)
@@ -162,15 +160,21 @@ class TelemetryPipeline:
     ) -> None:
         """Record a device's online/offline status: stored and pushed to dashboards."""
         try:
-            if self._refuse(0):
+            if not self._admit(device_id, transport, {}, source):
                 return
-            if self._announcer.note(device_id, transport, {}, source):
-                self._fanout.poke()
             self._writer.add_status(device_id, transport, online, durable)
             self._fanout.status(device_id, online, ts)
         except Exception:  # pragma: no cover
             logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
             self._writer.release_soon(durable)
+
+    def _admit(self, device_id: str, transport: str, metrics: Metrics, source: str) -> bool:
+        """False (dropped, counted) once closed; else a new device or metric is announced."""
+        if self._refuse(len(metrics)):
+            return False
+        if self._announcer.note(device_id, transport, metrics, source):
+            self._fanout.poke()
+        return True
 
     def _refuse(self, values: int) -> bool:
         if not self.closed:
