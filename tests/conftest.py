@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from channels.layers import get_channel_layer
 
+from tests.support.runtime import stop_loop_services
 from tests.support.servers import Mosquitto, Redis
 
 
@@ -43,19 +44,10 @@ async def layer():
     On the way out it stops what the test's loop started lazily (the telemetry pipeline,
     command timers), so nothing of one test's loop leaks into the next.
     """
-    from devices.commands import current_timers
-    from devices.pipeline import current_pipeline
-
     channel_layer = get_channel_layer()
     await channel_layer.flush()
     yield channel_layer
-    pipeline = current_pipeline()
-    if pipeline is not None:
-        await pipeline.close()
-    timers = current_timers()
-    if timers is not None:
-        timers.cancel_all()
-    await channel_layer.flush()
+    await stop_loop_services(channel_layer)
 
 
 @pytest.fixture

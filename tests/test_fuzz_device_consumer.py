@@ -32,6 +32,7 @@ from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
 from gateway.serial.testing import SerialCommunicator
 from tests.support.fuzz import REASONS, clean_metric_name, fuzz
+from tests.support.runtime import stop_loop_services
 from tests.test_fuzz_parsing import odd_text, telemetry_payload
 from tests.test_fuzz_serial import hostile_line
 
@@ -107,19 +108,7 @@ class Bench:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        from devices.commands import current_timers
-        from devices.pipeline import current_pipeline
-
-        async def close() -> None:
-            pipeline = current_pipeline()
-            if pipeline is not None:
-                await pipeline.close()
-            timers = current_timers()
-            if timers is not None:
-                timers.cancel_all()
-            await get_channel_layer().flush()
-
-        self.runner.run(close())
+        self.runner.run(stop_loop_services())
         self.runner.__exit__(*exc_info)
 
     async def deliver_serial(self, spec: str, line: bytes) -> None:

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from devices.models import Device, Reading
 from tests.support.fuzz import fuzz
+from tests.support.runtime import stop_loop_services
 from tests.test_fuzz_parsing import json_document, odd_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -134,7 +135,7 @@ def test_history_queries_are_answered_within_their_bounds_or_refused_with_400(st
         try:
             history_examples(caller)
         finally:
-            runner.run(shutdown())
+            runner.run(stop_loop_services())
 
 
 def history_examples(caller: Caller) -> None:
@@ -290,7 +291,7 @@ def test_command_bodies_are_accepted_exactly_when_well_formed_else_4xx_json(staf
         try:
             command_examples(caller)
         finally:
-            runner.run(shutdown())
+            runner.run(stop_loop_services())
 
 
 def command_examples(caller: Caller) -> None:
@@ -312,18 +313,3 @@ def command_examples(caller: Caller) -> None:
             assert json_error(response, status)["code"]
 
     check()
-
-
-async def shutdown() -> None:
-    from channels.layers import get_channel_layer
-
-    from devices.commands import current_timers
-    from devices.pipeline import current_pipeline
-
-    timers = current_timers()
-    if timers is not None:
-        timers.cancel_all()
-    pipeline = current_pipeline()
-    if pipeline is not None:
-        await pipeline.close()
-    await get_channel_layer().flush()

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from devices.models import Device
 from tests.support.fuzz import fuzz
+from tests.support.runtime import stop_loop_services
 from tests.test_dashboard_consumer import websocket_app, ws_headers
 from tests.test_fuzz_parsing import json_document, odd_text
 from tests.test_fuzz_rest import good_command, has_nul
@@ -177,14 +178,5 @@ def run_examples(runner: asyncio.Runner, comm: WebsocketCommunicator) -> None:
 
 
 async def close(comm: WebsocketCommunicator) -> None:
-    from devices.commands import current_timers
-    from devices.pipeline import current_pipeline
-
     await comm.disconnect()
-    timers = current_timers()
-    if timers is not None:
-        timers.cancel_all()
-    pipeline = current_pipeline()
-    if pipeline is not None:
-        await pipeline.close()
-    await get_channel_layer().flush()
+    await stop_loop_services()

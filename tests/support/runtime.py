@@ -1,0 +1,24 @@
+"""Stopping what a test's event loop started lazily, so nothing of it leaks into the next test."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+
+async def stop_loop_services(layer: Any = None) -> None:
+    """Close the running loop's telemetry pipeline, disarm its command timers, empty the layer.
+
+    The pipeline and timers only if this loop started them; `layer` defaults to the process's.
+    """
+    from devices.commands import current_timers
+    from devices.pipeline import current_pipeline
+
+    pipeline = current_pipeline()
+    if pipeline is not None:
+        await pipeline.close()
+    timers = current_timers()
+    if timers is not None:
+        timers.cancel_all()
+    await (get_channel_layer() if layer is None else layer).flush()
