@@ -220,28 +220,24 @@ def prune(days_kept_raw: float, downsample_days: float) -> None:
 
     from devices.models import Reading
 
+    def timed_prune() -> float:
+        began = time.perf_counter()
+        call_command(
+            "prune_telemetry",
+            retention_days=days_kept_raw,
+            downsample_days=downsample_days,
+            verbosity=1,
+        )
+        return time.perf_counter() - began
+
     before = Reading.objects.count()
-    began = time.perf_counter()
-    call_command(
-        "prune_telemetry",
-        retention_days=days_kept_raw,
-        downsample_days=downsample_days,
-        verbosity=1,
-    )
-    took = time.perf_counter() - began
+    took = timed_prune()
     after = Reading.objects.count()
     say(
         f"  prune_telemetry: {before:,} → {after:,} rows in {took:.1f} s "
         f"({(before - after) / took:,.0f} rows removed/s)"
     )
-    began = time.perf_counter()
-    call_command(
-        "prune_telemetry",
-        retention_days=days_kept_raw,
-        downsample_days=downsample_days,
-        verbosity=1,
-    )
-    say(f"  again (nothing left to do): {time.perf_counter() - began:.1f} s")
+    say(f"  again (nothing left to do): {timed_prune():.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
