@@ -15,9 +15,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import orjson
@@ -25,6 +23,7 @@ import pytest
 
 from tests.support.gateway import GatewayProcess
 from tests.support.servers import Mosquitto
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
 
@@ -77,17 +76,6 @@ def stored_numbers(db: Path, device: str, metric: str = "n") -> list[int]:
             (device, metric),
         ).fetchall()
     return [int(value) for (value,) in rows]
-
-
-async def until(check: Callable[[], Any], wait: float = 10.0, what: str = "condition") -> Any:
-    """Poll a blocking check in a thread until it returns something truthy."""
-    deadline = time.monotonic() + wait
-    while True:
-        result = await asyncio.to_thread(check)
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {wait} s"
-        await asyncio.sleep(0.05)
 
 
 async def retained(port: int, topic: str) -> bytes:

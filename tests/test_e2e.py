@@ -20,6 +20,7 @@ import aiomqtt
 import pytest
 
 from tests.support.gateway import GatewayProcess, postgres_available, postgres_database
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
 
@@ -48,18 +49,6 @@ def status_of(device: str, online: bool) -> Callable[[dict], bool]:
 def device_list(body: Any) -> list[dict]:
     """`/api/devices/` as a list, whether it is a bare list or wrapped in {"devices": …}."""
     return body if isinstance(body, list) else body.get("devices", [])
-
-
-async def until(check: Callable[[], Any], wait: float = 10.0, what: str = "condition") -> Any:
-    """Poll a blocking check in a thread until it returns something truthy."""
-    deadline = time.monotonic() + wait
-    while True:
-        result = await asyncio.to_thread(check)
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @contextlib.contextmanager
