@@ -9,9 +9,12 @@ the framer's bounds are unit-tested in tests/test_serial_server.py and test_seri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
+from collections.abc import Iterator
+from pathlib import Path
 
 import aiomqtt
 import psutil
@@ -38,6 +41,21 @@ def stored_counters(gw: GatewayProcess, cookie: str) -> list[int]:
     return [int(v) for _, v in body["points"]]
 
 
+@contextlib.contextmanager
+def plugged_gateway(broker_url: str, link: Path) -> Iterator[tuple[PlugPort, GatewayProcess, str]]:
+    """A plugged port at `link`, a serial gateway on it, a logged-in cookie; unplugged after."""
+    port = PlugPort(link)
+    port.plug()
+    try:
+        with serial_gateway(broker_url, f"{link}?device={DEVICE}") as gw:
+            gw.create_user("operator", PASSWORD, staff=True)
+            cookie = gw.login("operator", PASSWORD)
+            gw.wait_for_log(rf"serial port {re.escape(str(link))} opened")
+            yield port, gw, cookie
+    finally:
+        port.unplug()
+
+
 async def stream(port: PlugPort, start: int, seconds: float) -> list[int]:
     """Write `n=<k>` lines at 200/s for `seconds`; the counters the tty accepted in full."""
     accepted = []
@@ -56,104 +74,86 @@ async def stream(port: PlugPort, start: int, seconds: float) -> list[int]:
 async def test_unplug_and_replug_under_load_resumes_each_time(mosquitto, tmp_path):
     link = tmp_path / "by-id" / "usb-sim-fast-if00"
     link.parent.mkdir()
-    port = PlugPort(link)
-    port.plug()
-    try:
-        with serial_gateway(mosquitto.url, f"{link}?device={DEVICE}") as gw:
-            gw.create_user("operator", PASSWORD, staff=True)
-            cookie = gw.login("operator", PASSWORD)
-            gw.wait_for_log(rf"serial port {re.escape(str(link))} opened")
-            written: list[int] = []
-            last_cycle: list[int] = []
-            for cycle in range(CYCLES):
-                last_cycle = await stream(port, cycle * 10_000, 1.5)
-                written += last_cycle
-                port.unplug()  # mid-stream: whatever sat in the tty buffer is gone with it
-                await asyncio.sleep(0.5)
-                port.plug()
-            last_cycle = await stream(port, CYCLES * 10_000, 1.5)
+    with plugged_gateway(mosquitto.url, link) as (port, gw, cookie):
+        written: list[int] = []
+        last_cycle: list[int] = []
+        for cycle in range(CYCLES):
+            last_cycle = await stream(port, cycle * 10_000, 1.5)
             written += last_cycle
+            port.unplug()  # mid-stream: whatever sat in the tty buffer is gone with it
+            await asyncio.sleep(0.5)
+            port.plug()
+        last_cycle = await stream(port, CYCLES * 10_000, 1.5)
+        written += last_cycle
 
-            # Once the port is reopened after the last replug, no line is lost.
-            await until(
-                lambda: last_cycle[-1] in stored_counters(gw, cookie),
-                wait=20,
-                what="the last line stored",
-            )
-            stored = stored_counters(gw, cookie)
-            resumed = sorted(n for n in stored if n >= last_cycle[0])
-            assert resumed == list(range(resumed[0], last_cycle[-1] + 1)), "a gap after reopening"
-            assert len(stored) == len(set(stored)), "a line stored twice"
-            assert set(stored) <= set(written), "a reading nobody wrote"
-            # Every cycle delivered readings, so each replug was picked up.
-            for cycle in range(CYCLES + 1):
-                assert any(cycle * 10_000 <= n < (cycle + 1) * 10_000 for n in stored), cycle
-            reopened = len(
-                re.findall(rf"serial port {re.escape(str(link))} reopened", gw.log_text())
-            )
-            assert reopened == CYCLES
-            lost = len(written) - len(stored)
-            print(
-                f"\n{CYCLES} unplug/replug cycles at 200 lines/s: {len(written)} lines written, "
-                f"{len(stored)} stored, {lost} lost with the unplugged tty buffers"
-            )
-    finally:
-        port.unplug()
+        # Once the port is reopened after the last replug, no line is lost.
+        await until(
+            lambda: last_cycle[-1] in stored_counters(gw, cookie),
+            wait=20,
+            what="the last line stored",
+        )
+        stored = stored_counters(gw, cookie)
+        resumed = sorted(n for n in stored if n >= last_cycle[0])
+        assert resumed == list(range(resumed[0], last_cycle[-1] + 1)), "a gap after reopening"
+        assert len(stored) == len(set(stored)), "a line stored twice"
+        assert set(stored) <= set(written), "a reading nobody wrote"
+        # Every cycle delivered readings, so each replug was picked up.
+        for cycle in range(CYCLES + 1):
+            assert any(cycle * 10_000 <= n < (cycle + 1) * 10_000 for n in stored), cycle
+        reopened = len(re.findall(rf"serial port {re.escape(str(link))} reopened", gw.log_text()))
+        assert reopened == CYCLES
+        lost = len(written) - len(stored)
+        print(
+            f"\n{CYCLES} unplug/replug cycles at 200 lines/s: {len(written)} lines written, "
+            f"{len(stored)} stored, {lost} lost with the unplugged tty buffers"
+        )
 
 
 async def test_a_port_flooding_bytes_without_a_delimiter(mosquitto, tmp_path):
     """Bounded memory, frame_too_long counted, the gateway answers meanwhile, then the next
     good line after a delimiter arrives."""
     link = tmp_path / "uart-flood"
-    port = PlugPort(link)
-    port.plug()
-    try:
-        with serial_gateway(mosquitto.url, f"{link}?device={DEVICE}") as gw:
-            gw.create_user("operator", PASSWORD, staff=True)
-            cookie = gw.login("operator", PASSWORD)
-            gw.wait_for_log(rf"serial port {re.escape(str(link))} opened")
-            process = psutil.Process(gw.proc.pid)
-            before = metrics_of(gw)
-            rss_before = process.memory_info().rss
-            rss_max = rss_before
+    with plugged_gateway(mosquitto.url, link) as (port, gw, cookie):
+        process = psutil.Process(gw.proc.pid)
+        before = metrics_of(gw)
+        rss_before = process.memory_info().rss
+        rss_max = rss_before
 
-            async with (
-                gw.ws_connect(cookie) as ws,
-                aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="flood-bystander") as mqtt,
-            ):
-                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
-                chunk = b"A" * 65536
-                for i in range(FLOOD_BYTES // len(chunk)):
-                    await port.send(chunk)
-                    if i % 16 == 0:
-                        rss_max = max(rss_max, process.memory_info().rss)
-                        # Meanwhile the gateway answers and an MQTT device still gets through.
-                        status, _ = await asyncio.to_thread(gw.http_get, "/healthz")
-                        assert status == 200
-                        body = json.dumps({"i": i})
-                        await mqtt.publish("devices/flood-bystander/telemetry", body, qos=1)
-                await port.send(b"\ntemperature=21.5\n")
+        async with (
+            gw.ws_connect(cookie) as ws,
+            aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="flood-bystander") as mqtt,
+        ):
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
+            chunk = b"A" * 65536
+            for i in range(FLOOD_BYTES // len(chunk)):
+                await port.send(chunk)
+                if i % 16 == 0:
+                    rss_max = max(rss_max, process.memory_info().rss)
+                    # Meanwhile the gateway answers and an MQTT device still gets through.
+                    status, _ = await asyncio.to_thread(gw.http_get, "/healthz")
+                    assert status == 200
+                    body = json.dumps({"i": i})
+                    await mqtt.publish("devices/flood-bystander/telemetry", body, qos=1)
+            await port.send(b"\ntemperature=21.5\n")
 
-                async with asyncio.timeout(15):
-                    while True:
-                        frame = json.loads(await ws.recv())
-                        if frame.get("type") == "telemetry" and frame.get("device") == DEVICE:
-                            break
-                assert frame["metrics"] == {"temperature": 21.5}
-            after = metrics_of(gw)
-            growth = rss_max - rss_before
-            assert rejected(after, "frame_too_long") >= rejected(before, "frame_too_long") + 1
-            bystander = await until(
-                lambda: gw.http_get("/api/devices/flood-bystander/telemetry?metric=i", cookie),
-                what="the MQTT bystander's readings",
-            )
-            assert bystander[0] == 200 and bystander[1]["points"]
-            # The framer keeps at most max_frame plus one read: far below the 8 MB flood.
-            assert growth < FLOOD_BYTES, f"RSS grew {growth / 1e6:.1f} MB during the flood"
-            print(
-                f"\n{FLOOD_BYTES / 1e6:.0f} MB without a delimiter: frame_too_long "
-                f"+{rejected(after, 'frame_too_long') - rejected(before, 'frame_too_long'):.0f}, "
-                f"RSS growth {growth / 1e6:.1f} MB, the next good line arrived"
-            )
-    finally:
-        port.unplug()
+            async with asyncio.timeout(15):
+                while True:
+                    frame = json.loads(await ws.recv())
+                    if frame.get("type") == "telemetry" and frame.get("device") == DEVICE:
+                        break
+            assert frame["metrics"] == {"temperature": 21.5}
+        after = metrics_of(gw)
+        growth = rss_max - rss_before
+        assert rejected(after, "frame_too_long") >= rejected(before, "frame_too_long") + 1
+        bystander = await until(
+            lambda: gw.http_get("/api/devices/flood-bystander/telemetry?metric=i", cookie),
+            what="the MQTT bystander's readings",
+        )
+        assert bystander[0] == 200 and bystander[1]["points"]
+        # The framer keeps at most max_frame plus one read: far below the 8 MB flood.
+        assert growth < FLOOD_BYTES, f"RSS grew {growth / 1e6:.1f} MB during the flood"
+        print(
+            f"\n{FLOOD_BYTES / 1e6:.0f} MB without a delimiter: frame_too_long "
+            f"+{rejected(after, 'frame_too_long') - rejected(before, 'frame_too_long'):.0f}, "
+            f"RSS growth {growth / 1e6:.1f} MB, the next good line arrived"
+        )
