@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from datetime import datetime, timedelta
 
 from channels.db import database_sync_to_async
@@ -20,6 +19,7 @@ from django.utils import timezone
 
 from devices.command_states import announce, expire
 from devices.models import FINAL_STATUSES, Command, CommandStatus
+from gateway.loops import PerLoop
 
 logger = logging.getLogger("devices.commands")  # the command service's log, as before
 
@@ -88,20 +88,14 @@ class CommandTimers:
         self._recovered.cancel()
 
 
-_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CommandTimers] = (
-    weakref.WeakKeyDictionary()
-)
+_timers: PerLoop[CommandTimers] = PerLoop(CommandTimers)
 
 
 def current_timers() -> CommandTimers | None:
     """The running event loop's command timers if any were started (never starts them)."""
-    return _timers.get(asyncio.get_running_loop())
+    return _timers.current()
 
 
 def get_timers() -> CommandTimers:
     """The command timers of the running event loop, created (and recovered) on first use."""
-    loop = asyncio.get_running_loop()
-    timers = _timers.get(loop)
-    if timers is None:
-        timers = _timers[loop] = CommandTimers()
-    return timers
+    return _timers.get()

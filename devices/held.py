@@ -11,12 +11,12 @@ fresh query, so commands stored by any process are seen. The command service
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Any
 
 from channels.db import database_sync_to_async
 
 from devices.models import Command, CommandStatus
+from gateway.loops import PerLoop
 
 #: Device ids per query when looking up held commands for many devices at once.
 LOOKUP_CHUNK = 500
@@ -24,7 +24,7 @@ LOOKUP_CHUNK = 500
 
 async def held_commands(device_id: str) -> list[Any]:
     """The ids of `device_id`'s pending commands, oldest first (batched with other devices')."""
-    return await _lookups().pending(device_id)
+    return await _lookups.get().pending(device_id)
 
 
 def _pending_ids(device_ids: list[str]) -> dict[str, list[Any]]:
@@ -94,14 +94,4 @@ def _settle(
                 future.cancel()
 
 
-_pending_lookups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PendingLookups] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _lookups() -> _PendingLookups:
-    loop = asyncio.get_running_loop()
-    lookups = _pending_lookups.get(loop)
-    if lookups is None:
-        lookups = _pending_lookups[loop] = _PendingLookups()
-    return lookups
+_lookups: PerLoop[_PendingLookups] = PerLoop(_PendingLookups)

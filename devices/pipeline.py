@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -35,6 +34,7 @@ from django.conf import settings
 from devices.announce import ANNOUNCED_LIMIT, DEVICE_METRICS_GROUP, MetricAnnouncer
 from devices.batching import BACKOFF_FIRST, BACKOFF_MAX, Durable, Metrics, TelemetryWriter
 from devices.fanout import SEND_TIMEOUT, DashboardFanout
+from gateway.loops import PerLoop
 from gateway.metrics import TELEMETRY_DROPPED
 
 __all__ = [
@@ -231,8 +231,7 @@ class TelemetryPipeline:
             except asyncio.CancelledError:
                 pass
         await self._writer.close()
-        if _pipelines.get(self.loop) is self:
-            del _pipelines[self.loop]
+        _pipelines.discard(self.loop, self)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -254,9 +253,7 @@ class TelemetryPipeline:
     channel_layer = _forward("_fanout", "channel_layer", "the layer frames go out on")
 
 
-_pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TelemetryPipeline] = (
-    weakref.WeakKeyDictionary()
-)
+_pipelines: PerLoop[TelemetryPipeline] = PerLoop(TelemetryPipeline, stale=lambda p: p.closed)
 
 
 _last: TelemetryPipeline | None = None  # the last one returned: called once per message
@@ -265,24 +262,16 @@ _last: TelemetryPipeline | None = None  # the last one returned: called once per
 def get_pipeline() -> TelemetryPipeline:
     """The pipeline of the running event loop, created on first use (one per loop)."""
     global _last
-    loop = asyncio.get_running_loop()
     pipeline = _last
-    if pipeline is not None and pipeline.loop is loop and not pipeline.closed:
+    if pipeline is not None and pipeline.loop is asyncio.get_running_loop() and not pipeline.closed:
         return pipeline  # no WeakKeyDictionary lookup (a weakref per call: 2 % of ingest)
-    pipeline = _pipelines.get(loop)
-    if pipeline is None or pipeline.closed:
-        pipeline = _pipelines[loop] = TelemetryPipeline()
-    _last = pipeline
+    _last = pipeline = _pipelines.get()
     return pipeline
 
 
 def current_pipeline() -> TelemetryPipeline | None:
     """The running loop's pipeline if one exists (never creates one; None outside a loop)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-    return _pipelines.get(loop)
+    return _pipelines.current()
 
 
 async def flush_if_pending(device_id: str) -> bool:
