@@ -83,11 +83,7 @@ async def all_stored(gw: GatewayProcess, cookie: str, published: int) -> list[in
 
 
 def stored_values(gw: GatewayProcess, cookie: str) -> list[int]:
-    code, body = gw.http_get(f"/api/devices/{DEVICE}/telemetry?metric=n", cookie)
-    if code == 404:
-        return []
-    assert code == 200, body
-    return [int(v) for _, v in body["points"]]
+    return [int(v) for _, v in gw.history(cookie, DEVICE, "n")]
 
 
 @contextlib.contextmanager

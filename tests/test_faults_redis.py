@@ -68,11 +68,7 @@ class Frames:
 
 def history_values(gw: GatewayProcess, cookie: str, device: str) -> list[int]:
     """The stored values of metric `n` of `device` (none while it is not stored yet)."""
-    code, body = gw.http_get(f"/api/devices/{device}/telemetry?metric=n", cookie)
-    if code == 404:
-        return []
-    assert code == 200, body
-    return [int(v) for _, v in body["points"]]
+    return [int(v) for _, v in gw.history(cookie, device, "n")]
 
 
 def is_telemetry(frame: dict) -> bool:

@@ -34,11 +34,7 @@ FLOOD_BYTES = 8 * 1024 * 1024
 
 
 def stored_counters(gw: GatewayProcess, cookie: str) -> list[int]:
-    code, body = gw.http_get(f"/api/devices/{DEVICE}/telemetry?metric=n", cookie)
-    if code == 404:
-        return []
-    assert code == 200, body
-    return [int(v) for _, v in body["points"]]
+    return [int(v) for _, v in gw.history(cookie, DEVICE, "n")]
 
 
 @contextlib.contextmanager

@@ -121,14 +121,6 @@ def listed(gw: GatewayProcess, cookie: str, device: str) -> dict | None:
     return found[0] if found else None
 
 
-def history(gw: GatewayProcess, cookie: str, device: str, metric: str) -> list:
-    status, body = gw.http_get(f"/api/devices/{device}/telemetry?metric={metric}", cookie)
-    if status == 404:  # not yet written
-        return []
-    assert status == 200, body
-    return body["points"]
-
-
 def submit_command(gw: GatewayProcess, cookie: str, device: str, name: str, args: dict) -> str:
     """Create a command through the REST API when it is routed, else with the command service
     (`devices.commands.create_command`) against the gateway's database; returns its id."""
@@ -212,7 +204,7 @@ async def _through_the_gateway(
         assert entry["transport"] == "serial" and entry["online"] is True
 
         def three_points() -> list | None:
-            points = history(gw, cookie, device, "temperature")
+            points = gw.history(cookie, device, "temperature")
             return points if len(points) >= 3 else None
 
         points = await until(three_points, what="3 temperature points")
@@ -223,7 +215,7 @@ async def _through_the_gateway(
             what="3 mirrored readings",
         )
         await asyncio.sleep(1.0)
-        points = history(gw, cookie, device, "temperature")
+        points = gw.history(cookie, device, "temperature")
         assert [p[1] for p in points] == [21.5, 22.25, 23.5], "a reading stored twice or lost"
         after = metrics_of(gw)
         stored = after["gateway_telemetry_stored_total"] - before["gateway_telemetry_stored_total"]
@@ -418,7 +410,7 @@ async def test_runserial_alone_beside_a_web_process(mosquitto, redis_server, tmp
                     await port.send(b'{"temperature": 18.75}\n')
                     await next_frame(ws, lambda f: f.get("metrics", {}).get("temperature") == 18.75)
                     await asyncio.sleep(1.5)  # mirror echoes reach the web process's bridge
-                    points = history(web, cookie, "split-1", "temperature")
+                    points = web.history(cookie, "split-1", "temperature")
                     assert [p[1] for p in points] == [18.5, 18.75]
                     assert listed(web, cookie, "split-1")["transport"] == "serial"
                     port.unplug()

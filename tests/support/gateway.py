@@ -336,6 +336,14 @@ class GatewayProcess:
         """GET path; (status, JSON or text)."""
         return self.http_request("GET", path, cookie=cookie)
 
+    def history(self, cookie: str, device: str, metric: str) -> list[list[float]]:
+        """A device's stored points of `metric` from the history API ([] while it is unknown)."""
+        status, body = self.http_get(f"/api/devices/{device}/telemetry?metric={metric}", cookie)
+        if status == 404:  # not written yet
+            return []
+        assert status == 200, body
+        return body["points"]
+
     def ws_connect(self, cookie: str, path: str = "/ws/dashboard/", **kwargs: Any) -> Any:
         """A websockets client connection (use with `async with`) carrying cookie and Origin."""
         from websockets.asyncio.client import connect
