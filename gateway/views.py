@@ -36,7 +36,12 @@ for _status in ("pending", "sent", "acked", "failed", "timeout"):
 
 
 def _connect_packet(username: str | None, password: str | None) -> bytes:
-    """An MQTT 3.1.1 CONNECT (clean session, keepalive 10 s) with the URL's credentials."""
+    """An MQTT 3.1.1 CONNECT (clean session, keepalive 10 s) with the URL's credentials.
+
+    Written here rather than probing with aiomqtt: aiomqtt runs paho's TCP connect in a worker
+    thread that a timeout cannot cancel, so a broker dropping SYNs would hold a thread (and the
+    response) for paho's 5 s instead of PROBE_TIMEOUT (tests/test_health_metrics.py).
+    """
 
     def field(data: bytes) -> bytes:
         return len(data).to_bytes(2, "big") + data
