@@ -13,18 +13,15 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import platform
 import signal
 import sys
 import time
 from dataclasses import dataclass
 
-import psutil
-
 from bench import scenarios
 from bench.harness import Dashboard, Meter, start_gateway
 from bench.peer import run_peer
-from bench.report import Table
+from bench.report import Table, machine
 from tests.support.gateway import GatewayFailed
 from tests.support.servers import Mosquitto, Redis
 
@@ -155,16 +152,6 @@ async def stop_gateway(gateway) -> None:
         await asyncio.to_thread(gateway.__exit__, None, None, None)
     except GatewayFailed as exc:
         print(f"warning: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
-
-
-def machine() -> str:
-    """One line about where the figures come from."""
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    mem = psutil.virtual_memory().total / 2**30
-    return (
-        f"{platform.platform()}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} cores, {mem:.0f} GiB, load average before the run {load}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

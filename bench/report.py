@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 Figures = dict[str, Any]
+
+
+def machine() -> str:
+    """One line about where the figures come from."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    mem = psutil.virtual_memory().total / 2**30
+    return (
+        f"{platform.platform()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} cores, {mem:.0f} GiB, load average before the run {load}"
+    )
 
 
 def _ms(seconds: float) -> str:

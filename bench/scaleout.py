@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from bench.harness import Meter, publish_args, run_worker
+from bench.report import machine
 from bench.workers import VALUES_PER_MESSAGE
 from tests.support.gateway import GatewayFailed, GatewayProcess, postgres_database
 from tests.support.servers import Mosquitto, Redis
@@ -134,8 +135,6 @@ async def run(messages: int, devices: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run, print the table."""
-    from bench.__main__ import machine
-
     parser = argparse.ArgumentParser(prog="python -m bench scaleout", description=__doc__)
     parser.add_argument("--messages", type=int, default=20_000, help="per run (default 20000)")
     parser.add_argument("--devices", type=int, default=100)

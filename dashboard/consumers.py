@@ -45,7 +45,7 @@ def encode_frame(frame: Frame) -> str:
 def _pending_devices() -> dict[str, dict[str, Any]]:
     """Values this loop's telemetry pipeline has not written to the DB yet (never starts one)."""
     try:
-        from devices.pipeline import current_pipeline
+        from devices.telemetry.pipeline import current_pipeline
     except ImportError:  # the pipeline room is not installed in this process
         return {}
     try:
@@ -62,7 +62,7 @@ def merge_snapshot(
     """Stored devices overlaid with the pipeline's pending (newer) values, sorted by id."""
     if not pending:
         return devices
-    from devices.pipeline import merge_pending
+    from devices.telemetry.pipeline import merge_pending
 
     return merge_pending(devices, pending)
 
@@ -290,9 +290,9 @@ class DashboardConsumer(AsyncWebsocketConsumer):
             await self._close_slow_client()
 
     async def command(self, content: Frame, ref: Any) -> None:
-        """Submit a `command` frame (`devices.commands.submit`). Its `pending` frame, echoing
+        """Submit a `command` frame (`devices.commands.service.submit`). Its `pending` frame, echoing
         `ref`, reaches every dashboard, this one too; a refusal is an `error` frame here."""
-        from devices import commands
+        from devices.commands import service as commands
 
         device = content.get("device")
         if not isinstance(device, str) or not device:

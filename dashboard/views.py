@@ -14,9 +14,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
-from devices.commands import can_command
+from devices.commands.service import can_command
 from devices.models import Command, Device
-from devices.parsing import valid_device_id
+from devices.telemetry.parsing import valid_device_id
 
 #: A device that says it is online but has sent nothing for this long is shown as "stale".
 #: Simulated and typical devices report every 1-60 s; two minutes tolerates a missed report

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from devices import homeassistant
-from devices.consumers import PATTERNS, DeviceConsumer
-from devices.homeassistant import HomeAssistantConsumer
-from devices.tasmota import PATTERNS as TASMOTA_PATTERNS
-from devices.tasmota import TasmotaConsumer
+from devices.conventions import homeassistant
+from devices.conventions.homeassistant import HomeAssistantConsumer
+from devices.conventions.native import PATTERNS, DeviceConsumer
+from devices.conventions.tasmota import PATTERNS as TASMOTA_PATTERNS
+from devices.conventions.tasmota import TasmotaConsumer
 from gateway.mqtt.routing import TopicRoute, topic
 
 
@@ -14,7 +14,7 @@ def build_routes() -> list[TopicRoute]:
     """The routes, as the settings say (Home Assistant discovery is optional)."""
     routes = [
         topic(PATTERNS, DeviceConsumer.as_asgi(), key=["device_id"], name="device"),
-        # Tasmota devices (devices/tasmota.py): their own instance per device id.
+        # Tasmota devices (devices/conventions/tasmota.py): their own instance per device id.
         topic(TASMOTA_PATTERNS, TasmotaConsumer.as_asgi(), key=["device_id"], name="tasmota"),
     ]
     if homeassistant.enabled():

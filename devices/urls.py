@@ -2,7 +2,8 @@
 
 from django.urls import path, re_path
 
-from devices import command_views, views
+from devices import views
+from devices.commands import views as command_views
 
 app_name = "devices"
 

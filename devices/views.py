@@ -20,8 +20,8 @@ from django.db.models.functions import Floor
 from django.http import HttpRequest, HttpResponse
 
 from devices.models import Device, Reading
-from devices.parsing import MS_THRESHOLD, valid_device_id, valid_metric_name
-from devices.pipeline import flush_if_pending, snapshot_overlay
+from devices.telemetry.parsing import MS_THRESHOLD, valid_device_id, valid_metric_name
+from devices.telemetry.pipeline import flush_if_pending, snapshot_overlay
 
 DEFAULT_MAX_POINTS = 1000
 MAX_POINTS_CAP = 10_000

@@ -16,8 +16,8 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
+from devices.conventions.serial import SerialDeviceConsumer  # noqa: E402
 from devices.routing import mqtt_routes  # noqa: E402
-from devices.serial_consumer import SerialDeviceConsumer  # noqa: E402
 from gateway.mqtt.routing import TopicRouter  # noqa: E402
 from gateway.origin import SameOriginValidator  # noqa: E402
 

@@ -358,7 +358,7 @@ def serial_bridge(application: Any, specs: Sequence[str]) -> Bridge | None:
 
 async def close_pipeline(budget: float) -> None:
     """Shutdown hook: flush pending telemetry writes and fan-out, then stop the pipeline."""
-    from devices.pipeline import current_pipeline
+    from devices.telemetry.pipeline import current_pipeline
 
     pipeline = current_pipeline()
     if pipeline is not None:

@@ -83,6 +83,9 @@ INSTALLED_APPS = [
     "gateway",
     "devices",
     "dashboard",
+    # The simulated firmware and the demo (`manage.py demo`, `manage.py simulate`); the
+    # gateway never imports it, it only lends its management commands.
+    "firmware_sim",
 ]
 
 MIDDLEWARE = [

@@ -10,7 +10,7 @@ from channels.layers import get_channel_layer
 from django.test import AsyncClient
 
 from devices.models import Device, Reading
-from devices.pipeline import get_pipeline
+from devices.telemetry.pipeline import get_pipeline
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 URL = "/api/devices/d1/telemetry"

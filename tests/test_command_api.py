@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth.models import Permission, User
 from django.test import AsyncClient
 
-from devices import commands
+from devices.commands import service as commands
 from devices.models import Command, Device
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -27,9 +27,9 @@ from django.conf import settings
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from devices import commands
+from devices.commands.timers import get_timers
 from devices.models import Command, Device
-from devices.pipeline import current_pipeline
+from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.fleet import Fleet
 from gateway.asgi import application
 from gateway.metrics import MESSAGES_REJECTED
@@ -60,7 +60,7 @@ async def gateway(mosquitto):
     yield server
     await server.shutdown(2.0)
     await asyncio.wait_for(task, 5)
-    commands.get_timers().cancel_all()
+    get_timers().cancel_all()
     pipeline = current_pipeline()
     if pipeline is not None:
         await pipeline.close()
@@ -293,7 +293,7 @@ async def device_d1():
     channel = await layer.new_channel()
     await layer.group_add("device.d1", channel)
     yield channel
-    commands.get_timers().cancel_all()
+    get_timers().cancel_all()
     await layer.flush()
 
 

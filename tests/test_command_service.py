@@ -1,4 +1,4 @@
-"""The command service (`devices.commands`) on the real database and in-memory channel layer."""
+"""The command service (`devices.commands.service`) on the real database and in-memory channel layer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from channels.db import database_sync_to_async
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 
-from devices import commands
+from devices.commands import service as commands
+from devices.commands.timers import get_timers
 from devices.models import Command, Device
 from gateway.metrics import COMMANDS
 
@@ -327,7 +328,7 @@ def _overdue_rows(user) -> tuple[Command, Command, Command]:
 async def test_timers_recover_open_commands_from_the_database(staff, layer, dashboard):
     """A fresh process (here: this test's loop) times out what was overdue while it was down."""
     sent, expired, waiting = await database_sync_to_async(_overdue_rows)(staff)
-    commands.get_timers()
+    get_timers()
     got = {}
     async with asyncio.timeout(5):
         while len(got) < 2:

@@ -10,8 +10,8 @@ import pytest
 from channels.db import database_sync_to_async
 
 from devices.models import Device, Reading
-from devices.pipeline import current_pipeline
 from devices.routing import mqtt_routes
+from devices.telemetry.pipeline import current_pipeline
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
@@ -166,7 +166,7 @@ async def test_unexpected_error_is_contained(device, layer, dashboard, caplog):
         "params": {"device_id": "d1"},
         "pattern": "devices/{device_id}/telemetry",
     }
-    with caplog.at_level(logging.ERROR, logger="devices.consumers"):
+    with caplog.at_level(logging.ERROR, logger="devices.conventions.native"):
         await device.send_input(broken)
         await device.send_message("devices/d1/telemetry", b'{"t": 3}')
         received = await frames(layer, dashboard, 2)
@@ -194,7 +194,8 @@ async def test_device_command_is_published_qos1(device, layer):
 
 
 async def test_command_service_delivery_and_ack(device, layer, dashboard, django_user_model):
-    from devices import commands
+    from devices.commands import service as commands
+    from devices.commands.timers import get_timers
     from devices.models import Command
 
     async with asyncio.timeout(5):
@@ -223,4 +224,4 @@ async def test_command_service_delivery_and_ack(device, layer, dashboard, django
                 break
     stored = await database_sync_to_async(Command.objects.get)(id=command.id)
     assert (stored.status, stored.result) == ("acked", {"seconds": 5})
-    commands.get_timers().cancel_all()
+    get_timers().cancel_all()

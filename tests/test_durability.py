@@ -22,8 +22,8 @@ from channels.db import database_sync_to_async
 from django.db import connections
 
 from devices.models import Reading
-from devices.pipeline import TelemetryPipeline, get_pipeline
 from devices.routing import mqtt_routes
+from devices.telemetry.pipeline import TelemetryPipeline, get_pipeline
 from gateway.metrics import TELEMETRY_DROPPED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.server import MqttServer

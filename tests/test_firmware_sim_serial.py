@@ -14,9 +14,9 @@ import orjson
 import pytest
 import serial
 
-from devices import mirror
-from devices.pipeline import current_pipeline
-from devices.serial_consumer import SerialDeviceConsumer
+from devices.conventions import mirror
+from devices.conventions.serial import SerialDeviceConsumer
+from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.serial_device import LONG_LINE_BYTES, SerialSimDevice, open_pty
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.serial.server import SerialServer

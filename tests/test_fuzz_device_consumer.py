@@ -22,11 +22,11 @@ from channels.layers import get_channel_layer
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from devices import mirror
+from devices.conventions import mirror
+from devices.conventions.serial import SerialDeviceConsumer
 from devices.models import Reading
-from devices.parsing import FUTURE_SLACK, MIN_TS, valid_device_id
 from devices.routing import mqtt_routes
-from devices.serial_consumer import SerialDeviceConsumer
+from devices.telemetry.parsing import FUTURE_SLACK, MIN_TS, valid_device_id
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
@@ -113,7 +113,7 @@ class Bench:
 
     async def deliver_serial(self, spec: str, line: bytes) -> None:
         """Open a port's instance, send a hostile frame then a good line, close the port."""
-        from devices.pipeline import get_pipeline
+        from devices.telemetry.pipeline import get_pipeline
 
         comm = SerialCommunicator(SERIAL_APP, spec)
         await comm.connect()
@@ -126,7 +126,7 @@ class Bench:
     async def deliver(self, topic_name: str, body: bytes) -> None:
         """Start the instance the topic routes to, connect it, send garbage then a good reading
         on the same instance, and retire it (which waits until it handled both)."""
-        from devices.pipeline import get_pipeline
+        from devices.telemetry.pipeline import get_pipeline
 
         comm = MqttCommunicator(ROUTER, topic=topic_name)
         await comm.connect()

@@ -17,13 +17,13 @@ import orjson
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from devices.parsing import (
+from devices.conventions.tasmota import parse_power, parse_state
+from devices.telemetry.parsing import (
     FUTURE_SLACK,
     MAX_ACK_ID,
     MAX_DEPTH,
     MIN_TS,
     MS_THRESHOLD,
-    Rejected,
     parse_ack,
     parse_metric_value,
     parse_status,
@@ -32,7 +32,7 @@ from devices.parsing import (
     valid_device_id,
     valid_metric_name,
 )
-from devices.tasmota import parse_power, parse_state
+from gateway.exceptions import Rejected
 from tests.support.fuzz import REASONS, assert_contract_telemetry, clean_metric_name, fuzz
 
 FUZZ = fuzz(75)

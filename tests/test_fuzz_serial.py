@@ -14,12 +14,12 @@ import orjson
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from devices.codecs import MAX_LINE_BYTES, decode_frame
-from devices.parsing import (
+from devices.conventions.codecs import MAX_LINE_BYTES, decode_frame
+from devices.telemetry.parsing import (
     Ack,
-    Rejected,
     Telemetry,
 )
+from gateway.exceptions import Rejected
 from gateway.serial.framing import DelimiterFramer, FixedFramer, IdleFramer, make_framer
 from gateway.serial.spec import Framing
 from tests.support.fuzz import REASONS, assert_contract_telemetry, fuzz

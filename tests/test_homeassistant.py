@@ -1,4 +1,4 @@
-"""Home Assistant MQTT discovery (devices/homeassistant.py), as Home Assistant would see it.
+"""Home Assistant MQTT discovery (devices/conventions/homeassistant.py), as Home Assistant would see it.
 
 A plain aiomqtt subscriber reads the discovery documents from a private mosquitto while real
 devices publish to the gateway's MQTT bridge (MqttServer, pipeline, layer and database in this
@@ -21,9 +21,14 @@ import aiomqtt
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from devices.homeassistant import KnownDevice, device_document, object_id, value_template
-from devices.pipeline import current_pipeline
+from devices.conventions.homeassistant import (
+    KnownDevice,
+    device_document,
+    object_id,
+    value_template,
+)
 from devices.routing import build_routes
+from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.serial_device import SerialSimDevice, open_pty
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer

@@ -19,8 +19,8 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 
-from devices import commands
-from devices import held as held_lookups
+from devices.commands import held as held_lookups
+from devices.commands import service as commands
 from devices.models import Device
 from gateway import layers
 from gateway.mqtt import instances

@@ -1,4 +1,4 @@
-"""devices.parsing: examples for every rule and reason, and properties over arbitrary input."""
+"""devices.telemetry.parsing: examples for every rule and reason, and properties over arbitrary input."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.parsing import (
+from devices.telemetry.parsing import (
     MAX_DEPTH,
     MAX_METRICS,
     MIN_TS,
-    Rejected,
     Telemetry,
     parse_ack,
     parse_metric_value,
@@ -23,6 +22,7 @@ from devices.parsing import (
     valid_device_id,
     valid_metric_name,
 )
+from gateway.exceptions import Rejected
 
 NOW = 1_764_214_000.0  # 2025-11-27
 MAX = 64 * 1024

@@ -1,4 +1,4 @@
-"""devices.pipeline on the real test database and the real in-memory channel layer."""
+"""devices.telemetry.pipeline on the real test database and the real in-memory channel layer."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
 from devices.models import Device, Reading
-from devices.pipeline import (
+from devices.telemetry.pipeline import (
     TelemetryPipeline,
     current_pipeline,
     get_pipeline,
     merge_pending,
 )
-from devices.store import write_batch
+from devices.telemetry.store import write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
 
 pytestmark = pytest.mark.django_db(transaction=True)

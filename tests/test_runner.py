@@ -78,7 +78,7 @@ async def http_get(url: str) -> bytes:
 @pytest.mark.django_db(transaction=True)
 async def test_sigterm_publishes_offline_flushes_and_exits_within_5s(mosquitto):
     from devices.models import Reading
-    from devices.pipeline import get_pipeline
+    from devices.telemetry.pipeline import get_pipeline
 
     gateway_id = f"rt-{secrets.token_hex(3)}"
     status_topic = f"gateway/{gateway_id}/status"

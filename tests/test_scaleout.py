@@ -27,11 +27,12 @@ import orjson
 import pytest
 from channels.db import database_sync_to_async
 
-from devices import commands
+from devices.commands import service as commands
+from devices.commands import states
 from devices.models import Command, Device
-from devices.pipeline import get_pipeline
 from devices.routing import mqtt_routes
-from devices.store import DeviceUpdate, write_batch
+from devices.telemetry.pipeline import get_pipeline
+from devices.telemetry.store import DeviceUpdate, write_batch
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
 from tests.support.gateway import GatewayProcess, postgres_available, postgres_database
@@ -110,7 +111,7 @@ async def test_a_command_times_out_even_when_the_bridge_that_sent_it_is_gone(
     )
     await Device.objects.acreate(id="d1")
     command = await commands.submit(user, "d1", {"name": "ping", "timeout": 0.5})
-    assert await database_sync_to_async(commands._claim)(command.id) is not None  # the bridge
+    assert await database_sync_to_async(states.claim)(command.id) is not None  # the bridge
     async with asyncio.timeout(5):
         while True:
             events = (await layer.receive(dashboard))["events"]

@@ -21,7 +21,7 @@ from django.test import AsyncClient, Client
 from django.urls import URLPattern, URLResolver, get_resolver, resolve
 
 from dashboard.routing import websocket_urlpatterns
-from devices import commands
+from devices.commands import service as commands
 from devices.models import Command, Device
 
 #: The only entries a stranger may use (CONTRACT §5); static files are served by WhiteNoise

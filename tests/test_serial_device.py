@@ -13,10 +13,11 @@ import orjson
 import pytest
 from channels.db import database_sync_to_async
 
-from devices import commands, mirror
+from devices.commands import service as commands
+from devices.conventions import mirror
+from devices.conventions.serial import SerialDeviceConsumer, derive_device_id, device_id_for_scope
 from devices.models import Command, Device, Reading
-from devices.pipeline import get_pipeline
-from devices.serial_consumer import SerialDeviceConsumer, derive_device_id, device_id_for_scope
+from devices.telemetry.pipeline import get_pipeline
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.events import properties_to_dict
 from gateway.serial.testing import SerialCommunicator

@@ -123,7 +123,7 @@ def listed(gw: GatewayProcess, cookie: str, device: str) -> dict | None:
 
 def submit_command(gw: GatewayProcess, cookie: str, device: str, name: str, args: dict) -> str:
     """Create a command through the REST API when it is routed, else with the command service
-    (`devices.commands.create_command`) against the gateway's database; returns its id."""
+    (`devices.commands.service.create_command`) against the gateway's database; returns its id."""
     status, body = gw.http_request(
         "POST", f"/api/devices/{device}/commands", cookie=cookie, body={"name": name, "args": args}
     )
@@ -133,7 +133,7 @@ def submit_command(gw: GatewayProcess, cookie: str, device: str, name: str, args
     assert status in (404, 405), (status, body)  # the endpoint has not landed yet
     script = (
         "from django.contrib.auth import get_user_model\n"
-        "from devices.commands import create_command\n"
+        "from devices.commands.service import create_command\n"
         "user = get_user_model().objects.get(username='operator')\n"
         f"print('COMMAND', create_command(user, {device!r}, {{'name': {name!r}, "
         f"'args': {args!r}}}).id)\n"

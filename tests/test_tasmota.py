@@ -1,4 +1,4 @@
-"""Tasmota devices in the gateway (devices/tasmota.py): units through MqttCommunicator, then the
+"""Tasmota devices in the gateway (devices/conventions/tasmota.py): units through MqttCommunicator, then the
 simulator's Tasmota style against a real mosquitto, MqttServer, pipeline, layer and database."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import orjson
 import pytest
 from channels.db import database_sync_to_async
 
-from devices import commands
+from devices.commands import service as commands
+from devices.conventions.tasmota import command_payload, parse_state
 from devices.models import Command, Device, Reading
-from devices.pipeline import current_pipeline
 from devices.routing import mqtt_routes
-from devices.tasmota import command_payload, parse_state
+from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.fleet import Fleet
 from gateway.exceptions import Rejected
 from gateway.metrics import MESSAGES_REJECTED

@@ -156,7 +156,7 @@ def _device_rows_per_second() -> None:
 
         store.upsert_devices = upsert_devices
 
-    _after_import("devices.store", patch)
+    _after_import("devices.telemetry.store", patch)
 
 
 if "amortized-clean" in _EXPERIMENTS:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
-from devices.parsing import FUTURE_SLACK, MAX_METRIC_NAME, MAX_METRICS, MIN_TS, Telemetry
+from devices.telemetry.parsing import FUTURE_SLACK, MAX_METRIC_NAME, MAX_METRICS, MIN_TS, Telemetry
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 
@@ -48,7 +48,7 @@ def clean_metric_name(name: object) -> bool:
 
 
 def assert_contract_telemetry(t: Telemetry, received_at: float) -> None:
-    """What every accepted reading must be (CONTRACT §3/§4, devices/parsing.py)."""
+    """What every accepted reading must be (CONTRACT §3/§4, devices/telemetry/parsing.py)."""
     assert math.isfinite(t.ts) and MIN_TS <= t.ts <= received_at + FUTURE_SLACK
     assert 0 < len(t.metrics) <= MAX_METRICS
     for name, value in t.metrics.items():

@@ -12,8 +12,8 @@ async def stop_loop_services(layer: Any = None) -> None:
 
     The pipeline and timers only if this loop started them; `layer` defaults to the process's.
     """
-    from devices.commands import current_timers
-    from devices.pipeline import current_pipeline
+    from devices.commands.timers import current_timers
+    from devices.telemetry.pipeline import current_pipeline
 
     pipeline = current_pipeline()
     if pipeline is not None:

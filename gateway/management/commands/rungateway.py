@@ -70,8 +70,8 @@ async def run_gateway(
     *, host: str, port: int, mqtt_url: str, serial: list[str], embedded_broker: bool
 ) -> int:
     """Start the embedded broker if asked, run everything until a signal, stop the broker last."""
-    from devices import mirror
-    from devices.serial_consumer import mark_configured_offline
+    from devices.conventions import mirror
+    from devices.conventions.serial import mark_configured_offline
     from gateway.asgi import application
     from gateway.broker import BrokerStartError, ensure_broker
 
@@ -92,7 +92,7 @@ async def run_gateway(
             raise CommandError(f"bad --serial/SERIAL_PORTS spec: {exc}") from exc
         if serial_server is not None:
             bridges["serial"] = serial_server
-            # Serial devices are mirrored to the same broker the bridge uses (devices/mirror.py).
+            # Serial devices are mirrored to the same broker the bridge uses (devices/conventions/mirror.py).
             # The mirror marks its publishes with an MQTT v5 user property so the bridge can skip
             # their echoes; a 3.1.1-only broker (the amqtt fallback) cannot carry it.
             if protocol == "v5":

@@ -40,8 +40,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from devices import mirror
-        from devices.serial_consumer import device_id_for_scope
+        from devices.conventions import mirror
+        from devices.conventions.serial import device_id_for_scope
 
         texts = [*settings.GATEWAY["SERIAL_PORTS"], *options["serial"]]
         if not texts:
@@ -70,8 +70,8 @@ class Command(BaseCommand):
 
 async def run_bridge(specs: list[Any]) -> int:
     """Run the serial bridge until SIGTERM/SIGINT, then mark devices offline and flush."""
-    from devices.mirror import close_mirror, enabled
-    from devices.serial_consumer import mark_configured_offline
+    from devices.conventions.mirror import close_mirror, enabled
+    from devices.conventions.serial import mark_configured_offline
     from gateway.asgi import application
     from gateway.serial.server import SerialServer
 

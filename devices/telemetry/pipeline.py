@@ -4,15 +4,15 @@ One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sy
 `submit_*` methods; the pipeline hands each submission to its rooms and runs their two
 background tasks:
 
-- the writer (devices/batching.py: `TelemetryWriter`) stores readings in one transaction per
+- the writer (devices/telemetry/batching.py: `TelemetryWriter`) stores readings in one transaction per
   batch, at most ``TELEMETRY_BATCH_DELAY`` after the first pending value or as soon as
   ``TELEMETRY_BATCH_SIZE`` values wait, in its own thread; waiting values are bounded by
   ``TELEMETRY_BUFFER_LIMIT`` (oldest dropped and counted); failed writes retry with backoff; a
   submission's `durable` callback (an MQTT QoS 1 acknowledgement) is called once it is
   committed, with group commit while such callbacks wait.
-- the fan-out (devices/fanout.py: `DashboardFanout`) sends every frame produced since its last
+- the fan-out (devices/telemetry/fanout.py: `DashboardFanout`) sends every frame produced since its last
   send in ONE ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``.
-- news of a device first seen or a new metric of it (devices/announce.py: `MetricAnnouncer`)
+- news of a device first seen or a new metric of it (devices/telemetry/announce.py: `MetricAnnouncer`)
   goes to group ``device-metrics`` with the fan-out, never per reading.
 
 This module keeps what callers use: the pipeline's lifecycle (start on first submission,
@@ -31,21 +31,14 @@ from typing import Any, TypeVar
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from devices.announce import ANNOUNCED_LIMIT, DEVICE_METRICS_GROUP, MetricAnnouncer
-from devices.batching import BACKOFF_FIRST, BACKOFF_MAX, Durable, Metrics, TelemetryWriter
-from devices.fanout import SEND_TIMEOUT, DashboardFanout
+from devices.telemetry.announce import MetricAnnouncer
+from devices.telemetry.batching import Durable, Metrics, TelemetryWriter
+from devices.telemetry.fanout import DashboardFanout
 from gateway.loops import PerLoop
 from gateway.metrics import TELEMETRY_DROPPED
 
 __all__ = [
-    "ANNOUNCED_LIMIT",
-    "BACKOFF_FIRST",
-    "BACKOFF_MAX",
     "DASHBOARD_GROUP",
-    "DEVICE_METRICS_GROUP",
-    "SEND_TIMEOUT",
-    "Durable",
-    "Metrics",
     "TelemetryPipeline",
     "current_pipeline",
     "flush_if_pending",

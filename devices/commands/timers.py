@@ -5,7 +5,7 @@ A command is timed out exactly when it is due, with no polling: while pending at
 (`get_timers()`); on first use it re-arms every open command in the database, so after a
 restart overdue commands end ``timeout`` at once. A timer that fires early (clock) or for a
 command sent again meanwhile re-arms for the new deadline; the transition itself is
-conditional (devices/command_states.py), so a timer racing an ack never ends a command twice.
+conditional (devices/commands/states.py), so a timer racing an ack never ends a command twice.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from datetime import datetime, timedelta
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from devices.command_states import announce, expire
+from devices.commands.states import announce, expire
 from devices.models import FINAL_STATUSES, Command, CommandStatus
 from gateway.loops import PerLoop
 
-logger = logging.getLogger("devices.commands")  # the command service's log, as before
+logger = logging.getLogger("devices.commands.service")  # logs as the command service
 
 
 def _open_commands() -> list[Command]:

@@ -1,7 +1,7 @@
 """`manage.py demo`: the whole system alive in one command (behind `bin/run`).
 
 Migrates the database, creates (or resets) the demo login with a fresh random password, then
-runs the gateway with an embedded broker beside simulated devices (`gateway.demo`).
+runs the gateway with an embedded broker beside simulated devices (`firmware_sim.demo`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateway.demo import DemoConfig, run_demo
+from firmware_sim.demo import DemoConfig, run_demo
 from gateway.mqtt.url import parse_broker_url
 
 

@@ -5,7 +5,7 @@ The telemetry pipeline's second background task. Frames (CONTRACT §6 ``telemetr
 arriving during a send go in the next one, so dashboards cost one channel-layer send per loop
 turn, never one per reading. A device's readings with nothing in between coalesce into one
 ``telemetry`` frame. The same task sends the pipeline's device/metric news
-(devices/announce.py) to group ``device-metrics`` first. A send stuck past `SEND_TIMEOUT` is
+(devices/telemetry/announce.py) to group ``device-metrics`` first. A send stuck past `SEND_TIMEOUT` is
 abandoned and its frames counted, so a slow layer never stops the readings behind it.
 """
 
@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from devices.announce import DEVICE_METRICS_GROUP, MetricAnnouncer
-from devices.batching import Metrics
+from devices.telemetry.announce import DEVICE_METRICS_GROUP, MetricAnnouncer
+from devices.telemetry.batching import Metrics
 from gateway.metrics import DASHBOARD_EVENTS_DROPPED
 
 SEND_TIMEOUT = 5.0  # a group_send stuck longer than this is abandoned (frames counted)

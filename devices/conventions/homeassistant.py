@@ -29,10 +29,11 @@ import orjson
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from devices import mirror
-from devices.consumers import METRIC, STATUS, TELEMETRY
+from devices.conventions import mirror
+from devices.conventions.native import METRIC, STATUS, TELEMETRY
 from devices.models import Device
-from devices.pipeline import DEVICE_METRICS_GROUP, current_pipeline
+from devices.telemetry.announce import DEVICE_METRICS_GROUP
+from devices.telemetry.pipeline import current_pipeline
 from gateway.exceptions import BrokerUnavailable
 from gateway.mqtt.consumer import MqttConsumer
 

@@ -5,12 +5,12 @@ request (permission, input, the user's rate, the device's hold) and stores it pe
 drives it: `submit()`, `deliver()`, `deliver_pending()`, `apply_ack()`. The other rooms of the
 command lifecycle, re-exported here so callers keep one import:
 
-- devices/command_states.py: every transition is a conditional UPDATE (``WHERE status =
+- devices/commands/states.py: every transition is a conditional UPDATE (``WHERE status =
   <expected>``), so two processes racing on one command never both win; `announce()` pushes
   each change to every dashboard and counts it in ``gateway_commands_total{status}``.
-- devices/command_timers.py: `CommandTimers`, one call_later per open command (hold TTL, ack
+- devices/commands/timers.py: `CommandTimers`, one call_later per open command (hold TTL, ack
   timeout), recovered from the database on start.
-- devices/held.py: "which commands wait for this device", one query for a whole fleet.
+- devices/commands/held.py: "which commands wait for this device", one query for a whole fleet.
 
 The transport is someone else's business: a device consumer hands `deliver()` a coroutine that
 puts the command on its wire (an MQTT publish, a serial line).
@@ -33,37 +33,31 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from devices.command_states import announce
-from devices.command_states import claim as _claim
-from devices.command_states import finish as _finish
-from devices.command_states import release as _release
-from devices.command_timers import CommandTimers, current_timers, get_timers
-from devices.held import LOOKUP_CHUNK, held_commands
+from devices.commands.held import held_commands
+from devices.commands.states import announce
+from devices.commands.states import claim as _claim
+from devices.commands.states import finish as _finish
+from devices.commands.states import release as _release
+from devices.commands.timers import get_timers
 from devices.models import Command, CommandStatus, Device
-from devices.parsing import valid_device_id
-from devices.pipeline import flush_if_pending
+from devices.telemetry.parsing import valid_device_id
+from devices.telemetry.pipeline import flush_if_pending
 from gateway.exceptions import GatewayError
 
-# The public names, with those of the command rooms re-exported (callers import them here).
 __all__ = [
     "HOLD_MAX",
-    "LOOKUP_CHUNK",
     "MAX_ARGS_BYTES",
     "NAME_RE",
     "PERMISSION",
     "TIMEOUT_RANGE",
     "CommandError",
-    "CommandTimers",
     "SendCommand",
     "Unavailable",
-    "announce",
     "apply_ack",
     "can_command",
     "create_command",
-    "current_timers",
     "deliver",
     "deliver_pending",
-    "get_timers",
     "parse_request",
     "submit",
 ]

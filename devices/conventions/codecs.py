@@ -3,7 +3,7 @@
 A frame is either a JSON object (telemetry for the port's device, or an ack when it has both
 ``id`` and ``ok``) or ``key=value`` pairs separated by commas and/or spaces
 (``temp=21.5,hum=40``, ``temp=21.5 hum=40 ts=1764214000``). Values and timestamps follow the
-MQTT rules in `devices.parsing` (numbers and booleans are metrics, other values are ignored;
+MQTT rules in `devices.telemetry.parsing` (numbers and booleans are metrics, other values are ignored;
 ``ts`` in epoch s/ms or ISO 8601). Blank lines are skipped (None). Rejection reasons:
 ``bad_encoding`` (not UTF-8), ``bad_frame`` (control characters, a token without ``=``, an
 empty key), and the parsing reasons (``bad_json``, ``no_metrics``, ``bad_timestamp``, …).
@@ -15,10 +15,9 @@ import re
 
 import orjson
 
-from devices.parsing import (
+from devices.telemetry.parsing import (
     MAX_METRICS,
     Ack,
-    Rejected,
     Telemetry,
     ack_from_dict,
     parse_metric_value,
@@ -26,6 +25,7 @@ from devices.parsing import (
     parse_timestamp,
     valid_metric_name,
 )
+from gateway.exceptions import Rejected
 
 #: A frame longer than this is refused before parsing (the serial server's max_frame is the
 #: first bound; this one keeps the codec safe on its own).

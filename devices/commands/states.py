@@ -5,8 +5,8 @@ is ``UPDATE … WHERE status = <expected>``, so two processes racing on one comm
 bridges, a timer and an ack) can never both win: a command is sent at most once and ends
 exactly once. `announce()` pushes a change to group ``dashboard`` and counts it in
 ``gateway_commands_total{status}``. The transitions are sync ORM calls (run them in the
-database thread); the command service (devices/commands.py) and the timers
-(devices/command_timers.py) drive them.
+database thread); the command service (devices/commands/service.py) and the timers
+(devices/commands/timers.py) drive them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from django.utils import timezone
 from devices.models import Command, CommandStatus
 from gateway.metrics import COMMANDS
 
-logger = logging.getLogger("devices.commands")  # the command service's log, as before
+logger = logging.getLogger("devices.commands.service")  # logs as the command service
 
 
 def transition(command_id: Any, expected: Iterable[str], **changes: Any) -> Command | None:

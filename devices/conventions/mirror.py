@@ -44,7 +44,7 @@ from paho.mqtt.properties import Properties
 from gateway.metrics import SERIAL_MIRROR_DROPPED
 from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
-logger = logging.getLogger("devices.mirror")
+logger = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 1000
 MIRROR_PROPERTY = "gateway-mirror"
@@ -142,7 +142,7 @@ class Mirror:
         self._wake.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="devices.mirror.publisher"
+                self._run(), name="devices.conventions.mirror.publisher"
             )
 
     async def _run(self) -> None:
@@ -179,8 +179,8 @@ class Mirror:
         # aiomqtt does not interrupt the body of `async with Client` when the connection
         # drops; an idle publisher would only notice on its next publish. The message
         # iterator raises MqttError on disconnection, so watch it beside the drain.
-        drain = asyncio.create_task(self._drain(client), name="devices.mirror.drain")
-        watch = asyncio.create_task(self._watch(client), name="devices.mirror.watch")
+        drain = asyncio.create_task(self._drain(client), name="devices.conventions.mirror.drain")
+        watch = asyncio.create_task(self._watch(client), name="devices.conventions.mirror.watch")
         try:
             done, _ = await asyncio.wait({drain, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:

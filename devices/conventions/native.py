@@ -4,7 +4,7 @@ Every message is handled on its own: a rejection is counted by reason
 (``gateway_messages_rejected_total{reason}``) and the next message goes through as usual; an
 unexpected exception is counted as ``consumer_error`` and logged, and the instance lives on.
 
-Commands (`devices.commands`) are delivered only while the device is reachable: the instance
+Commands (`devices.commands.service`) are delivered only while the device is reachable: the instance
 tracks the device's online state from what it hears (any telemetry or ack → online; the
 ``status`` topic, e.g. its Last Will, → online/offline; nothing heard yet, or nothing since the
 broker connection was lost → unknown) and whether the broker is connected. Otherwise a command
@@ -27,10 +27,11 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from devices import commands
-from devices.mirror import is_mirror_echo
+from devices.commands import service as commands
+from devices.commands.timers import get_timers
+from devices.conventions.mirror import is_mirror_echo
 from devices.models import Transport
-from devices.parsing import (
+from devices.telemetry.parsing import (
     Ack,
     parse_ack,
     parse_metric_value,
@@ -39,7 +40,7 @@ from devices.parsing import (
     valid_device_id,
     valid_metric_name,
 )
-from devices.pipeline import get_pipeline
+from devices.telemetry.pipeline import get_pipeline
 from gateway.exceptions import BrokerUnavailable, Rejected
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.consumer import MqttConsumer
@@ -158,7 +159,7 @@ class DeviceConsumer(MqttConsumer):
             raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
 
     async def handle_ack(self, ack: Ack) -> None:
-        """Finish the command the ack names (`devices.commands`); unknown ids are rejected."""
+        """Finish the command the ack names (`devices.commands.service`); unknown ids are rejected."""
         if not await commands.apply_ack(self.device_id, ack.id, ack.ok, ack.result, ack.error):
             raise Rejected("unknown_command", f"no command {ack.id!r} awaiting an ack")
 
@@ -217,7 +218,7 @@ class DeviceConsumer(MqttConsumer):
         self.broker_up = True
         if not self.valid:
             return
-        commands.get_timers()
+        get_timers()
         if self.online:
             await self.deliver_held()
 

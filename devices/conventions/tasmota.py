@@ -46,18 +46,17 @@ from typing import Any
 
 import orjson
 
-from devices import commands
-from devices.consumers import DeviceConsumer
-from devices.parsing import (
+from devices.commands import service as commands
+from devices.conventions.native import DeviceConsumer
+from devices.telemetry.parsing import (
     Metrics,
-    Rejected,
     load_object,
     metrics_of,
     parse_status,
     parse_telemetry,
 )
-from devices.pipeline import get_pipeline
-from gateway.exceptions import BrokerUnavailable
+from devices.telemetry.pipeline import get_pipeline
+from gateway.exceptions import BrokerUnavailable, Rejected
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Registered and online while its port is open, offline when the port goes; its lines become
 readings in the same pipeline (history, dashboards); commands for it arrive on group
 ``device.<id>`` and are written to the port as one JSON line; ack lines go to the command
-service (`devices.commands`). Mirrored to the broker by `devices.mirror` unless mirroring is
+service (`devices.commands.service`). Mirrored to the broker by `devices.conventions.mirror` unless mirroring is
 off.
 
 Device id: the port's ``device`` option; else derived from the port name — the last path
@@ -23,15 +23,16 @@ from typing import Any
 
 import orjson
 
-from devices import commands
-from devices.codecs import decode_frame
-from devices.mirror import get_mirror
-from devices.parsing import Ack, Rejected, valid_device_id
-from devices.pipeline import get_pipeline
+from devices.commands import service as commands
+from devices.conventions.codecs import decode_frame
+from devices.conventions.mirror import get_mirror
+from devices.telemetry.parsing import Ack, valid_device_id
+from devices.telemetry.pipeline import get_pipeline
+from gateway.exceptions import Rejected
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.serial.consumer import SerialConsumer
 
-logger = logging.getLogger("devices.serial")
+logger = logging.getLogger(__name__)
 
 _INVALID = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -1,7 +1,7 @@
 """The telemetry pipeline's database side: a bounded write buffer, batches, durable acks.
 
 Readings and device updates wait here until the writer task stores them in one transaction
-per batch (devices/store.py), at most the batch delay after the first pending value or as soon
+per batch (devices/telemetry/store.py), at most the batch delay after the first pending value or as soon
 as a batch's worth waits, with one thread hop per batch. The writer runs in its own thread
 rather than Channels' shared ``database_sync_to_async`` thread, so a 20-80 ms batch never
 queues the sync views and the command service behind it; that thread keeps its database
@@ -32,11 +32,11 @@ from typing import Any, TypeVar
 
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
-from devices.store import DeviceUpdate, Row, salvage_batch, write_batch
+from devices.telemetry.store import DeviceUpdate, Row, salvage_batch, write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
 
 # The pipeline's log, whichever of its rooms speaks (operators filter on it).
-logger = logging.getLogger("devices.pipeline")
+logger = logging.getLogger("devices.telemetry.pipeline")  # logs as the pipeline
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 

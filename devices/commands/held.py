@@ -5,7 +5,7 @@ asked thousands of times, one query and one sync-thread hop each (finding 5 in
 docs/performance.md). Here requests made while a lookup runs wait for the next one, so there
 is at most one query in flight per event loop and never one per device under load; always a
 fresh query, so commands stored by any process are seen. The command service
-(`devices.commands.deliver_pending`) is the caller.
+(`devices.commands.service.deliver_pending`) is the caller.
 """
 
 from __future__ import annotations
