@@ -18,7 +18,7 @@ import orjson
 
 
 def device_id(prefix: str, index: int) -> str:
-    """The bench's device ids: ``<prefix>-00001`` (valid per CONTRACT §3)."""
+    """The bench's device ids: ``<prefix>-00001`` (valid per docs/interface.md §3)."""
     return f"{prefix}-{index:05d}"
 
 

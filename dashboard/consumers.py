@@ -1,4 +1,4 @@
-"""The `/ws/dashboard/` consumer: a snapshot on connect, then live frames (CONTRACT §6).
+"""The `/ws/dashboard/` consumer: a snapshot on connect, then live frames (docs/interface.md §6).
 
 Every outgoing frame goes through a per-client bounded buffer drained by one writer task, so
 a client whose socket cannot keep up never blocks the channel layer or other clients:
@@ -290,7 +290,7 @@ class DashboardConsumer(AsyncWebsocketConsumer):
             await self._close_slow_client()
 
     async def command(self, content: Frame, ref: Any) -> None:
-        """Submit a `command` frame (`devices.commands.service.submit`). Its `pending` frame, echoing
+        """Submit a `command` frame (`service.submit`). Its `pending` frame, echoing
         `ref`, reaches every dashboard, this one too; a refusal is an `error` frame here."""
         from devices.commands import service as commands
 

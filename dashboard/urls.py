@@ -1,4 +1,4 @@
-"""HTTP routes of the dashboard (CONTRACT §5: `/` is the live dashboard)."""
+"""HTTP routes of the dashboard (docs/interface.md §5: `/` is the live dashboard)."""
 
 from django.urls import path
 

@@ -1,7 +1,7 @@
 """The dashboard pages: the device list at `/` and one device at `/devices/<id>/`.
 
 Both are rendered on the server (Django autoescapes every value) and then kept live by the
-static scripts in ``dashboard/static/dashboard/`` over `/ws/dashboard/` (CONTRACT §6).
+static scripts in ``dashboard/static/dashboard/`` over `/ws/dashboard/` (docs/interface.md §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Django admin for devices, their stored telemetry and commands (CONTRACT §5 `/admin/`)."""
+"""Django admin for devices, their telemetry and commands (docs/interface.md §5.1 `/admin/`)."""
 
 from django.contrib import admin
 

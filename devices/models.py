@@ -37,7 +37,7 @@ class Device(models.Model):
         return self.name or self.id
 
     def as_dict(self) -> dict:
-        """The device as CONTRACT §5/§6 shows it (API list and dashboard snapshot)."""
+        """The device as docs/interface.md §5/§6 shows it (API list and dashboard snapshot)."""
         return {
             "id": self.id,
             "name": self.name or self.id,
@@ -118,7 +118,7 @@ class Command(models.Model):
         return f"{self.name} → {self.device_id} ({self.status})"
 
     def as_frame(self, ref: str | None = None) -> dict:
-        """The command as a CONTRACT §6 `command` frame (also the REST representation)."""
+        """The command as a docs/interface.md §6 `command` frame (also the REST representation)."""
         frame: dict = {
             "type": "command",
             "id": str(self.id),

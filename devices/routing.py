@@ -1,4 +1,4 @@
-"""MQTT routes of the devices app (CONTRACT §3), mounted by `gateway/asgi.py`."""
+"""MQTT routes of the devices app (docs/interface.md §3), mounted by `gateway/asgi.py`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`/api/` routes of the devices app (CONTRACT §5)."""
+"""`/api/` routes of the devices app (docs/interface.md §5)."""
 
 from django.urls import path, re_path
 

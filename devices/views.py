@@ -1,4 +1,4 @@
-"""The devices REST API (CONTRACT §5), mounted at ``/api/``; every path needs a logged-in user.
+"""The devices REST API (docs/interface.md §5.2), mounted at ``/api/``; every path needs a login.
 
 Anonymous requests get ``401 {"error": "authentication required"}`` (JSON, never a redirect to
 the login page: scripts call this API). Session authentication, as for the dashboard.

@@ -4,8 +4,8 @@ A `Firmware` turns clock ticks into telemetry messages and inbound commands into
 `SimDevice` (device.py) owns the MQTT connection, timing and faults. Keeping the protocol pure
 makes both styles (native here, Tasmota in tasmota.py) easy to read and to test.
 
-Native convention (CONTRACT §3): Last Will `devices/<id>/status` = `offline` (retained, QoS 1),
-retained `online` on connect, JSON telemetry on `devices/<id>/telemetry`, commands on
+Native convention (docs/interface.md §3): Last Will `devices/<id>/status` = `offline` (retained, QoS
+1), retained `online` on connect, JSON telemetry on `devices/<id>/telemetry`, commands on
 `devices/<id>/commands` acknowledged on `devices/<id>/commands/ack`.
 """
 

@@ -1,10 +1,10 @@
 """A simulated serial sensor: telemetry lines out, JSON command lines in, acks back.
 
-`python -m firmware_sim serial --pty` creates a pseudo-terminal (the device end is the master
-fd), prints the slave's path for the gateway's `--serial`, emits telemetry lines
-(CONTRACT §4: JSON objects, or `key=value` pairs with `--format kv`) and answers each command
-line `{"id", "name", "args"}` with an ack `{"id", "ok", "result"|"error"}`. `--noise` injects
-what real serial links produce: garbage bytes, invalid UTF-8, over-long lines, partial frames.
+`python -m firmware_sim serial --pty` creates a pseudo-terminal (the device end is the master fd),
+prints the slave's path for the gateway's `--serial`, emits telemetry lines (docs/interface.md §4:
+JSON objects, or `key=value` pairs with `--format kv`) and answers each command line `{"id", "name",
+"args"}` with an ack `{"id", "ok", "result"|"error"}`. `--noise` injects what real serial links
+produce: garbage bytes, invalid UTF-8, over-long lines, partial frames.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics, in one place so names match CONTRACT §5 exactly.
+"""The gateway's Prometheus metrics, in one place so names match docs/interface.md §5.5 exactly.
 
 Protocol servers, consumers and the telemetry pipeline import these objects and update them;
 ``/metrics`` renders the default registry. Every drop or rejection has a counter here.

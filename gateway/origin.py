@@ -1,4 +1,4 @@
-"""Same-origin check for WebSocket handshakes (CONTRACT §6: "same-origin only").
+"""Same-origin check for WebSocket handshakes (docs/interface.md §6: "same-origin only").
 
 Browsers send cookies with cross-site WebSocket handshakes (there is no CORS preflight), so a
 page on another site could ride a user's session. We refuse any handshake whose ``Origin`` is

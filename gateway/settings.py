@@ -1,7 +1,7 @@
 """Django settings for the gateway.
 
 Every setting that an operator may change comes from the environment, here and nowhere else
-(CONTRACT §2). Other modules read ``django.conf.settings`` (mostly ``settings.GATEWAY``).
+(docs/interface.md §2). Other modules read ``django.conf.settings`` (mostly ``settings.GATEWAY``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ CSRF_TRUSTED_ORIGINS = os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").replace
 
 # Daphne's app only swaps `manage.py runserver` for its ASGI one, and importing it loads Twisted
 # (+27 MiB RSS in every gateway process): it is installed only for `runserver`. `rungateway`
-# serves with uvicorn; `daphne gateway.asgi:application` needs no app (CONTRACT §1).
+# serves with uvicorn; `daphne gateway.asgi:application` needs no app (docs/interface.md §1).
 _DAPHNE_APP = ["daphne"] if sys.argv[1:2] == ["runserver"] else []
 INSTALLED_APPS = [
     *_DAPHNE_APP,
@@ -268,11 +268,11 @@ warnings.filterwarnings("ignore", message="No directory at", category=UserWarnin
 
 # --- The gateway's own settings ----------------------------------------------------------
 GATEWAY = {
-    # Broker the MQTT bridge connects to (CONTRACT §2); `--mqtt` overrides.
+    # Broker the MQTT bridge connects to (docs/interface.md §2); `--mqtt` overrides.
     "MQTT_URL": os.environ.get("MQTT_URL", "").strip() or "mqtt://127.0.0.1:1883",
     # Names the gateway's status topic gateway/<id>/status and its MQTT client id.
     "GATEWAY_ID": _gateway_id(),
-    # Space-separated serial SPECs (CONTRACT §1); `--serial` adds to them.
+    # Space-separated serial SPECs (docs/interface.md §1); `--serial` adds to them.
     "SERIAL_PORTS": os.environ.get("SERIAL_PORTS", "").split(),
     # When set, /metrics requires "Authorization: Bearer <token>".
     "METRICS_TOKEN": os.environ.get("METRICS_TOKEN", "").strip(),
@@ -306,7 +306,7 @@ GATEWAY = {
     # Frames buffered per dashboard client; a client this far behind is closed (4008) and
     # resyncs from a fresh snapshot when it reconnects.
     "WS_BUFFER_FRAMES": env_int("GATEWAY_WS_BUFFER_FRAMES", 1000),
-    # Serial devices' telemetry and status are also published to the broker (CONTRACT §3).
+    # Serial devices' telemetry and status are also published to the broker (docs/interface.md §3).
     "SERIAL_MIRROR": env_bool("SERIAL_MIRROR", True),
     # Home Assistant MQTT discovery (docs/homeassistant.md): one retained document per device
     # on <prefix>/device/<id>/config, republished when Home Assistant announces itself.

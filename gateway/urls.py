@@ -1,4 +1,4 @@
-"""HTTP routes (CONTRACT §5)."""
+"""HTTP routes (docs/interface.md §5)."""
 
 from django.contrib import admin
 from django.contrib.auth import views as auth_views

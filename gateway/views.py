@@ -1,4 +1,4 @@
-"""`/healthz` and `/metrics` (CONTRACT §5): no login, so probes and Prometheus can use them."""
+"""`/healthz` and `/metrics` (docs/interface.md §5.4, §5.5): no login, for probes and Prometheus."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ PROBE_TIMEOUT = 1.0  # seconds for the TCP probe of the broker
 DB_TIMEOUT = 2.0  # seconds for SELECT 1
 
 # Labelled series only appear once a label value is used; give the fixed ones a zero so
-# scrapes and alerts see every CONTRACT §5 name from the start.
+# scrapes and alerts see every docs/interface.md §5.5 name from the start.
 for _reason in (
     "bad_topic bad_device_id too_large bad_encoding bad_json not_object too_deep bad_value "
     "bad_timestamp no_metrics bad_status unknown_command consumer_error bad_frame frame_too_long"

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gateway", "devices", "dashboard", "firmware_sim", "bench")
-CONTRACTS = {
+RULES = {
     "The core never imports the simulator",
     "Protocol servers know nothing about devices or dashboards",
     "Consumers know nothing about sockets",
@@ -42,13 +42,13 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
 
 def test_every_rule_is_a_contract():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    assert {c["name"] for c in config["contracts"]} == CONTRACTS
+    assert {c["name"] for c in config["contracts"]} == RULES
 
 
 def test_the_tree_keeps_every_contract():
     result = lint_imports(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in CONTRACTS:
+    for name in RULES:
         assert f"{name} KEPT" in result.stdout
 
 
@@ -79,7 +79,11 @@ def copy_of_the_tree(tmp_path: Path) -> Path:
             "from devices.telemetry import parsing",
             "Protocol servers know nothing about devices or dashboards",
         ),
-        ("devices/conventions/tasmota.py", "import aiomqtt", "Consumers know nothing about sockets"),
+        (
+            "devices/conventions/tasmota.py",
+            "import aiomqtt",
+            "Consumers know nothing about sockets",
+        ),
         ("dashboard/consumers.py", "import socket", "Consumers know nothing about sockets"),
         (
             "devices/telemetry/store.py",

@@ -1,4 +1,4 @@
-"""The command service (`devices.commands.service`) on the real database and in-memory channel layer."""
+"""The command service (`devices.commands.service`) on the real database and in-memory layer."""
 
 from __future__ import annotations
 

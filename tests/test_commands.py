@@ -1,4 +1,4 @@
-"""`rungateway`, `runmqtt` and `ensure_demo_user` as real subprocesses (CONTRACT §1)."""
+"""`rungateway`, `runmqtt` and `ensure_demo_user` as real subprocesses (docs/interface.md §1)."""
 
 from __future__ import annotations
 

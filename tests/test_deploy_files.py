@@ -1,7 +1,7 @@
 """deploy/: the systemd units are valid, and units, compose file and env example agree.
 
 The units, the compose file and the image all run the same commands with the same variables,
-and the env example names every variable the gateway reads (CONTRACT §2 and the rest of
+and the env example names every variable the gateway reads (docs/interface.md §2 and the rest of
 gateway/settings.py), so an operator who copies it has every knob in front of them.
 """
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 UNITS = sorted((DEPLOY / "systemd").iterdir())
 PREFIX = "/opt/gateway/.venv/bin/"
-CONTRACT_VARIABLES = {
+INTERFACE_VARIABLES = {
     "MQTT_URL",
     "REDIS_URL",
     "DATABASE_URL",
@@ -142,7 +142,7 @@ def test_compose_runs_the_units_commands_with_the_same_variables():
 
 def test_env_example_names_every_variable_the_gateway_reads():
     documented = env_example_variables()
-    assert CONTRACT_VARIABLES <= documented, CONTRACT_VARIABLES - documented
+    assert INTERFACE_VARIABLES <= documented, INTERFACE_VARIABLES - documented
     missing = settings_variables() - documented
     assert not missing, f"add to deploy/gateway.env.example: {sorted(missing)}"
     # and nothing there the gateway does not read

@@ -211,7 +211,7 @@ def test_every_hostile_message_is_stored_or_rejected_once_and_the_next_one_arriv
 
 
 def is_ack_line(line: bytes) -> bool:
-    """CONTRACT §4: a JSON object with both ``id`` and ``ok`` is an ack, not telemetry."""
+    """docs/interface.md §4: a JSON object with both ``id`` and ``ok`` is an ack, not telemetry."""
     try:
         data = orjson.loads(line.strip())
     except orjson.JSONDecodeError:

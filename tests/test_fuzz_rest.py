@@ -4,7 +4,7 @@ Through Django's full stack (sessions, auth, CSRF, the real database) a logged-i
 sends arbitrary history queries (``metric``, ``since``, ``until``, ``max_points``, odd device
 ids) and arbitrary command bodies (bytes, broken, huge or deeply nested JSON, bad names, args
 and timeouts). Well-formed requests must succeed and honour their bounds; anything else gets a
-JSON ``{"error": …}`` with a 4xx status predicted by a model of CONTRACT §5.
+JSON ``{"error": …}`` with a 4xx status predicted by a model of docs/interface.md §5.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def has_nul(value) -> bool:
 
 
 def expected_status(device: str, body: bytes) -> int:
-    """CONTRACT §5 and docs/architecture.md "Commands": what POSTing `body` must answer."""
+    """docs/interface.md §5 and docs/architecture.md "Commands": what POSTing `body` must answer."""
     if len(body) > 64 * 1024:
         return 400
     try:

@@ -1,11 +1,11 @@
 """Hostile dashboard clients, property-based: one socket, any frames, one clear answer each.
 
-A logged-in staff user's `/ws/dashboard/` socket (real auth stack, session, database, channel
-layer) receives arbitrary binary and text frames: bytes, broken and huge JSON, odd unicode,
-commands with bad devices, names, args, timeouts and refs. Each frame gets exactly one answer,
-predicted by a model written from CONTRACT §6 and docs/architecture.md: an ``error`` frame with
-the right code (echoing a usable ``ref``), or, for a valid command, its ``pending`` ``command``
-frame. The socket is never closed and never raises.
+A logged-in staff user's `/ws/dashboard/` socket (real auth stack, session, database, channel layer)
+receives arbitrary binary and text frames: bytes, broken and huge JSON, odd unicode, commands with
+bad devices, names, args, timeouts and refs. Each frame gets exactly one answer, predicted by a
+model written from docs/interface.md §6 and docs/architecture.md: an ``error`` frame with the right
+code (echoing a usable ``ref``), or, for a valid command, its ``pending`` ``command`` frame. The
+socket is never closed and never raises.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 DEVICE = "ws-1"
 NAME_CHARS = set(string.ascii_letters + string.digits + "_.:-")
-MAX_INBOUND_CHARS = 64 * 1024  # CONTRACT: the server answers larger frames with an error
+MAX_INBOUND_CHARS = 64 * 1024  # docs/interface.md §6: larger frames get an error frame
 
 scalar = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=6)

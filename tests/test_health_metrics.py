@@ -1,4 +1,4 @@
-"""/healthz and /metrics (CONTRACT §5) against a real broker, database and registry."""
+"""/healthz and /metrics (docs/interface.md §5) against a real broker, database and registry."""
 
 from __future__ import annotations
 
@@ -156,8 +156,8 @@ def test_healthz_is_read_only(client):
     assert client.post("/healthz").status_code == 405
 
 
-CONTRACT_METRICS = {
-    # sample name → the label it must carry (CONTRACT §5)
+INTERFACE_METRICS = {
+    # sample name → the label it must carry (docs/interface.md §5)
     "gateway_mqtt_connected": None,
     "gateway_mqtt_messages_received_total": None,
     "gateway_messages_rejected_total": "reason",
@@ -178,7 +178,7 @@ def test_metrics_has_every_contract_name(client, settings):
     for family in text_string_to_metric_families(response.content.decode()):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(sample.labels)
-    for name, label in CONTRACT_METRICS.items():
+    for name, label in INTERFACE_METRICS.items():
         assert name in samples, f"{name} missing from /metrics"
         if label is not None:
             assert all(label in labels for labels in samples[name]), name

@@ -1,4 +1,4 @@
-"""The history query answers the same on PostgreSQL as on SQLite (CONTRACT §5 semantics).
+"""The history query answers the same on PostgreSQL as on SQLite (docs/interface.md §5 semantics).
 
 Every stored point when there are at most N, else at most N time-bucket averages, oldest
 first. The same readings are queried in this process on SQLite and in a child process on a
@@ -45,7 +45,7 @@ def answers() -> dict[str, list[list[float]]]:
 
 
 def check_contract(got: dict[str, list[list[float]]]) -> None:
-    """What CONTRACT §5 promises, whatever the backend."""
+    """What docs/interface.md §5 promises, whatever the backend."""
     assert got["all points"] == [[(T0 + timedelta(minutes=i)).timestamp(), i] for i in range(500)]
     assert got["exactly N"] == got["all points"]
     assert [p[1] for p in got["window"]] == [float(i) for i in range(100, 201)]

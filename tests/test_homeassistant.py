@@ -1,4 +1,4 @@
-"""Home Assistant MQTT discovery (devices/conventions/homeassistant.py), as Home Assistant would see it.
+"""Home Assistant MQTT discovery (devices/conventions/homeassistant.py), as Home Assistant sees it.
 
 A plain aiomqtt subscriber reads the discovery documents from a private mosquitto while real
 devices publish to the gateway's MQTT bridge (MqttServer, pipeline, layer and database in this
@@ -179,7 +179,7 @@ async def retained_documents(port: int, prefix: str = "homeassistant") -> dict[s
 
 @pytest.fixture
 async def device(mosquitto):
-    """A native device's MQTT client with its Last Will, online (CONTRACT §3)."""
+    """A native device's MQTT client with its Last Will, online (docs/interface.md §3)."""
     device_id = f"env-{secrets.token_hex(3)}"
     will = aiomqtt.Will(f"devices/{device_id}/status", b"offline", qos=1, retain=True)
     async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier=device_id, will=will) as c:

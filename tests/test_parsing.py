@@ -1,4 +1,4 @@
-"""devices.telemetry.parsing: examples for every rule and reason, and properties over arbitrary input."""
+"""devices.telemetry.parsing: examples for every rule and reason, properties over any input."""
 
 from __future__ import annotations
 

@@ -230,7 +230,7 @@ async def publish_readings(port: int, first: int, count: int) -> None:
 async def acking_device(
     port: int, device: str, received: list[dict], subscribed: asyncio.Event
 ) -> None:
-    """A device that acks every command it gets (CONTRACT §3)."""
+    """A device that acks every command it gets (docs/interface.md §3)."""
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"dev-{device}") as client:
         await client.subscribe(f"devices/{device}/commands", qos=1)
         subscribed.set()

@@ -1,9 +1,9 @@
 """Every HTTP and WebSocket entry of the site refuses strangers; the command audit trail.
 
-The URL tests walk Django's resolver and the WebSocket routes, so a view added tomorrow is
-checked without anyone remembering to: anonymous callers are refused everywhere except the
-documented public entries (CONTRACT §5), and a logged-in POST without a CSRF token is refused
-everywhere. (Per-view stories live in test_api.py, test_command_api.py, test_dashboard_*.py.)
+The URL tests walk Django's resolver and the WebSocket routes, so a view added tomorrow is checked
+without anyone remembering to: anonymous callers are refused everywhere except the documented public
+entries (docs/interface.md §5), and a logged-in POST without a CSRF token is refused everywhere.
+(Per-view stories live in test_api.py, test_command_api.py, test_dashboard_*.py.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dashboard.routing import websocket_urlpatterns
 from devices.commands import service as commands
 from devices.models import Command, Device
 
-#: The only entries a stranger may use (CONTRACT §5); static files are served by WhiteNoise
+#: The only entries a stranger may use (docs/interface.md §5); static files are served by WhiteNoise
 #: before the URLconf and are not in it.
 PUBLIC = {"healthz", "metrics", "login", "admin:login"}
 #: Where a refused browser is sent.

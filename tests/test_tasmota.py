@@ -1,5 +1,6 @@
-"""Tasmota devices in the gateway (devices/conventions/tasmota.py): units through MqttCommunicator, then the
-simulator's Tasmota style against a real mosquitto, MqttServer, pipeline, layer and database."""
+"""Tasmota devices in the gateway (devices/conventions/tasmota.py): units through MqttCommunicator,
+then the simulator's Tasmota style against a real mosquitto, MqttServer, pipeline, layer and
+database."""
 
 from __future__ import annotations
 

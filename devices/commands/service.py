@@ -1,16 +1,10 @@
-"""Commands: who may send them, and the service that creates, delivers and finishes them.
+"""The command service: who may send a command, and the calls that drive it to its end.
 
-A command moves pending → sent → acked | failed | timeout (CONTRACT §6). This room checks a
-request (permission, input, the user's rate, the device's hold) and stores it pending, then
-drives it: `submit()`, `deliver()`, `deliver_pending()`, `apply_ack()`. The other rooms of the
-command lifecycle, re-exported here so callers keep one import:
-
-- devices/commands/states.py: every transition is a conditional UPDATE (``WHERE status =
-  <expected>``), so two processes racing on one command never both win; `announce()` pushes
-  each change to every dashboard and counts it in ``gateway_commands_total{status}``.
-- devices/commands/timers.py: `CommandTimers`, one call_later per open command (hold TTL, ack
-  timeout), recovered from the database on start.
-- devices/commands/held.py: "which commands wait for this device", one query for a whole fleet.
+A command moves pending → sent → acked | failed | timeout (docs/interface.md §6.4). This module
+checks a request (permission, input, the user's rate, the device's hold), stores it pending, then
+drives it: `submit()`, `deliver()`, `deliver_pending()`, `apply_ack()`. Its neighbours in
+`devices/commands/`: the conditional transitions (`states`), the deadline timers (`timers`) and
+the batched held-command lookup (`held`); import their names from there.
 
 The transport is someone else's business: a device consumer hands `deliver()` a coroutine that
 puts the command on its wire (an MQTT publish, a serial line).

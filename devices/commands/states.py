@@ -1,11 +1,11 @@
 """A command's state changes: each one a conditional UPDATE, each one heard by every dashboard.
 
-A command moves pending → sent → acked | failed | timeout (CONTRACT §6). Every transition here
-is ``UPDATE … WHERE status = <expected>``, so two processes racing on one command (two
-bridges, a timer and an ack) can never both win: a command is sent at most once and ends
-exactly once. `announce()` pushes a change to group ``dashboard`` and counts it in
-``gateway_commands_total{status}``. The transitions are sync ORM calls (run them in the
-database thread); the command service (devices/commands/service.py) and the timers
+A command moves pending → sent → acked | failed | timeout (docs/interface.md §6.4). Every transition
+here is ``UPDATE … WHERE status = <expected>``, so two processes racing on one command (two bridges,
+a timer and an ack) can never both win: a command is sent at most once and ends exactly once.
+`announce()` pushes a change to group ``dashboard`` and counts it in
+``gateway_commands_total{status}``. The transitions are sync ORM calls (run them in the database
+thread); the command service (devices/commands/service.py) and the timers
 (devices/commands/timers.py) drive them.
 """
 

@@ -1,4 +1,4 @@
-"""The commands REST API (CONTRACT §5): send a command, read its status.
+"""The commands REST API (docs/interface.md §5): send a command, read its status.
 
 ``POST /api/devices/<id>/commands`` with ``{"name": …, "args": {…}, "timeout"?: s}`` answers
 ``202 {"id", "status": "pending", "device", "name", "url"}`` (and ``Location``); errors are JSON

@@ -1,12 +1,12 @@
-"""Serial line codecs (CONTRACT §4): one frame → telemetry, a command ack, or `Rejected`.
+"""Serial line codecs (docs/interface.md §4): one frame → telemetry, a command ack, or `Rejected`.
 
-A frame is either a JSON object (telemetry for the port's device, or an ack when it has both
-``id`` and ``ok``) or ``key=value`` pairs separated by commas and/or spaces
-(``temp=21.5,hum=40``, ``temp=21.5 hum=40 ts=1764214000``). Values and timestamps follow the
-MQTT rules in `devices.telemetry.parsing` (numbers and booleans are metrics, other values are ignored;
-``ts`` in epoch s/ms or ISO 8601). Blank lines are skipped (None). Rejection reasons:
-``bad_encoding`` (not UTF-8), ``bad_frame`` (control characters, a token without ``=``, an
-empty key), and the parsing reasons (``bad_json``, ``no_metrics``, ``bad_timestamp``, …).
+A frame is either a JSON object (telemetry for the port's device, or an ack when it has both ``id``
+and ``ok``) or ``key=value`` pairs separated by commas and/or spaces (``temp=21.5,hum=40``,
+``temp=21.5 hum=40 ts=1764214000``). Values and timestamps follow the MQTT rules in
+`devices.telemetry.parsing` (numbers and booleans are metrics, other values are ignored; ``ts`` in
+epoch s/ms or ISO 8601). Blank lines are skipped (None). Rejection reasons: ``bad_encoding`` (not
+UTF-8), ``bad_frame`` (control characters, a token without ``=``, an empty key), and the parsing
+reasons (``bad_json``, ``no_metrics``, ``bad_timestamp``, …).
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def device_document(
         "o": origin(),
         "avty": [
             {"t": f"gateway/{gateway_id}/status"},
-            # Devices may say Online/OFFLINE (CONTRACT §3: case-insensitive).
+            # Devices may say Online/OFFLINE (docs/interface.md §3.1: case-insensitive).
             {"t": f"devices/{device_id}/status", "val_tpl": "{{ value | lower }}"},
         ],
         "avty_mode": "all",

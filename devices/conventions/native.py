@@ -57,7 +57,7 @@ SHARE_TIMEOUT = 1.0
 
 
 class DeviceConsumer(MqttConsumer):
-    """One device's MQTT topics (CONTRACT §3): telemetry, single metrics, status, acks."""
+    """One device's native topics (docs/interface.md §3.1): telemetry, metrics, status, acks."""
 
     transport = Transport.MQTT.value
     #: The device's state as last heard, here or by another bridge (None: nothing heard yet).
@@ -113,7 +113,7 @@ class DeviceConsumer(MqttConsumer):
             )
 
     async def handle_message(self, pattern: str | None, event: dict[str, Any]) -> None:
-        """One native message (CONTRACT §3); raises `Rejected` for bad input."""
+        """One native message (docs/interface.md §3.1); raises `Rejected` for bad input."""
         payload = event["payload"]
         if pattern == TELEMETRY:
             t = parse_telemetry(payload, time.time(), self.max_bytes)
@@ -159,7 +159,7 @@ class DeviceConsumer(MqttConsumer):
             raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
 
     async def handle_ack(self, ack: Ack) -> None:
-        """Finish the command the ack names (`devices.commands.service`); unknown ids are rejected."""
+        """Finish the command the ack names (command service); unknown ids are rejected."""
         if not await commands.apply_ack(self.device_id, ack.id, ack.ok, ack.result, ack.error):
             raise Rejected("unknown_command", f"no command {ack.id!r} awaiting an ack")
 

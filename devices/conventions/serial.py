@@ -1,10 +1,10 @@
 """`SerialDeviceConsumer`: a device on a serial port is the same kind of device as an MQTT one.
 
-Registered and online while its port is open, offline when the port goes; its lines become
-readings in the same pipeline (history, dashboards); commands for it arrive on group
-``device.<id>`` and are written to the port as one JSON line; ack lines go to the command
-service (`devices.commands.service`). Mirrored to the broker by `devices.conventions.mirror` unless mirroring is
-off.
+Registered and online while its port is open, offline when the port goes; its lines become readings
+in the same pipeline (history, dashboards); commands for it arrive on group ``device.<id>`` and are
+written to the port as one JSON line; ack lines go to the command service
+(`devices.commands.service`). Mirrored to the broker by `devices.conventions.mirror` unless
+mirroring is off.
 
 Device id: the port's ``device`` option; else derived from the port name — the last path
 segment (``/dev/ttyUSB0`` → ``ttyUSB0``, ``/dev/serial/by-id/usb-FTDI_…-port0`` → that name),

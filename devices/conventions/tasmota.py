@@ -1,7 +1,7 @@
 """Tasmota devices: their topics mapped onto the same devices, metrics, status and commands.
 
 A device running Tasmota (default FullTopic ``%prefix%/%topic%/``, its MQTT Topic being the
-device id) is a device like any other (CONTRACT §3, last paragraph):
+device id) is a device like any other (docs/interface.md §3.2):
 
 - ``tele/<id>/SENSOR`` → a reading: nested objects flattened with ``.``
   (``AM2301.Temperature``); numbers and booleans are metrics; strings (``Time``,

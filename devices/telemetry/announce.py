@@ -1,9 +1,10 @@
 """What this process has announced about devices and their metrics (group ``device-metrics``).
 
-The telemetry pipeline tells listeners (Home Assistant discovery, devices/conventions/homeassistant.py)
-when it first sees a device or a new metric of it, never per reading. This room remembers
-what was told, so a reading of known metrics costs one set check, and holds the news until the
-pipeline's fan-out task sends it (devices/telemetry/fanout.py); it knows nothing of the channel layer.
+The telemetry pipeline tells listeners (Home Assistant discovery,
+devices/conventions/homeassistant.py) when it first sees a device or a new metric of it, never per
+reading. This room remembers what was told, so a reading of known metrics costs one set check, and
+holds the news until the pipeline's fan-out task sends it (devices/telemetry/fanout.py); it knows
+nothing of the channel layer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from devices.telemetry.batching import Metrics
 
 #: Group told when this process first sees a device or a new metric of it (never per reading):
 #: ``{"type": "device.metrics", "devices": [{"device", "transport", "source", "metrics":
-#: {name: "number" | "bool"}}]}``; Home Assistant discovery (devices/conventions/homeassistant.py) listens.
+#: {name: "number" | "bool"}}]}``; Home Assistant discovery (conventions/homeassistant.py) listens.
 DEVICE_METRICS_GROUP = "device-metrics"
 #: Devices whose announced metric names are remembered; past it the memory starts over (a few
 #: announcements repeat; listeners ignore what they already know).

@@ -1,11 +1,11 @@
 """The telemetry pipeline's database side: a bounded write buffer, batches, durable acks.
 
-Readings and device updates wait here until the writer task stores them in one transaction
-per batch (devices/telemetry/store.py), at most the batch delay after the first pending value or as soon
-as a batch's worth waits, with one thread hop per batch. The writer runs in its own thread
-rather than Channels' shared ``database_sync_to_async`` thread, so a 20-80 ms batch never
-queues the sync views and the command service behind it; that thread keeps its database
-connection between batches and closes it after a failure, so the retry reconnects.
+Readings and device updates wait here until the writer task stores them in one transaction per batch
+(devices/telemetry/store.py), at most the batch delay after the first pending value or as soon as a
+batch's worth waits, with one thread hop per batch. The writer runs in its own thread rather than
+Channels' shared ``database_sync_to_async`` thread, so a 20-80 ms batch never queues the sync views
+and the command service behind it; that thread keeps its database connection between batches and
+closes it after a failure, so the retry reconnects.
 
 - Bounded: past the buffer limit the oldest values are dropped and counted
   (``gateway_telemetry_dropped_total{reason="buffer_full"}``).

@@ -1,12 +1,12 @@
 """Dashboard fan-out: every frame since the last send goes out in ONE group_send.
 
-The telemetry pipeline's second background task. Frames (CONTRACT §6 ``telemetry`` and
-``status``) collect here; the first one wakes the task on the next loop turn and frames
-arriving during a send go in the next one, so dashboards cost one channel-layer send per loop
-turn, never one per reading. A device's readings with nothing in between coalesce into one
-``telemetry`` frame. The same task sends the pipeline's device/metric news
-(devices/telemetry/announce.py) to group ``device-metrics`` first. A send stuck past `SEND_TIMEOUT` is
-abandoned and its frames counted, so a slow layer never stops the readings behind it.
+The telemetry pipeline's second background task. Frames (docs/interface.md §6 ``telemetry`` and
+``status``) collect here; the first one wakes the task on the next loop turn and frames arriving
+during a send go in the next one, so dashboards cost one channel-layer send per loop turn, never one
+per reading. A device's readings with nothing in between coalesce into one ``telemetry`` frame. The
+same task sends the pipeline's device/metric news (devices/telemetry/announce.py) to group
+``device-metrics`` first. A send stuck past `SEND_TIMEOUT` is abandoned and its frames counted, so a
+slow layer never stops the readings behind it.
 """
 
 from __future__ import annotations

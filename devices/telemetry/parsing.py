@@ -1,4 +1,4 @@
-"""Device payload parsing (CONTRACT §3): pure functions, bytes in, values out or `Rejected`.
+"""Device payload parsing (docs/interface.md §3.1): pure functions, bytes in, values or `Rejected`.
 
 Nothing here touches sockets, the database or the event loop, so every transport (MQTT, serial)
 parses the same way and each rejection carries one reason from docs/architecture.md.
@@ -84,7 +84,7 @@ class Ack:
 
 
 def valid_device_id(value: object) -> bool:
-    """True when `value` is a device id: 1-64 characters of ``[A-Za-z0-9_-]`` (CONTRACT §3)."""
+    """True for a device id: 1-64 characters of ``[A-Za-z0-9_-]`` (docs/interface.md §3)."""
     return isinstance(value, str) and _DEVICE_ID.fullmatch(value) is not None
 
 

@@ -4,20 +4,21 @@ One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sy
 `submit_*` methods; the pipeline hands each submission to its rooms and runs their two
 background tasks:
 
-- the writer (devices/telemetry/batching.py: `TelemetryWriter`) stores readings in one transaction per
-  batch, at most ``TELEMETRY_BATCH_DELAY`` after the first pending value or as soon as
+- the writer (`batching.TelemetryWriter`) stores readings in one transaction per batch, at
+  most ``TELEMETRY_BATCH_DELAY`` after the first pending value or as soon as
   ``TELEMETRY_BATCH_SIZE`` values wait, in its own thread; waiting values are bounded by
   ``TELEMETRY_BUFFER_LIMIT`` (oldest dropped and counted); failed writes retry with backoff; a
   submission's `durable` callback (an MQTT QoS 1 acknowledgement) is called once it is
   committed, with group commit while such callbacks wait.
-- the fan-out (devices/telemetry/fanout.py: `DashboardFanout`) sends every frame produced since its last
-  send in ONE ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``.
-- news of a device first seen or a new metric of it (devices/telemetry/announce.py: `MetricAnnouncer`)
-  goes to group ``device-metrics`` with the fan-out, never per reading.
+- the fan-out (`fanout.DashboardFanout`) sends every frame produced since its last send in ONE
+  ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``.
+- news of a device first seen or a new metric of it (`announce.MetricAnnouncer`) goes to group
+  ``device-metrics`` with the fan-out, never per reading.
 
-This module keeps what callers use: the pipeline's lifecycle (start on first submission,
-`flush()`, `close()`), one pipeline per loop, and the overlay of not-yet-stored device changes
-on stored ones (API list, dashboard snapshot). Its public names are unchanged by the split.
+This module keeps the pipeline's lifecycle (start on first submission, `flush()`, `close()`),
+one pipeline per loop, and the overlay of not-yet-stored device changes on stored ones (API
+list, dashboard snapshot). The rooms' own names (`Metrics`, `DEVICE_METRICS_GROUP`, …) are
+imported from the room that defines them.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class TelemetryPipeline:
         return self._writer.pending_devices()
 
     # Settings and state that live in the rooms, readable (and the settings writable, as tests
-    # do) on the pipeline as before the split.
+    # do) on the pipeline itself.
     failures = _forward("_writer", "failures", "failed batch writes since start (health checks)")
     batch_size = _forward("_writer", "batch_size", "values per write transaction, at most")
     batch_delay = _forward("_writer", "batch_delay", "seconds a value may wait for its batch")

@@ -5,7 +5,7 @@ All bridges of one gateway (`runmqtt --shared-group`) share `gateway/<GATEWAY_ID
 bridge's Last Will or shutdown says `offline` while the others still run. Each server therefore
 listens to its own status topic and answers every live `offline` it hears with `online`
 (docs/scale-out.md). It never answers `online`, so bridges cannot ping-pong; when the last
-bridge is gone nobody answers and `offline` stays, as CONTRACT §3 says.
+bridge is gone nobody answers and `offline` stays, as docs/interface.md §3.3 says.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Broker URLs: `mqtt://[user:pass@]host[:port]` and `mqtts://…` (TLS), CONTRACT §1.
+"""Broker URLs: `mqtt://[user:pass@]host[:port]` and `mqtts://…` (TLS), docs/interface.md §1.
 
 A `mqtts://` URL may name its TLS files in the query, so one URL (`MQTT_URL`, `--mqtt`) says
 everything about the connection, for the bridge, the serial mirror and the /healthz probe:

@@ -1,4 +1,4 @@
-"""Serial port SPECs (CONTRACT §1): a pyserial URL or device path plus our query options.
+"""Serial port SPECs (docs/interface.md §1): a pyserial URL or device path plus our query options.
 
 `/dev/ttyUSB0?baudrate=115200&device=weather-1&delimiter=hex:0d0a&max_frame=4096`. Options we
 know are taken out; any other query option (e.g. pyserial's `logging=debug`) stays in the URL

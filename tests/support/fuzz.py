@@ -48,7 +48,7 @@ def clean_metric_name(name: object) -> bool:
 
 
 def assert_contract_telemetry(t: Telemetry, received_at: float) -> None:
-    """What every accepted reading must be (CONTRACT §3/§4, devices/telemetry/parsing.py)."""
+    """What every accepted reading must be (docs/interface.md §3.1, §4; telemetry/parsing.py)."""
     assert math.isfinite(t.ts) and MIN_TS <= t.ts <= received_at + FUTURE_SLACK
     assert 0 < len(t.metrics) <= MAX_METRICS
     for name, value in t.metrics.items():

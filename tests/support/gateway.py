@@ -95,7 +95,7 @@ class GatewayProcess:
 
     @property
     def status_topic(self) -> str:
-        """The gateway's own retained status topic (CONTRACT §3)."""
+        """The gateway's own retained status topic (docs/interface.md §3)."""
         return f"gateway/{self.gateway_id}/status"
 
     def manage(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
@@ -120,7 +120,7 @@ class GatewayProcess:
         if self.command == "rungateway":
             cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--mqtt", self.mqtt_url, *self.args]
-        if self.command == "uvicorn":  # the web tier alone (CONTRACT §1)
+        if self.command == "uvicorn":  # the web tier alone (docs/interface.md §1)
             cmd = [sys.executable, "-m", "uvicorn", "gateway.asgi:application"]
             cmd += ["--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with open(self.log_path, "ab") as log:

@@ -1,4 +1,4 @@
-// The live device list: a snapshot on connect, then telemetry/status frames (CONTRACT §6).
+// The live device list: a snapshot on connect, then telemetry/status frames (docs/interface.md §6).
 // Frames only mark devices dirty; one requestAnimationFrame renders the changed rows, and
 // only their changed cells, so hundreds of devices reporting every second stay smooth.
 "use strict";

@@ -1,4 +1,4 @@
-// Shared by the dashboard pages: the /ws/dashboard/ client (CONTRACT §6) and small helpers.
+// Shared by the dashboard pages: the /ws/dashboard/ client (docs/interface.md §6) and small helpers.
 // Everything that comes from devices or users is inserted with textContent / DOM APIs only.
 "use strict";
 

@@ -1,6 +1,6 @@
 """`manage.py rungateway`: the web tier, the MQTT bridge and the serial bridge in one process.
 
-One event loop, so the in-memory channel layer and SQLite are enough (CONTRACT §1).
+One event loop, so the in-memory channel layer and SQLite are enough (docs/interface.md §1).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ async def run_gateway(
             raise CommandError(f"bad --serial/SERIAL_PORTS spec: {exc}") from exc
         if serial_server is not None:
             bridges["serial"] = serial_server
-            # Serial devices are mirrored to the same broker the bridge uses (devices/conventions/mirror.py).
+            # Serial devices are mirrored to the broker the bridge uses (conventions/mirror.py).
             # The mirror marks its publishes with an MQTT v5 user property so the bridge can skip
             # their echoes; a 3.1.1-only broker (the amqtt fallback) cannot carry it.
             if protocol == "v5":

@@ -1,4 +1,4 @@
-"""`manage.py runmqtt`: the MQTT bridge alone, no web server (CONTRACT §1).
+"""`manage.py runmqtt`: the MQTT bridge alone, no web server (docs/interface.md §1).
 
 It reaches web processes only through a shared channel layer (REDIS_URL); with the in-memory
 layer it still stores telemetry but no dashboard elsewhere sees live frames.

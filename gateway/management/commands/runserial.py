@@ -1,4 +1,4 @@
-"""`manage.py runserial --serial SPEC…`: the serial bridge alone, no web server (CONTRACT §1).
+"""`manage.py runserial --serial SPEC…`: the serial bridge alone, no web (docs/interface.md §1).
 
 Ports come from SERIAL_PORTS plus every `--serial`. Like `runmqtt`, it reaches web processes
 only through a shared channel layer (REDIS_URL). Serial devices are mirrored to the broker
