@@ -8,6 +8,9 @@ publish telemetry every interval (with jitter) while answering commands → leav
   and Tasmota do on a restart). A reboot comes back after a delay with its sequence reset.
 - `drop()` shuts the socket down without DISCONNECT, so the broker publishes the Will.
 - a lost connection (broker restart) is retried with jittered exponential backoff.
+
+Over 400 lines on purpose: one class holding one device's whole lifecycle and the fault
+switches that act on it; the fleet, styles and faults around it have their own modules.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ The gateway runs in the test's event loop (the `gateway.asgi` application behind
 `MqttServer` on a private mosquitto, the in-memory channel layer, the test database); the
 dashboard is a `WebsocketCommunicator` carrying a real session. The restart case uses the
 `GatewayProcess` harness (a real `rungateway` killed and started again on the same database).
+Long on purpose: one test per end of the lifecycle (acked, failed, timeout, held, restart).
 """
 
 from __future__ import annotations

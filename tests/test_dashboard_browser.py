@@ -6,6 +6,7 @@ dialogs, page errors and CSP violations; each test ends by asserting there were 
 
 Screenshots go to `test-artifacts/` (git-ignored); with `GATEWAY_SCREENSHOTS=1` the README's
 `docs/img/dashboard.png`, `docs/img/device.png` and `docs/img/dashboard-phone.png` are refreshed.
+Long on purpose: the browser and gateway are started once for all of the page's stories.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ async def test_command_from_the_panel_is_acked(stack):
     """A command sent from the panel goes pending → sent → acked with the device's result;
     bad JSON arguments are refused in the page before anything is sent.
 
-    Needs the commands backend (the WebSocket `command` frame, issue 3)."""
+    Needs the commands backend (the WebSocket `command` frame)."""
     from playwright.async_api import expect
 
     broker, gw = stack

@@ -1,4 +1,8 @@
-"""The simulated MQTT fleet (firmware_sim) against a real mosquitto and a plain subscriber."""
+"""The simulated MQTT fleet (firmware_sim) against a real mosquitto and a plain subscriber.
+
+Long on purpose: one story per simulator feature the other suites rely on (lifecycle, Last
+Will, commands, every fault switch, the CLI), each against the same private broker.
+"""
 
 from __future__ import annotations
 

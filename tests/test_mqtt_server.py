@@ -1,4 +1,8 @@
-"""MqttServer against a real mosquitto, with real aiomqtt publishers and subscribers."""
+"""MqttServer against a real mosquitto, with real aiomqtt publishers and subscribers.
+
+Long on purpose: the `mqtt` interface server is one class (gateway/mqtt/server.py), and this is
+its story from connect to shutdown, one test per promise of docs/asgi-mqtt.md.
+"""
 
 from __future__ import annotations
 

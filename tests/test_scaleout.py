@@ -7,7 +7,8 @@ sent through one worker reaches its device whichever bridge serves it, and its a
 both workers' dashboards; one bridge killed, the other takes all the traffic; a bridge with a
 persistent session killed instead, its share waits for it. Before that, each part that makes
 processes agree, on its own: the device row upsert, the device instances' shared online
-state, and the deadline of a command whose bridge died.
+state, and the deadline of a command whose bridge died. Long on purpose: those parts and the
+whole story share one set of processes.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Issue 4 end to end: serial devices on real pseudo-terminals through the real gateway process.
+"""End to end: serial devices on real pseudo-terminals through the real gateway process.
 
 Each test starts a private mosquitto and `manage.py rungateway --serial SPEC` (or `runserial`
 beside a web process) as subprocesses; the device end of every port is a pty master held by
 the test (`firmware_sim.serial_device`: the same firmware `python -m firmware_sim serial --pty`
 runs), behind a symlink like a `/dev/serial/by-id/` name. The dashboard is a logged-in
-`websockets` client; the mirror is checked with a plain aiomqtt subscriber.
+`websockets` client; the mirror is checked with a plain aiomqtt subscriber. Long on purpose:
+one story per promise of docs/asgi-serial.md that needs the whole process.
 """
 
 from __future__ import annotations

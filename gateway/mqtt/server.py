@@ -3,6 +3,10 @@
 Lifecycle in three beats: `serve()` connects, subscribes and routes, reconnecting forever with
 backoff, keeping its retained status `online` (gateway/mqtt/status.py); `shutdown()` publishes
 `offline`, retires instances and disconnects within its timeout. Specified in docs/asgi-mqtt.md.
+
+Over 400 lines on purpose: one protocol class, as daphne's and uvicorn's servers are; its
+connect, session, receive and send paths share the connection state. Everything that does not
+need that state lives beside it (routing, instances, acks, status, events, url, tuning).
 """
 
 from __future__ import annotations

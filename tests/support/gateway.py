@@ -5,6 +5,9 @@
 that it is gone within 5 s. It logs in over real HTTP and opens the dashboard WebSocket with the
 session cookie, as a browser would. `postgres_database()` lends a throwaway PostgreSQL database;
 `run_on_postgres()` runs a script on one in a child process.
+
+Over 400 lines on purpose: every end-to-end suite drives the gateway through this one harness
+(start, readiness, login, WebSocket, history, rename, stop), so none of them copies it.
 """
 
 from __future__ import annotations
