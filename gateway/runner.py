@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import uvicorn
 
 from gateway import runtime
+from gateway.mqtt.url import parse_broker_url
 
 logger = logging.getLogger("gateway.runner")
 
@@ -383,3 +384,16 @@ def in_memory_layer() -> bool:
     from django.conf import settings
 
     return settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer")
+
+
+def broker_url_option(option: str | None) -> str:
+    """A command's ``--mqtt`` value, else MQTT_URL, checked; CommandError when malformed."""
+    from django.conf import settings
+    from django.core.management.base import CommandError
+
+    url = option or settings.GATEWAY["MQTT_URL"]
+    try:
+        parse_broker_url(url)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    return url

@@ -11,12 +11,11 @@ import io
 import sys
 from typing import Any
 
-from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from firmware_sim.demo import DemoConfig, run_demo
-from gateway.mqtt.url import parse_broker_url
+from gateway.runner import broker_url_option
 
 
 class Command(BaseCommand):
@@ -40,11 +39,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-user", action="store_true", help="create no demo login")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
-        try:
-            parse_broker_url(url)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+        url = broker_url_option(options["mqtt"])
         if options["devices"] < 0 or options["tasmota"] < 0:
             raise CommandError("--devices and --tasmota must not be negative")
         if not 0 < options["rate"] <= 100:

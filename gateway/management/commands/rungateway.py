@@ -17,6 +17,7 @@ from gateway.mqtt.url import parse_broker_url
 from gateway.runner import (
     Bridge,
     GatewayRunner,
+    broker_url_option,
     close_pipeline,
     describe_setup,
     mqtt_bridge,
@@ -47,11 +48,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
-        try:
-            parse_broker_url(url)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+        url = broker_url_option(options["mqtt"])
         serial = [*settings.GATEWAY["SERIAL_PORTS"], *options["serial"]]
         code = asyncio.run(
             run_gateway(

@@ -11,12 +11,12 @@ import logging
 import sys
 from typing import Any
 
-from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 
 from gateway.mqtt.url import parse_broker_url
 from gateway.runner import (
     GatewayRunner,
+    broker_url_option,
     close_pipeline,
     describe_setup,
     in_memory_layer,
@@ -44,11 +44,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
-        try:
-            parse_broker_url(url)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+        url = broker_url_option(options["mqtt"])
         if in_memory_layer():
             logger.warning(
                 "the channel layer is in-memory: telemetry is stored, but nothing reaches "

@@ -15,8 +15,13 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateway.mqtt.url import parse_broker_url
-from gateway.runner import GatewayRunner, close_pipeline, describe_setup, in_memory_layer
+from gateway.runner import (
+    GatewayRunner,
+    broker_url_option,
+    close_pipeline,
+    describe_setup,
+    in_memory_layer,
+)
 from gateway.serial.spec import parse_specs
 
 logger = logging.getLogger("gateway.runner")
@@ -52,11 +57,7 @@ class Command(BaseCommand):
                 device_id_for_scope(spec.as_scope())
         except ValueError as exc:
             raise CommandError(f"bad --serial/SERIAL_PORTS spec: {exc}") from exc
-        url = options["mqtt"] or settings.GATEWAY["MQTT_URL"]
-        try:
-            parse_broker_url(url)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+        url = broker_url_option(options["mqtt"])
         mirror.configure(enabled=False if options["no_mirror"] else None, url=url)
         if in_memory_layer():
             logger.warning(
