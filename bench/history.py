@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-ADMIN_URL = os.environ.get("GATEWAY_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/")
 DATABASE = "gateway_bench_history"
 METRICS = ("temperature", "humidity", "pressure", "battery", "rssi", "co2", "voc", "lux")
 #: The index layouts compared: name → (description, CREATE INDEX statements).
@@ -81,7 +80,10 @@ def admin(sql: str) -> None:
 
 
 def dsn(database: str) -> str:
-    return ADMIN_URL.rstrip("/") + "/" + database
+    """`database` on the tests' PostgreSQL (a throwaway cluster, or GATEWAY_TEST_POSTGRES)."""
+    from tests.support.gateway import _dsn, postgres_admin_url
+
+    return _dsn(postgres_admin_url(), database)
 
 
 def setup_django(database: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.support.gateway import GatewayProcess, postgres_available, postgres_database
+from tests.support.gateway import GatewayProcess, postgres_database
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
@@ -117,10 +116,6 @@ async def test_same_with_redis_channel_layer(mosquitto, redis_server):
 
 @pytest.mark.postgres
 async def test_same_with_postgresql(mosquitto):
-    if not postgres_available():
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432")
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
     with postgres_database() as database_url:
         with logged_in_gateway(mosquitto.url, database_url=database_url) as (gw, cookie):
             assert "postgresql" in gw.log_text()

@@ -24,7 +24,6 @@ import pytest
 
 from tests.support.gateway import (
     GatewayProcess,
-    postgres_available,
     postgres_database,
 )
 from tests.test_e2e import until
@@ -158,15 +157,11 @@ async def test_a_full_buffer_drops_the_oldest_counts_and_logs_them(mosquitto):
         print(f"\nbuffer of {limit} values, SQLite locked 4 s: {dropped:.0f} dropped (counted)")
 
 
-postgres = pytest.mark.skipif(not postgres_available(), reason="PostgreSQL not reachable")
-
-
 @pytest.mark.postgres
-@postgres
 async def test_postgresql_refusing_connections_then_every_reading_is_stored_once(mosquitto):
     import psycopg
 
-    from tests.support.gateway import POSTGRES_ADMIN_URL, _dsn
+    from tests.support.gateway import _dsn, postgres_admin_url
 
     with (
         postgres_database() as url,
@@ -175,7 +170,7 @@ async def test_postgresql_refusing_connections_then_every_reading_is_stored_once
         name = url.rsplit("/", 1)[1]
         gw.create_user("operator", PASSWORD, staff=True)
         cookie = gw.login("operator", PASSWORD)
-        admin = psycopg.connect(_dsn(POSTGRES_ADMIN_URL, "postgres"), autocommit=True)
+        admin = psycopg.connect(_dsn(postgres_admin_url(), "postgres"), autocommit=True)
         try:
             async with counting_device(mosquitto.port) as device:
                 await until(lambda: stored_values(gw, cookie), what="the first reading stored")

@@ -14,7 +14,7 @@ import pytest
 
 from devices.models import Device, Reading
 from devices.views import history
-from tests.support.gateway import postgres_available, run_on_postgres
+from tests.support.gateway import run_on_postgres
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 QUERIES = {
@@ -66,7 +66,6 @@ def test_history_semantics_on_sqlite():
 
 @pytest.mark.django_db
 @pytest.mark.postgres
-@pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432")
 def test_postgresql_answers_like_sqlite():
     seed()
     on_sqlite = answers()

@@ -14,7 +14,7 @@ from django.core.management import CommandError, call_command
 
 from devices.models import Device, Reading
 from devices.views import history
-from tests.support.gateway import postgres_available, run_on_postgres
+from tests.support.gateway import run_on_postgres
 
 DAY = timedelta(days=1)
 
@@ -132,7 +132,6 @@ def test_on_sqlite(story):
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432")
 def test_on_postgresql():
     """Every story, in one child process migrated onto a throwaway database, emptied between."""
     script = (

@@ -36,7 +36,7 @@ from devices.telemetry.pipeline import get_pipeline
 from devices.telemetry.store import DeviceUpdate, write_batch
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
-from tests.support.gateway import GatewayProcess, postgres_available, postgres_database
+from tests.support.gateway import GatewayProcess, postgres_database
 
 TS = 1_764_214_000.0
 PASSWORD = secrets.token_urlsafe(12)
@@ -257,8 +257,6 @@ def background(*coros: Any) -> Iterator[None]:
 async def test_two_bridges_and_two_web_workers_share_one_redis_and_postgresql(
     mosquitto, redis_server
 ):
-    if not postgres_available():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
     gateway_id = f"scaleout-{secrets.token_hex(3)}"
     common = {"GATEWAY_ID": gateway_id, "DJANGO_SECRET_KEY": secrets.token_urlsafe(40)}
     with postgres_database() as database_url:

@@ -1,10 +1,10 @@
 """The real gateway as a child process, for end-to-end tests.
 
-`GatewayProcess` makes a fresh database, migrates it, starts `manage.py rungateway` (or
-`runmqtt`) on a free port, waits until it is ready, and on exit stops it with SIGTERM, asserting
-that it is gone within 5 s. It logs in over real HTTP and opens the dashboard WebSocket with the
-session cookie, as a browser would. `postgres_database()` lends a throwaway PostgreSQL database;
-`run_on_postgres()` runs a script on one in a child process.
+`GatewayProcess` makes a fresh database, migrates it, starts `manage.py rungateway` (or `runmqtt`)
+on a free port, waits until it is ready, and on exit stops it with SIGTERM, asserting that it is
+gone within 5 s. It logs in over real HTTP and opens the dashboard WebSocket with the session
+cookie, as a browser would. `postgres_database()` lends a throwaway PostgreSQL database (on a
+cluster of the test session's own); `run_on_postgres()` runs a script on one in a child process.
 
 Over 400 lines on purpose: every end-to-end suite drives the gateway through this one harness
 (start, readiness, login, WebSocket, history, rename, stop), so none of them copies it.
@@ -12,6 +12,7 @@ Over 400 lines on purpose: every end-to-end suite drives the gateway through thi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.cookiejar
 import json
@@ -31,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.support.servers import free_port
+from tests.support.servers import Postgres, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Variables of the developer's shell that must not leak into the gateway under test.
@@ -383,25 +384,33 @@ def _decode(raw: bytes, content_type: str) -> Any:
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
-POSTGRES_ADMIN_URL = os.environ.get("GATEWAY_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/")
+_postgres: Postgres | None = None
 
 
-def postgres_available(admin_url: str = POSTGRES_ADMIN_URL) -> bool:
-    """True when the PostgreSQL server at admin_url accepts a connection."""
-    import psycopg
+def postgres_admin_url() -> str:
+    """The tests' PostgreSQL admin URL: a throwaway cluster started once per test session.
 
-    try:
-        psycopg.connect(_dsn(admin_url, "postgres"), connect_timeout=3).close()
-    except psycopg.Error:
-        return False
-    return True
+    ``GATEWAY_TEST_POSTGRES`` (an admin URL) points the tests at an existing server instead.
+    Without PostgreSQL installed this raises, naming the package: the tests fail, never skip.
+    """
+    global _postgres
+    external = os.environ.get("GATEWAY_TEST_POSTGRES")
+    if external:
+        return external
+    if _postgres is None:
+        server = Postgres()
+        server.start()
+        atexit.register(server.__exit__, None, None, None)
+        _postgres = server
+    return _postgres.url
 
 
 @contextlib.contextmanager
-def postgres_database(admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
+def postgres_database(admin_url: str | None = None) -> Iterator[str]:
     """A uniquely named empty database for one test; yields its DATABASE_URL, drops it after."""
     import psycopg
 
+    admin_url = admin_url or postgres_admin_url()
     name = f"gateway_test_{secrets.token_hex(6)}"
     with psycopg.connect(_dsn(admin_url, "postgres"), autocommit=True, connect_timeout=5) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -156,3 +158,97 @@ class Redis(ServerProcess):
             "--dir",
             str(self.workdir),
         ]
+
+
+class Postgres(ServerProcess):
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<port>: initdb once, trust auth, no fsync.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user
+    that Debian's package creates, and its programs run as that user. `stop()`/`start()`
+    restart the same cluster; `kill()` is a crash (SIGKILL), after which `start()` recovers.
+    """
+
+    name = "postgres"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bindir = postgres_bindir()
+        self.data = self.workdir / "data"
+        self._user: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            self._user = (entry.pw_uid, entry.pw_gid)
+            os.chown(self.workdir, *self._user)
+        subprocess.run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+            check=True,
+            capture_output=True,
+            preexec_fn=self._drop_privileges,
+        )
+
+    @property
+    def url(self) -> str:
+        """The admin URL (database ``postgres``, user ``postgres``)."""
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _drop_privileges(self) -> None:
+        if self._user:
+            os.setgid(self._user[1])
+            os.setuid(self._user[0])
+
+    def command(self) -> list[str]:
+        return [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(self.data),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.workdir}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+        ]
+
+    def start(self) -> None:
+        log = open(self.workdir / "log.txt", "ab")
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            preexec_fn=self._drop_privileges,
+        )
+        log.close()
+        wait_for_port(self.port, timeout=30)
+
+
+def postgres_bindir() -> Path:
+    """The newest installed PostgreSQL's bin folder (Debian: /usr/lib/postgresql/<v>/bin)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name)
+    )
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).parent
+    raise RuntimeError("PostgreSQL not found: install it with `apt-get install postgresql`")
