@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,17 @@ from channels.layers import get_channel_layer
 
 from tests.support.runtime import stop_loop_services
 from tests.support.servers import Mosquitto, Redis
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI a skipped test fails: every test drives a real component that CI must install."""
+    report = yield
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI ({reason}): install what it needs in bin/setup"
+    return report
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -383,10 +383,8 @@ async def test_slow_socket_on_a_real_server_is_closed_4008_and_resyncs(layer, se
 
 async def test_the_gateway_application_serves_the_dashboard(layer, session_cookie):
     """The same checks through gateway.asgi.application, as servers load it."""
-    try:
-        from gateway.asgi import application
-    except ImportError as exc:  # another room is not written yet
-        pytest.skip(f"gateway.asgi not importable yet: {exc}")
+    from gateway.asgi import application
+
     anonymous = WebsocketCommunicator(application, "/ws/dashboard/", headers=ws_headers(None))
     assert not (await anonymous.connect(timeout=5))[0]
     await anonymous.disconnect()

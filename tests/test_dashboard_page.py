@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import time
 from pathlib import Path
 
@@ -159,9 +158,6 @@ def test_styles_follow_the_system_colour_scheme():
     assert "prefers-color-scheme: dark" in (STATIC / "app.css").read_text()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("devices.urls") is None, reason="devices.urls not written yet"
-)
 @pytest.mark.urls("gateway.urls")
 def test_the_site_routes_to_the_dashboard():
     assert resolve("/").func is views.index

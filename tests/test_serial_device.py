@@ -127,15 +127,7 @@ async def test_device_command_message_is_written_as_one_json_line(layer):
     await comm.disconnect()
 
 
-def _command_table_exists() -> bool:
-    from django.db import connection
-
-    return Command._meta.db_table in connection.introspection.table_names()
-
-
 async def test_command_service_delivery_and_ack(layer, dashboard, django_user_model):
-    if not await database_sync_to_async(_command_table_exists)():
-        pytest.skip("devices.Command has no migration yet (commands room)")
     await Device.objects.acreate(id="ser-d", transport="serial")
     admin = await database_sync_to_async(django_user_model.objects.create_superuser)(
         "root", password="x"
