@@ -14,6 +14,10 @@ MQTT_CONNECTED = Gauge(
 MQTT_MESSAGES_RECEIVED = Counter(
     "gateway_mqtt_messages_received", "MQTT messages received from the broker"
 )
+MQTT_MESSAGES_PARKED = Counter(
+    "gateway_mqtt_messages_parked",
+    "QoS 1/2 messages queued past a busy device instance's limit instead of stalling the others",
+)
 MQTT_MESSAGES_DROPPED = Counter(
     "gateway_mqtt_messages_dropped",
     "MQTT messages the bridge dropped before any consumer saw them",

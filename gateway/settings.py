@@ -277,7 +277,7 @@ GATEWAY = {
     # When set, /metrics requires "Authorization: Bearer <token>".
     "METRICS_TOKEN": os.environ.get("METRICS_TOKEN", "").strip(),
     # Per-instance inbound queue of the MQTT bridge (events); QoS 0 dropped when full,
-    # QoS 1/2 wait (backpressure on the socket).
+    # QoS 1/2 kept (the broker's in-flight window bounds them; other devices never wait).
     "MQTT_INSTANCE_QUEUE": env_int("GATEWAY_MQTT_INSTANCE_QUEUE", 256),
     # Device instances idle this long are retired (their state lives in the database).
     "MQTT_INSTANCE_IDLE_SECONDS": env_float("GATEWAY_MQTT_INSTANCE_IDLE_SECONDS", 600.0),

@@ -271,7 +271,7 @@ async def test_qos0_overflow_is_dropped_and_counted(mosquitto):
         await next_record("connect")
         for i in range(30):
             await pub.publish("devices/q1/telemetry", str(i).encode(), qos=0)
-        await pub.publish("devices/q1/telemetry", b"last", qos=1)  # QoS 1 waits for room
+        await pub.publish("devices/q1/telemetry", b"last", qos=1)  # QoS 1 is kept
         await asyncio.sleep(0.3)
         GATE.set()
         received = []
@@ -280,6 +280,23 @@ async def test_qos0_overflow_is_dropped_and_counted(mosquitto):
     lost = metric("gateway_mqtt_messages_dropped_total", reason="queue_full") - dropped
     assert lost >= 20
     assert len(received) == 1 + 30 - lost + 1  # block + survivors + last, none lost uncounted
+
+
+async def test_a_stuck_instance_with_a_full_queue_delays_no_other_device(mosquitto):
+    """QoS 1 past a busy instance's limit is kept, not waited for: other devices go on."""
+    parked = metric("gateway_mqtt_messages_parked_total")
+    async with running(make_server(mosquitto, instance_queue=3)), client(mosquitto) as pub:
+        await pub.publish("devices/stuck/telemetry", b"block", qos=1)
+        await next_record("connect")  # the stuck instance runs, blocked in its handler
+        for i in range(10):  # its queue holds 3; seven more are parked behind them
+            await pub.publish("devices/stuck/telemetry", str(i).encode(), qos=1)
+        await pub.publish("devices/other/telemetry", b"fresh", qos=1)
+        device, _, _, message = await next_record("message")
+        assert (device, message["payload"]) == ("other", b"fresh"), "served while stuck waits"
+        assert metric("gateway_mqtt_messages_parked_total") - parked == 7
+        GATE.set()
+        received = [(await next_record("message"))[3]["payload"] for _ in range(11)]
+    assert received == [b"block", *(str(i).encode() for i in range(10))], "none lost, in order"
 
 
 async def test_broker_restart_reconnects_replays_subscriptions_and_resumes(mosquitto):

@@ -47,13 +47,13 @@ class Instance:
     """One live application instance: its task, event queue and last activity time.
 
     Thousands live at once (one per device), so the queue is a plain list (short: usually
-    empty or one event; a deque costs 600 bytes even empty) with at most one waiting future
-    each way, created only while someone waits, instead of an asyncio.Queue and Event
+    empty or one event; a deque costs 600 bytes even empty) with at most one waiting future,
+    created only while the application waits, instead of an asyncio.Queue and Event
     (~5 KB per instance; docs/performance.md).
     """
 
     __slots__ = (
-        "key", "match", "queue", "task", "last_active", "waiter", "space", "limit", "retired",
+        "key", "match", "queue", "task", "last_active", "waiter", "limit", "retired",
         "pool", "pressed", "static", "streak",
     )  # fmt: skip
 
@@ -66,7 +66,6 @@ class Instance:
         # Unbounded itself; the pool enforces `limit` on messages and `CONTROL_SLACK`.
         self.queue: list[dict[str, Any]] = []
         self.waiter: asyncio.Future[None] | None = None  # the application waiting in receive
-        self.space: asyncio.Future[None] | None = None  # a producer waiting for room
         self.task: asyncio.Task[Any] | None = None
         self.last_active = asyncio.get_running_loop().time()
         self.retired = False
@@ -81,7 +80,7 @@ class Instance:
             waiter.set_result(None)
 
     async def receive(self) -> dict[str, Any]:
-        """The ASGI `receive` of this instance; wakes a producer waiting for queue space.
+        """The ASGI `receive` of this instance.
 
         Events already queued are returned without a loop turn (cheaper, and more readings
         of a device coalesce downstream), but at most `STREAK` in a row: then it yields once,
@@ -101,11 +100,7 @@ class Instance:
                 self.waiter = None
         self.streak += 1
         event = queue.pop(0)
-        size = len(queue)
-        space = self.space
-        if space is not None and size < self.limit and not space.done():
-            space.set_result(None)
-        if self.pressed and size <= self.pool.low_water:
+        if self.pressed and len(queue) <= self.pool.low_water:
             self.pool.relieve(self)
         return event
 
@@ -182,8 +177,15 @@ class InstancePool:
         self._instances[inst.key] = inst
         return inst
 
-    async def deliver(self, match: Match, event: dict[str, Any], qos: int) -> None:
-        """Queue a message for its instance: QoS 0 dropped+counted when full, QoS≥1 waits."""
+    def deliver(self, match: Match, event: dict[str, Any], qos: int) -> None:
+        """Queue a message for its instance, never waiting: one slow instance stalls no other.
+
+        Past the queue's limit a QoS 0 message is dropped and counted; a QoS≥1 one is kept
+        (parked behind the others): it is acknowledged only once the app has handled it, so
+        the broker never has more than its in-flight window (Receive Maximum on v5,
+        max_inflight_messages on 3.1.1) of them outstanding to us, whichever instance holds
+        them. Waiting for room instead would stop the receive loop for every device.
+        """
         key = match.instance_key
         inst = self._instances.pop(key, None)
         if inst is None or inst.task is None or inst.task.done():
@@ -201,17 +203,7 @@ class InstancePool:
         if qos == 0:
             metrics.MQTT_MESSAGES_DROPPED.labels("queue_full").inc()
             return
-        # Backpressure: stop reading until the instance makes room (or dies and is replaced).
-        while len(queue) >= self.limit:
-            inst.space = space = asyncio.get_running_loop().create_future()
-            assert inst.task is not None
-            try:
-                await asyncio.wait({space, inst.task}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                inst.space = None
-            if inst.task.done() or inst.retired:
-                await self.deliver(match, event, qos)
-                return
+        metrics.MQTT_MESSAGES_PARKED.inc()
         inst.put(event)
 
     def broadcast(self, event: dict[str, Any]) -> None:

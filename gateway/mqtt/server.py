@@ -242,7 +242,8 @@ class MqttServer:
         client.pending_calls_threshold = 10_000
         # aiomqtt has no option for these two paho features, so set them on its paho client:
         # manual acks (PUBACK only when the app sends `mqtt.ack`, e.g. once stored: no loss
-        # on a crash, and backpressure) and the CONNACK session-present flag (mqtt.connect).
+        # on a crash, and flow control by the broker's in-flight window) and the CONNACK
+        # session-present flag (mqtt.connect).
         paho = client._client
         paho.manual_ack_set(True)
         on_connect = paho.on_connect
@@ -400,7 +401,7 @@ class MqttServer:
             }
             if message.qos:
                 event["ack"] = ledger.handle(message.mid, message.qos)
-            await deliver(match, event, message.qos)
+            deliver(match, event, message.qos)
 
     # --- send path ----------------------------------------------------------------------
     async def _app_send(self, event: Any) -> None:
