@@ -10,7 +10,7 @@ from typing import Protocol
 
 
 class Bridge(Protocol):
-    """An interface server as /healthz sees it."""
+    """An interface server as /healthz sees it (and, optionally, `stalled_for` seconds)."""
 
     @property
     def connected(self) -> bool: ...

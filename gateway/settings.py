@@ -292,6 +292,9 @@ GATEWAY = {
     "MQTT_BRIDGE_ID": os.environ.get("GATEWAY_BRIDGE_ID", "").strip(),
     # Largest MQTT payload the gateway parses; larger ones are rejected (reason too_large).
     "MAX_PAYLOAD_BYTES": env_int("GATEWAY_MAX_PAYLOAD_BYTES", 64 * 1024),
+    # /healthz says 503 "ingest stalled" when un-acknowledged MQTT messages have waited this
+    # long with no acknowledgement at all (the bridge is connected but nothing gets stored).
+    "HEALTH_STALL_SECONDS": env_float("GATEWAY_HEALTH_STALL_SECONDS", 30.0),
     # Telemetry writes: one transaction per batch of at most this many readings, at most
     # this many seconds after the first pending one.
     "TELEMETRY_BATCH_SIZE": env_int("GATEWAY_TELEMETRY_BATCH_SIZE", 2000),

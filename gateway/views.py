@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import secrets
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -130,15 +131,25 @@ async def mqtt_state() -> tuple[str, str]:
 @never_cache
 @require_GET
 async def healthz(request: HttpRequest) -> JsonResponse:
-    """200 when the broker and the database are reachable, else 503 (never hangs)."""
+    """200 when the broker and database are reachable and ingest moves, else 503 (never hangs).
+
+    Ingest is stalled when the in-process bridge holds un-acknowledged messages and has
+    acknowledged none for ``GATEWAY_HEALTH_STALL_SECONDS``: connected, yet storing nothing.
+    """
     (mqtt, source), db_ok = await asyncio.gather(mqtt_state(), database_ok())
-    body = {
+    bridge = runtime.get("mqtt")
+    stalled = float(getattr(bridge, "stalled_for", 0.0)) if bridge is not None else 0.0
+    moving = stalled < settings.GATEWAY["HEALTH_STALL_SECONDS"]
+    body: dict[str, Any] = {
         "mqtt": mqtt,
         "mqtt_check": source,
         "database": "ok" if db_ok else "error",
+        "ingest": "ok" if moving else "stalled",
         "gateway_id": settings.GATEWAY["GATEWAY_ID"],
     }
-    healthy = mqtt == "connected" and db_ok
+    if not moving:
+        body["ingest_stalled_seconds"] = round(stalled, 1)
+    healthy = mqtt == "connected" and db_ok and moving
     return JsonResponse(body, status=200 if healthy else 503)
 
 

@@ -24,10 +24,11 @@ pytestmark = [
 
 
 class Bridge:
-    """What gateway.runtime needs of an interface server: a `connected` flag."""
+    """What gateway.runtime needs of an interface server: a `connected` flag (and a stall)."""
 
     def __init__(self, connected: bool) -> None:
         self.connected = connected
+        self.stalled_for = 0.0
 
 
 @pytest.fixture
@@ -62,8 +63,23 @@ def test_healthy_with_a_connected_bridge(client, mqtt_bridge, settings):
         "mqtt": "connected",
         "mqtt_check": "bridge",
         "database": "ok",
+        "ingest": "ok",
         "gateway_id": settings.GATEWAY["GATEWAY_ID"],
     }
+
+
+@pytest.mark.django_db
+def test_a_connected_bridge_that_acknowledges_nothing_is_unhealthy(client, mqtt_bridge, settings):
+    settings.GATEWAY = {**settings.GATEWAY, "HEALTH_STALL_SECONDS": 30.0}
+    bridge = mqtt_bridge(True)
+    bridge.stalled_for = 29.0  # messages wait, but the last ack is recent enough
+    assert client.get("/healthz").status_code == 200
+    bridge.stalled_for = 31.0
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["mqtt"] == "connected"
+    assert response.json()["ingest"] == "stalled"
+    assert response.json()["ingest_stalled_seconds"] == 31.0
 
 
 @pytest.mark.django_db

@@ -26,6 +26,7 @@ from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.url import parse_broker_url
 from tests.support.servers import free_port
+from tests.support.waiting import until
 
 RECORDS: asyncio.Queue = asyncio.Queue()
 GATE = asyncio.Event()
@@ -297,6 +298,19 @@ async def test_a_stuck_instance_with_a_full_queue_delays_no_other_device(mosquit
         GATE.set()
         received = [(await next_record("message"))[3]["payload"] for _ in range(11)]
     assert received == [b"block", *(str(i).encode() for i in range(10))], "none lost, in order"
+
+
+async def test_stalled_for_counts_while_nothing_is_acknowledged(mosquitto):
+    """`stalled_for` (what /healthz reads) grows while a QoS 1 message waits, unacked."""
+    async with running(make_server(mosquitto)) as server, client(mosquitto) as pub:
+        assert server.stalled_for == 0.0
+        await pub.publish("devices/slow/telemetry", b"block", qos=1)
+        await next_record("connect")
+        await asyncio.sleep(0.3)
+        assert server.stalled_for >= 0.25
+        GATE.set()
+        await next_record("message")  # handled, then acknowledged by MqttConsumer
+        await until(lambda: server.stalled_for == 0.0, what="stall over once acknowledged")
 
 
 async def test_broker_restart_reconnects_replays_subscriptions_and_resumes(mosquitto):

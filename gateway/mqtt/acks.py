@@ -9,6 +9,7 @@ a gateway that dies redelivers it on restart instead of losing it (docs/reliabil
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 
@@ -39,11 +40,15 @@ class AckLedger:
         self.paho = paho
         self.outstanding = 0
         self.closed = False
+        # When the ledger last made progress: an ack, or the first message of a busy spell.
+        self.progress = time.monotonic()
         self._drained = asyncio.Event()
         self._drained.set()
 
     def handle(self, mid: int, qos: int) -> AckHandle:
         """A handle for a message about to be delivered to the application."""
+        if not self.outstanding:
+            self.progress = time.monotonic()
         self.outstanding += 1
         self._drained.clear()
         return AckHandle(self, mid, qos)
@@ -54,10 +59,15 @@ class AckLedger:
             return
         handle.done = True
         self.outstanding -= 1
+        self.progress = time.monotonic()
         if not self.closed:
             self.paho.ack(handle.mid, handle.qos)
         if self.outstanding == 0:
             self._drained.set()
+
+    def stalled_for(self) -> float:
+        """Seconds messages have waited with no acknowledgement at all (0 when none wait)."""
+        return time.monotonic() - self.progress if self.outstanding and not self.closed else 0.0
 
     def close(self) -> None:
         """The connection is gone: later acks of its handles are no-ops."""

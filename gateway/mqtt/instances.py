@@ -142,6 +142,9 @@ class InstancePool:
     def __len__(self) -> int:
         return len(self._instances)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._instances
+
     def start(self) -> None:
         """Start the idle-retirement timer (one task for all instances); tune the GC."""
         tune_gc()

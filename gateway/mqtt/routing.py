@@ -9,7 +9,7 @@ instance (route + key parameters) a message belongs to.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,11 @@ class Match:
     pattern: str
 
 
+#: A route's check of a new instance's key parameters: None admits, a string is the reason
+#: (a `gateway_messages_rejected_total` label) the message is refused for.
+Admit = Callable[[Mapping[str, str]], str | None]
+
+
 @dataclass
 class TopicRoute:
     """Patterns routed to one ASGI application; `key` names the params that pick the instance."""
@@ -113,6 +118,7 @@ class TopicRoute:
     key: tuple[str, ...]
     name: str | None = None
     static: bool = False
+    admit: Admit | None = None
     id: str | int = field(default="", init=False)
 
 
@@ -123,12 +129,15 @@ def topic(
     key: Sequence[str] | None = None,
     name: str | None = None,
     static: bool = False,
+    admit: Admit | None = None,
 ) -> TopicRoute:
     """Route MQTT topic patterns to `app`; one app instance per distinct value of `key` params.
 
     `key` defaults to the parameters common to all patterns (e.g. `device_id`). A `static`
     route has no key (one instance), started on connect without waiting for a message and
     never retired for idleness: a service that publishes on its own (docs/asgi-mqtt.md).
+    `admit(key_params)` is asked before an instance is created for a new key: a reason string
+    refuses the message (counted and acknowledged) before anything is allocated for it.
     """
     texts = [patterns] if isinstance(patterns, str) else list(patterns)
     if not texts:
@@ -144,7 +153,9 @@ def topic(
         raise ValueError(f"route application {app!r} is not callable")
     if static and key_names:
         raise ValueError(f"a static route has one instance: no key parameters, not {key_names}")
-    return TopicRoute(compiled, app, key_names, name, static)
+    if admit is not None and not callable(admit):
+        raise ValueError(f"admit {admit!r} is not callable")
+    return TopicRoute(compiled, app, key_names, name, static, admit)
 
 
 class TopicRouter:
@@ -175,6 +186,11 @@ class TopicRouter:
     def subscriptions(self) -> list[str]:
         """The MQTT subscription filters covering every pattern, deduplicated, in route order."""
         return list(dict.fromkeys(pattern.filter for _, pattern in self._table))
+
+    def refusal(self, match: Match) -> str | None:
+        """Why a new instance for `match` is refused (its route's `admit`), or None."""
+        admit = self._by_id[match.route].admit
+        return None if admit is None else admit(match.key_params)
 
     def resolve(self, topic_name: str) -> Match | None:
         """The first route whose pattern matches `topic_name`, with its params, else None."""

@@ -136,6 +136,12 @@ class MqttServer:
         return len(self._pool)
 
     @property
+    def stalled_for(self) -> float:
+        """Seconds un-acknowledged messages have waited with no ack at all: ingest is stuck."""
+        ledger = self._ledger
+        return ledger.stalled_for() if ledger is not None else 0.0
+
+    @property
     def unacknowledged(self) -> int:
         """QoS>0 messages of this connection handed to the app and not yet acknowledged."""
         return self._ledger.outstanding if self._ledger is not None else 0
@@ -371,8 +377,10 @@ class MqttServer:
         paho = client._client
         ledger = self._ledger
         assert ledger is not None
-        resolve = self.router.resolve
-        deliver = self._pool.deliver
+        resolve, refusal = self.router.resolve, self.router.refusal
+        pool = self._pool
+        deliver = pool.deliver
+        rejected = metrics.MESSAGES_REJECTED
         received = metrics.MQTT_MESSAGES_RECEIVED
         status, status_topic = self._status, self.status_topic
         while True:
@@ -383,9 +391,13 @@ class MqttServer:
                 status.heard(client, message)  # type: ignore[union-attr]
                 continue
             match = resolve(topic)
-            if match is None:
-                metrics.MQTT_MESSAGES_DROPPED.labels("no_route").inc()
-                metrics.MESSAGES_REJECTED.labels("bad_topic").inc()
+            if match is None or (
+                match.instance_key not in pool and (reason := refusal(match)) is not None
+            ):
+                if match is None:  # nothing is allocated for a refused message
+                    metrics.MQTT_MESSAGES_DROPPED.labels("no_route").inc()
+                    reason = "bad_topic"
+                rejected.labels(reason).inc()
                 if message.qos:
                     paho.ack(message.mid, message.qos)
                 continue
