@@ -196,3 +196,22 @@ def test_find_topic_router():
         find_topic_router(ProtocolTypeRouter({"http": app_a}))
     with pytest.raises(ValueError, match="no TopicRouter"):
         find_topic_router(app_a)
+
+
+def test_a_route_refuses_a_new_key_with_its_reason():
+    router = TopicRouter(
+        [
+            topic(
+                "devices/{device_id}/telemetry",
+                app_a,
+                name="device",
+                admit=lambda key: None if len(key["device_id"]) <= 8 else "bad_device_id",
+            ),
+            topic("logs/{path:#}", app_b, name="logs"),
+        ]
+    )
+    assert router.refusal(router.resolve("devices/short/telemetry")) is None
+    assert router.refusal(router.resolve("devices/" + "x" * 9 + "/telemetry")) == "bad_device_id"
+    assert router.refusal(router.resolve("logs/a/b")) is None, "no admit: every key is admitted"
+    with pytest.raises(ValueError, match="not callable"):
+        topic("x/{a}", app_a, admit="yes")

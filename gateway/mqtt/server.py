@@ -36,7 +36,12 @@ from gateway.mqtt.events import (
 from gateway.mqtt.instances import InstancePool
 from gateway.mqtt.routing import find_topic_router
 from gateway.mqtt.status import OFFLINE, ONLINE, StatusTopic
-from gateway.mqtt.tuning import inbox_type, read_burst, share_property_tables
+from gateway.mqtt.tuning import (
+    NoTopicCallbacks,
+    inbox_type,
+    read_burst,
+    share_property_tables,
+)
 from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
 logger = logging.getLogger("gateway.mqtt")
@@ -262,6 +267,7 @@ class MqttServer:
         # aiomqtt calls paho's loop_read() once per "socket readable" event, and paho reads one
         # packet per call, so each message cost a whole event-loop turn (and its own fan-out).
         paho.loop_read = functools.partial(read_burst, paho, self._pool)
+        paho._on_message_filtered = NoTopicCallbacks()
         return client, holder
 
     async def _connection_loop(self) -> None:

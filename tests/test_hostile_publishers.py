@@ -1,0 +1,125 @@
+"""Hostile or broken publishers cannot stall, exhaust or poison the gateway (docs/reliability.md).
+
+Each story replays an attack through a real mosquitto into a real `rungateway` process while an
+unaffected device keeps publishing one reading every 50 ms: its readings must keep reaching a
+logged-in dashboard within a second, all of them must be stored, every refused message is
+counted by reason, nothing permanent is left behind for the refused input, and the process's
+memory stays within the bound docs/reliability.md states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+import aiomqtt
+import psutil
+import pytest
+
+from tests.support.gateway import GatewayProcess
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = secrets.token_urlsafe(12)
+PERIOD = 0.05
+
+
+class Probe:
+    """An unaffected device publishing `{"n": i}` (QoS 1) and a dashboard timing each reading."""
+
+    def __init__(self, gw: GatewayProcess, port: int, cookie: str, device: str = "probe") -> None:
+        self.gw, self.port, self.cookie, self.device = gw, port, cookie, device
+        self.sent: dict[int, float] = {}
+        self.latency: dict[int, float] = {}
+
+    async def _publish(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"{self.device}-dev") as dev:
+            for n in range(1, 1_000_000):
+                self.sent[n] = time.monotonic()
+                await dev.publish(f"devices/{self.device}/telemetry", json.dumps({"n": n}), qos=1)
+                await asyncio.sleep(PERIOD)
+
+    async def _watch(self, ws) -> None:
+        shown = 0  # frames coalesce a device's readings: a frame with n shows all up to n
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame.get("type") == "telemetry" and frame.get("device") == self.device:
+                now = time.monotonic()
+                n = int(frame["metrics"]["n"])
+                for m in range(shown + 1, n + 1):
+                    self.latency[m] = now - self.sent[m]
+                shown = max(shown, n)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Probe]:
+        async with self.gw.ws_connect(self.cookie, max_size=2**24) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
+            tasks = [asyncio.create_task(self._watch(ws)), asyncio.create_task(self._publish())]
+            try:
+                yield self
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def p99(self) -> float:
+        """The 99th percentile of the seen readings' latency; every sent one must be seen."""
+        settled = [n for n in self.sent if self.sent[n] < time.monotonic() - 2.0]
+        missing = [n for n in settled if n not in self.latency]
+        assert not missing, f"readings never shown on the dashboard: {missing[:10]}"
+        return statistics.quantiles(self.latency.values(), n=100)[98]
+
+    async def all_stored(self) -> None:
+        """Every reading the probe published is in the history API (after the last flush)."""
+        last = max(self.latency)
+        async with asyncio.timeout(10):
+            while True:
+                points = await asyncio.to_thread(self.gw.history, self.cookie, self.device, "n")
+                if {int(v) for _, v in points} >= set(range(1, last + 1)):
+                    return
+                await asyncio.sleep(0.2)
+
+
+def rss(gw: GatewayProcess) -> int:
+    assert gw.proc is not None
+    return psutil.Process(gw.proc.pid).memory_info().rss
+
+
+def rejected(gw: GatewayProcess, reason: str) -> float:
+    return gw.metric("gateway_messages_rejected_total", f'reason="{reason}"')
+
+
+@pytest.fixture
+def gateway(mosquitto):
+    with GatewayProcess(mosquitto.url) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        yield gw, gw.login("operator", PASSWORD)
+
+
+async def test_invalid_device_ids_cost_no_instance_and_no_memory(mosquitto, gateway):
+    """5,000 QoS 1 publishes to 60,000-character ids: refused before any instance exists."""
+    gw, cookie = gateway
+    before = rejected(gw, "bad_device_id")
+    async with Probe(gw, mosquitto.port, cookie).running() as probe:
+        await asyncio.sleep(1.0)
+        rss_before = rss(gw)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="hostile") as hostile:
+            for i in range(5000):
+                device = f"{i:05d}" + "x" * 60_000
+                await hostile.publish(f"devices/{device}/telemetry", b'{"t": 1}', qos=1)
+        while rejected(gw, "bad_device_id") - before < 5000:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        growth = rss(gw) - rss_before
+        latency = probe.p99()
+    assert rejected(gw, "bad_device_id") - before == 5000
+    assert growth < 20 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB (bound: 20 MiB)"
+    assert latency < 1.0, f"p99 {latency:.3f} s while attacked"
+    await probe.all_stored()
+    status, devices = gw.http_get("/api/devices/", cookie)
+    assert status == 200 and [d["id"] for d in devices] == ["probe"], "no rows for refused ids"
