@@ -127,6 +127,19 @@ async def test_device_command_message_is_written_as_one_json_line(layer):
     await comm.disconnect()
 
 
+async def test_an_mqtt_instance_of_the_same_id_sharing_its_state_is_ignored(layer):
+    """`device.state` from an MQTT instance of the same id neither crashes nor changes the port."""
+    comm = SerialCommunicator(APP, "loop://?device=ser-s")
+    await comm.connect()
+    await comm.receive_nothing(0.2)
+    await layer.group_send("device.ser-s", {"type": "device.state", "online": False, "at": 1.0})
+    await layer.group_send(
+        "device.ser-s", {"type": "device.command", "id": "c2", "name": "ping", "args": {}}
+    )
+    assert orjson.loads(await comm.receive_write(timeout=5))["id"] == "c2", "still serving"
+    await comm.disconnect()
+
+
 async def test_command_service_delivery_and_ack(layer, dashboard, django_user_model):
     await Device.objects.acreate(id="ser-d", transport="serial")
     admin = await database_sync_to_async(django_user_model.objects.create_superuser)(
@@ -200,8 +213,15 @@ async def test_mirroring_visible_to_a_plain_mqtt_subscriber(mosquitto, layer, da
         telemetry = got["devices/ser-m/telemetry"]
         assert orjson.loads(telemetry.payload) == {"temp": 21.5, "ts": 1764214000.0}
         # The gateway's own MQTT bridge recognises (and skips) its mirror's publishes.
-        assert mirror.is_mirror_echo(properties_to_dict(telemetry.properties))
-        assert not mirror.is_mirror_echo({"user_properties": [("gateway-mirror", "other")]})
+        topic, payload = "devices/ser-m/telemetry", telemetry.payload
+        assert mirror.is_mirror_echo(topic, payload, properties_to_dict(telemetry.properties))
+        # Copying the property onto another payload (or topic) does not make it an echo.
+        copied = properties_to_dict(telemetry.properties)
+        assert not mirror.is_mirror_echo(topic, b'{"temp": 99}', copied)
+        assert not mirror.is_mirror_echo("devices/other/telemetry", payload, copied)
+        assert not mirror.is_mirror_echo(
+            topic, payload, {"user_properties": [("gateway-mirror", "x")]}
+        )
         await mirror.close_mirror()
     # The last status is retained: a late subscriber sees the device offline.
     async with aiomqtt.Client("127.0.0.1", mosquitto.port) as late:

@@ -387,7 +387,8 @@ async def test_unclean_stop_then_restart_without_the_port(mosquitto, tmp_path):
 
 async def test_runserial_alone_beside_a_web_process(mosquitto, redis_server, tmp_path):
     """`runserial` reaches the dashboards of a separate `rungateway` through Redis; sharing the
-    GATEWAY_ID, the web process's MQTT bridge skips the mirror echoes (stored once)."""
+    GATEWAY_ID and secret key (one environment, as deployed), the web process's MQTT bridge
+    skips the mirror echoes (stored once)."""
     link = tmp_path / "usb-split"
     async with plugged(link) as port:
         with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
@@ -398,7 +399,10 @@ async def test_runserial_alone_beside_a_web_process(mosquitto, redis_server, tmp
                 command="runserial",
                 redis_url=redis_server.url,
                 database_url=web.database_url,
-                env={"GATEWAY_ID": web.gateway_id},
+                env={
+                    "GATEWAY_ID": web.gateway_id,
+                    "DJANGO_SECRET_KEY": web.env["DJANGO_SECRET_KEY"],
+                },
                 args=["--serial", f"{link}?device=split-1"],
             )
             with bridge:

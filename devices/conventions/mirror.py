@@ -14,10 +14,13 @@ messages when it restarts).
 
 Echoes: the gateway's own MQTT bridge is subscribed to ``devices/+/...`` and receives these
 publishes back. Each mirrored publish carries the MQTT v5 user property
-``gateway-mirror: <GATEWAY_ID>``; `is_mirror_echo(properties)` tells the MQTT device consumer
-to skip it, so a serial reading is stored once, with transport ``serial``. (Recognising the
-device's transport instead would need shared state across processes — runserial and runmqtt
-may be separate — and races on a device's first message; the property is exact and
+``gateway-mirror: <mark>``, an HMAC of its topic and payload under a key derived from the
+gateway's secret key and id (`mirror_mark`); `is_mirror_echo(topic, payload, properties)`
+tells the MQTT device consumer to skip it, so a serial reading is stored once, with transport
+``serial``. Every process of one gateway shares the secret key, so runserial and runmqtt may be
+separate; another publisher cannot forge a mark for its own payload, so copying the property
+never makes its messages vanish. (Recognising the device's transport instead would need
+shared state across processes and races on a device's first message; the mark is exact and
 stateless.) Mirroring is on by default; ``SERIAL_MIRROR=0`` or `configure(enabled=False)`
 turns it off.
 """
@@ -26,6 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -73,13 +79,34 @@ def enabled() -> bool:
     return bool(settings.GATEWAY["SERIAL_MIRROR"])
 
 
-def is_mirror_echo(properties: Mapping[str, Any] | None) -> bool:
+@functools.cache
+def _mark_key(secret_key: str, gateway_id: str) -> bytes:
+    return hashlib.sha256(f"gateway-mirror\0{gateway_id}\0{secret_key}".encode()).digest()
+
+
+def mirror_mark(topic: str, payload: bytes) -> str:
+    """The mark of this gateway's mirrored publish: HMAC-SHA256 of topic and payload, 32 hex."""
+    key = _mark_key(settings.SECRET_KEY, _gateway_id())
+    return hmac.new(key, topic.encode() + b"\0" + payload, hashlib.sha256).hexdigest()[:32]
+
+
+def is_mirror_echo(topic: str, payload: bytes, properties: Mapping[str, Any] | None) -> bool:
     """True when an incoming MQTT message is this gateway's own mirror of a serial device."""
     if not properties:
         return False
-    pairs = properties.get("user_properties") or ()
-    gateway_id = _gateway_id()
-    return any(k == MIRROR_PROPERTY and v == gateway_id for k, v in pairs)
+    for key, value in properties.get("user_properties") or ():
+        if key == MIRROR_PROPERTY:
+            return isinstance(value, str) and hmac.compare_digest(
+                value, mirror_mark(topic, payload)
+            )
+    return False
+
+
+def marked(topic: str, payload: bytes) -> Properties:
+    """PUBLISH properties carrying this publish's mirror mark."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [(MIRROR_PROPERTY, mirror_mark(topic, payload))]
+    return props
 
 
 def get_mirror() -> Mirror | None:
@@ -115,8 +142,6 @@ class Mirror:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
-        self._props = Properties(PacketTypes.PUBLISH)
-        self._props.UserProperty = [(MIRROR_PROPERTY, _gateway_id())]
 
     def telemetry(self, device_id: str, ts: float, metrics: Mapping[str, float | bool]) -> None:
         """Queue ``devices/<id>/telemetry`` with the reading's metrics and ``ts``."""
@@ -200,20 +225,17 @@ class Mirror:
             while self._status or self._telemetry:
                 if self._status:
                     device_id, online = next(iter(self._status.items()))
+                    topic = f"devices/{device_id}/status"
+                    payload = b"online" if online else b"offline"
                     await client.publish(
-                        f"devices/{device_id}/status",
-                        b"online" if online else b"offline",
-                        qos=1,
-                        retain=True,
-                        properties=self._props,
+                        topic, payload, qos=1, retain=True, properties=marked(topic, payload)
                     )
                     if self._status.get(device_id) is online:  # unchanged while publishing
                         del self._status[device_id]
                 else:
                     device_id, payload = self._telemetry[0]
-                    await client.publish(
-                        f"devices/{device_id}/telemetry", payload, qos=0, properties=self._props
-                    )
+                    topic = f"devices/{device_id}/telemetry"
+                    await client.publish(topic, payload, qos=0, properties=marked(topic, payload))
                     self._telemetry.popleft()
             self._idle.set()
             self._wake.clear()

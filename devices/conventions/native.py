@@ -97,7 +97,7 @@ class DeviceConsumer(MqttConsumer):
         if not self.valid:
             MESSAGES_REJECTED.labels(reason="bad_device_id").inc()
             return
-        if is_mirror_echo(event.get("properties")):
+        if is_mirror_echo(event["topic"], event["payload"], event.get("properties")):
             return  # our own mirror of a serial device: already stored by the serial bridge
         try:
             await self.handle_message(event.get("pattern"), event)

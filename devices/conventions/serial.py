@@ -153,6 +153,12 @@ class SerialDeviceConsumer(SerialConsumer):
         if not await commands.apply_ack(self.device_id, ack.id, ack.ok, ack.result, ack.error):
             raise Rejected("unknown_command", f"no command {ack.id!r} awaiting an ack")
 
+    async def device_state(self, event: dict[str, Any]) -> None:
+        """An MQTT instance of the same id shares what it heard (group ``device.<id>``).
+
+        Ignored: a serial device is online exactly while its port is open.
+        """
+
     async def device_command(self, event: dict[str, Any]) -> None:
         """A command for this device (group ``device.<id>``): deliver it as one JSON line.
 
