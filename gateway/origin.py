@@ -2,7 +2,9 @@
 
 Browsers send cookies with cross-site WebSocket handshakes (there is no CORS preflight), so a
 page on another site could ride a user's session. We refuse any handshake whose ``Origin`` is
-not the ``Host`` it was sent to (or an origin listed in ``settings.CSRF_TRUSTED_ORIGINS``).
+not the ``Host`` it was sent to, reached the same way (an ``https`` page for a ``wss``
+connection, ``http`` for ``ws``), unless it is listed in ``settings.CSRF_TRUSTED_ORIGINS``.
+Behind a TLS proxy the connection counts as secure when ``SECURE_PROXY_SSL_HEADER`` says so.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+SECURE_SCHEMES = {"https", "wss"}
 
 
 def _split_host(hostport: str, default_port: int | None) -> tuple[str, int | None] | None:
@@ -44,17 +47,24 @@ def origin_key(origin: str) -> tuple[str, str, int | None] | None:
     return (scheme, *split) if split else None
 
 
-def is_same_origin(origin: str, host: str, trusted: Iterable[str] = ()) -> bool:
-    """True when ``origin`` names ``host`` (default ports normalised) or a trusted origin."""
+def is_same_origin(
+    origin: str, host: str, trusted: Iterable[str] = (), secure: bool | None = None
+) -> bool:
+    """True when ``origin`` names ``host`` (default ports normalised) or a trusted origin.
+
+    With ``secure`` given (the connection is TLS or not), the origin's scheme must match it.
+    """
     key = origin_key(origin)
     if key is None:
         return False
     scheme, origin_host, origin_port = key
+    if any(origin_key(t) == key for t in trusted):
+        return True
+    if secure is not None and (scheme in SECURE_SCHEMES) != secure:
+        return False
     # The Host header has no scheme; the origin's scheme decides its default port.
     target = _split_host(host.strip(), DEFAULT_PORTS[scheme]) if host.strip() else None
-    if target is not None and target == (origin_host, origin_port):
-        return True
-    return any(origin_key(t) == key for t in trusted)
+    return target is not None and target == (origin_host, origin_port)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -62,6 +72,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def is_secure(scope: Scope) -> bool:
+    """Whether the handshake came over TLS: ``wss``, or the trusted proxy header says https."""
+    if scope.get("scheme") in SECURE_SCHEMES:
+        return True
+    proxy = getattr(settings, "SECURE_PROXY_SSL_HEADER", None)
+    if proxy:
+        meta_name, value = proxy  # Django's form: ("HTTP_X_FORWARDED_PROTO", "https")
+        name = meta_name.removeprefix("HTTP_").lower().replace("_", "-").encode("latin-1")
+        given = _header(scope, name)
+        return given is not None and given.split(",")[0].strip().lower() == value
+    return False
 
 
 class SameOriginValidator:
@@ -90,9 +113,16 @@ class SameOriginValidator:
             return await self.application(scope, receive, send)
         origin = _header(scope, b"origin")
         host = _header(scope, b"host") or ""
-        if origin is not None and is_same_origin(origin, host, self.trusted_origins):
+        secure = is_secure(scope)
+        if origin is not None and is_same_origin(origin, host, self.trusted_origins, secure):
             return await self.application(scope, receive, send)
-        logger.info("refused WebSocket %s: origin %r, host %r", scope.get("path"), origin, host)
+        logger.info(
+            "refused WebSocket %s: origin %r, host %r, %s",
+            scope.get("path"),
+            origin,
+            host,
+            "TLS" if secure else "no TLS",
+        )
         await _deny(receive, send)
 
 

@@ -126,3 +126,40 @@ async def test_http_scopes_pass_through():
     comm = HttpCommunicator(SameOriginValidator(plain_http), "GET", "/healthz")
     response = await comm.get_response(timeout=5)
     assert response["status"] == 204
+
+
+@pytest.mark.parametrize(
+    ("origin", "secure", "same"),
+    [
+        ("http://example.com", False, True),
+        ("https://example.com", True, True),
+        ("https://example.com", False, False),  # an https page on a plain ws:// socket
+        ("http://example.com", True, False),  # an http page on a wss:// socket
+    ],
+)
+def test_the_origin_scheme_matches_the_connection(origin, secure, same):
+    assert is_same_origin(origin, "example.com", secure=secure) is same
+
+
+def test_a_trusted_origin_passes_whatever_the_connection():
+    assert is_same_origin("https://dash.example.com", "gw:8000", ["https://dash.example.com"], False)
+
+
+async def test_the_handshake_scheme_is_compared():
+    """`ws://host` refuses an `https://host` page; `wss://host` accepts it."""
+    headers = [(b"host", b"gateway.test"), (b"origin", b"https://gateway.test")]
+    plain = WebsocketCommunicator(SameOriginValidator(accepting), "/ws/", headers)
+    assert not (await plain.connect(timeout=5))[0]
+    await plain.disconnect()
+    tls = WebsocketCommunicator(SameOriginValidator(accepting), "/ws/", headers)
+    tls.scope["scheme"] = "wss"
+    assert (await tls.connect(timeout=5))[0]
+    await tls.disconnect()
+
+
+async def test_behind_a_tls_proxy_its_header_makes_the_socket_secure(settings):
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    base = [(b"host", b"gateway.test"), (b"origin", b"https://gateway.test")]
+    assert (await handshake([*base, (b"x-forwarded-proto", b"https")]))[0]
+    assert not (await handshake([*base, (b"x-forwarded-proto", b"http")]))[0]
+    assert not (await handshake(base))[0]
