@@ -31,6 +31,11 @@ TELEMETRY_STORED = Counter("gateway_telemetry_stored", "Telemetry values written
 TELEMETRY_DROPPED = Counter(
     "gateway_telemetry_dropped", "Telemetry values dropped before storage, by reason", ["reason"]
 )
+TELEMETRY_DUPLICATES = Counter(
+    "gateway_telemetry_duplicates",
+    "Readings not stored again: the device's metric at that time is stored already "
+    "(a retained message replayed, a message redelivered)",
+)
 WS_CLIENTS = Gauge("gateway_ws_clients", "Connected dashboard WebSocket clients")
 WS_FRAMES_DROPPED = Counter(
     "gateway_ws_frames_dropped", "Dashboard frames dropped for slow clients"
