@@ -42,6 +42,7 @@ from devices.held import LOOKUP_CHUNK, held_commands
 from devices.models import Command, CommandStatus, Device
 from devices.parsing import valid_device_id
 from devices.pipeline import flush_if_pending
+from devices.storable import storable
 from gateway.exceptions import GatewayError
 
 # The public names, with those of the command rooms re-exported (callers import them here).
@@ -287,10 +288,10 @@ async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, erro
     except ValueError:
         return False
     if ok:
-        fields: dict[str, Any] = {"result": result}
+        fields: dict[str, Any] = {"result": storable(result)}
         status = CommandStatus.ACKED
     else:
-        fields = {"error": (error or "the device reported failure")[:2000]}
+        fields = {"error": storable((error or "the device reported failure")[:2000])}
         status = CommandStatus.FAILED
     command = await database_sync_to_async(_finish)(key, device_id, status, **fields)
     if command is None:

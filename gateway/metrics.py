@@ -36,6 +36,11 @@ TELEMETRY_DUPLICATES = Counter(
     "Readings not stored again: the device's metric at that time is stored already "
     "(a retained message replayed, a message redelivered)",
 )
+DEVICE_TEXT_CLEANED = Counter(
+    "gateway_device_text_cleaned",
+    "Device-supplied texts (ack results and errors) changed to be storable, by reason",
+    ["reason"],
+)
 WS_CLIENTS = Gauge("gateway_ws_clients", "Connected dashboard WebSocket clients")
 WS_FRAMES_DROPPED = Counter(
     "gateway_ws_frames_dropped", "Dashboard frames dropped for slow clients"
