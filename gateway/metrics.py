@@ -41,6 +41,12 @@ DEVICE_TEXT_CLEANED = Counter(
     "Device-supplied texts (ack results and errors) changed to be storable, by reason",
     ["reason"],
 )
+CHANNEL_MESSAGES_DROPPED = Counter(
+    "gateway_channel_messages_dropped",
+    "Channel-layer messages a full channel refused, by group kind (the group's name up to its "
+    "first dot; `channel` for a direct send)",
+    ["group"],
+)
 WS_CLIENTS = Gauge("gateway_ws_clients", "Connected dashboard WebSocket clients")
 WS_FRAMES_DROPPED = Counter(
     "gateway_ws_frames_dropped", "Dashboard frames dropped for slow clients"
