@@ -152,8 +152,11 @@ class TasmotaConsumer(DeviceConsumer):
         replayed = bool(event.get("retain"))
         pipeline = get_pipeline()
         if not self.named and self.device_id != self.topic_name:
-            await database_sync_to_async(_name_device)(self.device_id, self.topic_name)
-            self.named = True
+            try:
+                await database_sync_to_async(_name_device)(self.device_id, self.topic_name)
+                self.named = True
+            except Exception:  # the database is away: the reading goes on, naming next time
+                logger.warning("tasmota %s: naming it %r failed", self.device_id, self.topic_name)
         if pattern in (SENSOR, STATE):
             t = parse_tasmota(payload, time.time(), self.max_bytes, pattern.rsplit("/", 1)[-1])
             pipeline.submit_reading(

@@ -26,10 +26,12 @@ PASSWORD = "retained-pw-5813"
 T = 1_764_214_000.0
 
 
-def pub(broker: Mosquitto, topic: str, payload: str | None, *, retain: bool = True) -> None:
-    """One `mosquitto_pub` (QoS 1); `payload` None sends the empty message (``-n``)."""
+def pub(
+    broker: Mosquitto, topic: str, payload: str | None, *, retain: bool = True, qos: int = 1
+) -> None:
+    """One `mosquitto_pub`; `payload` None sends the empty message (``-n``)."""
     cmd = [require_binary("mosquitto_pub", "mosquitto-clients"), "-h", "127.0.0.1"]
-    cmd += ["-p", str(broker.port), "-q", "1", "-t", topic]
+    cmd += ["-p", str(broker.port), "-q", str(qos), "-t", topic]
     cmd += ["-n"] if payload is None else ["-m", payload]
     if retain:
         cmd.append("-r")
@@ -185,3 +187,29 @@ async def test_clearing_retained_topics_is_not_an_error(mosquitto):
         await restart(gw)
         await sentinel(gw, mosquitto, cookie, 3)
         assert rejected() == {r: 0.0 for r in reasons}  # a fresh process: nothing replayed
+
+
+async def test_a_replayed_online_status_is_presence_and_releases_held_commands(mosquitto):
+    # CONTRACT §3: a device's status is retained and its Last Will. The replayed `online` is
+    # what the broker holds while the device's session is up, so it counts.
+    with GatewayProcess(mosquitto.url) as gw:
+        gw.create_user("ops", PASSWORD, staff=True)
+        cookie = gw.login("ops", PASSWORD)
+        pub(mosquitto, "devices/lw-1/status", "offline")
+        await until(lambda: device(gw, cookie, "lw-1"), what="lw-1 registered")
+        status, body = gw.http_request(
+            "POST", "/api/devices/lw-1/commands", cookie=cookie, body={"name": "ping"}
+        )
+        assert status == 202, body
+        await sentinel(gw, mosquitto, cookie, 1)
+        assert gw.http_get(f"/api/commands/{body['id']}", cookie)[1]["status"] == "pending"
+        await asyncio.to_thread(gw.stop)
+        # The device comes back while the gateway is down. QoS 0: not queued in the gateway's
+        # session, so the replay on subscribe is the only way the gateway hears it.
+        pub(mosquitto, "devices/lw-1/status", "online", qos=0)
+        await asyncio.to_thread(gw.start, False)
+        await until(
+            lambda: gw.http_get(f"/api/commands/{body['id']}", cookie)[1]["status"] == "sent",
+            what="the held command sent on the replayed online",
+        )
+        assert device(gw, cookie, "lw-1")["online"] is True
