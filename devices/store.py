@@ -159,8 +159,11 @@ def _upsert_generic(updates: Mapping[str, DeviceUpdate], using: str, quiet: bool
         online = u.online
         if old is not None:
             stored = old.metrics if isinstance(old.metrics, dict) else {}
-            if old.last_seen and last_seen is not None and last_seen < old.last_seen:
-                metrics = {**u.metrics, **stored}  # older values fill gaps only
+            if old.last_seen and (
+                (last_seen is not None and last_seen < old.last_seen)
+                or (quiet and last_seen is None)
+            ):
+                metrics = {**u.metrics, **stored}  # older (or untimed retained) values fill gaps
             else:
                 metrics = {**stored, **u.metrics}
             if quiet or (old.last_seen and _dt(u.at) < old.last_seen):
