@@ -109,3 +109,37 @@ def test_an_ack_with_nul_finishes_its_command_with_the_nul_replaced():
     assert lines[2] == "acked {'out\ufffd': 'a\ufffdb'} ''"
     assert lines[3] == "failed None 'disk\ufffdfull'"
     assert lines[4] == "2.0"
+
+
+QUIET = """
+from devices.models import Device, Reading
+from devices.store import DeviceUpdate, write_batch
+
+T = 1764214000.0
+write_batch([("q1", "t", T, 19.0)], {"q1": DeviceUpdate("mqtt", True, T + 5, {"t": 19.0}, T + 5)})
+# A restart's replays: a retained reading without ts (fills gaps only, never online/last_seen),
+# one with its own ts (stored once, last_seen at most that ts), and a replay-only device.
+write_batch(
+    [("q1", "h", T + 1, 40.0)],
+    {},
+    {
+        "q1": DeviceUpdate("mqtt", False, None, {"t": 99.0, "p": 1000.0}, T + 60),
+        "q2": DeviceUpdate("mqtt", False, None, {"t": 17.5}, T + 60),
+    },
+)
+again = {"q1": DeviceUpdate("mqtt", False, T + 1, {"h": 40.0}, T + 61)}
+write_batch([("q1", "h", T + 1, 40.0)], {}, again)
+for d in Device.objects.order_by("id"):
+    print(d.id, d.online, d.last_seen and d.last_seen.timestamp(), sorted(d.metrics.items()))
+print(Reading.objects.count())
+"""
+
+
+def test_replayed_state_never_changes_presence_on_postgresql():
+    result = run_on_postgres(QUIET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines() == [
+        "q1 True 1764214005.0 [('h', 40.0), ('p', 1000.0), ('t', 19.0)]",
+        "q2 False None [('t', 17.5)]",
+        "2",
+    ]
