@@ -281,8 +281,12 @@ class HomeAssistantConsumer(MqttConsumer):
         await self.publish_all()
 
     async def mqtt_message(self, event: dict[str, Any]) -> None:
-        """``<prefix>/status``: Home Assistant (re)started (``online``): republish everything."""
+        """``<prefix>/status``: Home Assistant (re)started (``online``): republish everything,
+        with whatever this process's pipeline announced (even if an announcement was lost)."""
         if bytes(event.get("payload") or b"").strip().lower() == b"online":
+            pipeline = current_pipeline()
+            if pipeline is not None:
+                self.learn(pipeline.announcements())
             await self.publish_all()
 
     async def device_metrics(self, event: dict[str, Any]) -> None:

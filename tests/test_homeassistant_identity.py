@@ -27,6 +27,7 @@ from devices.homeassistant import (
     identifier,
     object_id,
 )
+from devices.pipeline import current_pipeline
 from tests.support.gateway import GatewayProcess
 from tests.test_homeassistant import bridge, device, render, retained_documents, watching
 
@@ -111,3 +112,22 @@ async def test_a_burst_of_2000_new_devices_gets_every_document(mosquitto):
         assert gw.metric("gateway_channel_messages_dropped_total", 'group="device-metrics"') == 0
     documents = await retained_documents(mosquitto.port)
     assert all(documents[d]["cmps"]["temperature"]["p"] == "sensor" for d in ids)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_birth_message_fills_a_lost_announcement(mosquitto, layer, settings, device):
+    gid, did = settings.GATEWAY["GATEWAY_ID"], device.device_id
+    async with watching(mosquitto.port) as ha, bridge(mosquitto, gid):
+        # The announcement never reaches discovery (as when a full channel refused it).
+        async with asyncio.timeout(5):
+            while not layer.groups.get("device-metrics"):  # noqa: ASYNC110 - joined on connect
+                await asyncio.sleep(0.01)
+        for channel in list(layer.groups["device-metrics"]):
+            await layer.group_discard("device-metrics", channel)
+        await device.publish(f"devices/{did}/telemetry", b'{"temperature": 20.5}', qos=1)
+        await current_pipeline().flush()
+        # Home Assistant (re)starts: its birth message brings the missing document.
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as ha_client:
+            await ha_client.publish("homeassistant/status", b"online")
+        doc = await ha.until(did, lambda d: "temperature" in d["cmps"])
+    assert render(doc["cmps"]["temperature"], b'{"temperature": 20.5}') == "20.5"
