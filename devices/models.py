@@ -67,6 +67,11 @@ class Reading(models.Model):
         indexes = [
             models.Index(fields=["device", "metric", "ts", "value"], name="reading_series_covering")
         ]
+        # A reading is stored once, whichever bridge, restart or retained replay delivers it
+        # again (docs/retained-and-presence.md); the writer inserts with ON CONFLICT DO NOTHING.
+        constraints = [
+            models.UniqueConstraint(fields=["device", "metric", "ts"], name="reading_once")
+        ]
 
     def __str__(self) -> str:
         return f"{self.device_id} {self.metric}={self.value} @ {self.ts:%Y-%m-%d %H:%M:%S}"

@@ -15,6 +15,8 @@ from channels.consumer import AsyncConsumer, get_handler_name
 from channels.exceptions import ChannelFull, StopConsumer
 from channels.layers import get_channel_layer
 
+from gateway.metrics import CHANNEL_MESSAGES_DROPPED
+
 logger = logging.getLogger(__name__)
 
 JOIN_TIMEOUT = 2.0  # a channel layer (Redis) slower than this to join is retried in the background
@@ -128,6 +130,7 @@ class BridgeConsumer(AsyncConsumer):
             try:
                 self._from_layer(message)
             except ChannelFull:
+                CHANNEL_MESSAGES_DROPPED.labels(group="channel").inc()
                 logger.warning("%s: channel backlog full; message dropped", self.channel_name)
 
     async def _leave_groups(self) -> None:

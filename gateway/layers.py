@@ -34,6 +34,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.metrics import CHANNEL_MESSAGES_DROPPED
+
 CLEAN_INTERVAL = 1.0
 GROUP_SWEEP_INTERVAL = 60.0
 logger = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ class ThrottledInMemoryChannelLayer(InMemoryChannelLayer):
             try:
                 self._put(channel, copy)
             except ChannelFull:
-                pass
+                _count_full(group, channel)
 
     def _clean_expired(self) -> None:
         """Drop expired messages (and their channels from groups) at most once a second;
@@ -125,6 +127,19 @@ class ThrottledInMemoryChannelLayer(InMemoryChannelLayer):
                 self._remove_from_groups(channel)
                 if queue.empty():
                     self.channels.pop(channel, None)
+
+
+_next_full_log = 0.0
+
+
+def _count_full(group: str, channel: str) -> None:
+    """A member missed a group message: counted, and logged at most every 10 s."""
+    global _next_full_log
+    CHANNEL_MESSAGES_DROPPED.labels(group=group.split(".", 1)[0]).inc()
+    now = time.monotonic()
+    if now >= _next_full_log:
+        _next_full_log = now + 10.0
+        logger.warning("group %s: channel %s is full; a message dropped (counted)", group, channel)
 
 
 def _copier(message: dict[str, Any]) -> Callable[[], dict[str, Any]]:
@@ -197,6 +212,7 @@ class _Sink:
         try:
             self.sink(self.deserialize(data))
         except ChannelFull:
+            CHANNEL_MESSAGES_DROPPED.labels(group="channel").inc()
             logger.warning("%s: channel backlog full; message dropped", self.channel)
         except Exception:  # never into the layer's receive loop (it would pause for 1 s)
             logger.exception("%s: could not hand a message over", self.channel)

@@ -35,6 +35,22 @@ TELEMETRY_STORED = Counter("gateway_telemetry_stored", "Telemetry values written
 TELEMETRY_DROPPED = Counter(
     "gateway_telemetry_dropped", "Telemetry values dropped before storage, by reason", ["reason"]
 )
+TELEMETRY_DUPLICATES = Counter(
+    "gateway_telemetry_duplicates",
+    "Readings not stored again: the device's metric at that time is stored already "
+    "(a retained message replayed, a message redelivered)",
+)
+DEVICE_TEXT_CLEANED = Counter(
+    "gateway_device_text_cleaned",
+    "Device-supplied texts (ack results and errors) changed to be storable, by reason",
+    ["reason"],
+)
+CHANNEL_MESSAGES_DROPPED = Counter(
+    "gateway_channel_messages_dropped",
+    "Channel-layer messages a full channel refused, by group kind (the group's name up to its "
+    "first dot; `channel` for a direct send)",
+    ["group"],
+)
 WS_CLIENTS = Gauge("gateway_ws_clients", "Connected dashboard WebSocket clients")
 WS_FRAMES_DROPPED = Counter(
     "gateway_ws_frames_dropped", "Dashboard frames dropped for slow clients"

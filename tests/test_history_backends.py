@@ -30,13 +30,14 @@ QUERIES = {
 
 
 def seed() -> None:
-    """500 `temp` readings a minute apart (values 0 … 499) and 3 `same` at one instant."""
+    """500 `temp` readings a minute apart (values 0 … 499) and one `same` (a metric is stored
+    once per instant: the `reading_once` constraint)."""
     device = Device.objects.create(id="d1")
     minutes = [
         Reading(device=device, metric="temp", ts=T0 + timedelta(minutes=i), value=i)
         for i in range(500)
     ]
-    same = [Reading(device=device, metric="same", ts=T0, value=v) for v in (1.0, 2.0, 3.0)]
+    same = [Reading(device=device, metric="same", ts=T0, value=2.0)]
     Reading.objects.bulk_create(minutes + same)
 
 

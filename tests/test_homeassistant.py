@@ -24,6 +24,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from devices.conventions.homeassistant import (
     KnownDevice,
     device_document,
+    gateway_object_path,
+    identifier,
     object_id,
     value_template,
 )
@@ -167,13 +169,15 @@ async def retained_documents(port: int, prefix: str = "homeassistant") -> dict[s
     found: dict[str, dict] = {}
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"ha-{secrets.token_hex(3)}") as c:
         await c.subscribe(f"{prefix}/device/+/config", qos=1)
+        await c.subscribe(f"{prefix}/device/+/+/config", qos=1)  # the gateway's (node id)
         await c.publish(sentinel, b"{}", qos=1)
         async with asyncio.timeout(10):
             async for message in c.messages:
                 if message.topic.value == sentinel:
                     return found
                 assert message.retain
-                found[message.topic.value.split("/")[-2]] = json.loads(message.payload)
+                path = message.topic.value[len(f"{prefix}/device/") : -len("/config")]
+                found[path] = json.loads(message.payload)
     return found
 
 
@@ -199,8 +203,8 @@ async def test_native_device_is_discovered_and_kept_up_to_date(mosquitto, layer,
         doc = await ha.until(did, lambda d: len(d["cmps"]) == 4)
 
         # One document for the device, with Home Assistant's device-discovery shape.
-        assert doc["dev"]["ids"] == [f"{gid}_{did}"] and doc["dev"]["name"] == did
-        assert doc["dev"]["via_device"] == f"{gid}_gateway"
+        assert doc["dev"]["ids"] == [identifier(gid, "device", did)] and doc["dev"]["name"] == did
+        assert doc["dev"]["via_device"] == identifier(gid, "gateway")
         assert doc["o"]["name"] == "mqtt-channels-gateway" and doc["o"]["sw"]
         assert doc["avty_mode"] == "all"
         assert [a["t"] for a in doc["avty"]] == [f"gateway/{gid}/status", f"devices/{did}/status"]
@@ -208,7 +212,8 @@ async def test_native_device_is_discovered_and_kept_up_to_date(mosquitto, layer,
         cmps = doc["cmps"]
         assert set(cmps) == {"temperature", "humidity", "door", object_id("env.pressure")}
         temperature, pressure = cmps["temperature"], cmps[object_id("env.pressure")]
-        assert temperature["p"] == "sensor" and temperature["uniq_id"] == f"{gid}_{did}_temperature"
+        assert temperature["p"] == "sensor"
+        assert temperature["uniq_id"] == identifier(gid, "device", did, "temperature")
         assert (temperature["dev_cla"], temperature["unit_of_meas"]) == ("temperature", "°C")
         assert (cmps["humidity"]["dev_cla"], cmps["humidity"]["unit_of_meas"]) == ("humidity", "%")
         assert (pressure["dev_cla"], pressure["unit_of_meas"]) == ("pressure", "hPa")
@@ -234,8 +239,8 @@ async def test_native_device_is_discovered_and_kept_up_to_date(mosquitto, layer,
         assert (co2["dev_cla"], co2["unit_of_meas"]) == ("carbon_dioxide", "ppm")
 
         # The gateway is a device too (the other devices' via_device), with its connectivity.
-        gateway = (await retained_documents(mosquitto.port))[f"{gid}_gateway"]
-        assert gateway["dev"]["ids"] == [f"{gid}_gateway"]
+        gateway = (await retained_documents(mosquitto.port))[gateway_object_path(gid)]
+        assert gateway["dev"]["ids"] == [identifier(gid, "gateway")]
         assert gateway["cmps"]["status"]["stat_t"] == f"gateway/{gid}/status"
 
         # Home Assistant restarts: its birth message brings every document again.
@@ -270,7 +275,7 @@ async def test_bridge_restart_republishes_from_the_database_and_skips_tasmota(
         # it restarts); a new bridge process publishes again from the database, with every
         # metric it ever stored, before the device says anything.
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as admin:
-            for topic in (did, f"{gid}_gateway"):
+            for topic in (did, gateway_object_path(gid)):
                 await admin.publish(f"homeassistant/device/{topic}/config", b"", retain=True)
         assert await retained_documents(mosquitto.port) == {}
         await current_pipeline().close()  # a new process: nothing announced yet
@@ -278,7 +283,8 @@ async def test_bridge_restart_republishes_from_the_database_and_skips_tasmota(
             after = await ha.until(did, lambda d: True)
             assert set(after["cmps"]) == {"temperature", "battery"} and after == before
         documents = await retained_documents(mosquitto.port)
-        assert set(documents) == {did, f"{gid}_gateway"}  # no document for the Tasmota plug
+        # No document for the Tasmota plug.
+        assert set(documents) == {did, gateway_object_path(gid)}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -142,7 +142,8 @@ def test_the_origin_scheme_matches_the_connection(origin, secure, same):
 
 
 def test_a_trusted_origin_passes_whatever_the_connection():
-    assert is_same_origin("https://dash.example.com", "gw:8000", ["https://dash.example.com"], False)
+    trusted = ["https://dash.example.com"]
+    assert is_same_origin("https://dash.example.com", "gw:8000", trusted, secure=False)
 
 
 async def test_the_handshake_scheme_is_compared():

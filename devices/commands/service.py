@@ -34,6 +34,7 @@ from devices.commands.states import finish as _finish
 from devices.commands.states import release as _release
 from devices.commands.timers import get_timers
 from devices.models import Command, CommandStatus, Device
+from devices.storable import storable
 from devices.telemetry.parsing import valid_device_id
 from devices.telemetry.pipeline import flush_if_pending
 from gateway.exceptions import GatewayError
@@ -275,10 +276,10 @@ async def apply_ack(device_id: str, command_id: str, ok: bool, result: Any, erro
     except ValueError:
         return False
     if ok:
-        fields: dict[str, Any] = {"result": result}
+        fields: dict[str, Any] = {"result": storable(result)}
         status = CommandStatus.ACKED
     else:
-        fields = {"error": (error or "the device reported failure")[:2000]}
+        fields = {"error": storable((error or "the device reported failure")[:2000])}
         status = CommandStatus.FAILED
     command = await database_sync_to_async(_finish)(key, device_id, status, **fields)
     if command is None:

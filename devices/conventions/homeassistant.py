@@ -5,8 +5,11 @@
 from the database then (names, metric sets) and from the telemetry pipeline's announcements
 (group ``device-metrics``: a device first seen by a process, or a new metric of it, never one
 per reading), and publishes ``<prefix>/device/<id>/config`` (retained, QoS 1) only when a
-device's document changes. Home Assistant's birth message (``<prefix>/status`` = ``online``)
-republishes everything, as does every broker connect (a broker may have lost retained ones).
+device's document changes; the gateway's own is ``<prefix>/device/<gateway>/gateway/config``
+(one level more: no device id can take it). Announcements only mark devices for publishing;
+one task publishes them, so a burst of thousands of new devices never backs up the channel.
+Home Assistant's birth message (``<prefix>/status`` = ``online``) republishes everything, as
+does every broker connect (a broker may have lost retained ones).
 
 Which devices: native MQTT devices and serial ones (through their mirror on the broker; none
 while SERIAL_MIRROR is off, as nothing on the broker would carry their values). Tasmota devices
@@ -17,6 +20,7 @@ so a Tasmota device is never mistaken for a native one after a restart.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -43,7 +47,6 @@ logger = logging.getLogger(__name__)
 #: forgotten (and republished, identical, if it is announced again).
 MAX_DEVICES = 100_000
 ORIGIN_NAME = "mqtt-channels-gateway"
-_OBJECT_ID = re.compile(r"[A-Za-z0-9_-]+")
 # Last segment of a metric name (lower case) → (device_class, unit), where it is obvious.
 WELL_KNOWN: dict[str, tuple[str, str]] = {
     "temperature": ("temperature", "°C"),
@@ -72,12 +75,37 @@ def prefix() -> str:
     return settings.GATEWAY["HA_DISCOVERY_PREFIX"]
 
 
+_KEPT = re.compile(r"[A-Za-z0-9-]")
+
+
+def encode(text: str) -> str:
+    """`text` in ``[A-Za-z0-9_-]``, injectively: ``_`` → ``__``, any other character outside
+    ``[A-Za-z0-9-]`` → ``_`` and two hex digits per UTF-8 byte (``PM2.5`` → ``PM2_2e5``)."""
+    out = []
+    for char in text:
+        if _KEPT.fullmatch(char):
+            out.append(char)
+        elif char == "_":
+            out.append("__")
+        else:
+            out.extend(f"_{byte:02x}" for byte in char.encode())
+    return "".join(out)
+
+
 def object_id(metric: str) -> str:
-    """A stable component id for a metric: itself if plain, else a slug and a short hash."""
-    if _OBJECT_ID.fullmatch(metric):
-        return metric
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", metric).strip("_")[:48]
-    return f"{slug}_{hashlib.sha1(metric.encode()).hexdigest()[:6]}"
+    """A metric's component id: `encode` (stable, topic-safe, distinct for distinct names)."""
+    return encode(metric)
+
+
+def identifier(*parts: str) -> str:
+    """A Home Assistant identifier or unique id: the encoded parts joined with ``:``, which
+    no encoded part holds, so distinct (kind, device, metric) tuples never share one."""
+    return ":".join(encode(part) for part in parts)
+
+
+def gateway_object_path(gateway_id: str) -> str:
+    """``<node id>/<object id>`` of the gateway's document (one level more than a device's)."""
+    return f"{encode(gateway_id)}/gateway"
 
 
 def _literal(key: str) -> str:
@@ -85,30 +113,32 @@ def _literal(key: str) -> str:
     return "'" + key.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+#: Finds a flattened metric in a payload: the name's ``.``-separated parts, joined again into
+#: keys at every possible split (``PMS5003.PM2.5``: the key ``PMS5003`` → the key ``PM2.5``;
+#: the mirror's flat key ``PMS5003.PM2.5``), trying only keys the payload has.
+_FIND = (
+    "{%- macro find(v, parts, i) -%}{%- set ns = namespace(done=false) -%}"
+    "{%- for j in range(i + 1, parts | length + 1) if not ns.done -%}"
+    "{%- set key = parts[i:j] | join('.') -%}"
+    "{%- if v is mapping and key in v -%}"
+    "{%- if j == parts | length -%}{%- set ns.done = true -%}{{ SHOW }}"
+    "{%- elif v[key] is mapping -%}{%- set found = find(v[key], parts, j) -%}"
+    "{%- if found -%}{%- set ns.done = true -%}{{ found }}{%- endif -%}"
+    "{%- endif -%}{%- endif -%}{%- endfor -%}{%- endmacro -%}"
+)
+
+
 def value_template(metric: str, boolean: bool) -> str:
     """Extract `metric` from a JSON telemetry payload; empty when it is not in this message.
 
-    A flattened name ``a.b`` is read as the key ``a.b`` (serial mirror: flat) or the path
-    ``a`` → ``b`` (a device's nested object). An empty result leaves the entity's state as it
-    was, so a message carrying only some metrics does not blank the others.
+    A flattened name ``a.b`` is read as the key ``a.b`` (serial mirror: flat) or as any nested
+    path whose keys, joined with ``.``, make it (``{"PMS5003": {"PM2.5": 12}}``). An empty result
+    leaves the entity's state as it was, so a message carrying only some metrics does not
+    blank the others.
     """
-    paths = [[metric]]
-    parts = metric.split(".")
-    if len(parts) > 1 and all(parts):
-        paths.append(parts)
-    branches = []
-    for path in paths:
-        access = "value_json"
-        guard = ["value_json is mapping"]
-        for i, key in enumerate(path):
-            access += f"[{_literal(key)}]"
-            guard.append(f"{access} is {'defined' if i == len(path) - 1 else 'mapping'}")
-        shown = f"'ON' if {access} else 'OFF'" if boolean else access
-        branches.append((" and ".join(guard), shown))
-    out = ""
-    for i, (guard, shown) in enumerate(branches):
-        out += f"{{% {'if' if i == 0 else 'elif'} {guard} %}}{{{{ {shown} }}}}"
-    return out + "{% endif %}"
+    show = "'ON' if v[key] else 'OFF'" if boolean else "v[key]"
+    parts = ", ".join(_literal(part) for part in metric.split("."))
+    return _FIND.replace("SHOW", show) + f"{{{{ find(value_json, [{parts}], 0) }}}}"
 
 
 @dataclass(slots=True)
@@ -148,7 +178,7 @@ def device_document(
         comp: dict[str, Any] = {
             "p": "binary_sensor" if boolean else "sensor",
             "name": metric,
-            "uniq_id": f"{gateway_id}_{device_id}_{oid}",
+            "uniq_id": identifier(gateway_id, "device", device_id, metric),
         }
         if metric in known.per_metric:
             comp["stat_t"] = f"{telemetry}/{metric}"
@@ -165,10 +195,10 @@ def device_document(
         components[oid] = comp
     return {
         "dev": {
-            "ids": [f"{gateway_id}_{device_id}"],
+            "ids": [identifier(gateway_id, "device", device_id)],
             "name": known.name,
             "mdl": "serial device" if known.convention == SERIAL else "MQTT device",
-            "via_device": f"{gateway_id}_gateway",
+            "via_device": identifier(gateway_id, "gateway"),
         },
         "o": origin(),
         "avty": [
@@ -185,7 +215,7 @@ def device_document(
 def gateway_document(gateway_id: str) -> dict[str, Any]:
     """The gateway itself: the device every other one is `via_device`, with its connectivity."""
     return {
-        "dev": {"ids": [f"{gateway_id}_gateway"], "name": f"Gateway {gateway_id}"},
+        "dev": {"ids": [identifier(gateway_id, "gateway")], "name": f"Gateway {gateway_id}"},
         "o": origin(),
         "cmps": {
             "status": {
@@ -195,7 +225,7 @@ def gateway_document(gateway_id: str) -> dict[str, Any]:
                 "stat_t": f"gateway/{gateway_id}/status",
                 "pl_on": "online",
                 "pl_off": "offline",
-                "uniq_id": f"{gateway_id}_gateway_status",
+                "uniq_id": identifier(gateway_id, "gateway", "status"),
             }
         },
     }
@@ -222,9 +252,12 @@ class HomeAssistantConsumer(MqttConsumer):
         # Digest of the last document published per object id: a 16-byte digest, not the
         # payload (orjson's output keeps a 4 KiB buffer: ~35 MiB at 10,000 devices).
         self.published: OrderedDict[str, bytes] = OrderedDict()
+        # Devices announced and not yet published, oldest first, and the task publishing them.
+        self.due: dict[str, None] = {}
+        self.publisher: asyncio.Task[None] | None = None
 
     def topic(self, object_id: str) -> str:
-        """``<prefix>/device/<object_id>/config``."""
+        """``<prefix>/device/<object_id>/config`` (a device id, or `gateway_object_path`)."""
         return f"{prefix()}/device/{object_id}/config"
 
     async def mqtt_connect(self, message: dict[str, Any]) -> None:
@@ -249,14 +282,43 @@ class HomeAssistantConsumer(MqttConsumer):
         await self.publish_all()
 
     async def mqtt_message(self, event: dict[str, Any]) -> None:
-        """``<prefix>/status``: Home Assistant (re)started (``online``): republish everything."""
+        """``<prefix>/status``: Home Assistant (re)started (``online``): republish everything,
+        with whatever this process's pipeline announced (even if an announcement was lost)."""
         if bytes(event.get("payload") or b"").strip().lower() == b"online":
+            pipeline = current_pipeline()
+            if pipeline is not None:
+                self.learn(pipeline.announcements())
             await self.publish_all()
 
     async def device_metrics(self, event: dict[str, Any]) -> None:
-        """The pipeline saw a device, or a new metric of one: publish what changed."""
-        for device_id in self.learn(event.get("devices") or ()):
-            await self.publish_device(device_id)
+        """The pipeline saw a device, or a new metric of one: mark it for publishing.
+
+        Only marks: publishing waits for the broker's PUBACK, and a handler that waited for it
+        would let announcements pile up in this instance's channel until the layer refuses
+        them. The `publisher` task publishes the marked devices, oldest first.
+        """
+        self.mark(self.learn(event.get("devices") or ()))
+
+    def mark(self, device_ids: Any) -> None:
+        """Queue devices for the `publisher` task (started if it is not running)."""
+        for device_id in device_ids:
+            self.due[device_id] = None
+        if self.due and (self.publisher is None or self.publisher.done()):
+            self.publisher = asyncio.create_task(self._publish_due(), name="ha-discovery.publish")
+
+    async def _publish_due(self) -> None:
+        while self.due:
+            device_id = next(iter(self.due))
+            del self.due[device_id]
+            try:
+                await self.publish_device(device_id)
+            except Exception:
+                logger.exception("home assistant discovery: publishing %s failed", device_id)
+
+    async def on_retire(self) -> None:
+        """Stop publishing (the next connect publishes everything again)."""
+        if self.publisher is not None:
+            self.publisher.cancel()
 
     def learn(self, entries: Any) -> list[str]:
         """Take in pipeline announcements; returns the devices they were about."""
@@ -285,11 +347,18 @@ class HomeAssistantConsumer(MqttConsumer):
         return known
 
     async def publish_all(self) -> None:
-        """Publish the gateway's and every publishable device's document (identical or not)."""
+        """Publish the gateway's document, and queue every device's (identical or not)."""
         self.published.clear()
-        await self._publish(f"{self.gateway_id}_gateway", gateway_document(self.gateway_id))
-        for device_id in list(self.known):
-            await self.publish_device(device_id)
+        await self._publish(gateway_object_path(self.gateway_id), gateway_document(self.gateway_id))
+        # `<gateway>_gateway` is no device's topic unless a device has that id: cleared, so no
+        # stale gateway document lingers at the device level.
+        legacy = f"{self.gateway_id}_gateway"
+        if legacy not in self.known and re.fullmatch(r"[A-Za-z0-9_-]+", legacy):
+            try:
+                await self.publish(self.topic(legacy), b"", qos=1, retain=True)
+            except BrokerUnavailable:
+                pass
+        self.mark(list(self.known))
 
     async def publish_device(self, device_id: str) -> None:
         """Publish one device's document if it differs from the last one published."""

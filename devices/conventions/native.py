@@ -94,6 +94,8 @@ class DeviceConsumer(MqttConsumer):
         The boundary every convention shares: a bad id, a rejection or a bug costs this one
         message (counted by reason), never the device or the next message.
         """
+        if event.get("payload") == b"":
+            return  # clears a retained topic (`mosquitto_pub -r -n`): no message, no error
         if not self.valid:
             MESSAGES_REJECTED.labels(reason="bad_device_id").inc()
             return
@@ -113,19 +115,27 @@ class DeviceConsumer(MqttConsumer):
             )
 
     async def handle_message(self, pattern: str | None, event: dict[str, Any]) -> None:
-        """One native message (docs/interface.md §3.1); raises `Rejected` for bad input."""
+        """One native message (docs/interface.md §3.1); raises `Rejected` for bad input.
+
+        A retained message replayed on subscribe is the device's state, not news of it
+        (docs/retained-and-presence.md): stored once (with its own ``ts``; without one it only
+        fills latest values), and no evidence that the device is alive, except its status.
+        """
         payload = event["payload"]
+        replayed = bool(event.get("retain"))
         if pattern == TELEMETRY:
             t = parse_telemetry(payload, time.time(), self.max_bytes)
             get_pipeline().submit_reading(
                 self.device_id,
                 self.transport,
-                t.ts,
+                t.ts if t.stamped or not replayed else None,
                 t.metrics,
                 source=TELEMETRY,
                 durable=self.defer_ack(),
+                presence=not replayed,
             )
-            await self.set_online(True)
+            if not replayed:
+                await self.set_online(True)
         elif pattern == METRIC:
             name = event["params"].get("metric")
             if not valid_metric_name(name):
@@ -134,12 +144,14 @@ class DeviceConsumer(MqttConsumer):
             get_pipeline().submit_reading(
                 self.device_id,
                 self.transport,
-                time.time(),
+                None if replayed else time.time(),
                 {name: value},
                 source=METRIC,
                 durable=self.defer_ack(),
+                presence=not replayed,
             )
-            await self.set_online(True)
+            if not replayed:
+                await self.set_online(True)
         elif pattern == STATUS:
             online = parse_status(payload)
             get_pipeline().submit_status(
@@ -153,6 +165,8 @@ class DeviceConsumer(MqttConsumer):
             await self.set_online(online)
         elif pattern == ACK:
             ack = parse_ack(payload, self.max_bytes)
+            if replayed:
+                return  # an old answer kept by the broker; a live one is never replayed
             await self.set_online(True)
             await self.handle_ack(ack)
         else:

@@ -3,20 +3,25 @@
 A device running Tasmota (default FullTopic ``%prefix%/%topic%/``, its MQTT Topic being the
 device id) is a device like any other (docs/interface.md §3.2):
 
-- ``tele/<id>/SENSOR`` → a reading: nested objects flattened with ``.``
-  (``AM2301.Temperature``); numbers and booleans are metrics; strings (``Time``,
-  ``TempUnit``…), null and lists are ignored.
-- ``tele/<id>/STATE`` → a reading: its numbers flattened the same way (``UptimeSec``,
-  ``Wifi.RSSI``…), and ``POWER``/``POWER<n>`` ``ON``/``OFF`` as a boolean metric of that name.
+- ``tele/<id>/SENSOR`` and ``tele/<id>/STATE`` → a reading: nested objects flattened with
+  ``.`` (``AM2301.Temperature``, ``Wifi.RSSI``); numbers, booleans and ``ON``/``OFF``
+  (``POWER1``, ``Switch1``) are metrics, lists one metric per channel (``ENERGY.Power.1``),
+  ``Time``/``Epoch`` the reading's time; other strings and null are ignored
+  (devices/conventions/tasmota_payloads.py).
 - ``tele/<id>/LWT`` → status: ``Online`` / ``Offline`` (case-insensitive).
-- ``stat/<id>/POWER[<n>]`` → a reading ``{"POWER[<n>]": true|false}`` (a relay switched).
+- ``stat/<id>/POWER[<n>]`` → a reading ``{"POWER[<n>]": true|false}`` (a relay switched);
+  with SetOption4 its JSON form ``{"POWER":"ON"}`` is also the answer to a Power command.
 - ``stat/<id>/RESULT`` → the answer to a command awaiting one (below).
 - ``stat/<id>/STATUS[<n>]`` → the answer to a ``Status`` command (Tasmota answers it there).
+- ``stat/<id>/<COMMAND>`` (SetOption4 1: answers there instead of RESULT, e.g.
+  ``stat/<id>/POWERONSTATE {"PowerOnState":3}``) → the answer to an awaiting command of that
+  name; other ``stat/<id>/…`` topics (``LOGGING``, ``UPGRADE``…) are not ours and are ignored
+  without counting.
 
-Tasmota's ``Time`` is the device's local time without a zone, so readings are stamped with the
-receive time. The device id follows the usual rule (1-64 of ``[A-Za-z0-9_-]``); any other id is
-rejected and counted (``bad_device_id``). Other ``stat/<id>/…`` topics (``LOGGING``,
-``UPGRADE``…) are not ours and are ignored without counting.
+Any MQTT Topic Tasmota accepts is accepted: one that is not a device id (``living.room``) maps
+to a stable valid one, and the topic is kept as the device's name. A retained message replayed
+on subscribe (SensorRetain, StateRetain, PowerRetain) is state, not news: stored once, and no
+evidence the device is alive; the retained LWT is (docs/retained-and-presence.md).
 
 Commands. ``{"name": N, "args": A}`` is published on ``cmnd/<id>/<N>`` (QoS 1, not retained)
 with the payload taken from ``A``: ``{}`` → empty (Tasmota's query), ``{"value": v}`` → ``v`` as
@@ -42,18 +47,20 @@ import logging
 import re
 import time
 from collections import deque
+from functools import cached_property
 from typing import Any
 
 import orjson
+from channels.db import database_sync_to_async
 
 from devices.commands import service as commands
 from devices.conventions.native import DeviceConsumer
+from devices.conventions.tasmota_payloads import device_id_for, parse_tasmota, switch_state
+from devices.models import Device
 from devices.telemetry.parsing import (
     Metrics,
     load_object,
-    metrics_of,
     parse_status,
-    parse_telemetry,
 )
 from devices.telemetry.pipeline import get_pipeline
 from gateway.exceptions import BrokerUnavailable, Rejected
@@ -103,14 +110,7 @@ def parse_power(payload: bytes | str) -> bool:
 
 def parse_state(payload: bytes, max_bytes: int) -> Metrics:
     """A ``tele/<id>/STATE`` object → flat metrics, ``POWER<n>`` ``ON``/``OFF`` as booleans."""
-    data = load_object(payload, max_bytes, "STATE")
-    for key, value in data.items():
-        if POWER_KEY.match(key) and isinstance(value, str):
-            try:
-                data[key] = parse_power(value)
-            except Rejected:
-                pass  # not ON/OFF: a string, ignored like any other
-    return metrics_of(data)
+    return parse_tasmota(payload, time.time(), max_bytes, "STATE").metrics
 
 
 def parse_result(payload: bytes, max_bytes: int) -> dict[str, Any]:
@@ -132,33 +132,43 @@ class TasmotaConsumer(DeviceConsumer):
         self.awaiting: deque[tuple[str, str]] = deque()
 
     label = "tasmota"
+    #: Whether the device's name (its original topic) is stored yet (mapped ids only).
+    named = False
+
+    @cached_property
+    def topic_name(self) -> str:
+        """The device's MQTT Topic as Tasmota spells it (its ``cmnd/<topic>/…`` level)."""
+        return str(self.scope.get("url_route", {}).get("kwargs", {}).get("device_id", ""))
+
+    @cached_property
+    def device_id(self) -> str:
+        """The device id for this topic (`device_id_for`: the topic itself when valid)."""
+        return device_id_for(self.topic_name)
 
     async def handle_message(self, pattern: str | None, event: dict[str, Any]) -> None:
         """One Tasmota message (``tele/``, ``stat/``); raises `Rejected` for bad input."""
         payload = event["payload"]
+        replayed = bool(event.get("retain"))
         pipeline = get_pipeline()
-        if pattern == SENSOR:
-            t = parse_telemetry(payload, time.time(), self.max_bytes)
+        if not self.named and self.device_id != self.topic_name:
+            try:
+                await database_sync_to_async(_name_device)(self.device_id, self.topic_name)
+                self.named = True
+            except Exception:  # the database is away: the reading goes on, naming next time
+                logger.warning("tasmota %s: naming it %r failed", self.device_id, self.topic_name)
+        if pattern in (SENSOR, STATE):
+            t = parse_tasmota(payload, time.time(), self.max_bytes, pattern.rsplit("/", 1)[-1])
             pipeline.submit_reading(
                 self.device_id,
                 self.transport,
-                time.time(),
+                t.ts if t.stamped or not replayed else None,
                 t.metrics,
-                source=SENSOR,
+                source=pattern,
                 durable=self.defer_ack(),
+                presence=not replayed,
             )
-            await self.set_online(True)
-        elif pattern == STATE:
-            metrics = parse_state(payload, self.max_bytes)
-            pipeline.submit_reading(
-                self.device_id,
-                self.transport,
-                time.time(),
-                metrics,
-                source=STATE,
-                durable=self.defer_ack(),
-            )
-            await self.set_online(True)
+            if not replayed:
+                await self.set_online(True)
         elif pattern == LWT:
             online = parse_status(payload)
             pipeline.submit_status(
@@ -171,29 +181,54 @@ class TasmotaConsumer(DeviceConsumer):
             )
             await self.set_online(online)
         elif pattern == STAT:
-            await self.handle_stat(event["params"].get("kind", ""), payload)
+            await self.handle_stat(event["params"].get("kind", ""), payload, replayed)
         else:
             raise Rejected("bad_topic", f"no handler for pattern {pattern!r}")
 
-    async def handle_stat(self, kind: str, payload: bytes) -> None:
-        """``stat/<id>/<kind>``: relay state, command results, Status answers."""
+    async def handle_stat(self, kind: str, payload: bytes, replayed: bool = False) -> None:
+        """``stat/<id>/<kind>``: relay state, command results, Status answers.
+
+        A replayed (retained) relay state only fills the latest value; a replayed answer is
+        an old one and is ignored.
+        """
         if POWER_KEY.match(kind):
-            value = parse_power(_scalar(payload))
+            answer = None
+            if payload.lstrip()[:1] == b"{":  # SetOption4: the answer to a Power command
+                answer = parse_result(payload, self.max_bytes)
+                value = switch_state(next(iter(answer.values()), None))
+                if value is None:
+                    raise Rejected("bad_value", f"{kind} answer without ON/OFF")
+            else:
+                value = parse_power(_scalar(payload))
             get_pipeline().submit_reading(
                 self.device_id,
                 self.transport,
-                time.time(),
+                None if replayed else time.time(),
                 {kind.upper(): value},
                 source=STAT,
                 durable=self.defer_ack(),
+                presence=not replayed,
             )
+            if answer is not None and not replayed:
+                await self.handle_result(answer, only="power")
+        elif replayed:
+            return
         elif kind == "RESULT":
             await self.handle_result(parse_result(payload, self.max_bytes))
         elif STATUS_KIND.match(kind):
             await self.handle_result(parse_result(payload, self.max_bytes), only="status")
+        elif any(_base_name(name) == _base_name(kind) for _, name in self.awaiting):
+            await self.handle_result(self._answer(kind, payload), only=_base_name(kind))
         else:
             return  # any other stat/ topic (LOGGING, UPGRADE…) is Tasmota's business, not ours
-        await self.set_online(True)
+        if not replayed:
+            await self.set_online(True)
+
+    def _answer(self, kind: str, payload: bytes) -> dict[str, Any]:
+        """A SetOption4 answer: its JSON object, or ``{kind: text}`` for a bare value."""
+        if payload.lstrip()[:1] == b"{":
+            return parse_result(payload, self.max_bytes)
+        return {kind: _scalar(payload).decode("utf-8", "replace").strip()}
 
     async def handle_result(self, result: dict[str, Any], only: str | None = None) -> None:
         """Finish the awaiting command this RESULT answers (rule in the module docstring)."""
@@ -235,7 +270,7 @@ class TasmotaConsumer(DeviceConsumer):
             forgotten = self.awaiting.popleft()
             logger.warning("tasmota %s: forgetting unanswered %s", self.device_id, forgotten)
         self.awaiting.append(entry)
-        topic = f"cmnd/{self.device_id}/{command['name']}"
+        topic = f"cmnd/{self.topic_name}/{command['name']}"
         try:
             await self.publish(topic, command_payload(command.get("args")), qos=1, retain=False)
         except BrokerUnavailable as exc:
@@ -245,6 +280,13 @@ class TasmotaConsumer(DeviceConsumer):
             if entry in self.awaiting:
                 self.awaiting.remove(entry)
             raise
+
+
+def _name_device(device_id: str, topic: str) -> None:
+    """Register a device whose id is mapped from its topic, named by that topic."""
+    device, created = Device.objects.get_or_create(id=device_id, defaults={"name": topic[:200]})
+    if not created and not device.name:
+        Device.objects.filter(id=device_id, name="").update(name=topic[:200])
 
 
 def _scalar(payload: bytes) -> bytes:

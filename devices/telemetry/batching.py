@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
 from devices.telemetry.store import DeviceUpdate, Row, salvage_batch, write_batch
-from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
+from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_DUPLICATES, TELEMETRY_STORED
 
 # The pipeline's log, whichever of its rooms speaks (operators filter on it).
 logger = logging.getLogger("devices.telemetry.pipeline")  # logs as the pipeline
@@ -70,6 +70,8 @@ class TelemetryWriter:
         # FIFO rows, pending device updates, the batch being written.
         self._rows: deque[Row] = deque()
         self._devices: dict[str, DeviceUpdate] = {}
+        # Retained (replayed) state: latest values and last_seen, never `online`.
+        self._quiet: dict[str, DeviceUpdate] = {}
         self._inflight: dict[str, DeviceUpdate] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.wake = asyncio.Event()
@@ -91,8 +93,17 @@ class TelemetryWriter:
         metrics: Metrics,
         now: float,
         durable: Durable | None,
+        presence: bool = True,
     ) -> None:
-        """Buffer one message's values and its device's update (online, seen `now`)."""
+        """Buffer one message's values and its device's update (online, seen `now`).
+
+        `presence` False (a retained message, replayed): the values are stored, and the
+        device seen at `ts` at the latest, but its `online` is left as it is; `ts` None: no
+        reading at all, the values only fill the device's latest ones it lacks.
+        """
+        if not presence:
+            self._add_quiet(device_id, transport, ts, metrics, now, durable)
+            return
         new_rows = [(device_id, name, ts, float(value)) for name, value in metrics.items()]
         update = self._devices.get(device_id)
         if update is None:
@@ -109,6 +120,32 @@ class TelemetryWriter:
         if durable is not None:
             self._durable.append((self.rows_added, self.dev_seq, durable))
         self._schedule_write(len(rows) >= self.batch_size or durable is not None)
+
+    def _add_quiet(
+        self,
+        device_id: str,
+        transport: str,
+        ts: float | None,
+        metrics: Metrics,
+        now: float,
+        durable: Durable | None,
+    ) -> None:
+        seen = None if ts is None else min(ts, now)
+        update = DeviceUpdate(transport, False, seen, dict(metrics), now)
+        pending = self._quiet.get(device_id)
+        if pending is None:
+            self._quiet[device_id] = update
+        else:
+            pending.absorb(update)
+        self.dev_seq += 1
+        if ts is not None:
+            self._rows.extend((device_id, name, ts, float(v)) for name, v in metrics.items())
+            self.rows_added += len(metrics)
+            if len(self._rows) > self.buffer_limit:
+                self._drop_oldest(len(self._rows) - self.buffer_limit)
+        if durable is not None:
+            self._durable.append((self.rows_added, self.dev_seq, durable))
+        self._schedule_write(len(self._rows) >= self.batch_size or durable is not None)
 
     def add_status(
         self, device_id: str, transport: str, online: bool, durable: Durable | None
@@ -163,29 +200,31 @@ class TelemetryWriter:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if not self._rows and not self._devices:
+            if not self._rows and not self._devices and not self._quiet:
                 await self._release_durable()
                 self._notify()
                 continue
             count = min(len(self._rows), self.batch_size)
             rows = [self._rows.popleft() for _ in range(count)]
             updates, self._devices = self._devices, {}
+            quiet, self._quiet = self._quiet, {}
             self._inflight, dev_seq = updates, self.dev_seq
             if self._rows:
                 self.wake.set()  # more than a batch was waiting: go again right away
             try:
-                stored = await self.run_in_writer(write_batch, rows, updates)
+                stored = await self.run_in_writer(write_batch, rows, updates, quiet)
+                TELEMETRY_DUPLICATES.inc(len(rows) - stored)
             except asyncio.CancelledError:
                 self._inflight = {}
-                self._restore(rows, updates)  # close() counts what stays unwritten
+                self._restore(rows, updates, quiet)  # close() counts what stays unwritten
                 raise
             except Exception as exc:
                 if not _transient(exc):
                     # The data itself is refused: retrying would block every later batch.
-                    stored = await self._salvage(rows, updates, exc)
+                    stored = await self._salvage(rows, updates, quiet, exc)
                 else:
                     self._inflight = {}
-                    self._restore(rows, updates)
+                    self._restore(rows, updates, quiet)
                     await self._after_failure(exc, len(rows), backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     self.wake.set()
@@ -228,20 +267,33 @@ class TelemetryWriter:
         await asyncio.sleep(backoff)
 
     async def _salvage(
-        self, rows: list[Row], updates: dict[str, DeviceUpdate], exc: Exception
+        self,
+        rows: list[Row],
+        updates: dict[str, DeviceUpdate],
+        quiet: dict[str, DeviceUpdate],
+        exc: Exception,
     ) -> int:
         logger.error("telemetry batch refused (%r), writing it row by row", exc)
         try:
-            stored, refused = await self.run_in_writer(salvage_batch, rows, updates)
+            stored, refused = await self.run_in_writer(salvage_batch, rows, updates, quiet)
         except Exception:
             logger.exception("telemetry salvage failed; dropping %d values", len(rows))
             stored, refused = 0, len(rows)
         if refused:
             TELEMETRY_DROPPED.labels(reason="db_refused").inc(refused)
+        TELEMETRY_DUPLICATES.inc(max(len(rows) - stored - refused, 0))
         return stored
 
-    def _restore(self, rows: list[Row], updates: dict[str, DeviceUpdate]) -> None:
+    def _restore(
+        self, rows: list[Row], updates: dict[str, DeviceUpdate], quiet: dict[str, DeviceUpdate]
+    ) -> None:
         """Put a failed batch back in front of what arrived meanwhile, within the bound."""
+        for device_id, newer in self._quiet.items():
+            if device_id in quiet:
+                quiet[device_id].absorb(newer)
+            else:
+                quiet[device_id] = newer
+        self._quiet = quiet
         if rows:
             self._rows.extendleft(reversed(rows))
             if len(self._rows) > self.buffer_limit:

@@ -71,6 +71,8 @@ class Telemetry:
 
     ts: float
     metrics: Metrics
+    #: Whether the payload said its time (``ts``); else `ts` is the receive time.
+    stamped: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +194,7 @@ def parse_telemetry(payload: bytes, received_at: float, max_bytes: int) -> Telem
     """Parse a telemetry JSON object (``devices/<id>/telemetry``) into a `Telemetry`."""
     data = load_object(payload, max_bytes, "telemetry")
     ts = parse_timestamp(data.get("ts"), received_at)
-    return Telemetry(ts, metrics_of(data))
+    return Telemetry(ts, metrics_of(data), data.get("ts") is not None)
 
 
 def _scalar_text(payload: bytes, reason: str) -> bytes:

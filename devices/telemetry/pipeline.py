@@ -123,22 +123,27 @@ class TelemetryPipeline:
         self,
         device_id: str,
         transport: str,
-        ts: float,
+        ts: float | None,
         metrics: Metrics,
         source: str = "",
         durable: Durable | None = None,
+        presence: bool = True,
     ) -> None:
         """Queue one telemetry message: its values for storage, a frame for dashboards.
 
         `source` names where it came from (the topic pattern, e.g. ``devices/{device_id}/
         telemetry``); it only travels with the announcement of a new device or metric.
+        `presence` False: a retained message replayed by the broker, state rather than news
+        (docs/retained-and-presence.md): stored once, no frame, the device's online state
+        untouched; `ts` None then: not a reading, only latest values the device lacks.
         """
         try:
             if not self._admit(device_id, transport, metrics, source):
                 return
             now = time.time()
-            self._writer.add_reading(device_id, transport, ts, metrics, now, durable)
-            self._fanout.reading(device_id, ts, metrics, now)
+            self._writer.add_reading(device_id, transport, ts, metrics, now, durable, presence)
+            if presence:
+                self._fanout.reading(device_id, ts, metrics, now)
         except Exception:  # a caller's bad metrics (or a bug) must not take the consumer down
             logger.exception("telemetry pipeline: submit_reading(%r) failed", device_id)
             self._writer.release_soon(durable)

@@ -6,6 +6,12 @@ inside the database (SQLite ``json_patch``, PostgreSQL ``||``) so concurrent wri
 bridges) never lose each other's keys; then inserts the readings with one prepared
 ``executemany``. Their batches may commit in any order, so the upsert is conditional on time:
 an update older than the row's ``last_seen`` never overwrites newer latest values or ``online``.
+
+A reading is stored once per (device, metric, ts): the insert skips one the table already has
+(``ON CONFLICT DO NOTHING`` on the ``reading_once`` constraint), so a retained message replayed
+on every subscribe, or a message redelivered to another bridge, adds nothing. A *quiet* update
+(a retained message: state, not news of the device) changes metrics and ``last_seen`` like any
+other but never ``online`` (docs/retained-and-presence.md).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ def _dt(ts: float) -> datetime:
 _COLUMNS = ("id", "name", "transport", "online", "last_seen", "metrics", "created")
 
 
-def _upsert_sql(vendor: str, quote, count: int) -> str:
+def _upsert_sql(vendor: str, quote, count: int, quiet: bool = False) -> str:
     table = quote(Device._meta.db_table)
     cols = ", ".join(quote(c) for c in _COLUMNS)
     metrics_ph = "%s::jsonb" if vendor == "postgresql" else "%s"
@@ -73,6 +79,9 @@ def _upsert_sql(vendor: str, quote, count: int) -> str:
     # an `online` older than it stays unapplied.
     older_seen = f"(EXCLUDED.{ls} IS NOT NULL AND {t}{ls} IS NOT NULL AND EXCLUDED.{ls} < {t}{ls})"
     older_news = f"({t}{ls} IS NOT NULL AND EXCLUDED.{at} < {t}{ls})"
+    if quiet:  # presence stays as stored; latest values without a time only fill gaps
+        older_news = "TRUE"
+        older_seen = f"({t}{ls} IS NOT NULL AND (EXCLUDED.{ls} IS NULL OR EXCLUDED.{ls} < {t}{ls}))"
     if vendor == "postgresql":
         stored = f"(CASE WHEN jsonb_typeof({t}{mt}) = 'object' THEN {t}{mt} ELSE '{{}}'::jsonb END)"
         merged = (
@@ -100,14 +109,15 @@ def _upsert_sql(vendor: str, quote, count: int) -> str:
     )
 
 
-def upsert_devices(updates: Mapping[str, DeviceUpdate], using: str) -> None:
-    """Register unknown devices and apply `updates` to known ones (inside a transaction)."""
+def upsert_devices(updates: Mapping[str, DeviceUpdate], using: str, quiet: bool = False) -> None:
+    """Register unknown devices and apply `updates` to known ones (inside a transaction);
+    `quiet`: leave `online` as stored (a new device starts offline)."""
     if not updates:
         return
     connection = connections[using]
     vendor = connection.vendor
     if vendor not in ("sqlite", "postgresql"):
-        _upsert_generic(updates, using)
+        _upsert_generic(updates, using, quiet)
         return
     ops = connection.ops
     params_per_row = len(_COLUMNS)
@@ -133,10 +143,10 @@ def upsert_devices(updates: Mapping[str, DeviceUpdate], using: str) -> None:
                     orjson.dumps(u.metrics).decode(),
                     ops.adapt_datetimefield_value(_dt(u.at)),
                 ]
-            cursor.execute(_upsert_sql(vendor, ops.quote_name, len(part)), params)
+            cursor.execute(_upsert_sql(vendor, ops.quote_name, len(part), quiet), params)
 
 
-def _upsert_generic(updates: Mapping[str, DeviceUpdate], using: str) -> None:
+def _upsert_generic(updates: Mapping[str, DeviceUpdate], using: str, quiet: bool = False) -> None:
     """Other backends: lock the rows, merge metrics in Python, write back (two queries)."""
     existing = {
         d.id: d
@@ -149,11 +159,14 @@ def _upsert_generic(updates: Mapping[str, DeviceUpdate], using: str) -> None:
         online = u.online
         if old is not None:
             stored = old.metrics if isinstance(old.metrics, dict) else {}
-            if old.last_seen and last_seen is not None and last_seen < old.last_seen:
-                metrics = {**u.metrics, **stored}  # older values fill gaps only
+            if old.last_seen and (
+                (last_seen is not None and last_seen < old.last_seen)
+                or (quiet and last_seen is None)
+            ):
+                metrics = {**u.metrics, **stored}  # older (or untimed retained) values fill gaps
             else:
                 metrics = {**stored, **u.metrics}
-            if old.last_seen and _dt(u.at) < old.last_seen:
+            if quiet or (old.last_seen and _dt(u.at) < old.last_seen):
                 online = old.online  # the row has newer news
             if last_seen is None or (old.last_seen and old.last_seen > last_seen):
                 last_seen = old.last_seen
@@ -180,7 +193,10 @@ def _insert_readings_sql(quote) -> str:
     cols = ", ".join(
         quote(Reading._meta.get_field(f).column) for f in ("device", "metric", "ts", "value")
     )
-    return f"INSERT INTO {quote(Reading._meta.db_table)} ({cols}) VALUES (%s, %s, %s, %s)"
+    return (
+        f"INSERT INTO {quote(Reading._meta.db_table)} ({cols}) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT DO NOTHING"
+    )
 
 
 def _ensure_devices(device_ids: set[str], updates: Mapping[str, DeviceUpdate], using: str) -> None:
@@ -193,8 +209,13 @@ def _ensure_devices(device_ids: set[str], updates: Mapping[str, DeviceUpdate], u
         )
 
 
-def write_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> int:
-    """Store one batch in one transaction: device upserts, then readings. Returns rows stored.
+def write_batch(
+    rows: Iterable[Row],
+    updates: Mapping[str, DeviceUpdate],
+    quiet: Mapping[str, DeviceUpdate] | None = None,
+) -> int:
+    """Store one batch in one transaction: device upserts (`quiet` ones first), then readings.
+    Returns the rows stored: a reading the table already has is not stored again.
 
     Readings go in with one prepared ``executemany`` rather than ``bulk_create``: the same
     single transaction, without building a model instance per row (about 2x faster on
@@ -204,16 +225,24 @@ def write_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> int
     connection = connections[using]
     adapt = connection.ops.adapt_datetimefield_value
     params = [(device_id, metric, adapt(_dt(ts)), value) for device_id, metric, ts, value in rows]
+    stored = 0
     with transaction.atomic(using=using):
+        if quiet:
+            upsert_devices(quiet, using, quiet=True)
         upsert_devices(updates, using)
-        _ensure_devices({p[0] for p in params}, updates, using)
+        _ensure_devices({p[0] for p in params}, {**(quiet or {}), **updates}, using)
         if params:
             with connection.cursor() as cursor:
                 cursor.executemany(_insert_readings_sql(connection.ops.quote_name), params)
-    return len(params)
+                stored = cursor.rowcount
+    return stored
 
 
-def salvage_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> tuple[int, int]:
+def salvage_batch(
+    rows: Iterable[Row],
+    updates: Mapping[str, DeviceUpdate],
+    quiet: Mapping[str, DeviceUpdate] | None = None,
+) -> tuple[int, int]:
     """Error path after `write_batch` failed for good (integrity, data, a value the driver
     refuses): write what can be written, one savepoint per row. Returns (stored, refused)."""
     using = router.db_for_write(Reading)
@@ -224,6 +253,8 @@ def salvage_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> t
     with transaction.atomic(using=using):
         try:
             with transaction.atomic(using=using):
+                if quiet:
+                    upsert_devices(quiet, using, quiet=True)
                 upsert_devices(updates, using)
         except Exception:
             logger.exception("telemetry: device updates refused by the database, dropped")
@@ -233,7 +264,7 @@ def salvage_batch(rows: Iterable[Row], updates: Mapping[str, DeviceUpdate]) -> t
                     with transaction.atomic(using=using):
                         _ensure_devices({device_id}, {}, using)
                         cursor.execute(sql, (device_id, metric, adapt(_dt(ts)), value))
-                    stored += 1
+                    stored += max(cursor.rowcount, 0)
                 except Exception:
                     refused += 1
     return stored, refused

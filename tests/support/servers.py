@@ -239,6 +239,21 @@ class Postgres(ServerProcess):
         )
         log.close()
         wait_for_port(self.port, timeout=30)
+        self.wait_accepting(timeout=30)
+
+    def wait_accepting(self, timeout: float) -> None:
+        """Block until a session can be opened (the port opens before start-up or recovery ends)."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 def postgres_bindir() -> Path:
