@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -80,6 +81,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    # Login throttling: failed logins counted per (user name, client address), then refused.
+    "axes",
     "gateway",
     "devices",
     "dashboard",
@@ -99,7 +102,27 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Content-Security-Policy on every response (policy under "HTTPS, production" below).
     "csp.middleware.CSPMiddleware",
+    # Refuses a locked-out login with 429 (last, as django-axes requires).
+    "axes.middleware.AxesMiddleware",
 ]
+
+# django-axes first, so a locked-out (user name, address) is refused before any password check.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# After GATEWAY_LOGIN_FAILURE_LIMIT wrong passwords for one user name from one address, that
+# pair is refused (429) for GATEWAY_LOGIN_COOLOFF_MINUTES; every failure and lockout is logged.
+# A pair, not the address alone: a household behind one NAT address is not locked out by one
+# person's typos, and an attacker cannot lock a user out from everywhere.
+AXES_FAILURE_LIMIT = max(1, env_int("GATEWAY_LOGIN_FAILURE_LIMIT", 5))
+AXES_COOLOFF_TIME = timedelta(minutes=max(1, env_int("GATEWAY_LOGIN_COOLOFF_MINUTES", 15)))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
+# The log names the client address (an operator acts on it); user names stay masked, as a
+# mistyped one can be a password.
+AXES_SENSITIVE_PARAMETERS = ["username"]
 
 ROOT_URLCONF = "gateway.urls"
 ASGI_APPLICATION = "gateway.asgi.application"

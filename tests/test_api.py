@@ -61,7 +61,8 @@ def test_anonymous_gets_401_json_not_a_redirect(client, path):
 
 @pytest.mark.django_db
 def test_session_login_works(client, user, d1):
-    assert client.login(username="alice", password="pw-alice-123")
+    response = client.post("/accounts/login/", {"username": "alice", "password": "pw-alice-123"})
+    assert response.status_code == 302, "the login form signs in and redirects"
     assert client.get("/api/devices/").status_code == 200
 
 
