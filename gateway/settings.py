@@ -315,6 +315,10 @@ GATEWAY = {
     "MQTT_BRIDGE_ID": os.environ.get("GATEWAY_BRIDGE_ID", "").strip(),
     # Largest MQTT payload the gateway parses; larger ones are rejected (reason too_large).
     "MAX_PAYLOAD_BYTES": env_int("GATEWAY_MAX_PAYLOAD_BYTES", 64 * 1024),
+    # Distinct metric names one device may have (per gateway run); new names past it are
+    # refused (`too_many_metrics`), the known ones still stored. With names of at most 200
+    # characters this bounds a device's stored latest values to about 128 KiB.
+    "DEVICE_MAX_METRICS": env_int("GATEWAY_DEVICE_MAX_METRICS", 500),
     # /healthz says 503 "ingest stalled" when un-acknowledged MQTT messages have waited this
     # long with no acknowledgement at all (the bridge is connected but nothing gets stored).
     "HEALTH_STALL_SECONDS": env_float("GATEWAY_HEALTH_STALL_SECONDS", 30.0),

@@ -361,3 +361,27 @@ async def test_rows_of_a_device_deleted_meanwhile_recreate_it(pipeline):
     await pipeline.run_in_writer(write_batch, [("gone", "t", TS + 1, 2.0)], {})
     assert (await device("gone")).transport == "mqtt"
     assert [r[3] for r in await readings("gone")] == [2.0]
+
+
+async def test_new_metric_names_past_the_per_device_bound_are_refused(pipeline):
+    """A publisher inventing names cannot grow a device without bound: known names still pass."""
+    from gateway.metrics import MESSAGES_REJECTED
+
+    refused = MESSAGES_REJECTED.labels(reason="too_many_metrics")
+    before = refused._value.get()
+    acked = []
+    pipeline.max_metrics = 3
+    pipeline.submit_reading("capped", "mqtt", TS, {"a": 1.0, "b": 2.0})
+    pipeline.submit_reading("capped", "mqtt", TS + 1, {"a": 3.0, "c": 4.0, "d": 5.0, "e": 6.0})
+    pipeline.submit_reading(
+        "capped", "mqtt", TS + 2, {"x": 7.0, "y": 8.0}, durable=lambda: acked.append(1)
+    )
+    pipeline.submit_reading("other", "mqtt", TS, {"x": 1.0, "y": 2.0, "z": 3.0})
+    await pipeline.flush()
+    device = await Device.objects.aget(id="capped")
+    assert device.metrics == {"a": 3.0, "b": 2.0, "c": 4.0}, "d and e came past the bound"
+    names = {r.metric async for r in Reading.objects.filter(device_id="capped")}
+    assert names == {"a", "b", "c"}
+    assert refused._value.get() - before == 2, "two messages lost names"
+    assert len(acked) == 1, "a message refused whole is still acknowledged"
+    assert (await Device.objects.aget(id="other")).metrics.keys() == {"x", "y", "z"}

@@ -33,6 +33,25 @@ class MetricAnnouncer:
         self._told: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}  # → (transport, names)
         self._waiting: dict[tuple[str, str], dict[str, Any]] = {}
 
+    def within(self, device_id: str, metrics: Metrics, cap: int) -> Metrics:
+        """`metrics` without the names that would take the device past `cap` distinct metrics.
+
+        Known names always pass; new ones pass while the device has room, in message order.
+        """
+        known = self._announced.get(device_id)
+        have = 0 if known is None else len(known)
+        if have + len(metrics) <= cap:
+            return metrics  # the common case: nothing to look at
+        room = cap - have
+        kept: Metrics = {}
+        for name, value in metrics.items():
+            if known is not None and name in known:
+                kept[name] = value
+            elif room > 0:
+                kept[name] = value
+                room -= 1
+        return kept
+
     def note(self, device_id: str, transport: str, metrics: Metrics, source: str) -> bool:
         """Queue the news of a device first seen, or of its new metrics; True if there was any.
 

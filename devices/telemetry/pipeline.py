@@ -36,7 +36,7 @@ from devices.telemetry.announce import MetricAnnouncer
 from devices.telemetry.batching import Durable, Metrics, TelemetryWriter
 from devices.telemetry.fanout import DashboardFanout
 from gateway.loops import PerLoop
-from gateway.metrics import TELEMETRY_DROPPED
+from gateway.metrics import MESSAGES_REJECTED, TELEMETRY_DROPPED
 
 __all__ = [
     "DASHBOARD_GROUP",
@@ -113,6 +113,7 @@ class TelemetryPipeline:
             log_db=_RateLimitedLog(),
         )
         self._announcer = MetricAnnouncer()
+        self.max_metrics = max(1, cfg["DEVICE_MAX_METRICS"])
         self._fanout = DashboardFanout(
             get_channel_layer(), group, self._announcer, self._notify, log_drop
         )
@@ -138,6 +139,11 @@ class TelemetryPipeline:
         untouched; `ts` None then: not a reading, only latest values the device lacks.
         """
         try:
+            if metrics:
+                metrics = self._within_budget(device_id, metrics)
+                if not metrics:  # every name refused: handled, so acknowledged
+                    self._writer.release_soon(durable)
+                    return
             if not self._admit(device_id, transport, metrics, source):
                 return
             now = time.time()
@@ -166,6 +172,20 @@ class TelemetryPipeline:
         except Exception:  # pragma: no cover
             logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
             self._writer.release_soon(durable)
+
+    def _within_budget(self, device_id: str, metrics: Metrics) -> Metrics:
+        """Drop the new metric names past the device's `max_metrics` (counted, logged)."""
+        kept = self._announcer.within(device_id, metrics, self.max_metrics)
+        if len(kept) < len(metrics):
+            MESSAGES_REJECTED.labels(reason="too_many_metrics").inc()
+            self._log_drop(
+                logging.WARNING,
+                "device %r: %d new metric name(s) refused, past %d distinct metrics per device",
+                device_id,
+                len(metrics) - len(kept),
+                self.max_metrics,
+            )
+        return kept
 
     def _admit(self, device_id: str, transport: str, metrics: Metrics, source: str) -> bool:
         """False (dropped, counted) once closed; else a new device or metric is announced."""
