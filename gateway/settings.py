@@ -315,6 +315,9 @@ GATEWAY = {
     "MQTT_BRIDGE_ID": os.environ.get("GATEWAY_BRIDGE_ID", "").strip(),
     # Largest MQTT payload the gateway parses; larger ones are rejected (reason too_large).
     "MAX_PAYLOAD_BYTES": env_int("GATEWAY_MAX_PAYLOAD_BYTES", 64 * 1024),
+    # Home Assistant birth messages: the first republishes every discovery document at once,
+    # later ones within this many seconds are coalesced into one more republish.
+    "HA_REPUBLISH_SECONDS": env_float("HA_DISCOVERY_REPUBLISH_SECONDS", 10.0),
     # Distinct metric names one device may have (per gateway run); new names past it are
     # refused (`too_many_metrics`), the known ones still stored. With names of at most 200
     # characters this bounds a device's stored latest values to about 128 KiB.

@@ -256,6 +256,25 @@ async def test_native_device_is_discovered_and_kept_up_to_date(mosquitto, layer,
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_a_birth_storm_costs_one_republish_per_interval(mosquitto, layer, settings, device):
+    """Fifty `online` births in a row: one republish at once, one more when the interval ends."""
+    settings.GATEWAY = {**settings.GATEWAY, "HA_REPUBLISH_SECONDS": 1.5}
+    did = device.device_id
+    async with watching(mosquitto.port) as ha, bridge(mosquitto, "storm"):
+        await device.publish(f"devices/{did}/telemetry", b'{"t": 1}', qos=1)
+        await ha.until(did, lambda d: "t" in d["cmps"])
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as ha_client:
+            for _ in range(50):
+                await ha_client.publish("homeassistant/status", b"online", qos=1)
+        started = asyncio.get_running_loop().time()
+        await ha.next(did)  # the first birth: at once
+        await ha.next(did)  # the other 49: one republish after the interval
+        assert asyncio.get_running_loop().time() - started >= 1.0, "the second one waited"
+        with pytest.raises(TimeoutError):  # and nothing more
+            await ha.next(did, wait=2.5)
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_bridge_restart_republishes_from_the_database_and_skips_tasmota(
     mosquitto, layer, settings, device
 ):

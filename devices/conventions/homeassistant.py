@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -255,6 +256,12 @@ class HomeAssistantConsumer(MqttConsumer):
         # Devices announced and not yet published, oldest first, and the task publishing them.
         self.due: dict[str, None] = {}
         self.publisher: asyncio.Task[None] | None = None
+        # Birth messages: the first republishes at once, those within the interval after it
+        # are coalesced into one more republish when the interval ends.
+        self.last_birth = -math.inf
+        self.births_waiting = 0
+        self.birth_timer: asyncio.TimerHandle | None = None
+        self.republisher: asyncio.Task[None] | None = None
 
     def topic(self, object_id: str) -> str:
         """``<prefix>/device/<object_id>/config`` (a device id, or `gateway_object_path`)."""
@@ -288,7 +295,31 @@ class HomeAssistantConsumer(MqttConsumer):
             pipeline = current_pipeline()
             if pipeline is not None:
                 self.learn(pipeline.announcements())
-            await self.publish_all()
+            self.birth()
+
+    def birth(self) -> None:
+        """Republish everything now, or once when the interval since the last one ends.
+
+        A storm of birth messages (a misconfigured Home Assistant, a hostile publisher) costs at
+        most one full republish per ``HA_DISCOVERY_REPUBLISH_SECONDS``.
+        """
+        self.births_waiting += 1
+        if self.birth_timer is not None:
+            return  # coalesced into the republish already scheduled
+        loop = asyncio.get_running_loop()
+        interval = settings.GATEWAY["HA_REPUBLISH_SECONDS"]
+        delay = max(0.0, self.last_birth + interval - loop.time())
+        self.birth_timer = loop.call_later(delay, self._republish)
+
+    def _republish(self) -> None:
+        self.birth_timer = None
+        self.last_birth = asyncio.get_running_loop().time()
+        if self.births_waiting > 1:
+            logger.info(
+                "home assistant discovery: %d birth messages, one republish", self.births_waiting
+            )
+        self.births_waiting = 0
+        self.republisher = asyncio.create_task(self.publish_all(), name="ha-discovery.republish")
 
     async def device_metrics(self, event: dict[str, Any]) -> None:
         """The pipeline saw a device, or a new metric of one: mark it for publishing.
@@ -317,8 +348,11 @@ class HomeAssistantConsumer(MqttConsumer):
 
     async def on_retire(self) -> None:
         """Stop publishing (the next connect publishes everything again)."""
-        if self.publisher is not None:
-            self.publisher.cancel()
+        if self.birth_timer is not None:
+            self.birth_timer.cancel()
+        for task in (self.publisher, self.republisher):
+            if task is not None:
+                task.cancel()
 
     def learn(self, entries: Any) -> list[str]:
         """Take in pipeline announcements; returns the devices they were about."""
