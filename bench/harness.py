@@ -182,9 +182,14 @@ async def wait_stored(gateway: GatewayProcess, target: float, limit: float) -> f
 def start_gateway(
     mqtt_url: str, redis_url: str | None = None, experiments: Sequence[str] = ()
 ) -> GatewayProcess:
-    """A started `rungateway` with its own SQLite DB, WARNING logs and no command rate limit;
-    `experiments` are bench/experiments/sitecustomize.py patches applied inside it."""
-    env = {"GATEWAY_COMMAND_RATE_COUNT": "1000000", "PYTHONPATH": str(ROOT)}
+    """A started `rungateway` with its own SQLite DB, WARNING logs, no command rate limit and
+    no admission rate (a fleet of 10,000 new devices arrives at once); `experiments` are
+    bench/experiments/sitecustomize.py patches applied inside it."""
+    env = {
+        "GATEWAY_COMMAND_RATE_COUNT": "1000000",
+        "GATEWAY_NEW_DEVICES_PER_SECOND": "1000000",
+        "PYTHONPATH": str(ROOT),
+    }
     if experiments:
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'experiments'}{os.pathsep}{ROOT}"
         env["BENCH_EXPERIMENTS"] = ",".join(experiments)

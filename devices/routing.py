@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
+from devices.admission import DeviceAdmission, RouteAdmission
 from devices.conventions import homeassistant
 from devices.conventions.homeassistant import HomeAssistantConsumer
 from devices.conventions.native import PATTERNS, DeviceConsumer
 from devices.conventions.tasmota import PATTERNS as TASMOTA_PATTERNS
 from devices.conventions.tasmota import TasmotaConsumer
-from devices.telemetry.parsing import valid_device_id
+from devices.conventions.tasmota_payloads import device_id_for
 from gateway.mqtt.routing import TopicRoute, topic
 
 #: Longest topic level taken as a Tasmota device's MQTT Topic (Tasmota allows 32 characters).
 TASMOTA_TOPIC_MAX = 64
+#: New devices are admitted by one policy whatever their convention (devices/admission.py).
+ADMISSION = DeviceAdmission()
 
 
-def native_device(key: Mapping[str, str]) -> str | None:
-    """A native device id must be valid before any instance is made for it."""
-    return None if valid_device_id(key["device_id"]) else "bad_device_id"
-
-
-def tasmota_device(key: Mapping[str, str]) -> str | None:
-    """A Tasmota topic level must be short before any instance is made for it."""
-    return None if len(key["device_id"]) <= TASMOTA_TOPIC_MAX else "bad_device_id"
+def tasmota_device_id(topic: str) -> str:
+    """The device id of a Tasmota topic level; "" (refused) when it is too long to be one."""
+    return device_id_for(topic) if len(topic) <= TASMOTA_TOPIC_MAX else ""
 
 
 def build_routes() -> list[TopicRoute]:
@@ -34,7 +30,7 @@ def build_routes() -> list[TopicRoute]:
             DeviceConsumer.as_asgi(),
             key=["device_id"],
             name="device",
-            admit=native_device,
+            admit=RouteAdmission(ADMISSION),
         ),
         # Tasmota devices (devices/conventions/tasmota.py): their own instance per device id.
         topic(
@@ -42,7 +38,7 @@ def build_routes() -> list[TopicRoute]:
             TasmotaConsumer.as_asgi(),
             key=["device_id"],
             name="tasmota",
-            admit=tasmota_device,
+            admit=RouteAdmission(ADMISSION, tasmota_device_id),
         ),
     ]
     if homeassistant.enabled():

@@ -39,6 +39,15 @@ def env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def _admission_policy() -> str:
+    from django.core.exceptions import ImproperlyConfigured
+
+    policy = os.environ.get("GATEWAY_DEVICE_ADMISSION", "").strip().lower() or "open"
+    if policy not in ("open", "known"):
+        raise ImproperlyConfigured(f"GATEWAY_DEVICE_ADMISSION is open or known, not {policy!r}")
+    return policy
+
+
 def _secret_key() -> str:
     """DJANGO_SECRET_KEY, else a key generated once and kept in a git-ignored file."""
     key = os.environ.get("DJANGO_SECRET_KEY", "").strip()
@@ -315,6 +324,12 @@ GATEWAY = {
     "MQTT_BRIDGE_ID": os.environ.get("GATEWAY_BRIDGE_ID", "").strip(),
     # Largest MQTT payload the gateway parses; larger ones are rejected (reason too_large).
     "MAX_PAYLOAD_BYTES": env_int("GATEWAY_MAX_PAYLOAD_BYTES", 64 * 1024),
+    # Admission of new device ids over MQTT (devices/admission.py): "open" admits new devices
+    # at this rate (a bucket of ten seconds' worth) up to the total; "known" only devices
+    # created beforehand in the admin. Refused messages count as "not_admitted".
+    "DEVICE_ADMISSION": _admission_policy(),
+    "NEW_DEVICES_PER_SECOND": max(0.01, env_float("GATEWAY_NEW_DEVICES_PER_SECOND", 50.0)),
+    "MAX_DEVICES": max(1, env_int("GATEWAY_MAX_DEVICES", 50_000)),
     # Home Assistant birth messages: the first republishes every discovery document at once,
     # later ones within this many seconds are coalesced into one more republish.
     "HA_REPUBLISH_SECONDS": env_float("HA_DISCOVERY_REPUBLISH_SECONDS", 10.0),

@@ -123,3 +123,52 @@ async def test_invalid_device_ids_cost_no_instance_and_no_memory(mosquitto, gate
     await probe.all_stored()
     status, devices = gw.http_get("/api/devices/", cookie)
     assert status == 200 and [d["id"] for d in devices] == ["probe"], "no rows for refused ids"
+
+
+async def test_a_flood_of_new_device_ids_is_admitted_at_the_configured_rate(mosquitto):
+    """2,000 new valid ids at once: a bucket of ten seconds' worth, then the rate; the rest
+    refused and counted, no row for them, and the unaffected device keeps its pace."""
+    env = {"GATEWAY_NEW_DEVICES_PER_SECOND": "10"}
+    with GatewayProcess(mosquitto.url, env=env) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        cookie = gw.login("operator", PASSWORD)
+        before = rejected(gw, "not_admitted")
+        async with Probe(gw, mosquitto.port, cookie).running() as probe:
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="flood") as flood:
+                for i in range(2000):
+                    await flood.publish(f"devices/flood-{i:05d}/telemetry", b'{"t": 1}', qos=1)
+            await until(
+                lambda: rejected(gw, "not_admitted") - before >= 1500, what="the flood refused"
+            )
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(1.0)
+            latency = probe.p99()
+        await probe.all_stored()
+        status, devices = gw.http_get("/api/devices/", cookie)
+        flood_rows = sum(1 for d in devices if d["id"].startswith("flood-"))
+        refused = rejected(gw, "not_admitted") - before
+    assert flood_rows + refused == 2000, (flood_rows, refused)
+    # The probe took one token; ten seconds' worth (100) plus 10 per second since.
+    assert 90 <= flood_rows <= 100 + 10 * (elapsed + 2), (flood_rows, elapsed)
+    assert latency < 1.0, f"p99 {latency:.3f} s while flooded"
+
+
+async def test_the_known_policy_admits_only_devices_created_beforehand(mosquitto):
+    with GatewayProcess(mosquitto.url, env={"GATEWAY_DEVICE_ADMISSION": "known"}) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        gw.manage(
+            "shell", "-c", "from devices.models import Device; Device.objects.create(id='made-1')"
+        )
+        gw.stop()
+        gw.start(migrate=False)  # the registry is read before subscribing
+        cookie = gw.login("operator", PASSWORD)
+        before = rejected(gw, "not_admitted")
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="pub") as pub:
+            await pub.publish("devices/stranger/telemetry", b'{"t": 1}', qos=1)
+            await pub.publish("devices/made-1/telemetry", b'{"t": 2}', qos=1)
+        await until(lambda: gw.history(cookie, "made-1", "t"), what="made-1 stored")
+        assert rejected(gw, "not_admitted") - before == 1
+        status, devices = gw.http_get("/api/devices/", cookie)
+        assert [d["id"] for d in devices] == ["made-1"]

@@ -105,7 +105,8 @@ class Match:
 
 
 #: A route's check of a new instance's key parameters: None admits, a string is the reason
-#: (a `gateway_messages_rejected_total` label) the message is refused for.
+#: (a `gateway_messages_rejected_total` label) the message is refused for. It may also have an
+#: async ``prepare()`` (load what it decides on), awaited before every subscription.
 Admit = Callable[[Mapping[str, str]], str | None]
 
 
@@ -186,6 +187,13 @@ class TopicRouter:
     def subscriptions(self) -> list[str]:
         """The MQTT subscription filters covering every pattern, deduplicated, in route order."""
         return list(dict.fromkeys(pattern.filter for _, pattern in self._table))
+
+    async def prepare(self) -> None:
+        """Await every route's ``admit.prepare()`` (the server calls it before subscribing)."""
+        for route in self.routes:
+            prepare = getattr(route.admit, "prepare", None)
+            if prepare is not None:
+                await prepare()
 
     def refusal(self, match: Match) -> str | None:
         """Why a new instance for `match` is refused (its route's `admit`), or None."""

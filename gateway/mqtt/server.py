@@ -317,6 +317,10 @@ class MqttServer:
             return
         self._client = client
         self._ledger = AckLedger(client._client)
+        try:
+            await self.router.prepare()  # e.g. the devices a route admits, before any message
+        except Exception:
+            logger.exception("preparing the routes' admission failed; subscribing anyway")
         filters = [(self._shared(f), self.subscribe_qos) for f in self.router.subscriptions]
         filters += list(self.app_subscriptions.items())
         if self._status is not None:  # to hear another bridge's `offline` (status.py)
