@@ -53,14 +53,23 @@ class Bridge(Protocol):
     async def shutdown(self, timeout: float = 4.0) -> None: ...  # noqa: ASYNC109 - bridge API
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the HTTP listening socket up front, so a busy port fails before anything starts."""
+def bind_socket(host: str, port: int, send_timeout: float | None = None) -> socket.socket:
+    """Bind the HTTP listening socket up front, so a busy port fails before anything starts.
+
+    `send_timeout` (s): a connection whose peer acknowledges nothing of what we send for that
+    long (gone, or a client that stopped reading: zero window) is aborted by the kernel
+    (TCP_USER_TIMEOUT, inherited by accepted sockets). Closing such a socket politely would
+    wait for its buffer to drain, forever: a dashboard the consumer gave up on would stay
+    ESTABLISHED with megabytes queued.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose `proto` says
     # TCP, and accepted sockets inherit it. Without it every WebSocket frame written right after
     # another waited for the browser's delayed ACK (~40 ms per dashboard frame).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * 1000))
     try:
         sock.bind((host, port))
     except OSError:
@@ -85,6 +94,7 @@ class GatewayRunner:
         shutdown_timeout: float = 5.0,
         banner: Callable[[GatewayRunner], str] | None = None,
         access_log: bool = False,
+        send_timeout: float | None = None,
     ) -> None:
         self.application = application
         self.host = host
@@ -95,6 +105,7 @@ class GatewayRunner:
         self.shutdown_timeout = shutdown_timeout
         self.banner = banner
         self.access_log = access_log
+        self.send_timeout = send_timeout  # bind_socket(): abort connections that stall sends
         self.server: uvicorn.Server | None = None
         self.started = asyncio.Event()
         self.exit_code = 0
@@ -146,7 +157,7 @@ class GatewayRunner:
     # --- startup ----------------------------------------------------------------------
     async def _startup(self) -> None:
         if self.web:
-            sock = bind_socket(self.host, self.port)
+            sock = bind_socket(self.host, self.port, self.send_timeout)
             self.port = sock.getsockname()[1]
             config = uvicorn.Config(
                 self.application,

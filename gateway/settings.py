@@ -330,6 +330,9 @@ GATEWAY = {
     "DEVICE_ADMISSION": _admission_policy(),
     "NEW_DEVICES_PER_SECOND": max(0.01, env_float("GATEWAY_NEW_DEVICES_PER_SECOND", 50.0)),
     "MAX_DEVICES": max(1, env_int("GATEWAY_MAX_DEVICES", 50_000)),
+    # A web connection whose peer acknowledges nothing we send for this long (a dashboard that
+    # stopped reading, a vanished phone) is aborted at the socket (TCP_USER_TIMEOUT, Linux).
+    "HTTP_SEND_TIMEOUT": env_float("GATEWAY_HTTP_SEND_TIMEOUT", 60.0),
     # Home Assistant birth messages: the first republishes every discovery document at once,
     # later ones within this many seconds are coalesced into one more republish.
     "HA_REPUBLISH_SECONDS": env_float("HA_DISCOVERY_REPUBLISH_SECONDS", 10.0),

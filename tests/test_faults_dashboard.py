@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import aiomqtt
+import psutil
 import pytest
 import websockets
 
@@ -140,3 +141,38 @@ async def test_a_stuck_dashboard_is_closed_4008_and_never_slows_ingest_or_others
             f"the normal client read {fast.frames} frames (longest gap {gap:.2f} s); "
             f"{published} readings all stored"
         )
+
+
+async def test_an_abandoned_dashboard_socket_is_aborted_once_its_sends_stall(mosquitto):
+    """A client that stops reading for good: whether or not the consumer gave up on it first
+    (4008), the kernel aborts the connection once nothing sent was acknowledged for the send
+    timeout, instead of keeping it ESTABLISHED with its buffer full."""
+    env = {"GATEWAY_WS_BUFFER_FRAMES": str(BUFFER_FRAMES), "GATEWAY_HTTP_SEND_TIMEOUT": "3"}
+    with GatewayProcess(mosquitto.url, env=env) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        cookie = gw.login("operator", PASSWORD)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        client_port = sock.getsockname()[1]
+
+        def connected() -> bool:
+            assert gw.proc is not None
+            return any(
+                c.raddr and c.raddr.port == client_port and c.status == "ESTABLISHED"
+                for c in psutil.Process(gw.proc.pid).net_connections("tcp")
+            )
+
+        async with (
+            gw.ws_connect(cookie, sock=sock, max_queue=1, compression=None),
+            aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="abandon-fleet") as fleet,
+        ):
+            assert connected()
+            async with asyncio.timeout(60):  # frames keep coming until the socket is gone
+                n = 0
+                while await asyncio.to_thread(connected):
+                    n += 1
+                    for d in range(DEVICES):
+                        body = json.dumps({"n": n, **PADDING})
+                        await fleet.publish(f"devices/abandon-{d:03d}/telemetry", body, qos=1)
+            await until(lambda: gw.metric("gateway_ws_clients") == 0, what="the consumer gone")

@@ -118,6 +118,7 @@ async def run_gateway(
             shutdown_hooks=[close_pipeline, mirror.close_mirror],
             banner=banner,
             access_log=settings.LOG_LEVEL == "DEBUG",
+            send_timeout=settings.GATEWAY["HTTP_SEND_TIMEOUT"],
         )
         try:
             return await runner.serve()
