@@ -172,3 +172,50 @@ async def test_the_known_policy_admits_only_devices_created_beforehand(mosquitto
         assert rejected(gw, "not_admitted") - before == 1
         status, devices = gw.http_get("/api/devices/", cookie)
         assert [d["id"] for d in devices] == ["made-1"]
+
+
+async def test_a_device_inventing_metric_names_is_bounded(mosquitto, gateway):
+    """200 messages of 256 new 185-character names each, to one device: it keeps 500."""
+    gw, cookie = gateway
+    before = rejected(gw, "too_many_metrics")
+    async with Probe(gw, mosquitto.port, cookie).running() as probe:
+        await asyncio.sleep(0.5)
+        rss_before = rss(gw)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="inventor") as pub:
+            for m in range(200):
+                names = {f"m{m:03d}_{i:03d}_" + "x" * 176: 1.0 for i in range(256)}
+                await pub.publish("devices/inventor/telemetry", json.dumps(names), qos=1)
+        await until(lambda: rejected(gw, "too_many_metrics") - before >= 199, what="refusals")
+        await asyncio.sleep(1.0)
+        growth = rss(gw) - rss_before
+        latency = probe.p99()
+    await probe.all_stored()
+    status, devices = gw.http_get("/api/devices/", cookie)
+    inventor = next(d for d in devices if d["id"] == "inventor")
+    assert len(inventor["metrics"]) == 500, "the first 500 names, no more"
+    assert rejected(gw, "too_many_metrics") - before == 199, "every message past the bound"
+    assert growth < 60 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB (bound: 60 MiB)"
+    assert latency < 1.0, f"p99 {latency:.3f} s while attacked"
+
+
+async def test_a_birth_storm_does_not_delay_other_devices(mosquitto):
+    """262 Home Assistant births (QoS 1) with 2,000 known devices: readings keep flowing."""
+    with GatewayProcess(mosquitto.url, env={"GATEWAY_NEW_DEVICES_PER_SECOND": "10000"}) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        await birth_storm(gw, gw.login("operator", PASSWORD), mosquitto.port)
+
+
+async def birth_storm(gw: GatewayProcess, cookie: str, port: int) -> None:
+    async with aiomqtt.Client("127.0.0.1", port, identifier="fleet") as fleet:
+        for i in range(2000):
+            await fleet.publish(f"devices/known-{i:04d}/telemetry", b'{"t": 1}', qos=1)
+    await until(lambda: len(gw.http_get("/api/devices/", cookie)[1]) >= 2000, what="2,000 devices")
+    async with Probe(gw, port, cookie).running() as probe:
+        await asyncio.sleep(0.5)
+        async with aiomqtt.Client("127.0.0.1", port, identifier="storm") as storm:
+            for _ in range(262):
+                await storm.publish("homeassistant/status", b"online", qos=1)
+        await asyncio.sleep(3.0)
+        latency = probe.p99()
+    await probe.all_stored()
+    assert latency < 1.0, f"p99 {latency:.3f} s during the birth storm"
