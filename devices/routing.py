@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from devices.conventions import homeassistant
+from devices.conventions.discovery import consumer as discovery
 from devices.conventions.homeassistant import HomeAssistantConsumer
 from devices.conventions.native import PATTERNS, DeviceConsumer
 from devices.conventions.tasmota import PATTERNS as TASMOTA_PATTERNS
@@ -26,6 +27,21 @@ def build_routes() -> list[TopicRoute]:
                 HomeAssistantConsumer.as_asgi(),
                 name="homeassistant",
                 static=True,
+            )
+        )
+    if discovery.enabled():
+        # Self-describing devices (docs/conventions.md): one static instance subscribing to
+        # discovery configs and each entity's topics itself; last, so it never shadows a
+        # convention above, and only for the topics it subscribed (TOPICS.accepts).
+        routes.append(
+            topic(
+                "{topic:#}",
+                discovery.DiscoveryConsumer.as_asgi(),
+                key=[],
+                name="discovery",
+                static=True,
+                subscribe=False,
+                accepts=discovery.route_filter(),
             )
         )
     return routes

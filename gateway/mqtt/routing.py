@@ -9,7 +9,7 @@ instance (route + key parameters) a message belongs to.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,8 @@ class TopicRoute:
     key: tuple[str, ...]
     name: str | None = None
     static: bool = False
+    subscribe: bool = True
+    accepts: Callable[[str], bool] | None = None
     id: str | int = field(default="", init=False)
 
 
@@ -123,12 +125,17 @@ def topic(
     key: Sequence[str] | None = None,
     name: str | None = None,
     static: bool = False,
+    subscribe: bool = True,
+    accepts: Callable[[str], bool] | None = None,
 ) -> TopicRoute:
     """Route MQTT topic patterns to `app`; one app instance per distinct value of `key` params.
 
     `key` defaults to the parameters common to all patterns (e.g. `device_id`). A `static`
     route has no key (one instance), started on connect without waiting for a message and
     never retired for idleness: a service that publishes on its own (docs/asgi-mqtt.md).
+    With `subscribe=False` its patterns are not subscribed by the server (the application
+    subscribes what it wants with `mqtt.subscribe`), and `accepts(topic)`, when given, must
+    also say yes for a topic to match it.
     """
     texts = [patterns] if isinstance(patterns, str) else list(patterns)
     if not texts:
@@ -144,7 +151,7 @@ def topic(
         raise ValueError(f"route application {app!r} is not callable")
     if static and key_names:
         raise ValueError(f"a static route has one instance: no key parameters, not {key_names}")
-    return TopicRoute(compiled, app, key_names, name, static)
+    return TopicRoute(compiled, app, key_names, name, static, subscribe, accepts)
 
 
 class TopicRouter:
@@ -174,12 +181,16 @@ class TopicRouter:
     @property
     def subscriptions(self) -> list[str]:
         """The MQTT subscription filters covering every pattern, deduplicated, in route order."""
-        return list(dict.fromkeys(pattern.filter for _, pattern in self._table))
+        return list(
+            dict.fromkeys(pattern.filter for route, pattern in self._table if route.subscribe)
+        )
 
     def resolve(self, topic_name: str) -> Match | None:
         """The first route whose pattern matches `topic_name`, with its params, else None."""
         levels = topic_name.split("/")
         for route, pattern in self._table:
+            if route.accepts is not None and not route.accepts(topic_name):
+                continue
             params = pattern.match(levels)
             if params is not None:
                 key_params = {k: params[k] for k in route.key}
