@@ -111,7 +111,8 @@ def _tilde(doc: dict[str, Any], base: Any) -> None:
 def expand_entity(doc: dict[str, Any], base: Any = None) -> dict[str, Any]:
     """One entity (or device) document with full key names and ``~`` resolved."""
     out = _renamed(doc, ABBREVIATIONS)
-    base = out.pop("~", base)
+    own = out.pop("~", None)
+    base = own if own is not None else base
     if isinstance(out.get("device"), dict):
         out["device"] = _renamed(out["device"], DEVICE_ABBREVIATIONS)
     if isinstance(out.get("origin"), dict):
@@ -126,8 +127,8 @@ def expand_entity(doc: dict[str, Any], base: Any = None) -> dict[str, Any]:
             entries.append(entry)
         out["availability"] = entries
     _tilde(out, base)
-    if base is not None:
-        out["~"] = base
+    if own is not None:
+        out["~"] = own
     return out
 
 

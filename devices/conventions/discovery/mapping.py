@@ -173,15 +173,17 @@ class Publish:
 
 
 def _command_text(entity: Entity, value: Any) -> bytes:
+    """The payload: on/off as ``payload_on``/``payload_off``, then ``command_template`` (its
+    ``value`` is that payload, as in Home Assistant) or the value as text."""
+    if isinstance(value, bool):
+        value = entity.payload_on if value else entity.payload_off
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if entity.command_template is not None:
         try:
             return entity.command_template.render(value=value).encode()
         except RenderError as exc:
             raise Rejected("bad_value", f"command_template: {exc}") from None
-    if isinstance(value, bool):
-        value = entity.payload_on if value else entity.payload_off
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
     return str(value).encode()
 
 
