@@ -587,3 +587,44 @@ async def test_zigbee2mqtt_devices_state_availability_and_set(gw, layer, dashboa
         "zigbee2mqtt/bedroom_climate",
         "zigbee2mqtt/bedroom_climate/availability",
     }
+
+
+async def test_availability_list_with_mode_all_and_custom_payloads(gw, layer, dashboard):
+    # HA docs (mqtt.markdown, "availability" list, availability_mode "all"), abbreviated.
+    config = {
+        "name": "Power",
+        "stat_t": "plug7/power",
+        "unit_of_meas": "W",
+        "avty": [
+            {"t": "bridge7/state"},
+            {"t": "plug7/lwt", "pl_avail": "Up", "pl_not_avail": "Down"},
+        ],
+        "avty_mode": "all",
+        "dev": {"ids": ["plug7"], "name": "Plug 7"},
+    }
+    await gw.send_message("homeassistant/sensor/plug7/power/config", doc(config), retain=True)
+    assert topics(await outputs(gw), "mqtt.subscribe") == {
+        "plug7/power",
+        "bridge7/state",
+        "plug7/lwt",
+    }
+    await gw.send_message("bridge7/state", b"online")  # one of two: not yet available
+    first = await frame(layer, dashboard, lambda f: f["type"] == "status")
+    assert (first["device"], first["online"]) == ("plug7", False)
+    await gw.send_message("plug7/lwt", b"Down")
+    await gw.send_message("plug7/lwt", b"Up")  # now both are available
+    online = await frame(layer, dashboard, lambda f: f["type"] == "status")
+    assert (online["device"], online["online"]) == ("plug7", True)
+    await gw.send_message("bridge7/state", b"offline")
+    offline = await frame(layer, dashboard, lambda f: f["type"] == "status")
+    assert offline["online"] is False
+
+
+async def test_a_state_topic_cannot_shadow_a_config_topic(gw):
+    sneaky = {**ESP_SENSOR, "stat_t": "homeassistant/switch/livingroom/relay/config"}
+    await gw.send_message("homeassistant/sensor/livingroom/temperature/config", doc(sneaky))
+    await outputs(gw)
+    await gw.send_message("homeassistant/switch/livingroom/relay/config", doc(ESP_SWITCH))
+    await outputs(gw)
+    metrics = {e["metric"] for e in discovery.describe()[0]["entities"]}
+    assert metrics == {"temperature", "relay"}  # the config was read as a config

@@ -106,9 +106,11 @@ class DiscoveryConsumer(MqttConsumer):
         return {}
 
     @cached_property
-    def availability(self) -> dict[str, bool]:
-        """Last heard value of each availability topic."""
+    def availability(self) -> dict[str, tuple[bool, int]]:
+        """Last heard value of each availability topic, with the order it was heard in."""
         return {}
+
+    heard = 0  # counts availability messages, to find the latest of several topics
 
     @cached_property
     def awaiting(self) -> dict[str, deque[tuple[str, str, Any]]]:
@@ -165,16 +167,15 @@ class DiscoveryConsumer(MqttConsumer):
 
     async def handle(self, topic: str, event: dict[str, Any]) -> None:
         payload: bytes = event["payload"]
-        if topic in self.registry.by_topic:
-            await self.entity_message(topic, event)
-            return
-        if self.cfg["z2m"] and topic == zigbee2mqtt.devices_topic(self.cfg["z2m"]):
-            entities = zigbee2mqtt.entities_of(self.cfg["z2m"], payload, self.cfg["max_bytes"])
-            await self.apply(topic, entities, "zigbee2mqtt")
-            return
+        # Config topics first: an entity naming one as its state topic cannot shadow it.
         parts = documents.parse_topic(topic, self.cfg["prefix"]) if self.cfg["ingest"] else None
         if parts is None:
-            return  # a topic we no longer listen to (unsubscribed a moment ago)
+            if self.cfg["z2m"] and topic == zigbee2mqtt.devices_topic(self.cfg["z2m"]):
+                entities = zigbee2mqtt.entities_of(self.cfg["z2m"], payload, self.cfg["max_bytes"])
+                await self.apply(topic, entities, "zigbee2mqtt")
+            elif topic in self.registry.by_topic:
+                await self.entity_message(topic, event)
+            return  # else a topic unsubscribed a moment ago
         entities = documents.entities_of(
             topic,
             parts,
@@ -230,7 +231,8 @@ class DiscoveryConsumer(MqttConsumer):
                 if avail.topic == topic:
                     online = availability_of(avail, message)
                     if online is not None:
-                        self.availability[topic] = online
+                        self.heard += 1
+                        self.availability[topic] = (online, self.heard)
                         presence.add(entity.device_id)
             if topic in (entity.state_topic, entity.brightness_state_topic):
                 metrics = state_metrics(entity, topic, message)
@@ -265,11 +267,12 @@ class DiscoveryConsumer(MqttConsumer):
             heard = [s for s in states if s is not None]
             if not heard:
                 continue
-            if entity.availability_mode == "all" and all(s is True for s in states):
+            mode = entity.availability_mode
+            if mode == "all" and len(heard) == len(states) and all(s[0] for s in heard):
                 return True
-            if entity.availability_mode == "any" and any(heard):
+            if mode == "any" and any(s[0] for s in heard):
                 return True
-            if entity.availability_mode == "latest" and heard[-1]:
+            if mode == "latest" and max(heard, key=lambda s: s[1])[0]:
                 return True
         return False
 
