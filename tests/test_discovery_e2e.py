@@ -122,3 +122,44 @@ async def test_esphome_node_and_zigbee2mqtt_devices_appear_chart_and_obey(mosqui
                 return body["points"] if status == 200 and body["points"] else None
 
             assert await until(history, 10, "history of the ESPHome temperature")
+
+
+async def test_the_device_page_shows_friendly_names_and_units_in_chromium(mosquitto):
+    from playwright.async_api import async_playwright, expect
+
+    from tests.support.browser import launch
+
+    with GatewayProcess(mosquitto.url) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        cookie = gw.login("operator", PASSWORD)
+        async with Fleet(mosquitto.url, devices=1, rate=5, style="esphome") as esphome:
+            await asyncio.wait_for(esphome.wait_connected(), 10)
+            node = fake_mac("esphome-0001")
+            await until(listed(gw, cookie, node, "temperature"), 20, "ESPHome node listed")
+            problems: list[str] = []
+            async with async_playwright() as pw:
+                browser = await launch(pw)
+                try:
+                    context = await browser.new_context()
+                    await context.add_cookies(
+                        [
+                            {"name": k, "value": v, "url": gw.base_url}
+                            for k, v in (part.split("=", 1) for part in cookie.split("; "))
+                        ]
+                    )
+                    page = await context.new_page()
+                    page.on("pageerror", lambda exc: problems.append(str(exc)))
+                    page.on(
+                        "console",
+                        lambda m: problems.append(m.text) if "Content Security" in m.text else None,
+                    )
+                    await page.goto(f"{gw.base_url}/devices/{node}/")
+                    await expect(page.locator("#device-name")).to_have_text("esphome-0001")
+                    chart = page.locator('.chart[data-metric="temperature"]')
+                    await expect(chart.locator(".chart-unit")).to_have_text("Temperature (°C)")
+                    await expect(chart.locator("canvas")).to_have_count(1)
+                    tile = page.locator('.tile[data-metric="humidity"] .tile-unit')
+                    await expect(tile).to_have_text("Humidity (%)")
+                finally:
+                    await browser.close()
+            assert problems == []
