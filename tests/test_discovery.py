@@ -125,12 +125,77 @@ def refused(reason: str) -> float:
     return DISCOVERY_REFUSED.labels(reason=reason)._value.get()
 
 
-async def outputs(comm: MqttCommunicator) -> list[dict]:
-    """Everything the app sent so far (it is quiet for 0.2 s afterwards)."""
-    events = []
-    while not await comm.receive_nothing(0.2):
-        events.append(await comm.receive_output(1))
-    return events
+class Bridge:
+    """The discovery routes as the MQTT server runs them: one `MqttCommunicator` per instance
+    key (the config instance, then one per entity topic), created on a topic's first message;
+    a topic no route takes is dropped, as the server drops it (`no_route`)."""
+
+    def __init__(self) -> None:
+        self.router = TopicRouter(build_routes())
+        self.instances: dict[object, MqttCommunicator] = {}
+
+    async def start(self) -> None:
+        for match in self.router.static_matches:
+            if match.route == "discovery":
+                await self._instance(match)
+
+    async def _instance(self, match) -> MqttCommunicator:
+        comm = self.instances.get(match.instance_key)
+        if comm is None:
+            comm = MqttCommunicator(self.router, route=match.route, kwargs=match.key_params)
+            self.instances[match.instance_key] = comm
+            await comm.connect()
+        return comm
+
+    async def send_message(self, topic: str, payload: bytes, **kwargs):
+        match = self.router.resolve(topic)
+        if match is None:
+            return None
+        comm = await self._instance(match)
+        return await comm.send_message(topic, payload, **kwargs)
+
+    def _take(self) -> list[dict]:
+        events = []
+        for comm in self.instances.values():
+            while not comm.output_queue.empty():
+                events.append(comm.output_queue.get_nowait())
+        return events
+
+    async def outputs(self) -> list[dict]:
+        """Everything the instances sent so far (they are quiet for 0.2 s afterwards)."""
+        events: list[dict] = []
+        while True:
+            await asyncio.sleep(0.2)
+            more = self._take()
+            if not more:
+                return events
+            events += more
+
+    async def receive_nothing(self, wait: float = 0.1) -> bool:
+        await asyncio.sleep(wait)
+        for comm in self.instances.values():
+            if comm.future.done():
+                comm.future.result()
+        return all(comm.output_queue.empty() for comm in self.instances.values())
+
+    async def receive_publish(self, wait: float = 1.0) -> dict:
+        async with asyncio.timeout(wait):
+            while True:
+                for comm in self.instances.values():
+                    if not comm.output_queue.empty():
+                        event = comm.output_queue.get_nowait()
+                        assert event["type"] == "mqtt.publish", event
+                        return event
+                await asyncio.sleep(0.01)
+
+    async def retire(self) -> None:
+        keys = sorted(self.instances, key=lambda k: k == ("discovery",))  # config one last
+        for key in keys:
+            await self.instances.pop(key).retire()
+
+
+async def outputs(bridge: Bridge) -> list[dict]:
+    return await bridge.outputs()
 
 
 def topics(events: list[dict], kind: str) -> set[str]:
@@ -168,17 +233,17 @@ async def finished(command_id, wait: float = 10.0) -> Command:
 
 @pytest.fixture
 async def gw(layer):
-    """The discovery instance, connected, its config subscriptions taken."""
-    comm = MqttCommunicator(TopicRouter(build_routes()), route="discovery")
-    await comm.connect()
-    first = await outputs(comm)
-    assert topics(first, "mqtt.subscribe") == {
+    """The discovery routes, connected; the router subscribes the config topics."""
+    bridge = Bridge()
+    assert {
         "homeassistant/+/+/config",
         "homeassistant/+/+/+/config",
         "zigbee2mqtt/bridge/devices",
-    }
-    yield comm
-    await comm.retire()
+    } <= set(bridge.router.subscriptions)
+    await bridge.start()
+    assert await bridge.outputs() == []
+    yield bridge
+    await bridge.retire()
 
 
 @pytest.fixture
@@ -194,9 +259,10 @@ async def staff(django_user_model):
 def test_the_discovery_route_is_last_and_takes_only_its_own_topics():
     router = TopicRouter(build_routes())
     assert "#" not in router.subscriptions  # the catch-all pattern is never subscribed
-    assert router.resolve("homeassistant/sensor/livingroom/temperature/config").route == "discovery"
+    config = router.resolve("homeassistant/sensor/livingroom/temperature/config")
+    assert config.instance_key == ("discovery",)
     assert router.resolve("homeassistant/status").route == "homeassistant"
-    assert router.resolve("zigbee2mqtt/bridge/devices").route == "discovery"
+    assert router.resolve("zigbee2mqtt/bridge/devices").instance_key == ("discovery",)
     assert router.resolve("livingroom/sensor/temperature/state") is None  # not subscribed yet
     assert router.resolve("devices/x/telemetry").route == "device"
 
@@ -367,9 +433,8 @@ async def test_hostile_documents_and_templates_are_refused_and_counted(gw, layer
 
 async def test_thousands_of_entities_stop_at_the_bound(layer, settings):
     settings.GATEWAY = {**settings.GATEWAY, "DISCOVERY_MAX_ENTITIES": 1000}
-    comm = MqttCommunicator(TopicRouter(build_routes()), route="discovery")
-    await comm.connect()
-    await outputs(comm)
+    comm = Bridge()
+    await comm.start()
     before = refused("too_many_entities")
     for n in range(5):  # 5 devices × 250 components: the fifth passes the bound
         cmps = {f"s{i}": {"p": "sensor", "stat_t": f"flood/{n}/{i}"} for i in range(250)}
@@ -385,9 +450,8 @@ async def test_thousands_of_entities_stop_at_the_bound(layer, settings):
 
 async def test_restart_with_retained_configs_stores_no_duplicates(layer, dashboard):
     async def run(state_retained: bool) -> None:
-        comm = MqttCommunicator(TopicRouter(build_routes()), route="discovery")
-        await comm.connect()
-        await outputs(comm)
+        comm = Bridge()
+        await comm.start()
         config = "homeassistant/sensor/livingroom/temperature/config"
         await comm.send_message(config, doc(ESP_SENSOR), qos=1, retain=True)
         await outputs(comm)

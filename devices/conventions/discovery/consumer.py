@@ -1,14 +1,19 @@
-"""`DiscoveryConsumer`: self-describing devices (Home Assistant discovery, Zigbee2MQTT).
+"""The discovery consumers: self-describing devices (Home Assistant discovery, Zigbee2MQTT).
 
-One static instance per bridge (docs/asgi-mqtt.md, ``static`` routes) owns every discovered
-entity. On its first broker connect it subscribes to the discovery config topics and
-Zigbee2MQTT's ``bridge/devices``; for each entity it subscribes (``mqtt.subscribe``) to its
-state and availability topics, which the router sends back here (`registry.TOPICS`). State →
-readings, availability → presence, commands → the entity's command topic, acknowledged when
-the matching state comes back (docs/conventions.md, docs/interface.md §3.7 and §3.8).
+Two routes (devices/routing.py), like every convention one instance per key:
+
+- ``discovery`` (`DiscoveryConsumer`, static, one instance): the config topics
+  ``<prefix>/+/+/config``, ``<prefix>/+/+/+/config`` and ``<base>/bridge/devices``. It keeps
+  the process's entities (`SHARED`), subscribes (``mqtt.subscribe``) to their state and
+  availability topics and unsubscribes the ones no entity needs any more, registers devices
+  with their names, and takes their commands (it joins each ``device.<id>``).
+- ``discovered`` (`EntityConsumer`, one instance per topic, created by the router only for
+  topics an entity listens to): state → readings, availability → presence, and the state that
+  acknowledges a command. Each topic has its own bounded queue, as each native device does.
 
 Retained state replayed on subscribe is the device's state, not a new reading: it sets
 presence and answers commands but is not stored again (a restart stores no duplicates).
+Mapping and limits: docs/conventions.md, docs/interface.md §3.7 and §3.8.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -46,8 +52,6 @@ logger = logging.getLogger(__name__)
 SOURCE = "discovery"
 #: Commands remembered per device while awaiting the state that acknowledges them.
 MAX_AWAITING = 64
-#: The registry of the running instance, for the API (one bridge per process).
-CURRENT: list[Registry] = []
 
 
 def config() -> dict[str, Any]:
@@ -69,237 +73,81 @@ def enabled() -> bool:
     return bool(cfg["HA_DISCOVERY_INGEST"] or cfg["ZIGBEE2MQTT_BASE_TOPIC"])
 
 
-def route_filter() -> Any:
-    """The router's `accepts` for the discovery route: config topics, Zigbee2MQTT's device
-    list, and the topics entities listen to (kept current by the consumer)."""
+def config_patterns() -> list[str]:
+    """The config topics of the ``discovery`` route."""
     cfg = config()
-    TOPICS.config_prefix = cfg["prefix"] + "/" if cfg["ingest"] else None
+    patterns = []
+    if cfg["ingest"]:
+        prefix = cfg["prefix"]
+        patterns += [
+            f"{prefix}/{{component}}/{{object_id}}/config",
+            f"{prefix}/{{component}}/{{node_id}}/{{object_id}}/config",
+        ]
     if cfg["z2m"]:
-        TOPICS.extra.add(zigbee2mqtt.devices_topic(cfg["z2m"]))
-    return TOPICS.accepts
+        patterns.append(zigbee2mqtt.devices_topic(cfg["z2m"]))
+    return patterns
+
+
+@dataclass
+class Shared:
+    """What the process knows of discovered devices, shared by both consumers (one loop)."""
+
+    registry: Registry
+    online: dict[str, bool] = field(default_factory=dict)
+    availability: dict[str, tuple[bool, int]] = field(default_factory=dict)  # topic → (on, n)
+    heard: int = 0  # availability messages so far: orders them for availability_mode latest
+    awaiting: dict[str, deque[tuple[str, str, Any]]] = field(default_factory=dict)
+    named: dict[str, str] = field(default_factory=dict)  # device names written to the database
+
+
+_shared: list[Shared] = []
+
+
+def shared() -> Shared:
+    """The process's `Shared` (created on first use)."""
+    if not _shared:
+        _shared.append(Shared(Registry(config()["max_entities"])))
+    return _shared[0]
+
+
+def reset() -> None:
+    """Forget everything (the ``discovery`` instance retires at shutdown)."""
+    if _shared:
+        _shared.pop().registry.clear()
 
 
 def describe() -> list[dict[str, Any]]:
     """Discovered devices and entities of this process (unsupported ones with the reason)."""
-    return CURRENT[-1].describe() if CURRENT else []
+    return _shared[0].registry.describe() if _shared else []
 
 
-class DiscoveryConsumer(MqttConsumer):
-    """Every discovered entity of this bridge (see the module docstring)."""
+class _DiscoveredDevices(MqttConsumer):
+    """Presence and commands of discovered devices (both consumers need them)."""
 
     broker_up = False
-    subscribed = False
 
     @cached_property
-    def cfg(self) -> dict[str, Any]:
-        return config()
-
-    @cached_property
-    def registry(self) -> Registry:
-        registry = Registry(self.cfg["max_entities"])
-        CURRENT.append(registry)
-        route_filter()
-        return registry
-
-    @cached_property
-    def online(self) -> dict[str, bool | None]:
-        return {}
-
-    @cached_property
-    def availability(self) -> dict[str, tuple[bool, int]]:
-        """Last heard value of each availability topic, with the order it was heard in."""
-        return {}
-
-    heard = 0  # counts availability messages, to find the latest of several topics
-
-    @cached_property
-    def awaiting(self) -> dict[str, deque[tuple[str, str, Any]]]:
-        return {}
-
-    @cached_property
-    def named(self) -> dict[str, str]:
-        """Device names already written to the database."""
-        return {}
-
-    # -- broker session ---------------------------------------------------------------------
+    def state(self) -> Shared:
+        return shared()
 
     async def mqtt_connect(self, message: dict[str, Any]) -> None:
-        """Subscribe once to the config topics (the server replays them on reconnect)."""
         self.broker_up = True
-        registry = self.registry
         get_timers()
-        if not self.subscribed:
-            self.subscribed = True
-            if self.cfg["ingest"]:
-                prefix = self.cfg["prefix"]
-                await self.subscribe(f"{prefix}/+/+/config", qos=1)
-                await self.subscribe(f"{prefix}/+/+/+/config", qos=1)
-            if self.cfg["z2m"]:
-                await self.subscribe(zigbee2mqtt.devices_topic(self.cfg["z2m"]), qos=1)
-        for device_id in list(registry.devices):
-            if self.online.get(device_id):
-                await self.deliver_held(device_id)
 
     async def mqtt_disconnect(self, message: dict[str, Any]) -> None:
         """Presence is unknown until the retained availability comes back."""
         self.broker_up = False
-        self.online.clear()
-        self.availability.clear()
-
-    async def on_retire(self) -> None:
-        if self.registry in CURRENT:
-            CURRENT.remove(self.registry)
-        self.registry.clear()
-
-    # -- messages ---------------------------------------------------------------------------
-
-    async def mqtt_message(self, event: dict[str, Any]) -> None:
-        """A config, a Zigbee2MQTT device list, or an entity's state/availability."""
-        topic = event["topic"]
-        try:
-            await self.handle(topic, event)
-        except Rejected as exc:
-            MESSAGES_REJECTED.labels(reason=exc.reason).inc()
-            logger.debug("discovery: rejected %s: %s", topic, exc)
-        except Exception:
-            MESSAGES_REJECTED.labels(reason="consumer_error").inc()
-            logger.exception("discovery: error handling %r", topic)
-
-    async def handle(self, topic: str, event: dict[str, Any]) -> None:
-        payload: bytes = event["payload"]
-        # Config topics first: an entity naming one as its state topic cannot shadow it.
-        parts = documents.parse_topic(topic, self.cfg["prefix"]) if self.cfg["ingest"] else None
-        if parts is None:
-            if self.cfg["z2m"] and topic == zigbee2mqtt.devices_topic(self.cfg["z2m"]):
-                entities = zigbee2mqtt.entities_of(self.cfg["z2m"], payload, self.cfg["max_bytes"])
-                await self.apply(topic, entities, "zigbee2mqtt")
-            elif topic in self.registry.by_topic:
-                await self.entity_message(topic, event)
-            return  # else a topic unsubscribed a moment ago
-        entities = documents.entities_of(
-            topic,
-            parts,
-            payload,
-            max_bytes=self.cfg["max_bytes"],
-            gateway_id=self.cfg["gateway_id"],
-        )
-        if entities is None:
-            return  # the gateway's own document (docs/interface.md §3.4)
-        await self.apply(topic, entities, "homeassistant")
-
-    async def apply(self, source: str, entities: list[Entity], kind: str) -> None:
-        """Replace what `source` announced; (un)subscribe topics; name devices."""
-        try:
-            added, removed = self.registry.replace(source, entities)
-        except OverflowError as exc:
-            DISCOVERY_REFUSED.labels(reason="too_many_entities").inc()
-            raise Rejected("too_large", str(exc)) from None
-        for entity in entities:
-            if entity.unsupported:
-                DISCOVERY_REFUSED.labels(reason="unsupported").inc()
-                logger.warning(
-                    "discovery: %s %s of %s unsupported: %s",
-                    entity.component,
-                    entity.metric,
-                    entity.device_id,
-                    entity.unsupported,
-                )
-        for topic in sorted(removed):
-            await self.unsubscribe(topic)
-        for topic in sorted(added):
-            await self.subscribe(topic, qos=1)
-        for device_id in {e.device_id for e in entities}:
-            await self.register(device_id, self.registry.devices.get(device_id, device_id))
-        logger.info("discovery (%s): %s → %d entities", kind, source, len(entities))
-
-    async def register(self, device_id: str, name: str) -> None:
-        """The device exists (commands can name it) with its original name; joins its group."""
-        if self.named.get(device_id) != name:
-            await database_sync_to_async(_name_device)(device_id, name)
-            self.named[device_id] = name
-        if self.channel_layer is not None:
-            await self.channel_layer.group_add(f"device.{device_id}", self.channel_name)
-
-    async def entity_message(self, topic: str, event: dict[str, Any]) -> None:
-        """State and availability of the entities listening to `topic`."""
-        message = Message(event["payload"])
-        retained = bool(event.get("retain"))
-        readings: dict[str, dict[str, float | bool]] = {}
-        presence: set[str] = set()
-        for entity in list(self.registry.by_topic.get(topic, ())):
-            for avail in entity.availability:
-                if avail.topic == topic:
-                    online = availability_of(avail, message)
-                    if online is not None:
-                        self.heard += 1
-                        self.availability[topic] = (online, self.heard)
-                        presence.add(entity.device_id)
-            if topic in (entity.state_topic, entity.brightness_state_topic):
-                metrics = state_metrics(entity, topic, message)
-                if metrics:
-                    readings.setdefault(entity.device_id, {}).update(metrics)
-                if topic == entity.state_topic:
-                    await self.answer(entity, state_text(entity, message))
-        pipeline = get_pipeline()
-        now = time.time()
-        for device_id, metrics in readings.items():
-            if not retained:
-                pipeline.submit_reading(
-                    device_id,
-                    Transport.MQTT.value,
-                    now,
-                    metrics,
-                    source=SOURCE,
-                    durable=self.defer_ack(),
-                )
-            if not self.registry.by_device.get(device_id) or not self._has_availability(device_id):
-                await self.set_online(device_id, True)
-        for device_id in presence:
-            await self.set_online(device_id, self._available(device_id))
-
-    def _has_availability(self, device_id: str) -> bool:
-        return any(e.availability for e in self.registry.device_entities(device_id))
-
-    def _available(self, device_id: str) -> bool:
-        """A device is online when any of its entities is available (docs/conventions.md)."""
-        for entity in self.registry.device_entities(device_id):
-            states = [self.availability.get(a.topic) for a in entity.availability]
-            heard = [s for s in states if s is not None]
-            if not heard:
-                continue
-            mode = entity.availability_mode
-            if mode == "all" and len(heard) == len(states) and all(s[0] for s in heard):
-                return True
-            if mode == "any" and any(s[0] for s in heard):
-                return True
-            if mode == "latest" and max(heard, key=lambda s: s[1])[0]:
-                return True
-        return False
+        self.state.online.clear()
+        self.state.availability.clear()
 
     async def set_online(self, device_id: str, online: bool) -> None:
         """Store a change of presence; held commands go out when it turns online."""
-        if self.online.get(device_id) == online:
+        if self.state.online.get(device_id) == online:
             return
-        self.online[device_id] = online
+        self.state.online[device_id] = online
         get_pipeline().submit_status(device_id, Transport.MQTT.value, online, time.time(), SOURCE)
         if online and self.broker_up:
             await self.deliver_held(device_id)
-
-    # -- commands ---------------------------------------------------------------------------
-
-    async def device_command(self, event: dict[str, Any]) -> None:
-        """A command for one of our devices (group ``device.<id>``): delivered now if the
-        device is online and the broker up, else held."""
-        try:
-            device_id = await database_sync_to_async(_device_of)(event.get("id"))
-            if device_id is None or device_id not in self.registry.devices:
-                return
-            if self.online.get(device_id) and self.broker_up:
-                done: list[tuple] = []
-                await commands.deliver(event["id"], self._sender(device_id, done))
-                await self._finish(device_id, done)
-        except Exception:
-            logger.exception("discovery: command %r not delivered", event.get("id"))
 
     async def deliver_held(self, device_id: str) -> None:
         """Send a device's pending commands, oldest first."""
@@ -319,7 +167,7 @@ class DiscoveryConsumer(MqttConsumer):
     async def send_command(self, device_id: str, cmd: dict[str, Any], done: list[tuple]) -> None:
         """Publish a command on its entity's topics; a bad command or a fire-and-forget one
         is finished (into `done`) once the service has marked it sent."""
-        entity = self.registry.entity(device_id, str(cmd["name"]))
+        entity = self.state.registry.entity(device_id, str(cmd["name"]))
         if entity is None or entity.unsupported:
             why = entity.unsupported if entity else "no such entity"
             done.append((cmd["id"], False, None, f"cannot command {cmd['name']}: {why}"))
@@ -337,7 +185,7 @@ class DiscoveryConsumer(MqttConsumer):
         if publish.expect is None:
             done.append((cmd["id"], True, {"published": len(publish.messages)}, ""))
             return
-        queue = self.awaiting.setdefault(device_id, deque())
+        queue = self.state.awaiting.setdefault(device_id, deque())
         if len(queue) >= MAX_AWAITING:
             queue.popleft()
         queue.append((str(cmd["id"]), entity.metric, publish.expect))
@@ -346,9 +194,174 @@ class DiscoveryConsumer(MqttConsumer):
         for command_id, ok, result, error in done:
             await commands.apply_ack(device_id, command_id, ok, result, error)
 
+    async def mqtt_message(self, event: dict[str, Any]) -> None:
+        """Count a rejection by reason; a bug costs this one message."""
+        topic = event["topic"]
+        try:
+            await self.handle(topic, event)
+        except Rejected as exc:
+            MESSAGES_REJECTED.labels(reason=exc.reason).inc()
+            logger.debug("discovery: rejected %s: %s", topic, exc)
+        except Exception:
+            MESSAGES_REJECTED.labels(reason="consumer_error").inc()
+            logger.exception("discovery: error handling %r", topic)
+
+    async def handle(self, topic: str, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class DiscoveryConsumer(_DiscoveredDevices):
+    """Config documents, subscriptions and commands of discovered devices (module docstring)."""
+
+    @cached_property
+    def cfg(self) -> dict[str, Any]:
+        return config()
+
+    async def mqtt_connect(self, message: dict[str, Any]) -> None:
+        """Held commands of devices known online go out (after a broker outage)."""
+        await super().mqtt_connect(message)
+        for device_id, online in list(self.state.online.items()):
+            if online:
+                await self.deliver_held(device_id)
+
+    async def mqtt_retire(self, message: dict[str, Any]) -> None:
+        """At shutdown the process forgets its entities (a static instance retires only then)."""
+        reset()
+        await super().mqtt_retire(message)
+
+    async def handle(self, topic: str, event: dict[str, Any]) -> None:
+        payload: bytes = event["payload"]
+        if self.cfg["z2m"] and topic == zigbee2mqtt.devices_topic(self.cfg["z2m"]):
+            entities = zigbee2mqtt.entities_of(self.cfg["z2m"], payload, self.cfg["max_bytes"])
+            await self.apply(topic, entities, "zigbee2mqtt")
+            return
+        parts = documents.parse_topic(topic, self.cfg["prefix"]) if self.cfg["ingest"] else None
+        if parts is None:
+            raise Rejected("bad_topic", f"not a discovery topic: {topic!r}")
+        found = documents.entities_of(
+            topic,
+            parts,
+            payload,
+            max_bytes=self.cfg["max_bytes"],
+            gateway_id=self.cfg["gateway_id"],
+        )
+        if found is not None:  # None: the gateway's own document (docs/interface.md §3.4)
+            await self.apply(topic, found, "homeassistant")
+
+    async def apply(self, source: str, entities: list[Entity], kind: str) -> None:
+        """Replace what `source` announced; (un)subscribe topics; name devices."""
+        registry = self.state.registry
+        try:
+            added, removed = registry.replace(source, entities)
+        except OverflowError as exc:
+            DISCOVERY_REFUSED.labels(reason="too_many_entities").inc()
+            raise Rejected("too_large", str(exc)) from None
+        for entity in entities:
+            if entity.unsupported:
+                DISCOVERY_REFUSED.labels(reason="unsupported").inc()
+                logger.warning(
+                    "discovery: %s %s of %s unsupported: %s",
+                    entity.component,
+                    entity.metric,
+                    entity.device_id,
+                    entity.unsupported,
+                )
+        for topic in sorted(removed):
+            await self.unsubscribe(topic)
+        for topic in sorted(added):
+            await self.subscribe(topic, qos=1)
+        for device_id in {e.device_id for e in entities}:
+            await self.register(device_id, registry.devices.get(device_id, device_id))
+        logger.info("discovery (%s): %s → %d entities", kind, source, len(entities))
+
+    async def register(self, device_id: str, name: str) -> None:
+        """The device exists (commands can name it) with its original name; joins its group."""
+        if self.state.named.get(device_id) != name:
+            await database_sync_to_async(_name_device)(device_id, name)
+            self.state.named[device_id] = name
+        if self.channel_layer is not None:
+            await self.channel_layer.group_add(f"device.{device_id}", self.channel_name)
+
+    async def device_command(self, event: dict[str, Any]) -> None:
+        """A command for one of our devices (group ``device.<id>``): delivered now if the
+        device is online and the broker up, else held."""
+        try:
+            device_id = await database_sync_to_async(_device_of)(event.get("id"))
+            if device_id is None or device_id not in self.state.registry.devices:
+                return
+            if self.state.online.get(device_id) and self.broker_up:
+                done: list[tuple] = []
+                await commands.deliver(event["id"], self._sender(device_id, done))
+                await self._finish(device_id, done)
+        except Exception:
+            logger.exception("discovery: command %r not delivered", event.get("id"))
+
+
+class EntityConsumer(_DiscoveredDevices):
+    """One state or availability topic of discovered entities (module docstring)."""
+
+    async def handle(self, topic: str, event: dict[str, Any]) -> None:
+        """State and availability of the entities listening to `topic`."""
+        registry = self.state.registry
+        listeners = registry.by_topic.get(topic)
+        if not listeners:
+            return  # unsubscribed a moment ago
+        message = Message(event["payload"])
+        readings: dict[str, dict[str, float | bool]] = {}
+        presence: set[str] = set()
+        for entity in list(listeners):
+            for avail in entity.availability:
+                if avail.topic == topic:
+                    online = availability_of(avail, message)
+                    if online is not None:
+                        self.state.heard += 1
+                        self.state.availability[topic] = (online, self.state.heard)
+                        presence.add(entity.device_id)
+            if topic in (entity.state_topic, entity.brightness_state_topic):
+                metrics = state_metrics(entity, topic, message)
+                if metrics:
+                    readings.setdefault(entity.device_id, {}).update(metrics)
+                if topic == entity.state_topic:
+                    await self.answer(entity, state_text(entity, message))
+        pipeline = get_pipeline()
+        now = time.time()
+        for device_id, metrics in readings.items():
+            if not event.get("retain"):
+                pipeline.submit_reading(
+                    device_id,
+                    Transport.MQTT.value,
+                    now,
+                    metrics,
+                    source=SOURCE,
+                    durable=self.defer_ack(),
+                )
+            if not self._has_availability(device_id):
+                await self.set_online(device_id, True)
+        for device_id in presence:
+            await self.set_online(device_id, self._available(device_id))
+
+    def _has_availability(self, device_id: str) -> bool:
+        return any(e.availability for e in self.state.registry.device_entities(device_id))
+
+    def _available(self, device_id: str) -> bool:
+        """A device is online when any of its entities is available (docs/conventions.md)."""
+        for entity in self.state.registry.device_entities(device_id):
+            states = [self.state.availability.get(a.topic) for a in entity.availability]
+            heard = [s for s in states if s is not None]
+            if not heard:
+                continue
+            mode = entity.availability_mode
+            if mode == "all" and len(heard) == len(states) and all(s[0] for s in heard):
+                return True
+            if mode == "any" and any(s[0] for s in heard):
+                return True
+            if mode == "latest" and max(heard, key=lambda s: s[1])[0]:
+                return True
+        return False
+
     async def answer(self, entity: Entity, state: Any) -> None:
         """Acknowledge the oldest command this state answers."""
-        queue = self.awaiting.get(entity.device_id)
+        queue = self.state.awaiting.get(entity.device_id)
         if not queue:
             return
         for entry in list(queue):
@@ -375,3 +388,6 @@ def _name_device(device_id: str, name: str) -> None:
     )
     if not created and not device.name:
         Device.objects.filter(id=device_id, name="").update(name=name)
+
+
+__all__ = ["TOPICS", "DiscoveryConsumer", "EntityConsumer", "describe", "enabled"]

@@ -1,9 +1,9 @@
 """The discovered entities of one bridge process, indexed by the topics they listen to.
 
-`Registry` is owned by the discovery consumer (one static instance per bridge); `TOPICS` is
-what the MQTT router asks (`accepts`) to send a message on an app-subscribed topic to that
-instance rather than counting it as unrouted. Bounds: at most `max_entities` entities; a
-document that would pass it is refused whole (`too_large`) and counted.
+One `Registry` per process (devices/conventions/discovery/consumer.py `shared`); `TOPICS` is
+what the MQTT router asks (`accepts`) to send a message on a topic the discovery consumer
+subscribed to an entity's instance rather than counting it as unrouted. Bounds: at most
+`max_entities` entities; a document that would pass it is refused whole (`too_large`).
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ from devices.conventions.discovery.entities import Entity
 
 @dataclass
 class TopicIndex:
-    """The exact topics discovered entities listen to, plus the prefixes of config topics."""
+    """The topics discovered entities listen to (the ``discovered`` route's `accepts`)."""
 
     exact: set[str] = field(default_factory=set)
-    config_prefix: str | None = None
-    extra: set[str] = field(default_factory=set)  # e.g. zigbee2mqtt/bridge/devices
 
     def accepts(self, topic: str) -> bool:
-        """Whether a message on `topic` belongs to the discovery consumer."""
-        if topic in self.exact or topic in self.extra:
-            return True
-        prefix = self.config_prefix
-        return prefix is not None and topic.startswith(prefix) and topic.endswith("/config")
+        """Whether a message on `topic` belongs to a discovered entity."""
+        return topic in self.exact
 
 
 #: The process's index (the router's `accepts` reads it; the consumer keeps it current).
