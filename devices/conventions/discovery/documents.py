@@ -17,10 +17,9 @@ import orjson
 
 from devices.conventions.discovery.abbreviations import expand
 from devices.conventions.discovery.entities import Entity, build_entity, identity
+from devices.conventions.homeassistant import ORIGIN_NAME as OWN_ORIGIN
 from gateway.exceptions import Rejected
 
-#: Origin name of the gateway's own documents (devices/conventions/homeassistant.py).
-OWN_ORIGIN = "mqtt-channels-gateway"
 #: Components one device-level document may hold.
 MAX_COMPONENTS = 256
 _LEVEL_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
