@@ -163,3 +163,39 @@ async def test_the_device_page_shows_friendly_names_and_units_in_chromium(mosqui
                 finally:
                     await browser.close()
             assert problems == []
+
+
+async def test_a_restart_rereads_retained_configs_and_stores_no_duplicates(mosquitto):
+    """ESPHome retains its configs, states and status; a restarted gateway gets them all
+    replayed: the device is known again, offline, and no reading is stored twice."""
+    with GatewayProcess(mosquitto.url) as gw:
+        gw.create_user("operator", PASSWORD, staff=True)
+        cookie = gw.login("operator", PASSWORD)
+        node = fake_mac("esphome-0001")
+        path = f"/api/devices/{node}/telemetry?metric=temperature&max_points=10000"
+
+        def points() -> list:
+            status, body = gw.http_get(path, cookie)
+            return body["points"] if status == 200 else []
+
+        async with Fleet(mosquitto.url, devices=1, rate=10, style="esphome") as esphome:
+            await asyncio.wait_for(esphome.wait_connected(), 10)
+            await until(lambda: len(points()) >= 5, 20, "readings stored")
+        # The node left (retained offline); its last temperature stays retained on the broker.
+        await until(lambda: not listed(gw, cookie, node, "temperature")(), 10, "node offline")
+        before = await asyncio.to_thread(points)
+
+        gw.stop()
+        gw.start(migrate=False)
+        cookie = gw.login("operator", PASSWORD)
+
+        def rediscovered() -> bool:
+            status, body = gw.http_get("/api/discovery/", cookie)
+            return status == 200 and any(d["device"] == node for d in body)
+
+        await until(rediscovered, 20, "configs replayed")
+        status, devices = gw.http_get("/api/devices/", cookie)
+        device = next(d for d in devices if d["id"] == node)
+        assert (device["name"], device["online"]) == ("esphome-0001", False)
+        await asyncio.sleep(1.0)  # the replayed retained state has been handled by now
+        assert await asyncio.to_thread(points) == before
