@@ -9,8 +9,10 @@ Home Assistant's template docs (home-assistant.io source/_docs/configuration/tem
 
 from __future__ import annotations
 
+import re
 import time
 
+import orjson
 import pytest
 
 from devices.conventions.discovery.abbreviations import expand
@@ -201,3 +203,95 @@ def test_an_entity_without_state_topic_is_fire_and_forget_and_bad_template_outpu
         state_metrics(sensor, "s", Message(b'{"x": "abc"}'))
     assert err.value.reason == "bad_value"
     assert state_metrics(sensor, "s", Message(b'{"x": "1.5"}')) == {"thing": 1.5}
+
+
+# --- the routing hook, the registry's bounds, the simulated firmwares ------------------------
+
+
+def test_a_route_that_subscribes_nothing_takes_only_accepted_topics():
+    from gateway.mqtt.routing import TopicRouter, topic
+
+    async def app(scope, receive, send):  # pragma: no cover - never run
+        pass
+
+    wanted = {"node/state"}
+    router = TopicRouter(
+        [
+            topic("devices/{device_id}/telemetry", app, name="device"),
+            topic(
+                "{t:#}", app, key=["t"], name="any", subscribe=False, accepts=wanted.__contains__
+            ),
+        ]
+    )
+    assert router.subscriptions == ["devices/+/telemetry"]  # never "#"
+    assert router.resolve("node/state").instance_key == ("any", "node/state")
+    assert router.resolve("other/state") is None  # unrouted, counted by the server
+    assert router.resolve("devices/d1/telemetry").route == "device"  # earlier routes first
+    wanted.add("other/state")
+    assert router.resolve("other/state").route == "any"
+
+
+def test_the_registry_refuses_a_document_past_its_bounds_and_keeps_the_rest():
+    from devices.conventions.discovery.registry import TOPICS, Registry
+
+    registry = Registry(max_entities=4)
+    try:
+        ok = [_entity("sensor", {"stat_t": f"t/{i}", "dev": {"ids": "a"}}) for i in range(2)]
+        for i, entity in enumerate(ok):
+            entity.key, entity.metric = f"k{i}", f"m{i}"
+        added, removed = registry.replace("doc-a", ok)
+        assert (added, removed) == ({"t/0", "t/1"}, set())
+        many_topics = _entity(
+            "sensor", {"stat_t": "x", "avty": [{"t": f"a/{i}"} for i in range(9)]}
+        )
+        many_topics.key = "k-many"
+        with pytest.raises(OverflowError, match="topics"):
+            registry.replace("doc-b", [many_topics])
+        too_many = [_entity("sensor", {"stat_t": f"y/{i}"}) for i in range(3)]
+        for i, entity in enumerate(too_many):
+            entity.key = f"y{i}"
+        with pytest.raises(OverflowError, match="entities"):
+            registry.replace("doc-c", too_many)
+        assert set(registry.by_topic) == {"t/0", "t/1"}
+        assert registry.replace("doc-a", []) == (set(), {"t/0", "t/1"})  # removal
+    finally:
+        registry.clear()
+        TOPICS.exact.clear()
+
+
+def test_the_simulated_esphome_node_speaks_esphome():
+    import random
+
+    from firmware_sim.selfdescribing import EsphomeFirmware, fake_mac
+
+    fw = EsphomeFirmware("esphome-0001", interval=1.0, rng=random.Random(1))
+    birth = {m.topic: m for m in fw.birth()}
+    assert birth["esphome-0001/status"].payload == b"online" and birth["esphome-0001/status"].retain
+    config = orjson.loads(birth["homeassistant/sensor/esphome-0001/temperature/config"].payload)
+    assert config["dev"]["ids"] == fake_mac("esphome-0001")
+    assert (config["unit_of_meas"], config["uniq_id"]) == ("°C", "ESPsensortemperature")
+    states = {m.topic: m.payload for m in fw.telemetry(1.0)}
+    text = states["esphome-0001/sensor/temperature/state"].decode()
+    assert re.fullmatch(r"-?\d+\.\d\d", text), text  # ESPHome's accuracy_decimals: 2
+    reply = fw.handle("esphome-0001/switch/relay/command", b"ON")
+    assert [(m.topic, m.payload) for m in reply.messages] == [
+        ("esphome-0001/switch/relay/state", b"ON")
+    ]
+    assert fw.handle("esphome-0001/switch/relay/command", b"BOGUS").messages == []
+
+
+def test_the_simulated_zigbee2mqtt_bridge_speaks_zigbee2mqtt():
+    import random
+
+    from devices.conventions.discovery.zigbee2mqtt import entities_of
+    from firmware_sim.selfdescribing import Zigbee2MqttFirmware
+
+    fw = Zigbee2MqttFirmware("z-1", interval=1.0, rng=random.Random(1))
+    birth = {m.topic: m for m in fw.birth()}
+    entities = entities_of("zigbee2mqtt", birth["zigbee2mqtt/bridge/devices"].payload, 1 << 20)
+    plug = {e.metric: e for e in entities if e.device_name == "z-1/plug"}
+    assert plug["state"].component == "switch" and plug["power"].unit == "W"
+    assert birth["zigbee2mqtt/z-1/plug/availability"].payload == b'{"state":"online"}'
+    reply = fw.handle("zigbee2mqtt/z-1/plug/set", b'{"state": "ON"}')
+    assert orjson.loads(reply.messages[0].payload)["state"] == "ON"
+    assert fw.handle("zigbee2mqtt/z-1/plug/set", b"not json").messages == []

@@ -54,10 +54,15 @@ class Registry:
 
     def replace(self, source: str, entities: list[Entity]) -> tuple[set[str], set[str]]:
         """Put `entities` in place of what `source` announced before; returns the topics to
-        subscribe and to unsubscribe. `OverflowError` past `max_entities` (nothing changes)."""
+        subscribe and to unsubscribe. `OverflowError` past `max_entities` entities or twice as
+        many topics (nothing changes)."""
         old_keys = self.by_source.get(source, [])
         if len(self.entities) - len(old_keys) + len(entities) > self.max_entities:
             raise OverflowError(f"more than {self.max_entities} discovered entities")
+        # Availability lists could multiply the topics: at most two per entity allowed.
+        wanted = set().union(*(e.topics() for e in entities if e.unsupported is None))
+        if len(self.by_topic.keys() | wanted) > 2 * self.max_entities:
+            raise OverflowError(f"more than {2 * self.max_entities} discovered topics")
         before = set(self.by_topic)
         for key in old_keys:
             self._drop(key)
