@@ -127,6 +127,10 @@ def test_templates_that_could_loop_or_allocate_are_refused_at_compile(template):
         "{% for i in range(60000) %}xx{% endfor %}",
         "{{ ('x' * 60000) | replace('x', 'xxxxx') }}",
         "{{ value_json.__class__.__mro__[1].__subclasses__() }}",
+        "{{ (((2 ** 64) ** 64) ** 64) ** 64 }}",
+        "{{ 1 | round(1000000000, 'ceil') }}",
+        "{{ ('a' * 40) | regex_match('(a+)+$') }}",
+        "{{ ('a' * 40) | regex_match('(a|aa)*b') }}",
     ],
 )
 def test_renders_that_loop_or_allocate_stop_at_a_bound_quickly(template):

@@ -8,9 +8,11 @@ render is bounded so a hostile or careless document cannot stall the bridge or e
   ``include``/``import``/``extends``, a ``for`` inside a ``for``, ``~`` inside ``set``, and any
   filter, test or global that is not in the tables below;
 - while rendering: at most `MAX_STEPS` operations (calls, filters, tests, ``range`` steps,
-  arithmetic), every string or list a filter or operator builds at most `MAX_OUTPUT` long,
-  ``**`` with an exponent of at most 64, the output at most `MAX_OUTPUT` characters and the
-  whole render at most `MAX_SECONDS`; past any of these the render fails (`RenderError`).
+  arithmetic), every string or list a filter or operator builds at most `MAX_OUTPUT` long and
+  every integer at most `MAX_INT_BITS` bits, ``**`` with an exponent of at most 64, ``round``
+  to at most 15 places, regexes without nested quantifiers, quantified alternations or
+  backreferences on at most 4096 characters, the output at most `MAX_OUTPUT` characters and
+  the whole render at most `MAX_SECONDS`; past any of these the render fails (`RenderError`).
 
 Filters and globals are the ones device templates use (Home Assistant's template docs): the
 Jinja built-ins that cannot allocate (`lower`, `upper`, `trim`, `replace` (bounded), `round`,
@@ -41,6 +43,11 @@ MAX_STEPS = 20_000
 MAX_SECONDS = 0.05
 MAX_REGEX = 200
 MAX_EXPONENT = 64
+MAX_INT_BITS = 4096
+MAX_PRECISION = 15
+MAX_REGEX_SUBJECT = 4096
+# Nested quantifiers and quantified alternations: the patterns that backtrack exponentially.
+_EXPLOSIVE = re.compile(r"\([^)]*[+*}][^)]*\)[+*{]|\([^)]*\|[^)]*\)[+*{]|\\[1-9]")
 
 
 class Unsupported(ValueError):
@@ -79,6 +86,8 @@ def _spend(n: int = 1) -> None:
 def _bounded(value: Any) -> Any:
     if isinstance(value, str | bytes | list | tuple | dict) and len(value) > MAX_OUTPUT:
         raise RenderError(f"a value of {len(value)} items or characters is too large")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise RenderError(f"an integer of over {MAX_INT_BITS} bits is too large")
     return value
 
 
@@ -137,6 +146,8 @@ def ha_round(
     number = ha_float(value, default)
     if number is default and default is not _MISSING:
         return default
+    if not isinstance(precision, int) or not 0 <= precision <= MAX_PRECISION:
+        raise RenderError(f"round: precision must be 0-{MAX_PRECISION}")
     if method == "ceil":
         scale = 10**precision
         return math.ceil(number * scale) / scale
@@ -189,9 +200,23 @@ def timestamp_custom(value: Any, fmt: str = "%Y-%m-%d %H:%M:%S", local: bool = T
 
 
 def _regex(pattern: str) -> re.Pattern[str]:
+    """A regex that cannot backtrack for ever: short, no nested quantifiers, quantified
+    alternations or backreferences (Python's `re` has no time limit)."""
     if not isinstance(pattern, str) or len(pattern) > MAX_REGEX:
         raise RenderError(f"regex patterns are limited to {MAX_REGEX} characters")
-    return re.compile(pattern)
+    if _EXPLOSIVE.search(pattern):
+        raise RenderError("regex with nested quantifiers, alternations or backreferences")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise RenderError(f"regex: {exc}") from None
+
+
+def _subject(value: Any) -> str:
+    text = str(value)
+    if len(text) > MAX_REGEX_SUBJECT:
+        raise RenderError(f"regex on more than {MAX_REGEX_SUBJECT} characters")
+    return text
 
 
 def from_json(value: Any) -> Any:
@@ -246,9 +271,9 @@ HA_FILTERS: dict[str, Callable[..., Any]] = {
     "replace": bounded_replace,
     "bitwise_and": lambda a, b: ha_int(a) & ha_int(b),
     "bitwise_or": lambda a, b: ha_int(a) | ha_int(b),
-    "regex_match": lambda v, p: bool(_regex(p).match(str(v))),
-    "regex_search": lambda v, p: bool(_regex(p).search(str(v))),
-    "regex_findall_index": lambda v, p, i=0: _regex(p).findall(str(v))[i],
+    "regex_match": lambda v, p: bool(_regex(p).match(_subject(v))),
+    "regex_search": lambda v, p: bool(_regex(p).search(_subject(v))),
+    "regex_findall_index": lambda v, p, i=0: _regex(p).findall(_subject(v))[i],
     "multiply": lambda v, f: ha_float(v) * ha_float(f),
 }
 HA_GLOBALS: dict[str, Any] = {
@@ -278,8 +303,11 @@ class _BoundedSandbox(SandboxedEnvironment):
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _spend()
-        if operator == "**" and isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
-            raise RenderError(f"exponent {right} is too large")
+        if operator == "**" and isinstance(right, int | float):
+            if abs(right) > MAX_EXPONENT:
+                raise RenderError(f"exponent {right} is too large")
+            if isinstance(left, int) and left.bit_length() * abs(right) > MAX_INT_BITS:
+                raise RenderError("the power would be too large")
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(times, int):
