@@ -124,7 +124,7 @@ async def test_esphome_node_and_zigbee2mqtt_devices_appear_chart_and_obey(mosqui
             assert await until(history, 10, "history of the ESPHome temperature")
 
 
-async def test_the_device_page_shows_friendly_names_and_units_in_chromium(mosquitto):
+async def test_device_pages_show_friendly_names_and_units_in_chromium(mosquitto):
     from playwright.async_api import async_playwright, expect
 
     from tests.support.browser import launch
@@ -132,10 +132,16 @@ async def test_the_device_page_shows_friendly_names_and_units_in_chromium(mosqui
     with GatewayProcess(mosquitto.url) as gw:
         gw.create_user("operator", PASSWORD, staff=True)
         cookie = gw.login("operator", PASSWORD)
-        async with Fleet(mosquitto.url, devices=1, rate=5, style="esphome") as esphome:
+        async with (
+            Fleet(mosquitto.url, devices=1, rate=5, style="esphome") as esphome,
+            Fleet(mosquitto.url, devices=1, rate=5, style="zigbee2mqtt") as z2m,
+        ):
             await asyncio.wait_for(esphome.wait_connected(), 10)
+            await asyncio.wait_for(z2m.wait_connected(), 10)
             node = fake_mac("esphome-0001")
+            climate = "0x" + fake_mac("zigbee2mqtt-0001/climate").rjust(16, "0")
             await until(listed(gw, cookie, node, "temperature"), 20, "ESPHome node listed")
+            await until(listed(gw, cookie, climate, "humidity"), 20, "Zigbee sensor listed")
             problems: list[str] = []
             async with async_playwright() as pw:
                 browser = await launch(pw)
@@ -160,6 +166,14 @@ async def test_the_device_page_shows_friendly_names_and_units_in_chromium(mosqui
                     await expect(chart.locator("canvas")).to_have_count(1)
                     tile = page.locator('.tile[data-metric="humidity"] .tile-unit')
                     await expect(tile).to_have_text("Humidity (%)")
+                    # The Zigbee2MQTT sensor: its friendly name (with a "/") and units.
+                    await page.goto(f"{gw.base_url}/devices/{climate}/")
+                    await expect(page.locator("#device-name")).to_have_text(
+                        "zigbee2mqtt-0001/climate"
+                    )
+                    chart = page.locator('.chart[data-metric="humidity"]')
+                    await expect(chart.locator(".chart-unit")).to_have_text("(%)")
+                    await expect(chart.locator("canvas")).to_have_count(1)
                 finally:
                     await browser.close()
             assert problems == []
