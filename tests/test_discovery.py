@@ -373,7 +373,9 @@ async def test_the_gateways_own_documents_are_never_ingested(gw, settings):
     assert discovery.describe() == []
 
 
-async def test_unsupported_entities_are_listed_with_the_reason(gw, layer, dashboard):
+async def test_unsupported_entities_are_listed_with_the_reason(
+    gw, layer, dashboard, django_user_model
+):
     doc_ = {
         **HA_DEVICE_DOC,
         "cmps": {
@@ -393,6 +395,21 @@ async def test_unsupported_entities_are_listed_with_the_reason(gw, layer, dashbo
     await gw.send_message("sensorBedroom/state", b'{"temperature": 19.5}')
     ok = await frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert ok["metrics"] == {"ok": 19.5}
+
+    # The admin's device page lists them too, escaped.
+    def admin_page() -> str:
+        from django.test import Client
+
+        admin_user = django_user_model.objects.create_superuser("root", password="pw-12345678")
+        client = Client()
+        client.force_login(admin_user)
+        response = client.get("/admin/devices/device/ea334450945afc/change/")
+        assert response.status_code == 200
+        return response.content.decode()
+
+    page = await database_sync_to_async(admin_page)()
+    assert "ok (ok, sensor)" in page
+    assert "recursive (recursive, sensor) — unsupported: value_template: macros" in page
 
 
 async def test_hostile_documents_and_templates_are_refused_and_counted(gw, layer, dashboard):

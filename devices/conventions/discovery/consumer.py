@@ -121,6 +121,14 @@ def describe() -> list[dict[str, Any]]:
     return _shared[0].registry.describe() if _shared else []
 
 
+def device_entities(device_id: str) -> list[dict[str, Any]]:
+    """The discovered entities of one device in this process (for the admin)."""
+    for device in describe():
+        if device["device"] == device_id:
+            return list(device["entities"])
+    return []
+
+
 class _DiscoveredDevices(MqttConsumer):
     """Presence and commands of discovered devices (both consumers need them)."""
 

@@ -40,6 +40,9 @@ class Registry:
         self.by_topic: dict[str, list[Entity]] = defaultdict(list)
         self.devices: dict[str, str] = {}  # device id → name
         self.by_device: dict[str, dict[str, Entity]] = defaultdict(dict)  # id → key → entity
+        #: `describe()`'s answer, rebuilt on each change and swapped whole, so other threads
+        #: (the admin) read it safely.
+        self.snapshot: tuple[dict[str, Any], ...] = ()
 
     def device_entities(self, device_id: str) -> list[Entity]:
         """The entities of a device."""
@@ -81,6 +84,7 @@ class Registry:
         after = set(self.by_topic)
         TOPICS.exact.difference_update(before - after)
         TOPICS.exact.update(after)
+        self.snapshot = tuple(self._describe())
         return after - before, before - after
 
     def _unique_metric(self, entity: Entity) -> None:
@@ -108,7 +112,10 @@ class Registry:
             self.devices.pop(entity.device_id, None)
 
     def describe(self) -> list[dict[str, Any]]:
-        """Devices and their entities, for the API."""
+        """Devices and their entities, for the API and the admin (any thread)."""
+        return list(self.snapshot)
+
+    def _describe(self) -> list[dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for entity in sorted(self.entities.values(), key=lambda e: (e.device_id, e.metric)):
             device = out.setdefault(
@@ -127,4 +134,5 @@ class Registry:
         self.by_topic.clear()
         self.devices.clear()
         self.by_device.clear()
+        self.snapshot = ()
         return topics
