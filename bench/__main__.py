@@ -30,7 +30,9 @@ EXPERIMENTS = (
     "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
     "device-rows-per-second", "tracemalloc",
 )  # fmt: skip
-PARTS = ("bare", "peer", "memory", "redis", "latency", "commands", "idle", "scaling")
+PARTS = (
+    "bare", "peer", "memory", "discovery", "redis", "latency", "commands", "idle", "scaling",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Ta
             base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
         if "peer" in parts:
             base["peer"] = await run_peer(url, count=sizes.peer_messages, cap=sizes.peer_cap)
-        if profile or parts & {"memory", "latency", "commands", "idle", "scaling"}:
+        if profile or parts & {"memory", "discovery", "latency", "commands", "idle", "scaling"}:
             await memory_stack(url, sizes, parts, base, table, profile, experiments)
         if "redis" in parts:
             with Redis() as redis:
@@ -103,6 +105,12 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
                     table.ingest("in-memory", qos, result, base.get(f"q{qos}"), 0.6)
                     if qos == 0:
                         table.peer(result, base.get("peer"))
+                        base["native"] = result
+            if "discovery" in parts:
+                result = await scenarios.discovered_ingest(
+                    gateway, dash, meter, devices=100, count=sizes.ingest
+                )
+                table.discovered(result, base.get("native"))
             if "latency" in parts:
                 result = await scenarios.latency(gateway, dash, seconds=sizes.latency_seconds)
                 table.latency(result, base.get("lat"))

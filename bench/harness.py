@@ -38,12 +38,13 @@ async def run_worker(*args: str, limit: float = 300.0) -> dict[str, Any]:
 
 def publish_args(
     url: str, *, prefix: str, devices: int, count: int, qos: int = 0, rate: float = 0.0,
-    seq: int = 0,
+    seq: int = 0, topic: str | None = None,
 ) -> list[str]:  # fmt: skip
-    """The command line of one `bench.workers publish` run."""
+    """The command line of one `bench.workers publish` run (`topic`: a format with {id})."""
     return [
         "publish", "--url", url, "--prefix", prefix, "--devices", str(devices),
         "--count", str(count), "--qos", str(qos), "--rate", str(rate), "--first-seq", str(seq),
+        *(["--topic", topic] if topic else []),
     ]  # fmt: skip
 
 

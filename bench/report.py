@@ -53,6 +53,18 @@ class Table:
             None if ratio is None else ratio >= goal,
         )
 
+    def discovered(self, res: Figures, native: Figures | None) -> None:
+        """Ingest through discovered entities (templates) against the native path, same run."""
+        ratio = res["rate"] / native["rate"] if native else None
+        self.add(
+            f"ingest QoS 0, discovered entities + value_template ({res['messages']:,} msgs)",
+            f"{_rate(res['rate'])}, {res['cpu_us']:.0f} µs CPU/msg",
+            f"native {_rate(native['rate'])}, {native['cpu_us']:.0f} µs/msg" if native else "n/a",
+            f"{ratio:.2f}×" if ratio else "",
+            "≥ 0.8× native",
+            None if ratio is None else ratio >= 0.8,
+        )
+
     def peer(self, res: Figures, peer: Figures | None) -> None:
         """The in-memory QoS 0 rate against mqttasgi 2.0.0 on the same workload."""
         if peer is None:

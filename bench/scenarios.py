@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiomqtt
 import orjson
@@ -72,6 +73,7 @@ async def ingest(
     qos: int = 0,
     limit: float = 300.0,
     steady: Callable[[], Awaitable[Any]] | None = None,
+    topic: str | None = None,
 ) -> dict[str, float]:
     """After one warm-up message per device, `count` more until stored and on the dashboard.
 
@@ -81,7 +83,9 @@ async def ingest(
     ids = [device_id(prefix, i) for i in range(devices)]
     stored = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
     first_cpu = meter.cpu()
-    await run_worker(*publish_args(url, prefix=prefix, devices=devices, count=devices, qos=qos))
+    await run_worker(
+        *publish_args(url, prefix=prefix, devices=devices, count=devices, qos=qos, topic=topic)
+    )
     await asyncio.wait_for(dash.expect(dict.fromkeys(ids, 1)), limit)
     await wait_stored(gateway, stored + devices * VALUES_PER_MESSAGE, limit)
     # First contact may leave work behind (instance start-up, per-device queries): let it
@@ -96,7 +100,11 @@ async def ingest(
     done_dash = dash.expect(dict.fromkeys(ids, 1 + per_device))
     cpu0, frames0 = meter.cpu(), dash.frames
     pub_task = asyncio.create_task(
-        run_worker(*publish_args(url, prefix=prefix, devices=devices, count=count, qos=qos, seq=1))
+        run_worker(
+            *publish_args(
+                url, prefix=prefix, devices=devices, count=count, qos=qos, seq=1, topic=topic
+            )
+        )
     )
     # The dashboard first: polling /metrics all along would charge its cost to the gateway.
     t_dash = await asyncio.wait_for(done_dash, limit)
@@ -110,6 +118,56 @@ async def ingest(
         "first_contact_us": 1e6 * first_contact / devices,
         "frames_per_message": (dash.frames - frames0) / count,
     }
+
+
+async def discovered_ingest(
+    gateway: GatewayProcess, dash: Dashboard, meter: Meter, *, devices: int, count: int
+) -> dict[str, float]:
+    """`ingest` through Home Assistant discovery: each device announces itself with a
+    device-level document (abbreviated keys, a `value_template` per metric, as ESPHome and
+    Zigbee2MQTT documents do), then publishes the same JSON as the native runs on its own
+    state topic (docs/conventions.md)."""
+    prefix = "disc"
+    host, port = _host_port(gateway.mqtt_url)
+    async with aiomqtt.Client(host, port, identifier=f"bench-announce-{uuid.uuid4().hex[:6]}") as c:
+        for i in range(devices):
+            did = device_id(prefix, i)
+            document = {
+                "dev": {"ids": did, "name": did},
+                "o": {"name": "bench"},
+                "stat_t": f"bench/{did}/state",
+                "cmps": {
+                    "n": {"p": "sensor", "val_tpl": "{{ value_json.n }}"},
+                    "temperature": {
+                        "p": "sensor",
+                        "dev_cla": "temperature",
+                        "unit_of_meas": "°C",
+                        "val_tpl": "{{ value_json.temperature | float(0) }}",
+                    },
+                },
+            }
+            await c.publish(
+                f"homeassistant/device/{did}/config", orjson.dumps(document), qos=1, retain=True
+            )
+
+    def announced() -> bool:
+        status, body = gateway.http_get("/api/discovery/", dash.cookie)
+        return status == 200 and len(body) >= devices
+
+    deadline = time.monotonic() + 60
+    while not await asyncio.to_thread(announced):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gateway did not take the discovery documents")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # its subscriptions to the state topics are under way
+    return await ingest(
+        gateway, dash, meter, prefix=prefix, devices=devices, count=count, topic="bench/{id}/state"
+    )
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 1883
 
 
 async def settle(meter: Meter, limit: float, busy: float = 15.0) -> None:

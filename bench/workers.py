@@ -45,7 +45,7 @@ def publish(args: argparse.Namespace) -> dict[str, float]:
     client.max_queued_messages_set(0)
     client.connect(host, port, keepalive=60)
     client.loop_start()
-    topics = [f"devices/{device_id(args.prefix, i)}/telemetry" for i in range(args.devices)]
+    topics = [args.topic.format(id=device_id(args.prefix, i)) for i in range(args.devices)]
     seqs = [args.first_seq] * args.devices
     start = time.time()
     info = None
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--qos", type=int, default=0)
     pub.add_argument("--rate", type=float, default=0.0, help="messages/s (0: as fast as possible)")
     pub.add_argument("--first-seq", type=int, default=0)
+    pub.add_argument("--topic", default="devices/{id}/telemetry", help="{id}: the device id")
     sub_bare = sub.add_parser("bare")
     sub_bare.add_argument("--url", required=True)
     sub_bare.add_argument("--count", type=int, required=True)

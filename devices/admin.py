@@ -1,7 +1,10 @@
 """Django admin for devices, their telemetry and commands (docs/interface.md §5.1 `/admin/`)."""
 
 from django.contrib import admin
+from django.utils.html import format_html_join
+from django.utils.safestring import mark_safe
 
+from devices.conventions.discovery.consumer import device_entities
 from devices.models import Command, Device, Reading
 
 
@@ -12,8 +15,26 @@ class DeviceAdmin(admin.ModelAdmin):
     list_display = ("id", "name", "transport", "online", "last_seen")
     list_filter = ("online", "transport")
     search_fields = ("id", "name")
-    readonly_fields = ("created",)
+    readonly_fields = ("created", "discovered_entities")
     ordering = ("id",)
+
+    @admin.display(description="discovered entities")
+    def discovered_entities(self, obj: Device) -> str:
+        """A self-describing device's entities (docs/conventions.md), unsupported ones with
+        the reason; as this process's MQTT bridge knows them."""
+        rows = [
+            (
+                e["name"],
+                e["metric"],
+                e["component"],
+                f" [{e['unit']}]" if e["unit"] else "",
+                f" — unsupported: {e['unsupported']}" if e["unsupported"] else "",
+            )
+            for e in device_entities(obj.id)
+        ]
+        if not rows:
+            return "—"
+        return format_html_join(mark_safe("<br>"), "{} ({}, {}){}{}", rows)
 
 
 @admin.register(Reading)

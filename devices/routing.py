@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from devices.admission import DeviceAdmission, RouteAdmission
 from devices.conventions import homeassistant
+from devices.conventions.discovery import consumer as discovery
+from devices.conventions.discovery.registry import TOPICS
 from devices.conventions.homeassistant import HomeAssistantConsumer
 from devices.conventions.native import PATTERNS, DeviceConsumer
 from devices.conventions.tasmota import PATTERNS as TASMOTA_PATTERNS
@@ -50,6 +52,29 @@ def build_routes() -> list[TopicRoute]:
                 HomeAssistantConsumer.as_asgi(),
                 name="homeassistant",
                 static=True,
+            )
+        )
+    if discovery.enabled():
+        # Self-describing devices (docs/conventions.md): one static instance for the config
+        # topics, then one instance per state/availability topic it subscribed (last, so it
+        # never shadows a convention above; TOPICS.accepts: only those topics).
+        routes.append(
+            topic(
+                discovery.config_patterns(),
+                discovery.DiscoveryConsumer.as_asgi(),
+                key=[],
+                name="discovery",
+                static=True,
+            )
+        )
+        routes.append(
+            topic(
+                "{topic:#}",
+                discovery.EntityConsumer.as_asgi(),
+                key=["topic"],
+                name="discovered",
+                subscribe=False,
+                accepts=TOPICS.accepts,
             )
         )
     return routes

@@ -4,6 +4,7 @@ from django.urls import path, re_path
 
 from devices import views
 from devices.commands import views as command_views
+from devices.conventions.discovery import views as discovery_views
 
 app_name = "devices"
 
@@ -25,4 +26,5 @@ urlpatterns = [
         command_views.command_status,
         name="command-status",
     ),
+    path("discovery/", discovery_views.discovered, name="discovery"),
 ]

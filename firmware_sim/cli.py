@@ -1,6 +1,6 @@
 """The fleet's command line, shared by `manage.py simulate` and `python -m firmware_sim mqtt`.
 
-    simulate [--mqtt URL] [--devices N] [--rate HZ] [--style native|tasmota] [--faults SPEC]
+    simulate [--mqtt URL] [--devices N] [--rate HZ] [--style STYLE] [--faults SPEC]
              [--prefix NAME] [--qos 0|1] [--duration SECONDS] [--seed N] [--reboot-delay S]
 
 Runs until Ctrl-C / SIGTERM (or `--duration`), then every device leaves cleanly.
@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from firmware_sim.device import STYLES
 from firmware_sim.faults import FaultSpec, FaultSpecError
 from firmware_sim.fleet import DEFAULT_URL, Fleet, FleetConfig
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_url: str | None = Non
     parser.add_argument(
         "--rate", type=float, default=1.0, metavar="HZ", help="telemetry per device per s (1)"
     )
-    parser.add_argument("--style", choices=["native", "tasmota"], default="native")
+    parser.add_argument("--style", choices=list(STYLES), default="native")
     parser.add_argument(
         "--faults",
         action="append",
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_url: str | None = Non
         help="KIND[=VALUE][@TARGET], comma-separated or repeated; kinds: drop=SECONDS, "
         "noack, delay=SECONDS, garbage=PROBABILITY, burst=FACTOR; target: 10%% or id+id",
     )
-    parser.add_argument("--prefix", default=None, help="device ids are PREFIX-0001… (sim/tasmota)")
+    parser.add_argument("--prefix", default=None, help="device ids are PREFIX-0001… (sim/<style>)")
     parser.add_argument("--qos", type=int, choices=[0, 1], default=0, help="telemetry QoS")
     parser.add_argument(
         "--duration", type=float, default=None, metavar="SECONDS", help="stop after this long"

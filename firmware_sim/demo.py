@@ -56,6 +56,8 @@ class DemoConfig:
     port: int = 8000
     native: int = 12  # native-convention devices (sim-0001…)
     tasmota: int = 4  # Tasmota-style devices (tasmota-0001…)
+    esphome: int = 3  # ESPHome nodes with Home Assistant discovery (esphome-0001…)
+    zigbee2mqtt: int = 1  # Zigbee2MQTT bridges, two Zigbee devices each (one per broker)
     rate: float = 1.0  # telemetry per device per second
     serial_device: str | None = "serial-1"  # None: no serial device
     login: str = ""  # the "user / password" line, shown once with the URL
@@ -109,7 +111,13 @@ class Demo:
         await self._start_gateway()
         await self._wait_ready()
         self.times.gateway_ready = self.elapsed()
-        for style, count in (("native", cfg.native), ("tasmota", cfg.tasmota)):
+        styles = (
+            ("native", cfg.native),
+            ("tasmota", cfg.tasmota),
+            ("esphome", cfg.esphome),
+            ("zigbee2mqtt", cfg.zigbee2mqtt),
+        )
+        for style, count in styles:
             if count > 0:
                 fleet = Fleet(cfg.mqtt_url, devices=count, rate=cfg.rate, style=style)
                 await fleet.start()

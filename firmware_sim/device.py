@@ -28,11 +28,17 @@ import aiomqtt
 
 from firmware_sim.faults import Faults, native_garbage, tasmota_garbage
 from firmware_sim.firmware import Firmware, NativeFirmware, Outgoing, Reply
+from firmware_sim.selfdescribing import EsphomeFirmware, Zigbee2MqttFirmware
 from firmware_sim.tasmota import TasmotaFirmware
 
 logger = logging.getLogger("firmware_sim")
 
-STYLES: dict[str, type[Firmware]] = {"native": NativeFirmware, "tasmota": TasmotaFirmware}
+STYLES: dict[str, type[Firmware]] = {
+    "native": NativeFirmware,
+    "tasmota": TasmotaFirmware,
+    "esphome": EsphomeFirmware,
+    "zigbee2mqtt": Zigbee2MqttFirmware,
+}
 # Command replies waiting (delayed acks) per device; past it new commands go unanswered.
 MAX_PENDING_REPLIES = 100
 

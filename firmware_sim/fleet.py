@@ -53,7 +53,7 @@ class FleetConfig:
     url: str = DEFAULT_URL
     devices: int = 10
     rate: float = 1.0  # telemetry ticks per second per device
-    style: str = "native"  # "native" or "tasmota"
+    style: str = "native"  # "native", "tasmota", "esphome" or "zigbee2mqtt"
     prefix: str | None = None  # device ids are <prefix>-0001…; default "sim" / "tasmota"
     qos: int = 0  # telemetry QoS (status, acks and subscriptions always use QoS 1)
     faults: list[FaultSpec] = field(default_factory=list)
@@ -73,7 +73,7 @@ class FleetConfig:
         if self.qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
         if self.prefix is None:
-            self.prefix = "sim" if self.style == "native" else "tasmota"
+            self.prefix = "sim" if self.style == "native" else self.style
         if not DEVICE_ID.match(self.device_id(self.first_index + max(self.devices, 1) - 1)):
             raise ValueError(f"prefix {self.prefix!r} does not make valid device ids")
         if isinstance(self.faults, str):

@@ -69,3 +69,10 @@ SERIAL_MIRROR_DROPPED = Counter(
     "gateway_serial_mirror_dropped",
     "Serial devices' telemetry not mirrored to the broker (outbox full while it was away)",
 )
+DISCOVERY_REFUSED = Counter(
+    "gateway_discovery_refused",
+    "Discovered entities or documents not ingested, by reason (unsupported, too_many_entities)",
+    ["reason"],
+)
+for _reason in ("unsupported", "too_many_entities"):
+    DISCOVERY_REFUSED.labels(reason=_reason)

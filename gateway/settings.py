@@ -364,6 +364,16 @@ GATEWAY = {
     "HA_DISCOVERY": env_bool("HA_DISCOVERY", True),
     "HA_DISCOVERY_PREFIX": os.environ.get("HA_DISCOVERY_PREFIX", "").strip().strip("/")
     or "homeassistant",
+    # Ingest other devices' Home Assistant discovery documents under the same prefix
+    # (docs/conventions.md); at most DISCOVERY_MAX_ENTITIES entities, documents of at most
+    # DISCOVERY_MAX_BYTES (Zigbee2MQTT's device list included).
+    "HA_DISCOVERY_INGEST": env_bool("HA_DISCOVERY_INGEST", True),
+    "DISCOVERY_MAX_ENTITIES": env_int("GATEWAY_DISCOVERY_MAX_ENTITIES", 10_000),
+    "DISCOVERY_MAX_BYTES": env_int("GATEWAY_DISCOVERY_MAX_BYTES", 1024 * 1024),
+    # Zigbee2MQTT's base topic (docs/conventions.md); empty = not ingested.
+    "ZIGBEE2MQTT_BASE_TOPIC": os.environ.get("ZIGBEE2MQTT_BASE_TOPIC", "zigbee2mqtt")
+    .strip()
+    .strip("/"),
     # Commands: seconds to wait for an ack once sent (a command may ask for its own), how long
     # one is held for an offline device or a down broker before it times out, and the
     # per-user rate limit (COUNT commands per SECONDS).

@@ -73,6 +73,8 @@ def test_any_topic_resolves_to_the_first_matching_route_or_to_nothing(topic_name
         for route in ROUTER.routes
         for pattern in route.patterns
         if topic_matches_sub(pattern.filter, topic_name)
+        # A route with `accepts` (discovered entities' topics) also has to say yes.
+        and (route.accepts is None or route.accepts(topic_name))
         # A parameter never captures an empty level (MQTT's '+' would).
         and all(levels[i] for i, (kind, _) in enumerate(pattern.levels) if kind == "{}")
     ]

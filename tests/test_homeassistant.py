@@ -308,7 +308,9 @@ async def test_bridge_restart_republishes_from_the_database_and_skips_tasmota(
 
 @pytest.mark.django_db(transaction=True)
 async def test_off_switch_publishes_nothing(mosquitto, layer, dashboard, settings, device):
-    settings.GATEWAY = {**settings.GATEWAY, "HA_DISCOVERY": False}
+    # Ingesting other devices' discovery (docs/conventions.md) is a switch of its own.
+    off = {"HA_DISCOVERY": False, "HA_DISCOVERY_INGEST": False, "ZIGBEE2MQTT_BASE_TOPIC": ""}
+    settings.GATEWAY = {**settings.GATEWAY, **off}
     router = TopicRouter(build_routes())
     assert "homeassistant/status" not in router.subscriptions and not router.static_matches
     did = device.device_id

@@ -2,7 +2,9 @@
 
 Holds one consumer per convention: the native MQTT topics (`native`), Tasmota (`tasmota`),
 serial line devices (`serial`, with the line codecs in `codecs`), the Home Assistant
-discovery documents the gateway publishes for every device (`homeassistant`), and the mirror
+discovery documents the gateway publishes for every device (`homeassistant`), self-describing
+devices ingested from their Home Assistant discovery documents and Zigbee2MQTT (`discovery`),
+and the mirror
 that republishes serial devices on the broker in the native convention (`mirror`). A new
 convention is a new module here plus its route in `devices/routing.py`.
 

@@ -120,6 +120,8 @@ class TopicRoute:
     name: str | None = None
     static: bool = False
     admit: Admit | None = None
+    subscribe: bool = True
+    accepts: Callable[[str], bool] | None = None
     id: str | int = field(default="", init=False)
 
 
@@ -131,6 +133,8 @@ def topic(
     name: str | None = None,
     static: bool = False,
     admit: Admit | None = None,
+    subscribe: bool = True,
+    accepts: Callable[[str], bool] | None = None,
 ) -> TopicRoute:
     """Route MQTT topic patterns to `app`; one app instance per distinct value of `key` params.
 
@@ -139,6 +143,9 @@ def topic(
     never retired for idleness: a service that publishes on its own (docs/asgi-mqtt.md).
     `admit(key_params)` is asked before an instance is created for a new key: a reason string
     refuses the message (counted and acknowledged) before anything is allocated for it.
+    With `subscribe=False` its patterns are not subscribed by the server (the application
+    subscribes what it wants with `mqtt.subscribe`), and `accepts(topic)`, when given, must
+    also say yes for a topic to match it.
     """
     texts = [patterns] if isinstance(patterns, str) else list(patterns)
     if not texts:
@@ -156,7 +163,7 @@ def topic(
         raise ValueError(f"a static route has one instance: no key parameters, not {key_names}")
     if admit is not None and not callable(admit):
         raise ValueError(f"admit {admit!r} is not callable")
-    return TopicRoute(compiled, app, key_names, name, static, admit)
+    return TopicRoute(compiled, app, key_names, name, static, admit, subscribe, accepts)
 
 
 class TopicRouter:
@@ -186,7 +193,9 @@ class TopicRouter:
     @property
     def subscriptions(self) -> list[str]:
         """The MQTT subscription filters covering every pattern, deduplicated, in route order."""
-        return list(dict.fromkeys(pattern.filter for _, pattern in self._table))
+        return list(
+            dict.fromkeys(pattern.filter for route, pattern in self._table if route.subscribe)
+        )
 
     async def prepare(self) -> None:
         """Await every route's ``admit.prepare()`` (the server calls it before subscribing)."""
@@ -204,6 +213,8 @@ class TopicRouter:
         """The first route whose pattern matches `topic_name`, with its params, else None."""
         levels = topic_name.split("/")
         for route, pattern in self._table:
+            if route.accepts is not None and not route.accepts(topic_name):
+                continue
             params = pattern.match(levels)
             if params is not None:
                 key_params = {k: params[k] for k in route.key}

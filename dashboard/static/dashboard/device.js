@@ -31,6 +31,41 @@
   }
   let renderedSeen;
 
+  // Friendly names and units of a self-describing device's metrics (GET /api/discovery/,
+  // docs/conventions.md), shown beside the metric name of its tiles and charts.
+  const described = new Map(); // metric → "Temperature (°C)"
+  function label(container, metric, cls) {
+    const text = described.get(metric);
+    if (!text || container.querySelector("." + cls)) return;
+    const node = el("span", cls, text);
+    const title = container.querySelector(".chart-title, .tile-name");
+    if (title) title.after(node);
+    else container.append(node);
+  }
+  function labelAll() {
+    for (const [metric, value] of tiles) label(value.parentElement, metric, "tile-unit");
+    for (const [metric, chart] of charts) label(chart.card.firstChild, metric, "chart-unit");
+  }
+  async function loadDescriptions() {
+    try {
+      const response = await fetch("/api/discovery/", {
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+      });
+      if (!response.ok) return;
+      const devices = await response.json();
+      const mine = Array.isArray(devices) ? devices.find((d) => d && d.device === deviceId) : null;
+      for (const entity of (mine && mine.entities) || []) {
+        const unit = entity.unit ? ` (${entity.unit})` : "";
+        const named = entity.name && entity.name !== entity.metric ? entity.name : "";
+        if (named || unit) described.set(entity.metric, `${named}${unit}`.trim());
+      }
+      labelAll();
+    } catch (err) {
+      // Not a discovered device, or the API is unreachable: plain metric names.
+    }
+  }
+
   function renderHeader() {
     const name = state.name || state.id;
     if (nameEl.textContent !== name) nameEl.textContent = name;
@@ -50,6 +85,7 @@
         tile.append(el("span", "tile-name", name), value);
         values.appendChild(tile);
         tiles.set(name, value);
+        label(tile, name, "tile-unit");
       }
       const text = G.formatValue(state.metrics[name]);
       if (value.textContent !== text) value.textContent = text;
@@ -112,6 +148,7 @@
     noCharts.hidden = true;
     chart = { xs: [], ys: [], plot: null, box, card, latest, loaded: false };
     charts.set(metric, chart);
+    label(head, metric, "chart-unit");
     if (window.uPlot) {
       chart.plot = new window.uPlot(chartOptions(metric, chartWidth(box)), [chart.xs, chart.ys], box);
     }
@@ -443,6 +480,8 @@
     command: onCommand,
     error: onError,
   });
+
+  loadDescriptions();
 
   G.onTick(() => {
     G.setBadge(badge, G.presence(state, staleSeconds));

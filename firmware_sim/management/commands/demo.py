@@ -30,6 +30,10 @@ class Command(BaseCommand):
         parser.add_argument("--mqtt", metavar="URL", help="broker URL (default: MQTT_URL)")
         parser.add_argument("--devices", type=int, default=12, help="native devices (12)")
         parser.add_argument("--tasmota", type=int, default=4, help="Tasmota devices (4)")
+        parser.add_argument("--esphome", type=int, default=3, help="ESPHome nodes (3)")
+        parser.add_argument(
+            "--zigbee2mqtt", type=int, default=1, choices=[0, 1], help="a Zigbee2MQTT bridge (1)"
+        )
         parser.add_argument("--rate", type=float, default=1.0, help="telemetry per device per s")
         parser.add_argument(
             "--serial-device", default="serial-1", help="id of the simulated serial device"
@@ -40,8 +44,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         url = broker_url_option(options["mqtt"])
-        if options["devices"] < 0 or options["tasmota"] < 0:
-            raise CommandError("--devices and --tasmota must not be negative")
+        if min(options["devices"], options["tasmota"], options["esphome"]) < 0:
+            raise CommandError("--devices, --tasmota and --esphome must not be negative")
         if not 0 < options["rate"] <= 100:
             raise CommandError("--rate must be above 0 and at most 100")
         self.stdout.write("demo: migrating the database")
@@ -57,6 +61,8 @@ class Command(BaseCommand):
             port=options["port"],
             native=options["devices"],
             tasmota=options["tasmota"],
+            esphome=options["esphome"],
+            zigbee2mqtt=options["zigbee2mqtt"],
             rate=options["rate"],
             serial_device=None if options["no_serial"] else options["serial_device"],
             login=login,
