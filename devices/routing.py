@@ -28,6 +28,11 @@ def build_routes() -> list[TopicRoute]:
                 static=True,
             )
         )
+    # Alert events (docs/alerts.md): one static instance that starts the evaluator and
+    # publishes on gateway/<id>/alerts/<device>.
+    from alerts.mqtt import AlertPublisher, alerts_topic
+
+    routes.append(topic(alerts_topic(), AlertPublisher.as_asgi(), name="alerts", static=True))
     return routes
 
 

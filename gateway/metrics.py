@@ -49,3 +49,14 @@ SERIAL_MIRROR_DROPPED = Counter(
     "gateway_serial_mirror_dropped",
     "Serial devices' telemetry not mirrored to the broker (outbox full while it was away)",
 )
+ALERT_TRANSITIONS = Counter(
+    "gateway_alert_transitions", "Alert transitions stored, by kind", ["kind"]
+)
+ALERT_DROPPED = Counter(
+    "gateway_alert_dropped",
+    "Alert work dropped (evaluations before rules loaded, transitions, notifications), by reason",
+    ["reason"],
+)
+ALERT_NOTIFICATIONS = Counter(
+    "gateway_alert_notifications", "Alert notifications sent through Apprise, by result", ["result"]
+)
