@@ -63,6 +63,7 @@ class Evaluator:
         self._buffer: deque[tuple[Any, ...]] = deque()
         self._started_at = time.time()
         self._loaded = asyncio.Event()
+        self._channel: str | None = None
         self._reload = asyncio.Event()
         self._tasks = [
             self.loop.create_task(self.journal.run(), name="alerts.journal"),
@@ -203,24 +204,17 @@ class Evaluator:
     async def _rules_task(self) -> None:
         """Load rules and open alerts, then reload the rules whenever one changes."""
         layer = get_channel_layer()
-        listener = None
         if layer is not None:
-            channel = await layer.new_channel("alerts.rules.")
-            await layer.group_add(RULES_GROUP, channel)
-            listener = self.loop.create_task(self._listen(layer, channel), name="alerts.listen")
-        try:
-            await self._load(first=True)
-            while True:
-                await self._reload.wait()
-                self._reload.clear()
-                await self._load(first=False)
-        finally:
-            if listener is not None:
-                listener.cancel()
-                try:
-                    await layer.group_discard(RULES_GROUP, channel)
-                except Exception:
-                    pass
+            self._channel = await layer.new_channel("alerts.rules.")
+            await layer.group_add(RULES_GROUP, self._channel)
+            self._tasks.append(
+                self.loop.create_task(self._listen(layer, self._channel), name="alerts.listen")
+            )
+        await self._load(first=True)
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self._load(first=False)
 
     async def _listen(self, layer: Any, channel: str) -> None:
         while True:
@@ -320,6 +314,12 @@ class Evaluator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        layer = get_channel_layer()
+        if self._channel is not None and layer is not None:
+            try:
+                await layer.group_discard(RULES_GROUP, self._channel)
+            except Exception:  # the layer may be gone at shutdown
+                logger.debug("alerts: group_discard failed", exc_info=True)
         _evaluators.discard(self.loop, self)
 
 

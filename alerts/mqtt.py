@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from alerts.evaluator import start_evaluator
+from alerts.evaluator import current_evaluator, start_evaluator
 from alerts.outbox import MQTT_GROUP
 from gateway.metrics import ALERT_DROPPED
 from gateway.mqtt.consumer import MqttConsumer
@@ -36,6 +36,12 @@ class AlertPublisher(MqttConsumer):
     async def mqtt_connect(self, message: dict[str, Any]) -> None:
         """The broker session is up: make sure this loop evaluates rules."""
         start_evaluator()
+
+    async def on_retire(self) -> None:
+        """The bridge stops: store what the evaluator decided, stop its timers."""
+        evaluator = current_evaluator()
+        if evaluator is not None:
+            await evaluator.close()
 
     async def mqtt_message(self, event: dict[str, Any]) -> None:
         """Our own events coming back (the route's topic): nothing to do."""

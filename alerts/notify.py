@@ -79,31 +79,33 @@ class Notifier:
             await self._wake.wait()
 
     async def _send(self, change: Change) -> None:
+        """Notify each URL on its own, so a failing target is retried without repeating the
+        notification to the targets that already have it."""
         title, body, kind = message(change)
-        notifier = apprise.Apprise()
-        for url in change.notify_urls:
-            if not notifier.add(url):
+        for url in dict.fromkeys(change.notify_urls):
+            target = apprise.Apprise()
+            if not target.add(url):
+                ALERT_NOTIFICATIONS.labels(result="failed").inc()
                 logger.warning("alert notification: not an Apprise URL: %.80s", url)
-        if not len(notifier):
-            ALERT_NOTIFICATIONS.labels(result="failed").inc()
-            return
-        delay = self.backoff_first
-        for attempt in range(RETRIES + 1):
-            try:
-                ok = await notifier.async_notify(body=body, title=title, notify_type=kind)
-            except Exception:
-                logger.exception("alert notification raised")
-                ok = False
-            if ok:
-                ALERT_NOTIFICATIONS.labels(result="sent").inc()
-                return
-            if attempt < RETRIES:
-                await asyncio.sleep(delay)
-                delay *= 2
-        ALERT_NOTIFICATIONS.labels(result="failed").inc()
-        logger.warning(
-            "alert %s notification failed after %d tries", change.alert["id"], RETRIES + 1
-        )
+                continue
+            delay = self.backoff_first
+            for attempt in range(RETRIES + 1):
+                try:
+                    ok = await target.async_notify(body=body, title=title, notify_type=kind)
+                except Exception:
+                    logger.exception("alert notification raised")
+                    ok = False
+                if ok:
+                    ALERT_NOTIFICATIONS.labels(result="sent").inc()
+                    break
+                if attempt < RETRIES:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+            else:
+                ALERT_NOTIFICATIONS.labels(result="failed").inc()
+                logger.warning(
+                    "alert %s: notification failed after %d tries", change.alert["id"], RETRIES + 1
+                )
 
     async def flush(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
         """Wait until the queue is sent; False when `timeout` passed first."""

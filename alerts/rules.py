@@ -22,7 +22,7 @@ MAX_FOR = 7 * 24 * 3600.0  # a week
 MAX_NOTIFY_URLS = 10
 MAX_URL = 2000
 #: Device ids are 1-64 of [A-Za-z0-9_-]; a pattern may add the glob characters.
-PATTERN_RE = re.compile(r"^[A-Za-z0-9_\-*?\[\]!]{1,%d}\Z" % MAX_PATTERN)
+PATTERN_RE = re.compile(rf"^[A-Za-z0-9_\-*?\[\]!]{{1,{MAX_PATTERN}}}\Z")
 GLOB_CHARS = frozenset("*?[")
 METRIC_OPS = (Op.ABOVE, Op.BELOW, Op.OUTSIDE, Op.EQUALS)
 
