@@ -64,6 +64,7 @@ class Evaluator:
         self._started_at = time.time()
         self._loaded = asyncio.Event()
         self._channel: str | None = None
+        self._rules_changed = asyncio.Event()  # set (and replaced) after every load
         self._reload = asyncio.Event()
         self._tasks = [
             self.loop.create_task(self.journal.run(), name="alerts.journal"),
@@ -247,6 +248,8 @@ class Evaluator:
                 getattr(self, kind)(*args)
             self._loaded.set()
         self._arm_all_silences()
+        self._rules_changed.set()
+        self._rules_changed = asyncio.Event()
         logger.info("alerts: %d rules, %d open", len(self._rules), len(self.tracks))
 
     def _install(self, rules: list[CompiledRule]) -> None:
@@ -294,6 +297,14 @@ class Evaluator:
     async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Until the rules and open alerts are loaded (tests, startup)."""
         await asyncio.wait_for(self._loaded.wait(), timeout)
+
+    async def rules_loaded(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Until the rules are loaded again (after a rule changed; tests)."""
+        await asyncio.wait_for(self._rules_changed.wait(), timeout)
+
+    def rule_ids(self) -> set[int]:
+        """The ids of the rules being evaluated."""
+        return set(self._rules)
 
     async def flush(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
         """Wait until every transition decided so far is stored and emitted."""
