@@ -280,7 +280,8 @@ async def test_bridge_restart_republishes_from_the_database_and_skips_tasmota(
 async def test_off_switch_publishes_nothing(mosquitto, layer, dashboard, settings, device):
     settings.GATEWAY = {**settings.GATEWAY, "HA_DISCOVERY": False}
     router = TopicRouter(build_routes())
-    assert "homeassistant/status" not in router.subscriptions and not router.static_matches
+    assert "homeassistant/status" not in router.subscriptions
+    assert [m.route for m in router.static_matches] == ["alerts"]  # no discovery publisher
     did = device.device_id
     async with bridge(mosquitto, settings.GATEWAY["GATEWAY_ID"]) as server:
         await device.publish(f"devices/{did}/telemetry", b'{"temperature": 20}', qos=1)
@@ -291,7 +292,7 @@ async def test_off_switch_publishes_nothing(mosquitto, layer, dashboard, setting
             ):
                 pass
         await current_pipeline().flush()
-        assert server.instances == 1  # the device; no discovery instance
+        assert server.instances == 2  # the device and the alert publisher; no discovery
     assert await retained_documents(mosquitto.port) == {}
 
 
