@@ -5,7 +5,8 @@
 ``gateway_alert_dropped_total{reason="notify_queue_full"}``); one task per event loop sends
 them in order, to the rule's URLs and ``GATEWAY_ALERT_NOTIFY_URLS``, retrying a failed send
 `RETRIES` times with backoff; results are counted in
-``gateway_alert_notifications_total{result="sent"|"failed"}``.
+``gateway_alert_notifications_total{result="sent"|"failed"}``. Apprise is imported on the
+first notification only (it costs a process ~40 MiB).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 from collections import deque
 from typing import Any
 
-import apprise
 from django.conf import settings
 
 from alerts.store import Change
@@ -31,6 +31,8 @@ BACKOFF_FIRST = 1.0
 
 def message(change: Change) -> tuple[str, str, str]:
     """(title, body, Apprise notify type) of a change."""
+    import apprise
+
     alert = change.alert
     verb = {"raised": "raised", "cleared": "cleared", "acknowledged": "acknowledged"}[change.kind]
     title = f"[{alert['severity']}] {alert['rule_name']} {verb} on {alert['device']}"
@@ -81,6 +83,8 @@ class Notifier:
     async def _send(self, change: Change) -> None:
         """Notify each URL on its own, so a failing target is retried without repeating the
         notification to the targets that already have it."""
+        import apprise  # here, not at import: ~40 MiB that only a notifying process needs
+
         title, body, kind = message(change)
         for url in dict.fromkeys(change.notify_urls):
             target = apprise.Apprise()
