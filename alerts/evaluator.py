@@ -8,7 +8,12 @@ device) whose condition holds: ``pending`` while waiting out the rule's `for` (a
 go to the `Journal` (stored in order off the hot path, then emitted).
 
 - Rules are read from the database when the evaluator starts and again whenever one changes
-  (group `RULES_GROUP`, sent on every save or delete, from any process).
+  (``alert.rules`` on group `EVALUATORS_GROUP`, sent on every save or delete, from any
+  process).
+- Several evaluators (bridges of a shared subscription) share the database: opening is guarded
+  by the one-open-alert constraint and every transition is conditional, so one alert is raised
+  and notified once; each change is also sent to every evaluator (``alert.changed``) so one
+  that did not make it adopts or forgets the alert.
 - Restart: open alerts are read back; a pending one's timer is re-armed for what is left of its
   `for`, an active one stays active, so nothing is raised (or notified) twice.
 - Until the rules are loaded, observations wait in a buffer of `BUFFER_LIMIT` (oldest dropped
@@ -31,13 +36,13 @@ from channels.layers import get_channel_layer
 from alerts import store
 from alerts.journal import Journal, Track
 from alerts.models import Op
+from alerts.outbox import EVALUATORS_GROUP
 from alerts.rules import CompiledRule
 from gateway.loops import PerLoop
 from gateway.metrics import ALERT_DROPPED
 
 logger = logging.getLogger(__name__)
 
-RULES_GROUP = "alert-rules"
 BUFFER_LIMIT = 10_000
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0
 
@@ -147,6 +152,11 @@ class Evaluator:
 
     def _end(self, track: Track, value: float | None, now: float) -> None:
         """The condition ended: a pending track is cancelled, an active one cleared."""
+        self._forget(track)
+        self.journal.add("cancel" if track.state == "pending" else "clear", track, value, now)
+
+    def _forget(self, track: Track) -> None:
+        """Stop tracking (timer, presence count); the database is someone else's business."""
         track.ended = True
         if self.tracks.get((track.rule.id, track.device)) is track:
             del self.tracks[(track.rule.id, track.device)]
@@ -159,7 +169,16 @@ class Evaluator:
                 self._presence_open[track.device] = left
             else:
                 self._presence_open.pop(track.device, None)
-        self.journal.add("cancel" if track.state == "pending" else "clear", track, value, now)
+
+    def _adopt(
+        self, rule: CompiledRule, device: str, state: str, since: float, alert_id: int
+    ) -> Track:
+        """Track an alert opened elsewhere (the database, another process)."""
+        track = Track(rule, device, state, since, None, id=alert_id)
+        self.tracks[(rule.id, device)] = track
+        if rule.op in (Op.OFFLINE, Op.NODATA):
+            self._presence_open[device] = self._presence_open.get(device, 0) + 1
+        return track
 
     def _presence_ends(self, device: str, op: str | None) -> None:
         """The device spoke (or came online): its offline (and, on data, nodata) tracks end."""
@@ -169,16 +188,34 @@ class Evaluator:
                 self._end(track, None, now)
 
     def _opened(self, track: Track, alert_id: int | None, state: str | None) -> None:
-        """The journal stored (or adopted) `track`'s alert; follow what the database says."""
-        if alert_id is None:  # the rule is gone
-            if not track.ended:
-                self._end(track, None, time.time())
+        """The journal stored `track`'s alert, or found it changed by someone else: follow
+        what the database says (gone or cleared: forget it; raised elsewhere: active)."""
+        if track.ended:
             return
-        if state == "active" and track.state == "pending" and not track.ended:
-            track.state = "active"  # another process raised it already
+        if alert_id is None or state not in ("pending", "active"):
+            self._forget(track)
+        elif state == "active" and track.state == "pending":
+            track.state = "active"
             if track.timer is not None:
                 track.timer.cancel()
                 track.timer = None
+
+    def _heard(self, alert: Any) -> None:
+        """Another process (or this one) changed an alert: adopt or forget it to match."""
+        if not isinstance(alert, dict):
+            return
+        key = (alert.get("rule"), alert.get("device"))
+        track = self.tracks.get(key)  # type: ignore[arg-type]
+        state = alert.get("state")
+        if state == "cleared":
+            if track is not None and track.id == alert.get("id"):
+                self._forget(track)
+        elif state == "active":
+            rule = self._rules.get(key[0])  # type: ignore[arg-type]
+            if track is None and rule is not None and isinstance(key[1], str):
+                self._adopt(rule, key[1], "active", time.time(), alert["id"])
+            elif track is not None and track.id == alert.get("id"):
+                self._opened(track, track.id, "active")
 
     # -- no data ---------------------------------------------------------------------------
 
@@ -207,7 +244,7 @@ class Evaluator:
         layer = get_channel_layer()
         if layer is not None:
             self._channel = await layer.new_channel("alerts.rules.")
-            await layer.group_add(RULES_GROUP, self._channel)
+            await layer.group_add(EVALUATORS_GROUP, self._channel)
             self._tasks.append(
                 self.loop.create_task(self._listen(layer, self._channel), name="alerts.listen")
             )
@@ -220,8 +257,14 @@ class Evaluator:
     async def _listen(self, layer: Any, channel: str) -> None:
         while True:
             message = await layer.receive(channel)
-            if message.get("type") == "alert.rules":
+            kind = message.get("type")
+            if kind == "alert.rules":
                 self._reload.set()
+            elif kind == "alert.changed" and self.ready:
+                try:
+                    self._heard(message.get("alert"))
+                except Exception:
+                    logger.exception("alerts: an alert.changed message failed: %r", message)
 
     async def _load(self, first: bool) -> None:
         delay = RETRY_FIRST
@@ -277,10 +320,8 @@ class Evaluator:
             rule = self._rules.get(rule_id)
             if rule is None or (rule_id, device) in self.tracks:
                 continue
-            track = Track(rule, device, state, since, value, id=alert_id)
-            self.tracks[(rule_id, device)] = track
-            if rule.op in (Op.OFFLINE, Op.NODATA):
-                self._presence_open[device] = self._presence_open.get(device, 0) + 1
+            track = self._adopt(rule, device, state, since, alert_id)
+            track.value = value
             if state == "pending":
                 delay = max(0.0, since + rule.for_seconds - now)
                 track.timer = self.loop.call_later(delay, self._due, track)
@@ -328,7 +369,7 @@ class Evaluator:
         layer = get_channel_layer()
         if self._channel is not None and layer is not None:
             try:
-                await layer.group_discard(RULES_GROUP, self._channel)
+                await layer.group_discard(EVALUATORS_GROUP, self._channel)
             except Exception:  # the layer may be gone at shutdown
                 logger.debug("alerts: group_discard failed", exc_info=True)
         _evaluators.discard(self.loop, self)

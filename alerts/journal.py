@@ -90,7 +90,10 @@ def _apply_one(
     if track.id is None:
         return None  # its open failed for good (the rule is gone)
     if kind == "raise":
-        return store.raise_alert(track.id, value, at)
+        change = store.raise_alert(track.id, value, at)
+        if change is None:  # cancelled, cleared or raised by another process meanwhile
+            opened.append((track, track.id, store.state_of(track.id)))
+        return change
     if kind == "clear":
         return store.clear_alert(track.id, value, at)
     store.cancel_alert(track.id)

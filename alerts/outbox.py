@@ -4,6 +4,8 @@
   message of group ``dashboard``, the path the telemetry and command frames take.
 - MQTT: ``{"type": "alert.changed", "alert": {...}}`` to group `MQTT_GROUP`, where the
   bridge's `AlertPublisher` (alerts/mqtt.py) publishes it on ``gateway/<id>/alerts/<device>``.
+- Evaluators (group `EVALUATORS_GROUP`, every process): what changed, so each keeps its
+  in-memory view of open alerts in step with the database.
 - Notifications (raised and cleared only): the loop's Apprise queue (alerts/notify.py).
 """
 
@@ -22,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 DASHBOARD_GROUP = "dashboard"
 MQTT_GROUP = "alerts-mqtt"
+#: Every process's evaluator: rule changes (``alert.rules``) and alert changes (``alert.changed``,
+#: so an evaluator forgets an alert another process cleared, or adopts one it raised).
+EVALUATORS_GROUP = "alert-evaluators"
 SEND_TIMEOUT = 5.0
 
 
@@ -44,6 +49,7 @@ async def emit(changes: list[Change], notify: bool = True) -> None:
     messages = [
         (DASHBOARD_GROUP, {"type": "dashboard.events", "events": [frame(c) for c in changes]}),
         *((MQTT_GROUP, {"type": "alert.changed", "alert": c.alert}) for c in changes),
+        *((EVALUATORS_GROUP, {"type": "alert.changed", "alert": c.alert}) for c in changes),
     ]
     for group, message in messages:
         try:

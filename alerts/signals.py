@@ -11,19 +11,19 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from alerts.evaluator import RULES_GROUP
 from alerts.models import AlertRule
+from alerts.outbox import EVALUATORS_GROUP
 
 logger = logging.getLogger(__name__)
 
 
 def announce_rules() -> None:
-    """Send ``alert.rules`` to group `RULES_GROUP` (sync; after the transaction commits)."""
+    """Send ``alert.rules`` to group `EVALUATORS_GROUP` (sync; after the transaction commits)."""
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(RULES_GROUP, {"type": "alert.rules"})
+        async_to_sync(layer.group_send)(EVALUATORS_GROUP, {"type": "alert.rules"})
     except Exception:
         logger.exception("could not announce an alert rule change")
 

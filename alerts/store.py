@@ -104,6 +104,11 @@ def raise_alert(alert_id: int, value: float | None, at: float) -> Change | None:
     return _changed(alert_id, EventKind.RAISED)
 
 
+def state_of(alert_id: int) -> str | None:
+    """The alert's state now (None once it is gone)."""
+    return Alert.objects.filter(pk=alert_id).values_list("state", flat=True).first()
+
+
 def cancel_alert(alert_id: int) -> None:
     """A pending alert whose condition ended before its `for`: it never was an alert."""
     Alert.objects.filter(pk=alert_id, state=AlertState.PENDING).delete()

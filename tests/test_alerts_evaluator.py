@@ -15,6 +15,7 @@ from alerts.evaluator import current_evaluator, start_evaluator
 from alerts.models import Alert, AlertEvent, AlertRule
 from devices.pipeline import get_pipeline
 from tests.alerts_support import AlertFrames, receiver
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -232,3 +233,37 @@ async def test_notifications_go_to_the_rule_and_global_urls_and_failures_are_ret
         assert broken.attempts == notify.RETRIES + 1
         assert len(ok.bodies) == 1  # the working target is not notified again by the retries
     assert current_evaluator() is not None
+
+
+async def test_two_bridges_sharing_a_device_raise_one_alert_and_stay_in_step(frames):
+    """Two evaluators (two bridges of a shared subscription: a device's messages alternate
+    between them) on one database and one channel layer."""
+    from alerts.evaluator import Evaluator
+
+    async with receiver() as (inbox, url):
+        await make_rule(device="d", metric="t", op="above", threshold=10.0, for_seconds=0.3,
+                        notify_urls=[url])  # fmt: skip
+        one, two = Evaluator(), Evaluator()
+        try:
+            await one.wait_ready()
+            await two.wait_ready()
+            now = time.time()
+            one.reading("d", now, {"t": 11.0})
+            two.reading("d", now, {"t": 12.0})  # the same episode, heard by the other bridge
+            raised = await frames.next()
+            assert raised["state"] == "active"
+            await frames.none(0.6)  # both timers fired; one raise won
+            assert len(await inbox.wait_for(1)) == 1
+
+            one.reading("d", time.time(), {"t": 5.0})
+            assert (await frames.next())["state"] == "cleared"
+            await one.flush()
+            # The other bridge hears of it (alert.changed) and forgets its track.
+            await until(lambda: not two.tracks, what="the other bridge forgot the alert")
+            two.reading("d", time.time(), {"t": 15.0})  # a new episode on the other bridge
+            again = await frames.next()
+            assert again["state"] == "active" and again["id"] != raised["id"]
+            assert len(await inbox.wait_for(3)) == 3  # raised, cleared, raised
+        finally:
+            await one.close()
+            await two.close()
