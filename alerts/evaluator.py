@@ -30,11 +30,10 @@ import time
 from collections import deque
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from alerts import store
-from alerts.journal import Journal, Track
+from alerts.journal import DatabaseThread, Journal, Track
 from alerts.models import Op
 from alerts.outbox import EVALUATORS_GROUP
 from alerts.rules import CompiledRule
@@ -56,7 +55,8 @@ class Evaluator:
         self.loop = asyncio.get_running_loop()
         self.closed = False
         self.ready = False
-        self.journal = Journal(self._opened)
+        self.database = DatabaseThread(self.loop)
+        self.journal = Journal(self.database, self._opened)
         self.tracks: dict[Key, Track] = {}
         self._by_metric: dict[str, list[CompiledRule]] = {}
         self._offline: list[CompiledRule] = []
@@ -64,6 +64,7 @@ class Evaluator:
         self._rules: dict[int, CompiledRule] = {}
         self._presence_open: dict[str, int] = {}  # device → its open offline/nodata tracks
         self._last_seen: dict[str, float] = {}
+        self._offline_now: set[str] = set()  # devices whose last status was offline
         self._silence: dict[Key, asyncio.TimerHandle] = {}
         self._buffer: deque[tuple[Any, ...]] = deque()
         self._started_at = time.time()
@@ -85,6 +86,7 @@ class Evaluator:
             return
         now = time.time()
         self._last_seen[device] = now
+        self._offline_now.discard(device)
         if device in self._presence_open:
             self._presence_ends(device, None)
         for rule in self._nodata:
@@ -105,9 +107,11 @@ class Evaluator:
             self._buffered(("status", device, online, ts))
             return
         if online:
+            self._offline_now.discard(device)
             if device in self._presence_open:
                 self._presence_ends(device, Op.OFFLINE)
             return
+        self._offline_now.add(device)
         now = time.time()
         for rule in self._offline:
             if (rule.id, device) not in self.tracks and rule.matches(device):
@@ -270,10 +274,10 @@ class Evaluator:
         delay = RETRY_FIRST
         while True:
             try:
-                rules = await database_sync_to_async(store.load_rules)()
+                rules = await self.database.run(store.load_rules)
                 if first:
-                    open_rows = await database_sync_to_async(store.load_open)()
-                    seen = await database_sync_to_async(store.load_last_seen)()
+                    open_rows = await self.database.run(store.load_open)
+                    devices = await self.database.run(store.load_devices)
                 break
             except Exception as exc:
                 logger.warning("alert rules not loaded (%r); retrying in %.1fs", exc, delay)
@@ -281,9 +285,11 @@ class Evaluator:
                 delay = min(delay * 2, RETRY_MAX)
         self._install([CompiledRule.from_model(r) for r in rules])
         if first:
-            for device, at in seen.items():
+            for device, (at, online) in devices.items():
                 if at is not None:
                     self._last_seen.setdefault(device, at)
+                if not online:
+                    self._offline_now.add(device)
             self._resume(open_rows)
             self.ready = True
             buffered, self._buffer = self._buffer, deque()
@@ -291,6 +297,7 @@ class Evaluator:
                 getattr(self, kind)(*args)
             self._loaded.set()
         self._arm_all_silences()
+        self._offline_already()
         self._rules_changed.set()
         self._rules_changed = asyncio.Event()
         logger.info("alerts: %d rules, %d open", len(self._rules), len(self.tracks))
@@ -326,6 +333,14 @@ class Evaluator:
                 delay = max(0.0, since + rule.for_seconds - now)
                 track.timer = self.loop.call_later(delay, self._due, track)
 
+    def _offline_already(self) -> None:
+        """Offline rules hold for devices already offline (a new rule, a restart)."""
+        now = time.time()
+        for rule in self._offline:
+            for device in self._offline_now:
+                if (rule.id, device) not in self.tracks and rule.matches(device):
+                    self._start(rule, device, None, now)
+
     def _arm_all_silences(self) -> None:
         for rule in self._nodata:
             for device, at in self._last_seen.items():
@@ -342,6 +357,14 @@ class Evaluator:
     async def rules_loaded(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Until the rules are loaded again (after a rule changed; tests)."""
         await asyncio.wait_for(self._rules_changed.wait(), timeout)
+
+    async def reload(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Load the rules again now and wait for it (the API, after a rule is created here)."""
+        if self.closed or not self.ready:
+            return
+        loaded = self._rules_changed
+        self._reload.set()
+        await asyncio.wait_for(loaded.wait(), timeout)
 
     def rule_ids(self) -> set[int]:
         """The ids of the rules being evaluated."""
@@ -366,6 +389,7 @@ class Evaluator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.database.close()
         layer = get_channel_layer()
         if self._channel is not None and layer is not None:
             try:

@@ -9,13 +9,14 @@ and are retried with backoff; past `LIMIT` waiting the oldest is dropped and cou
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from channels.db import database_sync_to_async
 from django.db import DatabaseError, connections
 
 from alerts import store
@@ -26,6 +27,43 @@ logger = logging.getLogger(__name__)
 
 LIMIT = 10_000
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
+T = TypeVar("T")
+
+
+class DatabaseThread:
+    """The evaluator's own thread and database connection.
+
+    Not Channels' shared thread (`database_sync_to_async`): a sync middleware holds that
+    one while an async view awaits, so a view waiting for the evaluator would wait for itself.
+    The connection is kept between calls and closed after a database error (the next call
+    reconnects).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="alerts-db")
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """`func(*args)` in the thread."""
+        return await self.loop.run_in_executor(
+            self._executor, functools.partial(self._call, func, *args)
+        )
+
+    @staticmethod
+    def _call(func: Callable[..., T], *args: Any) -> T:
+        try:
+            return func(*args)
+        except DatabaseError:
+            connections.close_all()
+            raise
+
+    async def close(self) -> None:
+        """Close the thread's connection and let the thread go."""
+        try:
+            await self.run(connections.close_all)
+        except Exception:
+            logger.debug("alerts: closing the database connection failed", exc_info=True)
+        self._executor.shutdown(wait=False)
 
 
 @dataclass(eq=False)
@@ -103,7 +141,12 @@ def _apply_one(
 class Journal:
     """Queued transitions of one evaluator, stored and emitted by `run()`."""
 
-    def __init__(self, on_opened: Callable[[Track, int | None, str | None], None]) -> None:
+    def __init__(
+        self,
+        database: DatabaseThread,
+        on_opened: Callable[[Track, int | None, str | None], None],
+    ) -> None:
+        self._database = database
         self._ops: deque[Operation] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -127,7 +170,7 @@ class Journal:
             self._wake.clear()
             while self._ops:
                 ops = list(self._ops)
-                done, changes, opened = await database_sync_to_async(_apply)(ops)
+                done, changes, opened = await self._database.run(_apply, ops)
                 for _ in range(done):
                     self._ops.popleft()
                 for item in opened:

@@ -44,12 +44,12 @@ def load_open() -> list[tuple[int, int, str, str, float, float | None]]:
     return [(i, r, d, s, since.timestamp(), v) for i, r, d, s, since, v in rows]
 
 
-def load_last_seen() -> dict[str, float | None]:
-    """Every known device's last_seen (epoch s): where a nodata rule starts counting."""
+def load_devices() -> dict[str, tuple[float | None, bool]]:
+    """Every known device: (last_seen epoch s, online); where nodata and offline rules start."""
     from devices.models import Device
 
-    rows = Device.objects.values_list("id", "last_seen")
-    return {d: (seen.timestamp() if seen else None) for d, seen in rows}
+    rows = Device.objects.values_list("id", "last_seen", "online")
+    return {d: (seen.timestamp() if seen else None, online) for d, seen, online in rows}
 
 
 def _changed(alert_id: int, kind: str) -> Change:

@@ -21,6 +21,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from alerts import store
+from alerts.evaluator import current_evaluator
 from alerts.models import AlertRule, AlertState
 from alerts.outbox import emit
 from alerts.rules import RuleError, parse_rule
@@ -133,6 +134,12 @@ async def rules(request: HttpRequest) -> HttpResponse:
     except RuleError as exc:
         return _error(400, str(exc), "bad_request")
     rule = await database_sync_to_async(_create_rule)(fields, await request.auser())
+    evaluator = current_evaluator()
+    if evaluator is not None:  # this process evaluates (rungateway): the rule applies from now
+        try:
+            await evaluator.reload()
+        except TimeoutError:
+            pass  # the database is slow; the reload still happens
     response = json_response(rule, status=201)
     response["Location"] = f"/api/alerts/rules/{rule['id']}"
     return response

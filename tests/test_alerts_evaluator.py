@@ -174,7 +174,7 @@ async def test_a_rule_created_while_running_is_picked_up(frames):
 async def test_a_restart_rearms_pending_alerts_and_never_raises_an_active_one_twice(frames):
     async with receiver() as (inbox, url):
         await make_rule(
-            device="b", metric="t", op="above", threshold=1.0, for_seconds=0.4, notify_urls=[url]
+            device="b", metric="t", op="above", threshold=1.0, for_seconds=1.5, notify_urls=[url]
         )
         await make_rule(device="a", metric="t", op="above", threshold=1.0, notify_urls=[url])
         evaluator = await evaluating()
@@ -186,7 +186,7 @@ async def test_a_restart_rearms_pending_alerts_and_never_raises_an_active_one_tw
 
         evaluator = await evaluating()  # the new process
         reading("a", t=6.0)  # still above: nothing new
-        b = await frames.next()  # b's timer, re-armed for what was left of its 0.4 s
+        b = await frames.next()  # b's timer, re-armed for what was left of its 1.5 s
         assert b["device"] == "b" and b["state"] == "active"
         await frames.none(0.5)
         bodies = await inbox.wait_for(2)
@@ -267,3 +267,32 @@ async def test_two_bridges_sharing_a_device_raise_one_alert_and_stay_in_step(fra
         finally:
             await one.close()
             await two.close()
+
+
+async def test_a_new_offline_rule_covers_devices_already_offline(frames):
+    evaluator = await evaluating()
+    status("gone-1", False)
+    status("here-1", True)
+    await get_pipeline().flush()
+    reloaded = asyncio.ensure_future(evaluator.rules_loaded())
+    await make_rule(device="*-1", op="offline")
+    await reloaded
+    alert = await frames.next()
+    assert alert["device"] == "gone-1" and alert["state"] == "active"
+    await frames.none(0.3)
+
+
+async def test_a_rule_posted_to_the_api_applies_to_the_very_next_reading(frames):
+    from django.contrib.auth.models import User
+    from django.test import AsyncClient
+
+    await evaluating()
+    client = AsyncClient()
+    user = await database_sync_to_async(User.objects.create_user)("ops", is_staff=True)
+    await client.aforce_login(user)
+    rule = {"name": "hot", "device": "boiler-1", "metric": "temperature", "op": "above",
+            "threshold": 80, "severity": "warning"}  # fmt: skip
+    response = await client.post("/api/alerts/rules", rule, content_type="application/json")
+    assert response.status_code == 201
+    reading("boiler-1", temperature=81.0)  # no wait: the 201 means the rule is in force here
+    assert (await frames.next())["rule"] == response.json()["id"]
