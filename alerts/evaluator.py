@@ -317,8 +317,10 @@ class Evaluator:
                 self._end(track, None, now)
             else:
                 track.rule = rule
-        for key in [k for k in self._silence if k[0] not in self._rules]:
-            self._silence.pop(key).cancel()
+        # Silence timers hold the rule objects they were armed with: re-armed after the load.
+        for handle in self._silence.values():
+            handle.cancel()
+        self._silence.clear()
 
     def _resume(self, rows: list[tuple[int, int, str, str, float, float | None]]) -> None:
         """Open alerts from the database: re-arm pending timers for what is left of `for`."""

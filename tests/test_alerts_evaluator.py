@@ -296,3 +296,14 @@ async def test_a_rule_posted_to_the_api_applies_to_the_very_next_reading(frames)
     assert response.status_code == 201
     reading("boiler-1", temperature=81.0)  # no wait: the 201 means the rule is in force here
     assert (await frames.next())["rule"] == response.json()["id"]
+
+
+async def test_no_data_keeps_counting_across_a_rule_change(frames):
+    rule = await make_rule(device="quiet", op="nodata", for_seconds=0.5)
+    evaluator = await evaluating()
+    reading("quiet", t=1.0)
+    reloaded = asyncio.ensure_future(evaluator.rules_loaded())
+    await make_rule(device="other", metric="t", op="above", threshold=1.0)  # any rule change
+    await reloaded
+    alert = await frames.next()  # the device stays silent: still raised
+    assert alert["rule"] == rule.id and alert["device"] == "quiet"
