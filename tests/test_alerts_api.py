@@ -215,3 +215,22 @@ async def test_hostile_notes_are_refused_and_stored_ones_come_back_as_data():
     response = await post(client, f"/api/alerts/{alert_id}/ack", {"note": note})
     assert response.json()["ack_note"] == note
     assert response["Content-Type"] == "application/json"
+
+
+async def test_the_admin_lists_rules_and_alerts_with_their_trail():
+    alert_id = await raised_alert()
+    client = AsyncClient()
+    root = await database_sync_to_async(User.objects.create_superuser)(
+        "root", password="pw-root-12345"
+    )
+    await client.aforce_login(root)
+    for url in (
+        "/admin/alerts/alertrule/",
+        "/admin/alerts/alertrule/add/",
+        "/admin/alerts/alert/",
+        f"/admin/alerts/alert/{alert_id}/change/",
+    ):
+        response = await client.get(url)
+        assert response.status_code == 200, url
+    page = (await client.get(f"/admin/alerts/alert/{alert_id}/change/")).content.decode()
+    assert "Raised" in page  # the audit row, inline
