@@ -176,3 +176,59 @@ async def test_an_offline_rule_fires_from_the_devices_last_will(mosquitto):
             assert status == 200 and body["acknowledged_by"] == "operator"
             topic, event, _ = await next_event(events)
             assert event["id"] == alert["id"] and event["acknowledged"] is True
+
+
+@pytest.mark.postgres
+async def test_two_bridges_raise_one_alert_and_notify_once(mosquitto, redis_server):
+    """Two `runmqtt --shared-group` bridges split one device's readings (Redis, PostgreSQL);
+    a rule posted to the web tier reaches both; each episode is one alert, one notification."""
+    from tests.support.gateway import postgres_available, postgres_database
+    from tests.test_scaleout import running
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    common = {"GATEWAY_ID": f"alerts-{secrets.token_hex(3)}"}
+    async with receiver() as (inbox, url):
+        common["GATEWAY_ALERT_NOTIFY_URLS"] = url
+        with postgres_database() as database_url:
+
+            def process(command: str, *args: str) -> GatewayProcess:
+                return GatewayProcess(
+                    mosquitto.url, command=command, args=args, database_url=database_url,
+                    redis_url=redis_server.url, env=common,
+                    ready_log="MQTT bridge subscribed" if command == "runmqtt" else None,
+                )  # fmt: skip
+
+            bridges = [process("runmqtt", "--shared-group", "g") for _ in range(2)]
+            web = process("uvicorn", "--no-access-log")
+            async with running(*bridges, web):
+                await asyncio.to_thread(web.create_user, "operator", PASSWORD, staff=True)
+                cookie = await asyncio.to_thread(web.login, "operator", PASSWORD)
+                rule = await create_rule(
+                    web, cookie, name="Hot", device="shared-1", metric="t", op="above",
+                    threshold=10, **{"for": 0.5}, severity="warning",
+                )  # fmt: skip
+                for bridge in bridges:
+                    await asyncio.to_thread(bridge.wait_for_log, r"alerts: 1 rules")
+                async with web.ws_connect(cookie) as ws:
+                    assert json.loads(await ws.recv())["type"] == "snapshot"
+                    for value in (11, 12, 13, 14):  # both bridges hear the episode
+                        await publish(mosquitto.port, "shared-1", t=value)
+                    raised = await next_alert(ws)
+                    assert raised["rule"] == rule and raised["state"] == "active"
+                    for value in (5, 4):
+                        await publish(mosquitto.port, "shared-1", t=value)
+                    cleared = await next_alert(ws)
+                    assert cleared["id"] == raised["id"] and cleared["state"] == "cleared"
+                    await no_alert(ws, 1.0)  # the other bridge's clear finds nothing to clear
+                    for value in (20, 21, 22, 23):  # a new episode, whichever bridge hears it
+                        await publish(mosquitto.port, "shared-1", t=value)
+                    again = await next_alert(ws)
+                    assert again["state"] == "active" and again["id"] != raised["id"]
+                    await no_alert(ws, 1.5)
+                status, active = await call(web, "GET", "/api/alerts/?state=active", cookie)
+                assert [a["id"] for a in active] == [again["id"]]
+                await inbox.wait_for(3)
+                await asyncio.sleep(1.0)
+                titles = [body["title"] for body in inbox.bodies]
+                assert len(titles) == 3, titles  # raised, cleared, raised: none twice
