@@ -10,7 +10,7 @@ class AlertsConfig(AppConfig):
 
     def ready(self) -> None:
         """Hook the evaluator into the telemetry pipeline; reload rules when they change."""
-        from alerts import evaluator, signals  # noqa: F401  (signal receivers)
+        from alerts import hooks, signals  # noqa: F401  (signal receivers)
         from devices import pipeline
 
-        pipeline.add_observer(evaluator.observe_reading, evaluator.observe_status)
+        pipeline.add_observer(hooks.observe_reading, hooks.observe_status)

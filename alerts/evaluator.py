@@ -18,8 +18,8 @@ go to the `Journal` (stored in order off the hot path, then emitted).
   `for`, an active one stays active, so nothing is raised (or notified) twice.
 - Until the rules are loaded, observations wait in a buffer of `BUFFER_LIMIT` (oldest dropped
   and counted): a device's retained Last Will, replayed at subscribe time, is not lost.
-- An evaluator exists only where something started it (`start_evaluator()`: the MQTT bridge's
-  alert publisher and the serial bridge do); elsewhere the observers return at once.
+- An evaluator exists only where something started it (alerts/hooks.py `start_evaluator()`:
+  the MQTT bridge's alert publisher does); elsewhere the pipeline's hooks return at once.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from alerts.journal import DatabaseThread, Journal, Track
 from alerts.models import Op
 from alerts.outbox import EVALUATORS_GROUP
 from alerts.rules import CompiledRule
-from gateway.loops import PerLoop
 from gateway.metrics import ALERT_DROPPED
 
 logger = logging.getLogger(__name__)
@@ -398,50 +397,3 @@ class Evaluator:
                 await layer.group_discard(EVALUATORS_GROUP, self._channel)
             except Exception:  # the layer may be gone at shutdown
                 logger.debug("alerts: group_discard failed", exc_info=True)
-        _evaluators.discard(self.loop, self)
-
-
-_evaluators: PerLoop[Evaluator] = PerLoop(Evaluator, stale=lambda e: e.closed)
-
-
-def start_evaluator() -> Evaluator:
-    """The running loop's evaluator, started here on first use."""
-    return _evaluators.get()
-
-
-def current_evaluator() -> Evaluator | None:
-    """The running loop's evaluator if one was started (None otherwise)."""
-    return _evaluators.current()
-
-
-_last: Evaluator | None = None  # the last one found: the hooks run once per message
-
-
-def _running() -> Evaluator | None:
-    global _last
-    evaluator = _last
-    if evaluator is not None and not evaluator.closed:
-        if evaluator.loop is asyncio.get_running_loop():
-            return evaluator  # no WeakKeyDictionary lookup per reading
-    evaluator = _last = _evaluators.current()
-    return evaluator if evaluator is not None and not evaluator.closed else None
-
-
-def observe_reading(device: str, ts: float, metrics: Any) -> None:
-    """Pipeline hook: a reading was admitted (no-op where no evaluator runs)."""
-    evaluator = _running()
-    if evaluator is not None:
-        try:
-            evaluator.reading(device, ts, metrics)
-        except Exception:
-            logger.exception("alert evaluation of a reading of %r failed", device)
-
-
-def observe_status(device: str, online: bool, ts: float) -> None:
-    """Pipeline hook: a status was admitted (no-op where no evaluator runs)."""
-    evaluator = _running()
-    if evaluator is not None:
-        try:
-            evaluator.status(device, online, ts)
-        except Exception:
-            logger.exception("alert evaluation of a status of %r failed", device)

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from alerts.evaluator import current_evaluator, start_evaluator
+from alerts.hooks import current_evaluator, start_evaluator
 from alerts.outbox import MQTT_GROUP
 from gateway.metrics import ALERT_DROPPED
 from gateway.mqtt.consumer import MqttConsumer

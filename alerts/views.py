@@ -21,7 +21,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from alerts import store
-from alerts.evaluator import current_evaluator
+from alerts.hooks import current_evaluator
 from alerts.models import AlertRule, AlertState
 from alerts.outbox import emit
 from alerts.rules import RuleError, parse_rule

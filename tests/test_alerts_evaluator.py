@@ -11,7 +11,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from alerts import store
-from alerts.evaluator import current_evaluator, start_evaluator
+from alerts.hooks import current_evaluator, start_evaluator
 from alerts.models import Alert, AlertEvent, AlertRule
 from devices.pipeline import get_pipeline
 from tests.alerts_support import AlertFrames, receiver

@@ -13,7 +13,7 @@ async def stop_loop_services(layer: Any = None) -> None:
 
     Each only if this loop started it; `layer` defaults to the process's.
     """
-    from alerts.evaluator import current_evaluator
+    from alerts.hooks import current_evaluator
     from alerts.notify import current_notifier
     from devices.commands import current_timers
     from devices.pipeline import current_pipeline
