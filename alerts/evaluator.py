@@ -58,6 +58,8 @@ class Evaluator:
         self.journal = Journal(self.database, self._opened)
         self.tracks: dict[Key, Track] = {}
         self._by_metric: dict[str, list[CompiledRule]] = {}
+        # (metric, device) → the rules of that metric covering that device, made on first use.
+        self._matching: dict[tuple[str, str], tuple[CompiledRule, ...]] = {}
         self._offline: list[CompiledRule] = []
         self._nodata: list[CompiledRule] = []
         self._rules: dict[int, CompiledRule] = {}
@@ -92,13 +94,17 @@ class Evaluator:
             key = (rule.id, device)
             if key not in self._silence and rule.matches(device):
                 self._arm_silence(rule, device, rule.for_seconds)
-        by_metric = self._by_metric
+        by_metric, matching = self._by_metric, self._matching
         for name, value in metrics.items():
-            rules = by_metric.get(name)
-            if rules:
-                for rule in rules:
-                    if rule.matches(device):
-                        self._judge(rule, device, float(value), now)
+            if name not in by_metric:
+                continue
+            rules = matching.get((name, device))
+            if rules is None:  # first reading of this metric from this device since a load
+                rules = matching[(name, device)] = tuple(
+                    r for r in by_metric[name] if r.matches(device)
+                )
+            for rule in rules:
+                self._judge(rule, device, float(value), now)
 
     def status(self, device: str, online: bool, ts: float) -> None:
         """A device's online/offline status (e.g. its MQTT Last Will)."""
@@ -304,6 +310,7 @@ class Evaluator:
     def _install(self, rules: list[CompiledRule]) -> None:
         self._rules = {r.id: r for r in rules}
         self._by_metric = {}
+        self._matching = {}
         for rule in rules:
             if rule.op in (Op.ABOVE, Op.BELOW, Op.OUTSIDE, Op.EQUALS):
                 self._by_metric.setdefault(rule.metric, []).append(rule)
