@@ -2,6 +2,7 @@
 
 - ``GET /api/alerts/?state=active|cleared[&limit=N]``: raised alerts, newest first.
 - ``GET /api/alerts/rules``: the rules; ``POST`` one → ``201`` with the stored rule.
+- ``GET /api/alerts/rules/<id>``: one rule; ``DELETE`` it (and its alerts) → ``204``.
 - ``POST /api/alerts/<id>/ack`` ``{"note"?}`` → ``200`` with the alert.
 
 As the commands API (devices/command_views.py): session authentication, CSRF through the
@@ -143,6 +144,48 @@ async def rules(request: HttpRequest) -> HttpResponse:
     response = json_response(rule, status=201)
     response["Location"] = f"/api/alerts/rules/{rule['id']}"
     return response
+
+
+def _rule(rule_id: int) -> dict[str, Any] | None:
+    rule = AlertRule.objects.filter(pk=rule_id).first()
+    return rule.as_dict() if rule is not None else None
+
+
+def _delete_rule(rule_id: int) -> list[store.Change] | None:
+    """Clear the rule's active alerts (so dashboards drop them), then delete it; None if unknown."""
+    rule = AlertRule.objects.filter(pk=rule_id).first()
+    if rule is None:
+        return None
+    now = time.time()
+    active = rule.alerts.filter(state=AlertState.ACTIVE).values_list("id", flat=True)
+    changes = [c for c in (store.clear_alert(i, None, now) for i in list(active)) if c]
+    rule.delete()  # one delete() per rule, so the evaluators hear of it (alerts/signals.py)
+    return changes
+
+
+@csrf_exempt
+async def rule_detail(request: HttpRequest, rule_id: str) -> HttpResponse:
+    """``GET``: one rule (any logged-in user); ``DELETE``: remove it and its alerts (204)."""
+    if request.method not in ("GET", "HEAD", "DELETE"):
+        return _not_allowed("GET, DELETE")
+    if request.method == "DELETE":
+        refused = await _unsafe_guard(request, can_manage_rules, "manage alert rules")
+        if refused is not None:
+            return refused
+    elif not (await request.auser()).is_authenticated:
+        return _error(401, "authentication required", "unauthenticated")
+    if not rule_id.isdigit() or len(rule_id) > 18:
+        return _error(404, f"no rule {rule_id[:40]!r}", "not_found")
+    if request.method == "DELETE":
+        cleared = await database_sync_to_async(_delete_rule)(int(rule_id))
+        if cleared is None:
+            return _error(404, f"no rule {rule_id!r}", "not_found")
+        await emit(cleared, notify=False)
+        return HttpResponse(status=204)
+    rule = await database_sync_to_async(_rule)(int(rule_id))
+    if rule is None:
+        return _error(404, f"no rule {rule_id!r}", "not_found")
+    return json_response(rule)
 
 
 @csrf_exempt

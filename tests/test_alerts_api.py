@@ -234,3 +234,23 @@ async def test_the_admin_lists_rules_and_alerts_with_their_trail():
         assert response.status_code == 200, url
     page = (await client.get(f"/admin/alerts/alert/{alert_id}/change/")).content.decode()
     assert "Raised" in page  # the audit row, inline
+
+
+async def test_a_rule_is_read_at_its_location_and_deleted_with_its_alerts(layer, dashboard):
+    alert_id = await raised_alert()
+    frames = AlertFrames(layer, dashboard)
+    client = await client_for("ops", staff=True)
+    doomed = f"/api/alerts/rules/{(await client.get('/api/alerts/')).json()[0]['rule']}"
+    assert (await client.delete(doomed)).status_code == 204
+    cleared = await frames.next()
+    assert cleared["id"] == alert_id and cleared["state"] == "cleared"
+    created = await post(client, RULES, RULE)
+    location = created["Location"]
+    assert (await client.get(location)).json() == created.json()
+    viewer = await client_for("viewer")
+    assert (await viewer.delete(location)).status_code == 403
+    assert (await client.delete(location)).status_code == 204
+    assert (await client.get(location)).status_code == 404
+    assert (await client.delete(location)).status_code == 404
+    assert (await client.get("/api/alerts/rules/x")).status_code == 404
+    assert not await AlertRule.objects.aexists()
