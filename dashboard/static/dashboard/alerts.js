@@ -16,7 +16,8 @@
   const SEVERITY_ORDER = { critical: 0, warning: 1, info: 2 };
 
   const active = new Map(); // alert id → alert (as in the list API)
-  let generation = 0; // a refetch started after a newer one is ignored
+  let generation = 0; // only the latest refetch counts
+  let heard = null; // alerts from frames while a refetch is on its way (newer than its answer)
 
   function csrfToken() {
     const input = document.querySelector("input[name=csrfmiddlewaretoken]");
@@ -105,19 +106,24 @@
 
   async function refetch() {
     const mine = ++generation;
+    heard = [];
     try {
       const response = await fetch("/api/alerts/?state=active", {
         credentials: "same-origin",
         headers: { Accept: "application/json" },
       });
-      if (!response.ok || mine !== generation) return;
+      if (!response.ok) throw new Error("HTTP " + response.status);
       const alerts = await response.json();
-      if (mine !== generation || !Array.isArray(alerts)) return;
+      if (mine !== generation) return; // a newer refetch owns `heard`
+      if (!Array.isArray(alerts)) throw new Error("not a list");
       active.clear();
       alerts.forEach(apply);
+      heard.forEach(apply);
       render();
     } catch (err) {
       console.warn("alerts: could not load the active alerts", err);
+    } finally {
+      if (mine === generation) heard = null;
     }
   }
 
@@ -144,7 +150,7 @@
     refetch();
   });
   G.on("alert", (frame) => {
-    generation += 1; // a frame is newer than any list still on its way
+    if (heard) heard.push(frame.alert);
     apply(frame.alert);
     render();
   });
