@@ -19,7 +19,8 @@ go to the `Journal` (stored in order off the hot path, then emitted).
 - Until the rules are loaded, observations wait in a buffer of `BUFFER_LIMIT` (oldest dropped
   and counted): a device's retained Last Will, replayed at subscribe time, is not lost.
 - An evaluator exists only where something started it (alerts/hooks.py `start_evaluator()`:
-  the MQTT bridge's alert publisher does); elsewhere the pipeline's hooks return at once.
+  the MQTT bridge's alert publisher and `runserial` do); elsewhere the pipeline's hooks
+  return at once.
 """
 
 from __future__ import annotations

@@ -62,3 +62,10 @@ def observe_status(device: str, online: bool, ts: float) -> None:
             evaluator.status(device, online, ts)
         except Exception:
             logger.exception("alert evaluation of a status of %r failed", device)
+
+
+async def close_evaluator(budget: float = 2.0) -> None:
+    """Shutdown hook: store what the running loop's evaluator decided, stop its timers."""
+    evaluator = current_evaluator()
+    if evaluator is not None:
+        await asyncio.wait_for(evaluator.close(), max(0.1, budget))

@@ -232,3 +232,41 @@ async def test_two_bridges_raise_one_alert_and_notify_once(mosquitto, redis_serv
                 await asyncio.sleep(1.0)
                 titles = [body["title"] for body in inbox.bodies]
                 assert len(titles) == 3, titles  # raised, cleared, raised: none twice
+
+
+async def test_runserial_evaluates_its_serial_devices(mosquitto, redis_server, tmp_path):
+    """`runserial` beside a web process (Redis): a rule posted to the web reaches it; its serial
+    device's reading raises an alert every dashboard sees; unplugging raises `offline`."""
+    from tests.test_serial_e2e import plugged
+
+    link = tmp_path / "usb-alerts"
+    async with plugged(link) as port:
+        with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
+            web.create_user("operator", PASSWORD, staff=True)
+            cookie = web.login("operator", PASSWORD)
+            bridge = GatewayProcess(
+                mosquitto.url, command="runserial", redis_url=redis_server.url,
+                database_url=web.database_url, env={"GATEWAY_ID": web.gateway_id},
+                args=["--serial", f"{link}?device=tty-1"],
+            )  # fmt: skip
+            with bridge:
+                bridge.wait_for_log(r"usb-alerts opened")
+                hot = await create_rule(
+                    web, cookie, name="Hot", device="tty-*", metric="temperature", op="above",
+                    threshold=30, severity="critical",
+                )  # fmt: skip
+                gone = await create_rule(
+                    web, cookie, name="Unplugged", device="tty-1", op="offline",
+                    severity="warning",
+                )  # fmt: skip
+                await asyncio.to_thread(bridge.wait_for_log, r"alerts: 2 rules")
+                async with web.ws_connect(cookie) as ws:
+                    assert json.loads(await ws.recv())["type"] == "snapshot"
+                    await port.send(b"temperature=31.5\n")
+                    alert = await next_alert(ws)
+                    assert alert["rule"] == hot and alert["device"] == "tty-1"
+                    assert alert["value"] == 31.5
+                    port.unplug()
+                    offline = await next_alert(ws)
+                    assert offline["rule"] == gone and offline["state"] == "active"
+                    await no_alert(ws, 1.0)  # evaluated once: not again by the web's bridge
