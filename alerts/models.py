@@ -52,6 +52,17 @@ class AlertRule(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        """The API's validation (alerts/rules.py), for rules edited in the admin."""
+        from django.core.exceptions import ValidationError
+
+        from alerts.rules import RuleError, parse_rule
+
+        try:
+            parse_rule(self.as_dict())
+        except RuleError as exc:
+            raise ValidationError(str(exc)) from None
+
     def as_dict(self) -> dict[str, Any]:
         """The rule as the API shows it (the POST body's names, plus id and the extras)."""
         return {

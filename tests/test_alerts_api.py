@@ -254,3 +254,20 @@ async def test_a_rule_is_read_at_its_location_and_deleted_with_its_alerts(layer,
     assert (await client.delete(location)).status_code == 404
     assert (await client.get("/api/alerts/rules/x")).status_code == 404
     assert not await AlertRule.objects.aexists()
+
+
+async def test_the_admin_validates_rules_as_the_api_does():
+    client = AsyncClient()
+    root = await database_sync_to_async(User.objects.create_superuser)(
+        "root", password="pw-root-12345"
+    )
+    await client.aforce_login(root)
+    form = {"name": "r", "device": "a/b", "metric": "t", "op": "above", "threshold": "1",
+            "hysteresis": "0", "for_seconds": "0", "severity": "warning", "enabled": "on",
+            "notify_urls": "[]"}  # fmt: skip
+    response = await client.post("/admin/alerts/alertrule/add/", form)
+    assert response.status_code == 200 and b"device must be" in response.content
+    assert not await AlertRule.objects.aexists()
+    response = await client.post("/admin/alerts/alertrule/add/", {**form, "device": "a-*"})
+    assert response.status_code == 302
+    assert await AlertRule.objects.filter(device="a-*").aexists()
