@@ -13,7 +13,7 @@ from django.test import AsyncClient
 
 from alerts import store
 from alerts.models import AlertEvent, AlertRule
-from tests.alerts_support import AlertFrames
+from tests.support.alerts import AlertFrames
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.alerts_support import receiver
+from tests.support.alerts import receiver
 from tests.support.gateway import GatewayProcess
 from tests.support.waiting import until
 

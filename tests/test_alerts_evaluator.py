@@ -14,7 +14,7 @@ from alerts import store
 from alerts.hooks import current_evaluator, start_evaluator
 from alerts.models import Alert, AlertEvent, AlertRule
 from devices.pipeline import get_pipeline
-from tests.alerts_support import AlertFrames, receiver
+from tests.support.alerts import AlertFrames, receiver
 from tests.support.waiting import until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
