@@ -150,3 +150,28 @@ def list_alerts(state: str | None, limit: int) -> list[dict[str, Any]]:
     states = [state] if state else [AlertState.ACTIVE, AlertState.CLEARED]
     qs = Alert.objects.filter(state__in=states).select_related("rule", "acknowledged_by")
     return [a.as_dict() for a in qs.order_by(F("id").desc())[:limit]]
+
+
+def alert_detail(alert_id: int) -> dict[str, Any] | None:
+    """A raised alert with its audit trail (``events``: kind, at, value, user, note), or None."""
+    alert = (
+        Alert.objects.filter(pk=alert_id, state__in=(AlertState.ACTIVE, AlertState.CLEARED))
+        .select_related("rule", "acknowledged_by")
+        .first()
+    )
+    if alert is None:
+        return None
+    events = alert.events.select_related("user").order_by("id")
+    return {
+        **alert.as_dict(),
+        "events": [
+            {
+                "kind": e.kind,
+                "at": round(e.at.timestamp(), 3),
+                "value": e.value,
+                "user": e.user.get_username() if e.user_id else None,
+                "note": e.note,
+            }
+            for e in events
+        ],
+    }

@@ -3,6 +3,7 @@
 - ``GET /api/alerts/?state=active|cleared[&limit=N]``: raised alerts, newest first.
 - ``GET /api/alerts/rules``: the rules; ``POST`` one → ``201`` with the stored rule.
 - ``GET /api/alerts/rules/<id>``: one rule; ``DELETE`` it (and its alerts) → ``204``.
+- ``GET /api/alerts/<id>``: one alert with its audit trail (``events``).
 - ``POST /api/alerts/<id>/ack`` ``{"note"?}`` → ``200`` with the alert.
 
 As the commands API (devices/command_views.py): session authentication, CSRF through the
@@ -186,6 +187,21 @@ async def rule_detail(request: HttpRequest, rule_id: str) -> HttpResponse:
     if rule is None:
         return _error(404, f"no rule {rule_id!r}", "not_found")
     return json_response(rule)
+
+
+@csrf_exempt
+async def alert_detail(request: HttpRequest, alert_id: str) -> HttpResponse:
+    """One raised alert with its audit trail (any logged-in user)."""
+    if request.method not in ("GET", "HEAD"):
+        return _not_allowed("GET")
+    if not (await request.auser()).is_authenticated:
+        return _error(401, "authentication required", "unauthenticated")
+    if not alert_id.isdigit() or len(alert_id) > 18:
+        return _error(404, f"no alert {alert_id[:40]!r}", "not_found")
+    alert = await database_sync_to_async(store.alert_detail)(int(alert_id))
+    if alert is None:
+        return _error(404, f"no alert {alert_id!r}", "not_found")
+    return json_response(alert)
 
 
 @csrf_exempt

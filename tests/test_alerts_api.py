@@ -184,6 +184,13 @@ async def test_staff_acknowledge_once_with_a_note_and_every_dashboard_hears_it(l
     await frames.none(0.2)
     kinds = [e.kind async for e in AlertEvent.objects.filter(alert_id=alert_id)]
     assert kinds == ["raised", "acknowledged"]
+    trail = (await client.get(f"/api/alerts/{alert_id}")).json()["events"]
+    assert [(e["kind"], e["user"], e["note"]) for e in trail] == [
+        ("raised", None, ""),
+        ("acknowledged", "ops", "on it"),
+    ]
+    assert trail[0]["value"] == 5.0 and isinstance(trail[1]["at"], float)
+    assert (await client.get("/api/alerts/424242")).status_code == 404
 
 
 async def test_a_viewer_cannot_acknowledge_but_the_permission_can():
