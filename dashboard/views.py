@@ -14,6 +14,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
+from alerts.views import can_acknowledge
 from devices.commands.service import can_command
 from devices.models import Command, Device
 from devices.telemetry.parsing import valid_device_id
@@ -72,9 +73,12 @@ def _row(device: Device) -> dict[str, Any]:
 def index(request: HttpRequest) -> HttpResponse:
     """The dashboard (login required): the device table as stored, which app.js keeps live."""
     devices = [_row(d) for d in Device.objects.all()]
-    return render(
-        request, "dashboard/index.html", {"devices": devices, "stale_seconds": STALE_SECONDS}
-    )
+    context = {
+        "devices": devices,
+        "stale_seconds": STALE_SECONDS,
+        "can_ack": can_acknowledge(request.user),
+    }
+    return render(request, "dashboard/index.html", context)
 
 
 def _command_row(command: Command) -> dict[str, Any]:

@@ -15,6 +15,7 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from alerts.routing import mqtt_routes as alert_routes  # noqa: E402
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
 from devices.conventions.serial import SerialDeviceConsumer  # noqa: E402
 from devices.routing import mqtt_routes  # noqa: E402
@@ -25,7 +26,7 @@ application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
-        "mqtt": TopicRouter(mqtt_routes),
+        "mqtt": TopicRouter([*mqtt_routes, *alert_routes]),
         "serial": SerialDeviceConsumer.as_asgi(),
     }
 )

@@ -76,3 +76,14 @@ DISCOVERY_REFUSED = Counter(
 )
 for _reason in ("unsupported", "too_many_entities"):
     DISCOVERY_REFUSED.labels(reason=_reason)
+ALERT_TRANSITIONS = Counter(
+    "gateway_alert_transitions", "Alert transitions stored, by kind", ["kind"]
+)
+ALERT_DROPPED = Counter(
+    "gateway_alert_dropped",
+    "Alert work dropped (evaluations before rules loaded, transitions, notifications), by reason",
+    ["reason"],
+)
+ALERT_NOTIFICATIONS = Counter(
+    "gateway_alert_notifications", "Alert notifications sent through Apprise, by result", ["result"]
+)

@@ -95,6 +95,7 @@ INSTALLED_APPS = [
     "gateway",
     "devices",
     "dashboard",
+    "alerts",
     # The simulated firmware and the demo (`manage.py demo`, `manage.py simulate`); the
     # gateway never imports it, it only lends its management commands.
     "firmware_sim",
@@ -381,6 +382,9 @@ GATEWAY = {
     "COMMAND_HOLD_SECONDS": env_float("GATEWAY_COMMAND_HOLD_SECONDS", 300.0),
     "COMMAND_RATE_COUNT": env_int("GATEWAY_COMMAND_RATE_COUNT", 30),
     "COMMAND_RATE_SECONDS": env_float("GATEWAY_COMMAND_RATE_SECONDS", 60.0),
+    # Alerts (docs/alerts.md): Apprise URLs notified of every alert raised or cleared,
+    # space-separated, besides each rule's own.
+    "ALERT_NOTIFY_URLS": os.environ.get("GATEWAY_ALERT_NOTIFY_URLS", "").split(),
 }
 
 LOG_LEVEL = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()

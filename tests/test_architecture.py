@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("gateway", "devices", "dashboard", "firmware_sim", "bench")
+PACKAGES = ("gateway", "devices", "dashboard", "alerts", "firmware_sim", "bench")
 RULES = {
     "The core never imports the simulator",
     "Protocol servers know nothing about devices or dashboards",
     "Consumers know nothing about sockets",
     "Device rooms: conventions over commands over telemetry",
+    "Devices know nothing about alerts",
 }
 
 
@@ -90,6 +91,7 @@ def copy_of_the_tree(tmp_path: Path) -> Path:
             "from devices.commands import service",
             "Device rooms: conventions over commands over telemetry",
         ),
+        ("devices/views.py", "import alerts.rules", "Devices know nothing about alerts"),
     ],
 )
 def test_a_broken_rule_is_reported(copy_of_the_tree: Path, module: str, line: str, contract: str):

@@ -48,6 +48,8 @@ def _fill_group(match: re.Match[str]) -> str:
     inner = match.group(2)
     if re.fullmatch(r"[\w-]+(\|[\w-]+)*", inner):  # a choice of literals: take the first
         return inner.split("|")[0]
+    if inner == "[0-9]+":
+        return "1"
     return "nothing-here" if inner == ".*" else "x1"
 
 

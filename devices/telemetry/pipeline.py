@@ -41,6 +41,7 @@ from gateway.metrics import MESSAGES_REJECTED, TELEMETRY_DROPPED
 __all__ = [
     "DASHBOARD_GROUP",
     "TelemetryPipeline",
+    "add_observer",
     "current_pipeline",
     "flush_if_pending",
     "get_pipeline",
@@ -52,6 +53,28 @@ logger = logging.getLogger(__name__)
 
 DASHBOARD_GROUP = "dashboard"
 T = TypeVar("T")
+
+#: Sync callables told of every admitted reading ``(device_id, ts, metrics)`` and status
+#: ``(device_id, online, ts)``, e.g. the alert evaluator; each must be O(1) and never block.
+_reading_observers: list[Callable[[str, float, Metrics], None]] = []
+_status_observers: list[Callable[[str, bool, float], None]] = []
+
+
+def add_observer(
+    reading: Callable[[str, float, Metrics], None], status: Callable[[str, bool, float], None]
+) -> None:
+    """Register a pair of observers (once per process, e.g. from an AppConfig.ready())."""
+    if reading not in _reading_observers:
+        _reading_observers.append(reading)
+        _status_observers.append(status)
+
+
+def _observe(observers: list[Callable[..., None]], *args: Any) -> None:
+    for observe in observers:
+        try:
+            observe(*args)
+        except Exception:  # an observer's bug must not cost the reading
+            logger.exception("telemetry observer %r failed", observe)
 
 
 class _RateLimitedLog:
@@ -150,6 +173,8 @@ class TelemetryPipeline:
             self._writer.add_reading(device_id, transport, ts, metrics, now, durable, presence)
             if presence:
                 self._fanout.reading(device_id, ts, metrics, now)
+                if _reading_observers:
+                    _observe(_reading_observers, device_id, ts, metrics)
         except Exception:  # a caller's bad metrics (or a bug) must not take the consumer down
             logger.exception("telemetry pipeline: submit_reading(%r) failed", device_id)
             self._writer.release_soon(durable)
@@ -169,6 +194,8 @@ class TelemetryPipeline:
                 return
             self._writer.add_status(device_id, transport, online, durable)
             self._fanout.status(device_id, online, ts)
+            if _status_observers:
+                _observe(_status_observers, device_id, online, ts)
         except Exception:  # pragma: no cover
             logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
             self._writer.release_soon(durable)

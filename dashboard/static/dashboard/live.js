@@ -74,6 +74,13 @@ window.Gateway = (function () {
     for (const callback of tickers) callback();
   }, TICK_MS);
 
+  // Extra listeners by frame type, for page parts that live in their own script (alerts.js):
+  // each is called after the page's own handler, snapshots included.
+  const listeners = Object.create(null);
+  function on(type, callback) {
+    (listeners[type] = listeners[type] || []).push(callback);
+  }
+
   // A WebSocket that reconnects with exponential backoff and jitter. `handlers` maps frame
   // types to functions; every (re)connection starts with a snapshot, which the page must use
   // to REPLACE its state. Returns {send(frame) → bool, isOpen()}.
@@ -107,12 +114,17 @@ window.Gateway = (function () {
           console.warn("dashboard: frame is not JSON", err);
           return;
         }
-        const handler = frame && typeof frame.type === "string" && handlers[frame.type];
-        if (!handler) return;
-        try {
-          handler(frame);
-        } catch (err) {
-          console.error("dashboard: handling a " + frame.type + " frame failed", err);
+        if (!frame || typeof frame.type !== "string") return;
+        // Own properties only: a frame typed "constructor" must not reach Object's.
+        const handler = Object.hasOwn(handlers, frame.type) ? handlers[frame.type] : null;
+        const extra = Object.hasOwn(listeners, frame.type) ? listeners[frame.type] : [];
+        for (const callback of [handler, ...extra]) {
+          if (typeof callback !== "function") continue;
+          try {
+            callback(frame);
+          } catch (err) {
+            console.error("dashboard: handling a " + frame.type + " frame failed", err);
+          }
         }
       };
       socket.onclose = () => {
@@ -148,5 +160,5 @@ window.Gateway = (function () {
     };
   }
 
-  return { el, isNumber, formatValue, formatAgo, timeAgo, presence, setBadge, onTick, connect };
+  return { el, isNumber, formatValue, formatAgo, timeAgo, presence, setBadge, onTick, on, connect };
 })();

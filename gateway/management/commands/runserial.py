@@ -71,6 +71,7 @@ class Command(BaseCommand):
 
 async def run_bridge(specs: list[Any]) -> int:
     """Run the serial bridge until SIGTERM/SIGINT, then mark devices offline and flush."""
+    from alerts.hooks import close_evaluator, start_evaluator
     from devices.conventions.mirror import close_mirror, enabled
     from devices.conventions.serial import mark_configured_offline
     from gateway.asgi import application
@@ -87,11 +88,12 @@ async def run_bridge(specs: list[Any]) -> int:
             f"channel layer {setup['channel_layer']} | database {setup['database']}"
         )
 
+    start_evaluator()  # alert rules over the serial devices (docs/alerts.md)
     runner = GatewayRunner(
         application,
         web=False,
         bridges={"serial": SerialServer(application, specs)},
-        shutdown_hooks=[close_pipeline, close_mirror],
+        shutdown_hooks=[close_evaluator, close_pipeline, close_mirror],
         banner=banner,
     )
     return await runner.serve()
