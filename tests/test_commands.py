@@ -55,9 +55,13 @@ def test_rungateway_healthz_login_and_clean_sigterm(mosquitto):
         assert "InMemoryChannelLayer" in gw.log_text()
         assert retained(mosquitto.port, gw.status_topic) == b"online"
 
-        # ensure_demo_user prints a fresh random password that logs in for real.
+        # ensure_demo_user prints a fresh random password that logs in for real; run again
+        # it keeps it (open sessions stay), unless --reset-password.
         first = re.search(r"demo / (\S+)", gw.manage("ensure_demo_user")).group(1)
-        second = re.search(r"demo / (\S+)", gw.manage("ensure_demo_user")).group(1)
+        assert "(unchanged)" in gw.manage("ensure_demo_user")
+        assert gw.login("demo", first)
+        second = re.search(r"demo / (\S+)", gw.manage("ensure_demo_user", "--reset-password"))
+        second = second.group(1)
         assert first != second and len(second) >= 12
         cookie = gw.login("demo", second)
         status, devices = gw.http_get("/api/devices/", cookie)

@@ -41,6 +41,11 @@ class Command(BaseCommand):
         parser.add_argument("--no-serial", action="store_true", help="no simulated serial device")
         parser.add_argument("--username", default="demo", help="the demo login's user name")
         parser.add_argument("--no-user", action="store_true", help="create no demo login")
+        parser.add_argument(
+            "--reset-password",
+            action="store_true",
+            help="give the existing demo login a new password (it is kept otherwise)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         url = broker_url_option(options["mqtt"])
@@ -53,7 +58,12 @@ class Command(BaseCommand):
         login = ""
         if not options["no_user"]:
             out = io.StringIO()
-            call_command("ensure_demo_user", username=options["username"], stdout=out)
+            call_command(
+                "ensure_demo_user",
+                username=options["username"],
+                reset_password=options["reset_password"],
+                stdout=out,
+            )
             login = out.getvalue().strip()  # "Dashboard login (created): demo / <password>"
         config = DemoConfig(
             mqtt_url=url,

@@ -1,0 +1,48 @@
+"""`ensure_demo_user`: the demo login sees what the README promises in /admin/, read-only."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+pytestmark = pytest.mark.django_db
+
+ADMIN_LISTS = [
+    "/admin/devices/device/",
+    "/admin/devices/reading/",
+    "/admin/devices/command/",
+    "/admin/alerts/alertrule/",
+    "/admin/alerts/alert/",
+]
+
+
+def ensure(*args: str) -> str:
+    out = io.StringIO()
+    call_command("ensure_demo_user", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_the_demo_login_views_every_admin_list_and_changes_nothing(client):
+    password = re.search(r"demo / (\S+)", ensure()).group(1)
+    assert (
+        client.post("/accounts/login/", {"username": "demo", "password": password}).status_code
+        == 302
+    )
+    for path in ADMIN_LISTS:
+        assert client.get(path).status_code == 200, path
+    assert client.get("/admin/devices/device/add/").status_code == 403
+    assert client.get("/admin/auth/user/").status_code == 403, "users stay the superuser's"
+
+
+def test_the_password_is_kept_unless_reset():
+    first = re.search(r"demo / (\S+)", ensure()).group(1)
+    assert "(unchanged)" in ensure() and first not in ensure()
+    user = get_user_model().objects.get(username="demo")
+    assert user.check_password(first)
+    second = re.search(r"demo / (\S+)", ensure("--reset-password")).group(1)
+    user.refresh_from_db()
+    assert second != first and user.check_password(second)
