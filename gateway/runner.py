@@ -387,7 +387,7 @@ def describe_setup() -> dict[str, str]:
     db = settings.DATABASES["default"]
     engine = db["ENGINE"].rsplit(".", 1)[-1]
     where = str(db.get("NAME", "")) if engine == "sqlite3" else db.get("HOST") or "local"
-    return {"channel_layer": layer, "database": f"{engine} ({where})"}
+    return {"channel_layer": layer, "database": f"{engine} ({where})", "web": settings.HTTPS_MODE}
 
 
 def in_memory_layer() -> bool:

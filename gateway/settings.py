@@ -223,11 +223,21 @@ X_FRAME_OPTIONS = "DENY"
 
 # --- HTTPS, production, Content-Security-Policy ------------------------------------------
 # DJANGO_HTTPS: the site is reached over HTTPS (usually a TLS-terminating proxy in front).
-# It defaults to on when debug is off and DJANGO_ALLOWED_HOSTS names the site's hosts (a
-# configured deployment), and to off out of the box (hosts `*`): there `rungateway` on a Pi
-# is reached as http://<ip>:8000/, where a browser would drop Secure cookies and no login
-# could work. `manage.py check --deploy` passes with the production defaults.
-HTTPS = env_bool("DJANGO_HTTPS", not DEBUG and "*" not in ALLOWED_HOSTS)
+# An explicit choice: set it, or declare the TLS proxy's header (DJANGO_SECURE_PROXY_SSL_HEADER),
+# which says so too. Naming the host is not enough: a Pi reached as http://pi.local:8000/ would
+# redirect to an https:// that does not exist and HSTS would pin the browser to it. Off, a
+# browser keeps the (non-Secure) cookies and logins work over plain HTTP. `manage.py check
+# --deploy` passes with HTTPS on. `HTTPS_MODE` says which mode and why (logged at start).
+_PROXY_SSL_HEADER = os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER", "").strip()
+if os.environ.get("DJANGO_HTTPS", "").strip():
+    HTTPS = env_bool("DJANGO_HTTPS")
+    HTTPS_MODE = f"{'HTTPS' if HTTPS else 'plain HTTP'} (DJANGO_HTTPS={os.environ['DJANGO_HTTPS']})"
+elif _PROXY_SSL_HEADER:
+    HTTPS = True
+    HTTPS_MODE = f"HTTPS behind a TLS proxy (DJANGO_SECURE_PROXY_SSL_HEADER={_PROXY_SSL_HEADER})"
+else:
+    HTTPS = False
+    HTTPS_MODE = "plain HTTP (set DJANGO_HTTPS=1 when a TLS proxy serves the site)"
 SESSION_COOKIE_SECURE = HTTPS
 CSRF_COOKIE_SECURE = HTTPS
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", HTTPS)
@@ -243,7 +253,6 @@ SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", False)
 SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
 # Behind a proxy, the header it sets to "https" on TLS requests, e.g. X-Forwarded-Proto. Only
 # set it when the proxy always sets (or strips) that header: a client could forge it otherwise.
-_PROXY_SSL_HEADER = os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER", "").strip()
 SECURE_PROXY_SSL_HEADER = (
     ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https") if _PROXY_SSL_HEADER else None
 )

@@ -52,6 +52,7 @@ def test_rungateway_healthz_login_and_clean_sigterm(mosquitto):
         banner = gw.wait_for_log(r"gateway running: dashboard (\S+) \| broker (\S+)")
         assert banner.group(1) == f"http://127.0.0.1:{gw.port}/"
         assert banner.group(2) == mosquitto.url
+        assert "| web plain HTTP (set DJANGO_HTTPS=1" in gw.log_text(), "the mode and why"
         assert "InMemoryChannelLayer" in gw.log_text()
         assert retained(mosquitto.port, gw.status_topic) == b"online"
 

@@ -1,9 +1,9 @@
 """Production settings: `check --deploy` is clean, HTTPS is enforced, plain-HTTP LANs still work.
 
 The decision (gateway/settings.py, README): DJANGO_HTTPS says the site is reached over HTTPS
-and turns on Secure cookies, the HTTPS redirect and HSTS. It defaults to on when debug is off
-and DJANGO_ALLOWED_HOSTS names hosts (a configured deployment), to off out of the box (hosts
-`*`), where `rungateway` on a Pi is reached over plain http://<ip>:8000/.
+and turns on Secure cookies, the HTTPS redirect and HSTS. It is an explicit choice: set it, or
+declare the TLS proxy's header (DJANGO_SECURE_PROXY_SSL_HEADER); naming the host is not
+enough, so a Pi reached over plain http://pi.local:8000/ keeps working.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 from tests.support.gateway import ROOT, SCRUBBED, GatewayProcess
 
 STRONG_KEY = secrets.token_urlsafe(50)
-PRODUCTION = {"DJANGO_DEBUG": "0", "DJANGO_ALLOWED_HOSTS": "gw.example.com"}
+PRODUCTION = {"DJANGO_DEBUG": "0", "DJANGO_ALLOWED_HOSTS": "gw.example.com", "DJANGO_HTTPS": "1"}
 SHOWN = [
     "DEBUG",
     "SESSION_COOKIE_SECURE",
@@ -116,8 +116,14 @@ def test_production_refuses_a_guessable_secret(tmp_path, monkeypatch, key):
         ),
         # A configured deployment: HTTPS everywhere.
         (PRODUCTION, (False, True, True, 3600, None)),
-        # A Pi on a LAN with its name configured but no TLS: one switch.
+        # A Pi on a LAN with its name configured but no TLS: plain HTTP unless told otherwise.
         ({**PRODUCTION, "DJANGO_HTTPS": "0"}, (False, False, False, 0, None)),
+        ({"DJANGO_DEBUG": "0", "DJANGO_ALLOWED_HOSTS": "pi.local"}, (False, False, False, 0, None)),
+        # Declaring the TLS proxy's header says the site is served over HTTPS.
+        (
+            {"DJANGO_DEBUG": "0", "DJANGO_SECURE_PROXY_SSL_HEADER": "X-Forwarded-Proto"},
+            (False, True, True, 3600, ("HTTP_X_FORWARDED_PROTO", "https")),
+        ),
         (
             {
                 **PRODUCTION,
@@ -163,6 +169,7 @@ def test_a_production_gateway_behind_a_tls_proxy(mosquitto):
         "DJANGO_SECRET_KEY": STRONG_KEY,
     }
     with GatewayProcess(mosquitto.url, env=env) as gw:
+        assert "| web HTTPS behind a TLS proxy (DJANGO_SECURE_PROXY_SSL_HEADER" in gw.log_text()
         status, headers = get(gw, "/accounts/login/")
         assert status == 301
         assert headers["Location"] == f"https://127.0.0.1:{gw.port}/accounts/login/"

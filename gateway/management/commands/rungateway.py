@@ -107,7 +107,8 @@ async def run_gateway(
             return (
                 f"gateway running: dashboard {runner.dashboard_url} | broker {shown_url}"
                 f"{broker_note} | channel layer {setup['channel_layer']} | "
-                f"database {setup['database']} | serial {' '.join(serial) or 'none'}"
+                f"database {setup['database']} | serial {' '.join(serial) or 'none'} | "
+                f"web {setup['web']}"
             )
 
         runner = GatewayRunner(
