@@ -49,3 +49,9 @@ SERIAL_MIRROR_DROPPED = Counter(
     "gateway_serial_mirror_dropped",
     "Serial devices' telemetry not mirrored to the broker (outbox full while it was away)",
 )
+MODBUS_REQUESTS = Counter(
+    "gateway_modbus_requests",
+    "Modbus transactions by bus, unit and result (ok, timeout, crc_error, exception, error)",
+    ["bus", "unit", "result"],
+)
+MODBUS_BUS_OPEN = Gauge("gateway_modbus_bus_open", "1 while a Modbus bus is open", ["bus"])
