@@ -1,0 +1,183 @@
+"""End to end: Modbus RTU units on a real pseudo-terminal through the real gateway process.
+
+The bus is one pty; its device end is `firmware_sim.modbus.SimBus` (the firmware `python -m
+firmware_sim modbus --pty` runs) in the test's loop, serving an XY-MD02 temperature/humidity
+probe (unit 1) and a Waveshare 8-channel relay board (unit 2), so the test can switch faults on
+and off. The gateway is `manage.py rungateway --modbus cfg.json`; the dashboard is a logged-in
+`websockets` client. Register maps: devices/conventions/modbus_profiles/*.json (sources cited
+there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from firmware_sim.modbus import SimBus, SimUnit, read_profile
+from firmware_sim.serial_device import open_pty
+from tests.test_e2e import logged_in_gateway, next_frame, status_of, telemetry_of
+from tests.test_serial_e2e import submit_command
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+POLL = 0.5
+OFFLINE_AFTER = 3
+
+
+def tenths(value: float) -> bool:
+    """True when a value is a whole number of tenths (an int16 × 0.1 register)."""
+    return abs(value * 10 - round(value * 10)) < 1e-6
+
+
+def requests_counted(gw, unit: int, result: str) -> float:
+    """`gateway_modbus_requests_total` of one unit and result, from /metrics."""
+    status, text = gw.http_get("/metrics")
+    assert status == 200
+    total = 0.0
+    for line in str(text).splitlines():
+        if line.startswith("gateway_modbus_requests_total{") and (
+            f'unit="{unit}"' in line and f'result="{result}"' in line
+        ):
+            total += float(line.split()[-1])
+    return total
+
+
+def command_end(command_id: str):
+    return lambda f: (
+        f.get("type") == "command"
+        and f.get("id") == command_id
+        and f.get("status") in ("acked", "failed", "timeout")
+    )
+
+
+async def test_two_units_on_one_pty_readings_commands_faults(mosquitto, tmp_path: Path):
+    master, slave, path = open_pty()
+    probe = SimUnit(read_profile("xy-md02"), 1)
+    relay = SimUnit(read_profile("waveshare-relay-8ch"), 2)
+    bus = SimBus(master, {1: probe, 2: relay})
+    bus.start()
+    config = tmp_path / "cfg.json"
+    config.write_text(
+        json.dumps(
+            {
+                "buses": [
+                    {
+                        "port": path,
+                        "baudrate": 9600,
+                        "parity": "N",
+                        "stopbits": 1,
+                        "timeout": 0.3,
+                        "units": [
+                            {
+                                "unit": 1,
+                                "device": "probe-1",
+                                "profile": "xy-md02",
+                                "interval": POLL,
+                            },
+                            {
+                                "unit": 2,
+                                "device": "relay-1",
+                                "profile": "waveshare-relay-8ch",
+                                "interval": POLL,
+                            },
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    try:
+        with logged_in_gateway(mosquitto.url, args=["--modbus", str(config)]) as (gw, cookie):
+            async with gw.ws_connect(cookie) as ws:
+                # Readings carry the profile's names and scaling: int16 × 0.1 °C, uint16 × 0.1 %.
+                frame = await next_frame(ws, telemetry_of("probe-1"))
+                temperature = frame["metrics"]["temperature"]
+                humidity = frame["metrics"]["humidity"]
+                assert 15 < temperature < 30 and tenths(temperature), frame
+                assert 35 < humidity < 55 and tenths(humidity), frame
+                frame = await next_frame(ws, telemetry_of("relay-1"))
+                assert frame["metrics"]["relay1"] is False, frame
+
+                # ... and are stored: the history API has them.
+                async with asyncio.timeout(10):
+                    while not (points := gw.history(cookie, "probe-1", "temperature")):
+                        await asyncio.sleep(0.2)
+                assert all(15 < v < 30 and tenths(v) for _, v in points), points
+
+                # A writable coil is a command, acked by the unit's answer to the write.
+                command_id = submit_command(gw, cookie, "relay-1", "relay1", {"value": True})
+                done = await next_frame(ws, command_end(command_id))
+                assert done["status"] == "acked", done
+                frame = await next_frame(
+                    ws, lambda f: telemetry_of("relay-1")(f) and f["metrics"]["relay1"] is True
+                )
+                assert relay.tables["coil"][0] == 1
+
+                # A holding register with scaling: 1.5 °C → 15 in register 0x0103.
+                command_id = submit_command(
+                    gw, cookie, "probe-1", "temperature_correction", {"value": 1.5}
+                )
+                done = await next_frame(ws, command_end(command_id))
+                assert done["status"] == "acked", done
+                assert probe.tables["holding"][0x103] == 15
+
+                # An exception response fails the write; an unknown point fails at once.
+                relay.fault = "exception=2"
+                command_id = submit_command(gw, cookie, "relay-1", "relay2", {"value": True})
+                done = await next_frame(ws, command_end(command_id))
+                assert done["status"] == "failed" and "exception" in done.get("error", ""), done
+                relay.fault = None
+                command_id = submit_command(gw, cookie, "relay-1", "relay9", {"value": True})
+                done = await next_frame(ws, command_end(command_id))
+                assert done["status"] == "failed" and "relay9" in done.get("error", ""), done
+
+                # CRC garbage: counted, never stored; the unit goes offline after 3 bad polls.
+                stored = len(gw.history(cookie, "probe-1", "temperature"))
+                probe.fault = "crc"
+                await next_frame(ws, status_of("probe-1", False), wait=10)
+                crc = requests_counted(gw, 1, "crc_error")
+                assert crc >= OFFLINE_AFTER, crc
+                await asyncio.sleep(1.0)
+                after = gw.history(cookie, "probe-1", "temperature")
+                assert len(after) <= stored + 1, "readings stored while every answer was garbled"
+                assert all(15 < v < 30 and tenths(v) for _, v in after)
+                probe.fault = None
+                await next_frame(ws, status_of("probe-1", True), wait=10)
+
+                # A unit that stops answering goes offline within N polls; the other keeps its
+                # schedule meanwhile.
+                relay.fault = "silent"
+                started = time.monotonic()
+                probe_frames: list[float] = []
+
+                def watch(f: dict) -> bool:
+                    if telemetry_of("probe-1")(f):
+                        probe_frames.append(time.monotonic())
+                    return status_of("relay-1", False)(f)
+
+                await next_frame(ws, watch, wait=10)
+                took = time.monotonic() - started
+                assert took < (OFFLINE_AFTER + 2) * POLL + OFFLINE_AFTER * 0.3, took
+                timeouts = requests_counted(gw, 2, "timeout")
+                assert timeouts >= OFFLINE_AFTER, timeouts
+                assert len(probe_frames) >= int(took / POLL) - 1, (took, probe_frames)
+                # Still polled on time afterwards: ~2 readings per second.
+                window = time.monotonic()
+                count = 0
+                while time.monotonic() - window < 2.0:
+                    with_time = await next_frame(ws, telemetry_of("probe-1"), wait=3)
+                    count += bool(with_time)
+                assert count >= 3, count
+
+                # It answers again: online again.
+                relay.fault = None
+                await next_frame(ws, status_of("relay-1", True), wait=10)
+    finally:
+        bus.stop()
+        os.close(master)
+        os.close(slave)
