@@ -20,6 +20,7 @@ import pytest
 
 from firmware_sim.modbus import SimBus, SimUnit, read_profile
 from firmware_sim.serial_device import open_pty
+from tests.support.waiting import until
 from tests.test_e2e import logged_in_gateway, next_frame, status_of, telemetry_of
 from tests.test_serial_e2e import submit_command
 
@@ -104,9 +105,9 @@ async def test_two_units_on_one_pty_readings_commands_faults(mosquitto, tmp_path
                 assert frame["metrics"]["relay1"] is False, frame
 
                 # ... and are stored: the history API has them.
-                async with asyncio.timeout(10):
-                    while not (points := gw.history(cookie, "probe-1", "temperature")):
-                        await asyncio.sleep(0.2)
+                points = await until(
+                    lambda: gw.history(cookie, "probe-1", "temperature"), what="stored readings"
+                )
                 assert all(15 < v < 30 and tenths(v) for _, v in points), points
 
                 # A writable coil is a command, acked by the unit's answer to the write.
