@@ -182,3 +182,87 @@ async def test_two_units_on_one_pty_readings_commands_faults(mosquitto, tmp_path
         bus.stop()
         os.close(master)
         os.close(slave)
+
+
+async def test_adapter_unplugged_and_replugged_resumes_polling(mosquitto, tmp_path: Path):
+    """A USB RS-485 adapter behind a by-id-like link goes away and comes back as a new tty."""
+    link = tmp_path / "usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0"
+    probe = SimUnit(read_profile("xy-md02"), 7)
+
+    def plug() -> tuple[int, int, SimBus]:
+        master, slave, _ = open_pty(str(link))
+        bus = SimBus(master, {7: probe})
+        bus.start()
+        return master, slave, bus
+
+    def unplug(master: int, slave: int, bus: SimBus) -> None:
+        bus.stop()
+        os.close(master)
+        os.close(slave)
+        link.unlink()
+
+    config = tmp_path / "cfg.json"
+    unit = {"unit": 7, "device": "probe-7", "profile": "xy-md02", "interval": POLL}
+    config.write_text(json.dumps({"buses": [{"port": str(link), "timeout": 0.3, "units": [unit]}]}))
+    plugged = plug()
+    try:
+        with logged_in_gateway(mosquitto.url, args=["--modbus", str(config)]) as (gw, cookie):
+            async with gw.ws_connect(cookie) as ws:
+                await next_frame(ws, telemetry_of("probe-7"))
+                unplug(*plugged)
+                plugged = None
+                await next_frame(ws, status_of("probe-7", False), wait=10)
+                gw.wait_for_log(r"modbus bus \S+ lost")
+
+                plugged = plug()
+                replugged = time.monotonic()
+                frame = await next_frame(ws, telemetry_of("probe-7"), wait=10)
+                print(
+                    f"replug → first reading on the dashboard: {time.monotonic() - replugged:.2f} s"
+                )
+                assert 15 < frame["metrics"]["temperature"] < 30, frame
+                gw.wait_for_log(r"modbus bus \S+ reopened")
+    finally:
+        if plugged is not None:
+            unplug(*plugged)
+
+
+def test_simulator_cli_prints_the_pty_first_and_stops_on_sigterm():
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim",
+            "modbus",
+            "--pty",
+            "--profile",
+            "eastron-sdm120",
+            "--unit",
+            "1",
+            "--unit",
+            "2",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        path = proc.stdout.readline().strip()
+        assert path.startswith("/dev/pts/"), path
+        from pymodbus.client import ModbusSerialClient
+
+        client = ModbusSerialClient(path, baudrate=9600, timeout=1, retries=0)
+        assert client.connect()
+        for unit in (1, 2):
+            answer = client.read_input_registers(0, count=2, device_id=unit)
+            assert not answer.isError(), answer
+            voltage = client.convert_from_registers(answer.registers, client.DATATYPE.FLOAT32)
+            assert 220 < voltage < 240, voltage
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        proc.stdout.close()
