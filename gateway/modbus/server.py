@@ -25,81 +25,17 @@ from typing import Any
 
 from pymodbus.exceptions import ModbusException
 
-from gateway.metrics import CONSUMER_ERRORS, MESSAGES_REJECTED, MODBUS_BUS_OPEN, MODBUS_REQUESTS
+from gateway.metrics import MODBUS_BUS_OPEN, MODBUS_REQUESTS
 from gateway.modbus.config import BusConfig, UnitConfig
-from gateway.modbus.events import ASGI, validate_app_event
 from gateway.modbus.link import make_client
+from gateway.modbus.session import UnitSession
 
 logger = logging.getLogger("gateway.modbus")
 
 RETRY_MIN = 0.05
 RETRY_MAX = 1.0
-#: Events waiting for one unit's instance; past it the oldest `modbus.read` is dropped.
-INBOX_LIMIT = 64
 #: Writes waiting per bus; past it `send(modbus.write)` raises ConnectionError (held, retried).
 WRITE_QUEUE = 64
-
-
-class _UnitSession:
-    """One online period of a unit: the application instance and its inbox."""
-
-    def __init__(self, runner: BusRunner, unit: _Unit) -> None:
-        self.runner, self.unit = runner, unit
-        self.items: deque[dict[str, Any]] = deque()
-        self.ended = False
-        self._waiter: asyncio.Future[None] | None = None
-        scope = {
-            "type": "modbus",
-            "asgi": dict(ASGI),
-            "bus": runner.bus.port,
-            "unit": unit.config.unit,
-            "device": unit.config.device,
-            "profile": unit.config.profile.as_scope(),
-            "interval": unit.config.interval,
-        }
-        self.put({"type": "modbus.connect"})
-        self.task = asyncio.create_task(
-            runner.server.application(scope, self._receive, self._send),
-            name=f"modbus[{runner.bus.port}#{unit.config.unit}].instance",
-        )
-
-    def put(self, event: dict[str, Any]) -> None:
-        if len(self.items) >= INBOX_LIMIT:
-            for old in self.items:
-                if old["type"] == "modbus.read":
-                    self.items.remove(old)
-                    MESSAGES_REJECTED.labels(reason="queue_full").inc()
-                    break
-        self.items.append(event)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def _receive(self) -> dict[str, Any]:
-        while not self.items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        return self.items.popleft()
-
-    async def _send(self, event: dict[str, Any]) -> None:
-        validate_app_event(event)
-        if self.ended or self.task.done():
-            raise ConnectionError(f"modbus unit {self.unit.label} is offline")
-        self.runner.submit_write(self, event)
-
-    async def end(self, reason: str, error: str | None, grace: float) -> None:
-        """Deliver `modbus.disconnect` and wait for the instance to return (else cancel it)."""
-        self.ended = True
-        self.put({"type": "modbus.disconnect", "reason": reason, "error": error})
-        if not self.task.done():
-            done, _ = await asyncio.wait({self.task}, timeout=grace)
-            if not done:
-                self.task.cancel()
-                await asyncio.wait({self.task}, timeout=1.0)
-        if self.task.done() and not self.task.cancelled() and self.task.exception():
-            CONSUMER_ERRORS.labels(protocol="modbus").inc()
-            logger.error(
-                "modbus unit %s: instance failed", self.unit.label, exc_info=self.task.exception()
-            )
 
 
 class _Unit:
@@ -111,7 +47,7 @@ class _Unit:
         self.due = now
         self.failures = 0
         self.online = False
-        self.session: _UnitSession | None = None
+        self.session: UnitSession | None = None
         self.probe = max(config.interval, 5 * bus.timeout)
 
     def advance(self, now: float) -> None:
@@ -130,7 +66,7 @@ class BusRunner:
         self.server, self.bus = server, bus
         now = time.monotonic()
         self.units = [_Unit(bus, u, now) for u in bus.units]
-        self.writes: deque[tuple[_UnitSession, dict[str, Any]]] = deque()
+        self.writes: deque[tuple[UnitSession, dict[str, Any]]] = deque()
         self._wake = asyncio.Event()
         self._lost = asyncio.Event()
         self._crc = False
@@ -143,7 +79,7 @@ class BusRunner:
         """True while the bus is connected."""
         return self.client is not None and self.client.connected
 
-    def submit_write(self, session: _UnitSession, event: dict[str, Any]) -> None:
+    def submit_write(self, session: UnitSession, event: dict[str, Any]) -> None:
         """Queue an application's `modbus.write` (ConnectionError when it cannot go out now)."""
         if not self.is_open:
             raise ConnectionError(f"modbus bus {self.bus.port} is not open")
@@ -214,13 +150,10 @@ class BusRunner:
                 continue
             unit = min(self.units, key=lambda u: u.due)
             wait = unit.due - time.monotonic()
-            if wait > 0:
+            if wait > 0:  # until the deadline, or a write, a loss or shutdown wakes us
                 self._wake.clear()
-                waiter = asyncio.ensure_future(self._wake.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, timeout=wait, return_when="FIRST_COMPLETED")
-                waiter.cancel()
-                stopper.cancel()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
                 continue
             await self._poll(unit)
             unit.advance(time.monotonic())
@@ -279,7 +212,7 @@ class BusRunner:
             if unit.session is None or unit.session.task.done():
                 unit.online = True
                 logger.info("modbus unit %s (%s) answering", unit.label, unit.config.device)
-                unit.session = _UnitSession(self, unit)
+                unit.session = UnitSession(self, unit)
             unit.session.put({"type": "modbus.read", "ts": time.time(), "blocks": blocks})
             return
         unit.failures += 1
@@ -291,7 +224,7 @@ class BusRunner:
             )  # fmt: skip
             self._end(unit, "offline", error)
 
-    async def _write(self, session: _UnitSession, event: dict[str, Any]) -> None:
+    async def _write(self, session: UnitSession, event: dict[str, Any]) -> None:
         unit = session.unit
         address, values, device_id = event["address"], event["values"], unit.config.unit
         if event["table"] == "coil":
@@ -382,6 +315,8 @@ class ModbusServer:
     async def shutdown(self, timeout: float = 4.0) -> None:  # noqa: ASYNC109 (runner's API)
         """Stop polling, deliver `modbus.disconnect` (reason shutdown), wait ≤ timeout."""
         self._stop.set()
+        for runner in self.runners:
+            runner._wake.set()
         pending = [t for t in self._tasks if not t.done()]
         if not pending:
             return
