@@ -266,3 +266,45 @@ def test_simulator_cli_prints_the_pty_first_and_stops_on_sigterm():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         proc.stdout.close()
+
+
+async def test_runserial_with_modbus_config_env_beside_a_web_process(
+    mosquitto, redis_server, tmp_path: Path
+):
+    """`runserial` alone, its buses from MODBUS_CONFIG: readings reach the dashboard of a
+    separate web process through Redis, and a command sent there is written and acked."""
+    from tests.support.gateway import GatewayProcess
+    from tests.test_e2e import PASSWORD
+
+    master, slave, path = open_pty()
+    relay = SimUnit(read_profile("waveshare-relay-8ch"), 3)
+    bus = SimBus(master, {3: relay})
+    bus.start()
+    config = tmp_path / "cfg.json"
+    unit = {"unit": 3, "device": "relays-3", "profile": "waveshare-relay-8ch", "interval": POLL}
+    config.write_text(json.dumps({"buses": [{"port": path, "units": [unit]}]}))
+    try:
+        with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
+            web.create_user("operator", PASSWORD, staff=True)
+            cookie = web.login("operator", PASSWORD)
+            bridge = GatewayProcess(
+                mosquitto.url,
+                command="runserial",
+                redis_url=redis_server.url,
+                database_url=web.database_url,
+                env={"GATEWAY_ID": web.gateway_id, "MODBUS_CONFIG": str(config)},
+            )
+            with bridge:
+                bridge.wait_for_log(r"modbus bus \S+ opened")
+                async with web.ws_connect(cookie) as ws:
+                    frame = await next_frame(ws, telemetry_of("relays-3"))
+                    assert frame["metrics"]["relay8"] is False, frame
+                    await until(lambda: web.history(cookie, "relays-3", "relay8"), what="stored")
+                    command_id = submit_command(web, cookie, "relays-3", "relay8", {"value": "ON"})
+                    done = await next_frame(ws, command_end(command_id))
+                    assert done["status"] == "acked", done
+                    assert relay.tables["coil"][7] == 1
+    finally:
+        bus.stop()
+        os.close(master)
+        os.close(slave)

@@ -102,6 +102,8 @@ async def run_gateway(
             modbus_server = modbus_bridge(application, modbus or [])
         except ValueError as exc:
             raise CommandError(f"bad --modbus/MODBUS_CONFIG: {exc}") from exc
+        if serial_server is not None:
+            bridges["serial"] = serial_server
         if modbus_server is not None:
             bridges["modbus"] = modbus_server
         if serial_server is not None or modbus_server is not None:
