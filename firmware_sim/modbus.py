@@ -40,6 +40,7 @@ _FORMATS = {
     "float32": "f",
     "float64": "d",
 }
+_WIDTH = {"int32": 2, "uint32": 2, "float32": 2, "float64": 4}
 _FC_TABLE = {1: "coil", 2: "discrete", 3: "holding", 4: "input", 5: "coil", 6: "holding",
              15: "coil", 16: "holding"}  # fmt: skip
 #: Typical values by engineering unit, so simulated readings look like the real device's.
@@ -125,8 +126,12 @@ class SimUnit:
         self, device_id: int, fc: int, address: int, values: list[Any]
     ) -> Any:
         name = _FC_TABLE[fc]
-        writable = {(p["table"], p["address"] + i) for p in self.points if p.get("writable")
-                    for i in range(4)}  # fmt: skip
+        writable = {
+            (p["table"], p["address"] + i)
+            for p in self.points
+            if p.get("writable")
+            for i in range(_WIDTH.get(p.get("type", "bool"), 1))
+        }
         if any((name, address + i) not in writable for i in range(len(values))):
             return ExcCodes.ILLEGAL_ADDRESS
         for i, value in enumerate(values):
