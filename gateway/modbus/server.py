@@ -28,6 +28,7 @@ from pymodbus.exceptions import ModbusException
 from gateway.metrics import MODBUS_BUS_OPEN, MODBUS_REQUESTS
 from gateway.modbus.config import BusConfig, UnitConfig
 from gateway.modbus.link import make_client
+from gateway.modbus.profile import TABLES
 from gateway.modbus.session import UnitSession
 
 logger = logging.getLogger("gateway.modbus")
@@ -159,8 +160,15 @@ class BusRunner:
             unit.advance(time.monotonic())
             await asyncio.sleep(0)  # let the loop breathe between back-to-back transactions
 
-    async def _transact(self, unit: _Unit, call: Any) -> tuple[Any, str, str | None]:
-        """Run one request; (response or None, result label, error text)."""
+    async def _transact(
+        self, call: Any, fc: int, address: int, count: int | None = None
+    ) -> tuple[Any, str, str | None]:
+        """Run one request; (response or None, result label, error text).
+
+        RTU answers carry no transaction id, so an answer is checked against its request
+        (function, and the count of a read or the address of a write): a late answer to an
+        earlier, timed-out request must not pass for this one.
+        """
         self._crc = False
         try:
             response = await call
@@ -172,9 +180,17 @@ class BusRunner:
             if "No response" in str(exc):
                 return None, "timeout", f"no answer within {self.bus.timeout} s"
             return None, "error", str(exc)
+        if response.function_code & 0x7F != fc:
+            return None, "error", "answer does not match the request (a late answer?)"
         if response.isError():
             code = getattr(response, "exception_code", 0)
             return None, "exception", f"exception response, code {code}"
+        if count is not None:
+            got = len(response.bits if fc in (1, 2) else response.registers)
+            if not count <= got < count + (8 if fc in (1, 2) else 1):
+                return None, "error", "answer does not match the request (a late answer?)"
+        elif response.address != address:
+            return None, "error", "answer does not match the request (a late answer?)"
         return response, "ok", None
 
     def _count(self, unit: _Unit, result: str) -> None:
@@ -195,7 +211,9 @@ class BusRunner:
                 "discrete": self.client.read_discrete_inputs,
             }[block.table]
             call = reader(block.address, count=block.count, device_id=device_id)
-            response, result, error = await self._transact(unit, call)
+            response, result, error = await self._transact(
+                call, TABLES[block.table], block.address, block.count
+            )
             self._count(unit, result)
             if result == "lost":
                 return
@@ -240,7 +258,9 @@ class BusRunner:
                 if len(values) == 1
                 else self.client.write_registers(address, values, device_id=device_id)
             )
-        response, result, error = await self._transact(unit, call)
+        single = 5 if event["table"] == "coil" else 6
+        fc = single if len(values) == 1 else single + 10  # 5/15, 6/16
+        response, result, error = await self._transact(call, fc, address)
         self._count(unit, result)
         if not session.ended:
             session.put(
