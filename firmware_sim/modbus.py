@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.framer import FramerRTU
+from pymodbus.framer import FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU, ExceptionResponse
 
 from firmware_sim.serial_device import open_pty
@@ -141,12 +141,21 @@ class SimUnit:
 
 
 class SimBus:
-    """Answers RTU requests for its units on one fd (a pty master or a tty)."""
+    """Answers requests for its units: RTU on one fd (a pty master or a tty) by default, or any
+    framer and `write` (Modbus TCP: `FramerSocket` and a socket transport's write)."""
 
-    def __init__(self, fd: int, units: dict[int, SimUnit]) -> None:
+    def __init__(
+        self,
+        fd: int | None,
+        units: dict[int, SimUnit],
+        *,
+        framer: Any = None,
+        write: Any = None,
+    ) -> None:
         self.fd = fd
         self.units = units
-        self.framer = FramerRTU(DecodePDU(True))
+        self.framer = framer or FramerRTU(DecodePDU(True))
+        self.write = write or (lambda frame: os.write(self.fd, frame))
         self.buffer = b""
         self.requests = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -162,10 +171,12 @@ class SimBus:
     def _readable(self) -> None:
         try:
             data = os.read(self.fd, 4096)
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing yet, or the pty is closing
             return
-        except OSError:  # the pty is closing
-            return
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the master: answer every complete request."""
         self.buffer += data
         while self.buffer:
             try:
@@ -193,16 +204,41 @@ class SimBus:
             response = ExceptionResponse(pdu.function_code, int(fault.split("=", 1)[1]))
         else:
             response = await pdu.datastore_update(unit, pdu.dev_id)
-        response.dev_id, response.transaction_id = pdu.dev_id, 0
+        response.dev_id, response.transaction_id = pdu.dev_id, pdu.transaction_id
         frame = self.framer.buildFrame(response)
         if fault == "crc":
             frame = frame[:-2] + bytes([frame[-2] ^ 0xFF, frame[-1]])
         if fault.startswith("slow="):
             await asyncio.sleep(float(fault.split("=", 1)[1]))
         try:
-            os.write(self.fd, frame)
+            self.write(frame)
         except OSError:
             pass
+
+
+class _TcpConnection(asyncio.Protocol):
+    """One Modbus TCP client connection to the simulated units."""
+
+    def __init__(self, units: dict[int, SimUnit]) -> None:
+        self.units = units
+        self.bus: SimBus | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.bus = SimBus(
+            None, self.units, framer=FramerSocket(DecodePDU(True)), write=transport.write
+        )
+
+    def data_received(self, data: bytes) -> None:
+        assert self.bus is not None
+        self.bus.feed(data)
+
+
+async def serve_tcp(
+    units: dict[int, SimUnit], host: str = "127.0.0.1", port: int = 0
+) -> asyncio.Server:
+    """The units behind a Modbus TCP server (port 0: any free one)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _TcpConnection(units), host, port)
 
 
 def parse_fault(text: str) -> tuple[int, str]:
@@ -220,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--list-profiles", action="store_true", help="print the shipped profile names"
     )
     parser.add_argument("--pty", action="store_true", help="serve on a new pseudo-terminal")
+    parser.add_argument(
+        "--tcp", metavar="HOST:PORT", help="serve Modbus TCP instead (port 0: any free port)"
+    )
     parser.add_argument("--link", metavar="PATH", help="also a symlink to the pty here (printed)")
     parser.add_argument("--profile", default="xy-md02", help="profile NAME or path")
     parser.add_argument("--unit", type=int, action="append", default=[], help="unit id, repeatable")
@@ -233,20 +272,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    """Serve the units on a new pty until SIGTERM/SIGINT."""
+    """Serve the units on a new pty (or Modbus TCP) until SIGTERM/SIGINT."""
     profile = read_profile(args.profile)
     units = {u: SimUnit(profile, u) for u in (args.unit or [1])}
     for unit, fault in args.fault:
         if unit in units:
             units[unit].fault = fault
-    master, slave, path = open_pty(args.link)
-    print(path, flush=True)
-    bus = SimBus(master, units)
-    bus.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        server = await serve_tcp(units, host or "127.0.0.1", int(port))
+        bound = server.sockets[0].getsockname()
+        print(f"tcp://{bound[0]}:{bound[1]}", flush=True)
+        await stop.wait()
+        server.close()
+        return 0
+    master, slave, path = open_pty(args.link)
+    print(path, flush=True)
+    bus = SimBus(master, units)
+    bus.start()
     await stop.wait()
     bus.stop()
     os.close(master)
@@ -260,8 +307,8 @@ def main(args: argparse.Namespace) -> int:
         for name in profile_names():
             print(name)
         return 0
-    if not args.pty:
-        print("give --pty (or --list-profiles)", file=sys.stderr)
+    if not args.pty and not args.tcp:
+        print("give --pty or --tcp HOST:PORT (or --list-profiles)", file=sys.stderr)
         return 2
     try:
         read_profile(args.profile)

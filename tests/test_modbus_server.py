@@ -175,3 +175,29 @@ async def test_writes_are_answered_and_bad_ones_refused(bus_of):
     finally:
         await server.shutdown()
         await task
+
+
+async def test_modbus_tcp_bus(bus_of):
+    """A `tcp://host:port` bus: the same units behind a Modbus TCP server."""
+    from firmware_sim.modbus import serve_tcp
+
+    meter = SimUnit(read_profile("eastron-sdm120"), 9)
+    tcp = await serve_tcp({9: meter})
+    host, port = tcp.sockets[0].getsockname()[:2]
+    units = [{"unit": 9, "device": "meter-9", "profile": "eastron-sdm120", "interval": 0.2}]
+    app = Recorder()
+    server = ModbusServer(app, [config(f"tcp://{host}:{port}", units)])
+    task = await running(server)
+    try:
+        await until(lambda: app.of(9, "modbus.read"), what="a poll over TCP")
+        blocks = app.of(9, "modbus.read")[0]["blocks"]
+        assert {b["address"] for b in blocks} == {0, 6, 12, 18, 24, 30, 70, 342}
+        meter.fault = "silent"
+        await until(lambda: app.of(9, "modbus.disconnect"), what="offline")
+        assert app.of(9, "modbus.disconnect")[0]["reason"] == "offline"  # the socket stays up
+        meter.fault = None
+        await until(lambda: app.instances.get(9) == 2, what="back online")
+    finally:
+        await server.shutdown()
+        await task
+        tcp.close()
