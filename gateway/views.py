@@ -28,7 +28,8 @@ DB_TIMEOUT = 2.0  # seconds for SELECT 1
 # scrapes and alerts see every docs/interface.md §5.5 name from the start.
 for _reason in (
     "bad_topic bad_device_id too_large bad_encoding bad_json not_object too_deep bad_value "
-    "bad_timestamp no_metrics bad_status unknown_command consumer_error bad_frame frame_too_long"
+    "bad_timestamp no_metrics bad_status unknown_command consumer_error bad_frame frame_too_long "
+    "bad_checksum"
 ).split():
     gateway_metrics.MESSAGES_REJECTED.labels(reason=_reason)
 for _status in ("pending", "sent", "acked", "failed", "timeout"):
