@@ -55,3 +55,8 @@ MODBUS_REQUESTS = Counter(
     ["bus", "unit", "result"],
 )
 MODBUS_BUS_OPEN = Gauge("gateway_modbus_bus_open", "1 while a Modbus bus is open", ["bus"])
+MODBUS_READS_DROPPED = Counter(
+    "gateway_modbus_reads_dropped",
+    "Polls dropped because a unit's application instance was 64 events behind",
+    ["bus"],
+)

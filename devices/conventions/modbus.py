@@ -29,6 +29,8 @@ from gateway.modbus.profile import Point
 
 logger = logging.getLogger(__name__)
 
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
 
 def mark_units_offline(device_ids: Iterable[str]) -> None:
     """At bridge start: every configured unit's device is offline until it answers."""
@@ -126,7 +128,9 @@ class ModbusDeviceConsumer(ModbusConsumer):
             raise
 
     def _finish_soon(self, ref: str, ok: bool, result: Any, error: str | None) -> None:
-        asyncio.create_task(self._finish(ref, ok, result, error))
+        task = asyncio.create_task(self._finish(ref, ok, result, error))
+        _BACKGROUND.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(_BACKGROUND.discard)
 
     async def _finish(self, ref: str, ok: bool, result: Any, error: str | None) -> None:
         if not await commands.apply_ack(self.device_id, ref, ok, result, error or ""):

@@ -11,7 +11,7 @@ import logging
 from collections import deque
 from typing import Any
 
-from gateway.metrics import CONSUMER_ERRORS, MESSAGES_REJECTED
+from gateway.metrics import CONSUMER_ERRORS, MESSAGES_REJECTED, MODBUS_READS_DROPPED
 from gateway.modbus.events import ASGI, validate_app_event
 
 logger = logging.getLogger("gateway.modbus")
@@ -59,11 +59,12 @@ class UnitSession:
         )
 
     def put(self, event: dict[str, Any]) -> None:
+        """Queue an event for the instance; when full, the oldest poll makes room (counted)."""
         if len(self.items) >= INBOX_LIMIT:
             for old in self.items:
                 if old["type"] == "modbus.read":
                     self.items.remove(old)
-                    MESSAGES_REJECTED.labels(reason="queue_full").inc()
+                    MODBUS_READS_DROPPED.labels(bus=self.runner.bus.port).inc()
                     break
         self.items.append(event)
         if self._waiter is not None and not self._waiter.done():
