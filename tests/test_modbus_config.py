@@ -9,6 +9,7 @@ XY-MD02's temperature as a signed int16 in tenths of a degree (-5.3 °C = 0xFFCB
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,32 @@ def test_simulator_lists_the_shipped_profiles():
     ).stdout.split()
     assert out == sorted(p.stem for p in DIRS[0].glob("*.json"))
     assert {"eastron-sdm120", "xy-md02", "waveshare-relay-8ch"} <= set(out)
+
+
+def test_a_profile_path_is_taken_relative_to_the_config_file(tmp_path):
+    profile = json.loads((DIRS[0] / "xy-md02.json").read_text())
+    profile["name"] = "my-probe"
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "my-probe.json").write_text(json.dumps(profile))
+    config = bus(units=[{"unit": 3, "device": "p-3", "profile": "profiles/my-probe.json"}])
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    (parsed,) = load_configs([str(tmp_path / "cfg.json")], DIRS)
+    assert parsed.units[0].profile.name == "my-probe"
+
+
+@pytest.mark.parametrize(
+    "command", [["rungateway", "--port", "0"], ["runserial"]], ids=["rungateway", "runserial"]
+)
+def test_a_bad_config_stops_the_start_with_its_reason(tmp_path, command):
+    bad = tmp_path / "cfg.json"
+    bad.write_text(json.dumps(bus(parity="X")))
+    result = subprocess.run(
+        [sys.executable, "manage.py", *command, "--modbus", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"},
+    )
+    assert result.returncode != 0
+    assert "parity" in result.stderr and "cfg.json" in result.stderr, result.stderr[-2000:]
