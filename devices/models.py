@@ -11,6 +11,7 @@ DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 class Transport(models.TextChoices):
     MQTT = "mqtt", "MQTT"
     SERIAL = "serial", "Serial"
+    MODBUS = "modbus", "Modbus"
 
 
 class Device(models.Model):

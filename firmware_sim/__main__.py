@@ -14,6 +14,7 @@ import sys
 #: subcommand → (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serial": ("firmware_sim.serial_device", "a serial device on a pseudo-terminal or tty"),
+    "modbus": ("firmware_sim.modbus", "Modbus RTU units on a pseudo-terminal"),
     "mqtt": ("firmware_sim.cli", "a fleet of MQTT devices (the options of manage.py simulate)"),
 }
 

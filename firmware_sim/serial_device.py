@@ -2,7 +2,8 @@
 
 `python -m firmware_sim serial --pty` creates a pseudo-terminal (the device end is the master fd),
 prints the slave's path for the gateway's `--serial`, emits telemetry lines (docs/interface.md §4:
-JSON objects, or `key=value` pairs with `--format kv`) and answers each command line `{"id", "name",
+JSON objects, `key=value` pairs with `--format kv`, or a GPS receiver's NMEA 0183 sentences with
+`--format nmea`) and answers each command line `{"id", "name",
 "args"}` with an ack `{"id", "ok", "result"|"error"}`. `--noise` injects what real serial links
 produce: garbage bytes, invalid UTF-8, over-long lines, partial frames.
 """
@@ -23,6 +24,8 @@ import tty
 from collections.abc import Iterable
 
 import orjson
+
+from firmware_sim.nmea import GpsTrack
 
 logger = logging.getLogger("firmware_sim.serial")
 
@@ -85,6 +88,10 @@ class SerialSimDevice:
         """The next telemetry line (random walk around room conditions)."""
         self.temperature = round(self.temperature + self.rng.gauss(0, 0.1), 2)
         self.humidity = round(min(100.0, max(0.0, self.humidity + self.rng.gauss(0, 0.3))), 1)
+        if self.fmt == "nmea":  # a GPS receiver: one fix as GGA, RMC, VTG, GSA sentences
+            if not hasattr(self, "gps"):
+                self.gps = GpsTrack()
+            return b"".join(self.gps.sentences())
         if self.fmt == "kv":
             relay = "true" if self.relay else "false"
             return (
@@ -236,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link", help="with --pty: also make this symlink to it")
     parser.add_argument("--device", default="serial-sim", help="device id (informational)")
     parser.add_argument("--rate", type=float, default=1.0, help="telemetry lines per second")
-    parser.add_argument("--format", choices=("json", "kv"), default="json", dest="fmt")
+    parser.add_argument("--format", choices=("json", "kv", "nmea"), default="json", dest="fmt")
     parser.add_argument(
         "--noise",
         default="",

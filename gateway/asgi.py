@@ -1,7 +1,8 @@
 """The gateway's ASGI application: one ProtocolTypeRouter for every protocol it speaks.
 
-`http` and `websocket` are served by any ASGI server (daphne, uvicorn); `mqtt` (and `serial`)
-are served by our own interface servers in `gateway/mqtt` and `gateway/serial`.
+`http` and `websocket` are served by any ASGI server (daphne, uvicorn); `mqtt`, `serial` and
+`modbus` are served by our own interface servers in `gateway/mqtt`, `gateway/serial` and
+`gateway/modbus`.
 """
 
 import os
@@ -17,6 +18,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from alerts.routing import mqtt_routes as alert_routes  # noqa: E402
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
+from devices.conventions.modbus import ModbusDeviceConsumer  # noqa: E402
 from devices.conventions.serial import SerialDeviceConsumer  # noqa: E402
 from devices.routing import mqtt_routes  # noqa: E402
 from gateway.mqtt.routing import TopicRouter  # noqa: E402
@@ -28,5 +30,6 @@ application = ProtocolTypeRouter(
         "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         "mqtt": TopicRouter([*mqtt_routes, *alert_routes]),
         "serial": SerialDeviceConsumer.as_asgi(),
+        "modbus": ModbusDeviceConsumer.as_asgi(),
     }
 )

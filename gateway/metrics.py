@@ -87,3 +87,14 @@ ALERT_DROPPED = Counter(
 ALERT_NOTIFICATIONS = Counter(
     "gateway_alert_notifications", "Alert notifications sent through Apprise, by result", ["result"]
 )
+MODBUS_REQUESTS = Counter(
+    "gateway_modbus_requests",
+    "Modbus transactions by bus, unit and result (ok, timeout, crc_error, exception, error)",
+    ["bus", "unit", "result"],
+)
+MODBUS_BUS_OPEN = Gauge("gateway_modbus_bus_open", "1 while a Modbus bus is open", ["bus"])
+MODBUS_READS_DROPPED = Counter(
+    "gateway_modbus_reads_dropped",
+    "Polls dropped because a unit's application instance was 64 events behind",
+    ["bus"],
+)

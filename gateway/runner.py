@@ -368,6 +368,33 @@ def serial_bridge(application: Any, specs: Sequence[str]) -> Bridge | None:
     return SerialServer(application, list(specs))
 
 
+def modbus_bridge(application: Any, config_paths: Sequence[str]) -> Any:
+    """The Modbus bridge for these config files, or None when there are none.
+
+    Raises `gateway.modbus.config.ConfigError` (a ValueError) for a bad file or profile.
+    """
+    if not config_paths:
+        return None
+    from django.conf import settings
+
+    from gateway.modbus.config import load_configs
+    from gateway.modbus.server import ModbusServer
+
+    buses = load_configs(list(config_paths), settings.GATEWAY["MODBUS_PROFILE_DIRS"])
+    return ModbusServer(application, buses)
+
+
+def modbus_option(parser: Any) -> None:
+    """The ``--modbus FILE`` option of rungateway and runserial."""
+    parser.add_argument(
+        "--modbus",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="Modbus bus config file (JSON), repeatable; added to MODBUS_CONFIG",
+    )
+
+
 async def close_pipeline(budget: float) -> None:
     """Shutdown hook: flush pending telemetry writes and fan-out, then stop the pipeline."""
     from devices.telemetry.pipeline import current_pipeline

@@ -316,6 +316,10 @@ GATEWAY = {
     "GATEWAY_ID": _gateway_id(),
     # Space-separated serial SPECs (docs/interface.md §1); `--serial` adds to them.
     "SERIAL_PORTS": os.environ.get("SERIAL_PORTS", "").split(),
+    # Space-separated Modbus config files (docs/interface.md §7); `--modbus` adds to them.
+    "MODBUS_CONFIG": os.environ.get("MODBUS_CONFIG", "").split(),
+    # Where shipped Modbus profiles live (referenced by NAME in a config).
+    "MODBUS_PROFILE_DIRS": [BASE_DIR / "devices" / "conventions" / "modbus_profiles"],
     # When set, /metrics requires "Authorization: Bearer <token>".
     "METRICS_TOKEN": os.environ.get("METRICS_TOKEN", "").strip(),
     # Per-instance inbound queue of the MQTT bridge (events); QoS 0 dropped when full,

@@ -30,7 +30,7 @@ DB_TIMEOUT = 2.0  # seconds for SELECT 1
 for _reason in (
     "bad_topic bad_device_id too_large bad_encoding bad_json not_object too_deep bad_value "
     "bad_timestamp no_metrics bad_status unknown_command consumer_error bad_frame frame_too_long "
-    "too_many_metrics not_admitted"
+    "too_many_metrics not_admitted bad_checksum"
 ).split():
     gateway_metrics.MESSAGES_REJECTED.labels(reason=_reason)
 for _status in ("pending", "sent", "acked", "failed", "timeout"):

@@ -87,6 +87,16 @@ def copy_of_the_tree(tmp_path: Path) -> Path:
         ),
         ("dashboard/consumers.py", "import socket", "Consumers know nothing about sockets"),
         (
+            "gateway/modbus/server.py",
+            "from devices.conventions import modbus",
+            "Protocol servers know nothing about devices or dashboards",
+        ),
+        (
+            "devices/conventions/modbus.py",
+            "import pymodbus.client",
+            "Consumers know nothing about sockets",
+        ),
+        (
             "devices/telemetry/store.py",
             "from devices.commands import service",
             "Device rooms: conventions over commands over telemetry",

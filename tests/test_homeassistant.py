@@ -23,6 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from devices.conventions.homeassistant import (
     KnownDevice,
+    convention_of,
     device_document,
     gateway_object_path,
     identifier,
@@ -85,6 +86,10 @@ def test_object_ids_are_stable_and_topic_safe():
     assert object_id("temperature") == "temperature"
     assert re.fullmatch(r"[A-Za-z0-9_-]+", object_id("env.pressure"))
     assert object_id("env.pressure") == object_id("env.pressure") != object_id("env_pressure")
+
+
+def test_modbus_units_are_discovered_like_serial_devices_through_the_mirror():
+    assert convention_of("modbus", "") == convention_of("serial", "") == "serial"
 
 
 def test_serial_device_without_mirror_and_tasmota_are_not_published():

@@ -1,13 +1,13 @@
 """Serial line codecs (docs/interface.md §4): one frame → telemetry, a command ack, or `Rejected`.
 
 A frame is either a JSON object (telemetry for the port's device, or an ack when it has both ``id``
-and ``ok``) or ``key=value`` pairs separated by commas and/or spaces (``temp=21.5,hum=40``,
+and ``ok``), an NMEA 0183 sentence (``$…*hh``, decoded by `devices.conventions.nmea`), or
+``key=value`` pairs separated by commas and/or spaces (``temp=21.5,hum=40``,
 ``temp=21.5 hum=40 ts=1764214000``). Values and timestamps follow the MQTT rules in
 `devices.telemetry.parsing` (numbers and booleans are metrics, other values are ignored; ``ts`` in
 epoch s/ms or ISO 8601). Blank lines are skipped (None). Rejection reasons: ``bad_encoding`` (not
-UTF-8), ``bad_frame`` (control characters, a token without ``=``, an empty key), and the parsing
-reasons (``bad_json``, ``no_metrics``, ``bad_timestamp``, …).
-"""
+UTF-8), ``bad_frame`` (control characters, a token without ``=``, an empty key),
+``bad_checksum`` (NMEA), and the parsing reasons (``bad_json``, ``no_metrics``, …)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import re
 
 import orjson
 
+from devices.conventions.nmea import decode_sentence
 from devices.telemetry.parsing import (
     MAX_METRICS,
     Ack,
@@ -45,6 +46,8 @@ def decode_frame(frame: bytes, received_at: float) -> Telemetry | Ack | None:
         raise Rejected("too_large", f"line of {len(line)} bytes > {MAX_LINE_BYTES}")
     if line[:1] == b"{":
         return _decode_json(line, received_at)
+    if line[:1] == b"$":  # an NMEA 0183 sentence (a GPS receiver)
+        return decode_sentence(line, received_at)
     return decode_key_values(line, received_at)
 
 

@@ -11,11 +11,11 @@ one task publishes them, so a burst of thousands of new devices never backs up t
 Home Assistant's birth message (``<prefix>/status`` = ``online``) republishes everything, as
 does every broker connect (a broker may have lost retained ones).
 
-Which devices: native MQTT devices and serial ones (through their mirror on the broker; none
-while SERIAL_MIRROR is off, as nothing on the broker would carry their values). Tasmota devices
-are left to Home Assistant's own Tasmota integration, which discovers them natively. A native
-device's convention is learnt from its traffic (its retained status is replayed on connect),
-so a Tasmota device is never mistaken for a native one after a restart.
+Which devices: native MQTT devices, serial ones and Modbus units (through their mirror on the
+broker; none while SERIAL_MIRROR is off, as nothing on the broker would carry their values).
+Tasmota devices are left to Home Assistant's own Tasmota integration, which discovers them
+natively. A native device's convention is learnt from its traffic (its retained status is
+replayed on connect), so a Tasmota device is never mistaken for a native one after a restart.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ WELL_KNOWN: dict[str, tuple[str, str]] = {
     "rssi": ("signal_strength", "dBm"),
 }
 NATIVE, SERIAL, TASMOTA = "native", "serial", "tasmota"
+#: Transports whose devices reach the broker through the mirror (serial lines, Modbus units).
+MIRRORED = (SERIAL, "modbus")
 
 
 def enabled() -> bool:
@@ -154,7 +156,7 @@ class KnownDevice:
 
 def convention_of(transport: str, source: str) -> str | None:
     """The device convention an announcement reveals (None: it does not say)."""
-    if transport == SERIAL:
+    if transport in MIRRORED:
         return SERIAL
     if source.startswith(("tele/", "stat/")):
         return TASMOTA
@@ -277,7 +279,7 @@ class HomeAssistantConsumer(MqttConsumer):
         for device_id, (name, transport, kinds) in stored.items():
             known = self._known(device_id, name)
             known.name = name
-            if transport == SERIAL:
+            if transport in MIRRORED:
                 known.convention = SERIAL
             for metric, kind in kinds.items():
                 known.kinds.setdefault(metric, kind)

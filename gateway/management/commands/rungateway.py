@@ -20,6 +20,8 @@ from gateway.runner import (
     broker_url_option,
     close_pipeline,
     describe_setup,
+    modbus_bridge,
+    modbus_option,
     mqtt_bridge,
     serial_bridge,
 )
@@ -41,6 +43,7 @@ class Command(BaseCommand):
             default=[],
             help="serial port SPEC, repeatable; added to SERIAL_PORTS",
         )
+        modbus_option(parser)
         parser.add_argument(
             "--embedded-broker",
             action="store_true",
@@ -56,6 +59,7 @@ class Command(BaseCommand):
                 port=options["port"],
                 mqtt_url=url,
                 serial=serial,
+                modbus=[*settings.GATEWAY["MODBUS_CONFIG"], *options["modbus"]],
                 embedded_broker=options["embedded_broker"],
             )
         )
@@ -64,10 +68,17 @@ class Command(BaseCommand):
 
 
 async def run_gateway(
-    *, host: str, port: int, mqtt_url: str, serial: list[str], embedded_broker: bool
+    *,
+    host: str,
+    port: int,
+    mqtt_url: str,
+    serial: list[str],
+    embedded_broker: bool,
+    modbus: list[str] | None = None,
 ) -> int:
     """Start the embedded broker if asked, run everything until a signal, stop the broker last."""
     from devices.conventions import mirror
+    from devices.conventions.modbus import mark_units_offline
     from devices.conventions.serial import mark_configured_offline
     from gateway.asgi import application
     from gateway.broker import BrokerStartError, ensure_broker
@@ -87,8 +98,15 @@ async def run_gateway(
             serial_server = serial_bridge(application, serial)
         except ValueError as exc:
             raise CommandError(f"bad --serial/SERIAL_PORTS spec: {exc}") from exc
+        try:
+            modbus_server = modbus_bridge(application, modbus or [])
+        except ValueError as exc:
+            raise CommandError(f"bad --modbus/MODBUS_CONFIG: {exc}") from exc
         if serial_server is not None:
             bridges["serial"] = serial_server
+        if modbus_server is not None:
+            bridges["modbus"] = modbus_server
+        if serial_server is not None or modbus_server is not None:
             # Serial devices are mirrored to the broker the bridge uses (conventions/mirror.py).
             # The mirror marks its publishes with an MQTT v5 user property so the bridge can skip
             # their echoes; a 3.1.1-only broker (the amqtt fallback) cannot carry it.
@@ -97,8 +115,11 @@ async def run_gateway(
             else:
                 mirror.configure(enabled=False)
                 logger.warning("serial mirroring is off: the broker speaks MQTT 3.1.1 only")
-            # Offline until their ports open (also undoes what an unclean stop left behind).
+        # Offline until their ports open or units answer (also undoes an unclean stop).
+        if serial_server is not None:
             mark_configured_offline(serial_server.specs)
+        if modbus_server is not None:
+            mark_units_offline(u.device for b in modbus_server.buses for u in b.units)
         setup = describe_setup()
         shown_url = str(parse_broker_url(mqtt_url))
         broker_note = f" (embedded {broker.kind})" if broker is not None else ""
@@ -107,8 +128,8 @@ async def run_gateway(
             return (
                 f"gateway running: dashboard {runner.dashboard_url} | broker {shown_url}"
                 f"{broker_note} | channel layer {setup['channel_layer']} | "
-                f"database {setup['database']} | serial {' '.join(serial) or 'none'} | "
-                f"web {setup['web']}"
+                f"database {setup['database']} | serial {' '.join(serial) or 'none'}"
+                f" | modbus {' '.join(modbus or []) or 'none'} | web {setup['web']}"
             )
 
         runner = GatewayRunner(

@@ -21,6 +21,8 @@ from gateway.runner import (
     close_pipeline,
     describe_setup,
     in_memory_layer,
+    modbus_bridge,
+    modbus_option,
 )
 from gateway.serial.spec import parse_specs
 
@@ -39,6 +41,7 @@ class Command(BaseCommand):
             help="serial port SPEC (pyserial URL or path with ?baudrate=&device=&…), repeatable; "
             "added to SERIAL_PORTS",
         )
+        modbus_option(parser)
         parser.add_argument("--mqtt", metavar="URL", help="broker for mirroring (default MQTT_URL)")
         parser.add_argument(
             "--no-mirror", action="store_true", help="do not mirror serial devices to the broker"
@@ -49,8 +52,12 @@ class Command(BaseCommand):
         from devices.conventions.serial import device_id_for_scope
 
         texts = [*settings.GATEWAY["SERIAL_PORTS"], *options["serial"]]
-        if not texts:
-            raise CommandError("no serial ports: give --serial SPEC or set SERIAL_PORTS")
+        modbus = [*settings.GATEWAY["MODBUS_CONFIG"], *options["modbus"]]
+        if not texts and not modbus:
+            raise CommandError(
+                "no serial ports: give --serial SPEC or --modbus FILE, or set SERIAL_PORTS "
+                "or MODBUS_CONFIG"
+            )
         try:
             specs = parse_specs(texts)
             for spec in specs:
@@ -64,23 +71,34 @@ class Command(BaseCommand):
                 "the channel layer is in-memory: telemetry is stored, but nothing reaches "
                 "dashboards in other processes; set REDIS_URL to share one"
             )
-        code = asyncio.run(run_bridge(specs))
+        code = asyncio.run(run_bridge(specs, modbus))
         if code:
             sys.exit(code)
 
 
-async def run_bridge(specs: list[Any]) -> int:
-    """Run the serial bridge until SIGTERM/SIGINT, then mark devices offline and flush."""
+async def run_bridge(specs: list[Any], modbus: list[str] | None = None) -> int:
+    """Run the serial and Modbus bridges until SIGTERM/SIGINT, then mark offline and flush."""
     from alerts.hooks import close_evaluator, start_evaluator
     from devices.conventions.mirror import close_mirror, enabled
+    from devices.conventions.modbus import mark_units_offline
     from devices.conventions.serial import mark_configured_offline
     from gateway.asgi import application
     from gateway.serial.server import SerialServer
 
+    bridges: dict[str, Any] = {}
+    if specs:
+        bridges["serial"] = SerialServer(application, specs)
+    try:
+        modbus_server = modbus_bridge(application, modbus or [])
+    except ValueError as exc:
+        raise CommandError(f"bad --modbus/MODBUS_CONFIG: {exc}") from exc
+    if modbus_server is not None:
+        bridges["modbus"] = modbus_server
+        mark_units_offline(u.device for b in modbus_server.buses for u in b.units)
     # Offline until their ports open (also undoes what an unclean stop left behind).
     mark_configured_offline(specs)
     setup = describe_setup()
-    ports = " ".join(s.raw for s in specs)
+    ports = " ".join([*(s.raw for s in specs), *(modbus or [])])
 
     def banner(runner: GatewayRunner) -> str:
         return (
@@ -92,7 +110,7 @@ async def run_bridge(specs: list[Any]) -> int:
     runner = GatewayRunner(
         application,
         web=False,
-        bridges={"serial": SerialServer(application, specs)},
+        bridges=bridges,
         shutdown_hooks=[close_evaluator, close_pipeline, close_mirror],
         banner=banner,
     )
