@@ -307,6 +307,9 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # With WHITENOISE_USE_FINDERS the files are served from the apps and node_modules directly, so
 # an uncollected STATIC_ROOT is normal here, not a mistake worth a warning on every start.
 warnings.filterwarnings("ignore", message="No directory at", category=UserWarning)
+# WhiteNoise serves static files through a sync iterator; under ASGI Django warns that it
+# buffers them, once per file served: harmless for our small assets, noise in the log.
+warnings.filterwarnings("ignore", message="StreamingHttpResponse must consume synchronous")
 
 # --- The gateway's own settings ----------------------------------------------------------
 GATEWAY = {
@@ -405,11 +408,17 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"no_traceback_for_403": {"()": "gateway.logs.NoTracebackFor403"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["stderr"], "level": LOG_LEVEL},
     "loggers": {
         "django": {"level": "INFO" if LOG_LEVEL == "DEBUG" else LOG_LEVEL},
         # aiomqtt/paho are chatty at DEBUG; keep them at our level or WARNING.
         "aiomqtt": {"level": "WARNING"},
+        # uvicorn's routine lines (server started, each WebSocket accepted or closed) are
+        # noise beside the gateway's own start-up line; its errors still show.
+        "uvicorn.error": {"level": "INFO" if LOG_LEVEL == "DEBUG" else "WARNING"},
+        # A 403 is an answer, not an error: one line, without the PermissionDenied traceback.
+        "django.request": {"filters": ["no_traceback_for_403"]},
     },
 }

@@ -27,4 +27,5 @@ urlpatterns = [
     path("api/", include("devices.urls")),
     path("healthz", views.healthz, name="healthz"),
     path("metrics", views.metrics, name="metrics"),
+    path("favicon.ico", views.favicon, name="favicon"),
 ]

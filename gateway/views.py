@@ -154,6 +154,14 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse(body, status=200 if healthy else 503)
 
 
+@require_GET
+def favicon(request: HttpRequest) -> HttpResponse:
+    """No icon, said without a 404: browsers ask for it on the login and admin pages."""
+    response = HttpResponse(status=204)
+    response["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
 def _authorized(request: HttpRequest, token: str) -> bool:
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")

@@ -46,3 +46,12 @@ def test_the_password_is_kept_unless_reset():
     second = re.search(r"demo / (\S+)", ensure("--reset-password")).group(1)
     user.refresh_from_db()
     assert second != first and user.check_password(second)
+
+
+def test_a_refused_admin_page_is_logged_in_one_line_without_a_traceback(client, caplog):
+    password = re.search(r"demo / (\S+)", ensure()).group(1)
+    client.post("/accounts/login/", {"username": "demo", "password": password})
+    with caplog.at_level("WARNING", logger="django.request"):
+        assert client.get("/admin/devices/device/add/").status_code == 403
+    forbidden = [r for r in caplog.records if r.name == "django.request"]
+    assert forbidden and all(r.exc_info is None for r in forbidden), "no PermissionDenied trace"

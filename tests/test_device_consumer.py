@@ -225,3 +225,15 @@ async def test_command_service_delivery_and_ack(device, layer, dashboard, django
     stored = await database_sync_to_async(Command.objects.get)(id=command.id)
     assert (stored.status, stored.result) == ("acked", {"seconds": 5})
     get_timers().cancel_all()
+
+
+async def test_the_first_rejection_of_each_reason_is_logged_then_only_counted(app, layer, caplog):
+    caplog.set_level(logging.WARNING, logger="devices.conventions.native")
+    comm = MqttCommunicator(app, topic="devices/noisy/telemetry")
+    await comm.connect()
+    for payload in (b"not json", b"not json either", b"[1]", b"{"):
+        await comm.send_message("devices/noisy/telemetry", payload)
+    await comm.retire(timeout=5)
+    lines = [r.getMessage() for r in caplog.records if "noisy" in r.getMessage()]
+    assert len(lines) == 2, lines  # bad_json once, not_object once
+    assert "(bad_json)" in lines[0] and "(not_object)" in lines[1]

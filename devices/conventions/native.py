@@ -54,6 +54,32 @@ ACK = "devices/{device_id}/commands/ack"
 PATTERNS = [TELEMETRY, METRIC, STATUS, ACK]
 #: Longest wait for the channel layer when sharing a change of the device's state.
 SHARE_TIMEOUT = 1.0
+#: Rejection lines logged per window at most, whatever the number of devices and reasons.
+REJECTION_LINES, REJECTION_WINDOW = 20, 60.0
+_rejection_log = {"window": 0.0, "lines": 0, "suppressed": 0}
+
+
+def log_rejection(label: str, device_id: str, topic: str | None, exc: Rejected) -> None:
+    """Log a device's first rejection of a reason, at most `REJECTION_LINES` per window."""
+    now = time.monotonic()
+    state = _rejection_log
+    if now - state["window"] >= REJECTION_WINDOW:
+        if state["suppressed"]:
+            logger.warning("%d more rejected messages not logged", state["suppressed"])
+        state.update(window=now, lines=0, suppressed=0)
+    if state["lines"] >= REJECTION_LINES:
+        state["suppressed"] += 1
+        return
+    state["lines"] += 1
+    logger.warning(
+        "%s %s: %s rejected (%s): %s; further %s rejections of it are only counted",
+        label,
+        device_id[:80],
+        (topic or "")[:120],
+        exc.reason,
+        exc,
+        exc.reason,
+    )
 
 
 class DeviceConsumer(MqttConsumer):
@@ -66,6 +92,8 @@ class DeviceConsumer(MqttConsumer):
     online_at: float = 0.0
     #: Whether the broker session is up (commands can be published).
     broker_up: bool = False
+    #: Rejection reasons already logged for this device (the first of each is logged).
+    logged_reasons: frozenset[str] = frozenset()
 
     @cached_property
     def device_id(self) -> str:
@@ -105,9 +133,9 @@ class DeviceConsumer(MqttConsumer):
             await self.handle_message(event.get("pattern"), event)
         except Rejected as exc:
             MESSAGES_REJECTED.labels(reason=exc.reason).inc()
-            logger.debug(
-                "%s %s: rejected %s: %s", self.label, self.device_id, event.get("topic"), exc
-            )
+            if exc.reason not in self.logged_reasons:
+                self.logged_reasons = self.logged_reasons | {exc.reason}
+                log_rejection(self.label, self.device_id, event.get("topic"), exc)
         except Exception:
             MESSAGES_REJECTED.labels(reason="consumer_error").inc()
             logger.exception(
