@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -35,9 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+
 from firmware_sim.fleet import Fleet
 from firmware_sim.serial_device import SerialSimDevice, open_pty
 from gateway.broker import die_with_parent
+from gateway.mqtt.url import parse_broker_url
 
 logger = logging.getLogger("gateway.demo")
 
@@ -79,6 +83,48 @@ def _stdout(line: str) -> None:
     print(line, flush=True)
 
 
+async def retained_topics(url: str, wait: float = 5.0) -> set[str] | None:
+    """The topics holding a retained message on the broker at `url`; None when none answers."""
+    broker = parse_broker_url(url)
+    sentinel = f"demo-sentinel/{secrets.token_hex(6)}"
+    found: set[str] = set()
+    try:
+        async with aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=broker.username,
+            password=broker.password,
+            tls_context=broker.ssl_context(),
+            timeout=wait,
+        ) as client:
+            await client.subscribe("#")
+            await client.publish(sentinel, b"", qos=1)
+            async with asyncio.timeout(wait):
+                async for message in client.messages:
+                    if message.topic.value == sentinel:
+                        return found
+                    if message.retain:
+                        found.add(message.topic.value)
+    except aiomqtt.MqttError:
+        return None
+    return found
+
+
+async def clear_retained(url: str, topics: set[str]) -> None:
+    """Remove the retained messages of `topics` (an empty retained publish each)."""
+    broker = parse_broker_url(url)
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=broker.username,
+        password=broker.password,
+        tls_context=broker.ssl_context(),
+        timeout=5,
+    ) as client:
+        for topic in sorted(topics):
+            await client.publish(topic, b"", qos=1, retain=True)
+
+
 class Demo:
     """The running demo: the gateway child, the fleets and the serial device."""
 
@@ -95,6 +141,8 @@ class Demo:
         self._fds: list[int] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._banner = asyncio.Event()
+        # The retained topics of a broker that was already running (None: the demo's own).
+        self.existing_retained: set[str] | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -103,6 +151,12 @@ class Demo:
     async def start(self) -> None:
         """Serial device, gateway, then the fleets once the gateway's bridge is connected."""
         cfg = self.config
+        self.existing_retained = await retained_topics(cfg.mqtt_url, wait=2.0)
+        if self.existing_retained is not None:
+            self.echo(
+                f"demo: a broker already answers at {cfg.mqtt_url}: the demo uses it, and "
+                "removes the retained messages it leaves there when it stops"
+            )
         if cfg.serial_device:
             master, slave, self.serial_path = open_pty()
             self._fds += [master, slave]
@@ -227,6 +281,8 @@ class Demo:
         began = time.monotonic()
         await asyncio.gather(*(fleet.stop(grace=3.0) for fleet in self.fleets))
         code = await self._stop_gateway()
+        if self.existing_retained is not None:
+            await self._clean_broker(self.existing_retained)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -236,6 +292,18 @@ class Demo:
         self._fds.clear()
         self.times.shutdown = time.monotonic() - began
         return code
+
+    async def _clean_broker(self, before: set[str]) -> None:
+        """Clear what the demo left retained on a broker it did not start (statuses, Wills,
+        discovery documents), so the user's broker is as it was."""
+        try:
+            after = await retained_topics(self.config.mqtt_url)
+            left = (after or set()) - before
+            if left:
+                await clear_retained(self.config.mqtt_url, left)
+            self.echo(f"demo: removed {len(left)} retained messages it left on the broker")
+        except Exception as exc:  # the broker went away meanwhile: nothing more to do
+            self.echo(f"demo: could not clean the broker: {exc}")
 
     async def _stop_gateway(self) -> int:
         proc = self.gateway

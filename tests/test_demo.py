@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateway import ROOT, SCRUBBED, GatewayProcess
-from tests.support.servers import free_port, wait_for_port
+from tests.support.servers import free_port, require_binary, wait_for_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -213,9 +213,20 @@ def test_bin_run_demo_end_to_end(tmp_path):
 
 
 def test_bin_run_demo_with_existing_broker_and_redis(tmp_path, mosquitto, redis_server):
-    """MQTT_URL and REDIS_URL point at running services: used as they are, left running;
+    """MQTT_URL and REDIS_URL point at running services: used as they are, left running, and
+    the broker holds the same retained messages afterwards (the demo says so and cleans up);
     Ctrl-C as a terminal sends it (SIGINT to the whole process group) stops the demo."""
+    from firmware_sim.demo import retained_topics
+
+    subprocess.run(
+        [require_binary("mosquitto_pub", "mosquitto-clients"), "-p", str(mosquitto.port)]
+        + ["-t", "home/keep", "-m", "x", "-r"],
+        check=True,
+    )
     text = run_demo(tmp_path, mosquitto.url, redis_url=redis_server.url, ctrl_c=True)
     assert "embedded broker started" not in text
     assert "RedisPubSubChannelLayer" in text
     wait_for_port(mosquitto.port, timeout=1)  # our broker is still there
+    assert "a broker already answers at" in text
+    assert re.search(r"demo: removed [1-9]\d* retained messages", text), text[-2000:]
+    assert asyncio.run(retained_topics(mosquitto.url)) == {"home/keep"}, "as it was before"
