@@ -10,89 +10,28 @@ memory stays within the bound docs/reliability.md states.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import secrets
-import statistics
 import time
-from collections.abc import AsyncIterator
 
 import aiomqtt
-import psutil
 import pytest
 
 from tests.support.gateway import GatewayProcess
+from tests.support.hostile import (
+    Probe,
+    births,
+    invalid_ids,
+    invented_metrics,
+    new_ids,
+    publish_all,
+    rejected,
+    rss,
+)
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
 
 PASSWORD = secrets.token_urlsafe(12)
-PERIOD = 0.05
-
-
-class Probe:
-    """An unaffected device publishing `{"n": i}` (QoS 1) and a dashboard timing each reading."""
-
-    def __init__(self, gw: GatewayProcess, port: int, cookie: str, device: str = "probe") -> None:
-        self.gw, self.port, self.cookie, self.device = gw, port, cookie, device
-        self.sent: dict[int, float] = {}
-        self.latency: dict[int, float] = {}
-
-    async def _publish(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"{self.device}-dev") as dev:
-            for n in range(1, 1_000_000):
-                self.sent[n] = time.monotonic()
-                await dev.publish(f"devices/{self.device}/telemetry", json.dumps({"n": n}), qos=1)
-                await asyncio.sleep(PERIOD)
-
-    async def _watch(self, ws) -> None:
-        shown = 0  # frames coalesce a device's readings: a frame with n shows all up to n
-        while True:
-            frame = json.loads(await ws.recv())
-            if frame.get("type") == "telemetry" and frame.get("device") == self.device:
-                now = time.monotonic()
-                n = int(frame["metrics"]["n"])
-                for m in range(shown + 1, n + 1):
-                    self.latency[m] = now - self.sent[m]
-                shown = max(shown, n)
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Probe]:
-        async with self.gw.ws_connect(self.cookie, max_size=2**24) as ws:
-            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
-            tasks = [asyncio.create_task(self._watch(ws)), asyncio.create_task(self._publish())]
-            try:
-                yield self
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-
-    def p99(self) -> float:
-        """The 99th percentile of the seen readings' latency; every sent one must be seen."""
-        settled = [n for n in self.sent if self.sent[n] < time.monotonic() - 2.0]
-        missing = [n for n in settled if n not in self.latency]
-        assert not missing, f"readings never shown on the dashboard: {missing[:10]}"
-        return statistics.quantiles(self.latency.values(), n=100)[98]
-
-    async def all_stored(self) -> None:
-        """Every reading the probe published is in the history API (after the last flush)."""
-        last = max(self.latency)
-        async with asyncio.timeout(10):
-            while True:
-                points = await asyncio.to_thread(self.gw.history, self.cookie, self.device, "n")
-                if {int(v) for _, v in points} >= set(range(1, last + 1)):
-                    return
-                await asyncio.sleep(0.2)
-
-
-def rss(gw: GatewayProcess) -> int:
-    assert gw.proc is not None
-    return psutil.Process(gw.proc.pid).memory_info().rss
-
-
-def rejected(gw: GatewayProcess, reason: str) -> float:
-    return gw.metric("gateway_messages_rejected_total", f'reason="{reason}"')
 
 
 @pytest.fixture
@@ -109,10 +48,7 @@ async def test_invalid_device_ids_cost_no_instance_and_no_memory(mosquitto, gate
     async with Probe(gw, mosquitto.port, cookie).running() as probe:
         await asyncio.sleep(1.0)
         rss_before = rss(gw)
-        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="hostile") as hostile:
-            for i in range(5000):
-                device = f"{i:05d}" + "x" * 60_000
-                await hostile.publish(f"devices/{device}/telemetry", b'{"t": 1}', qos=1)
+        await publish_all(mosquitto.port, "hostile", invalid_ids(5000, 60_000))
         await until(lambda: rejected(gw, "bad_device_id") - before >= 5000, what="all refused")
         await asyncio.sleep(1.0)
         growth = rss(gw) - rss_before
@@ -136,9 +72,7 @@ async def test_a_flood_of_new_device_ids_is_admitted_at_the_configured_rate(mosq
         async with Probe(gw, mosquitto.port, cookie).running() as probe:
             await asyncio.sleep(0.5)
             started = time.monotonic()
-            async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="flood") as flood:
-                for i in range(2000):
-                    await flood.publish(f"devices/flood-{i:05d}/telemetry", b'{"t": 1}', qos=1)
+            await publish_all(mosquitto.port, "flood", new_ids(2000, "flood"))
             await until(
                 lambda: rejected(gw, "not_admitted") - before >= 1500, what="the flood refused"
             )
@@ -181,10 +115,7 @@ async def test_a_device_inventing_metric_names_is_bounded(mosquitto, gateway):
     async with Probe(gw, mosquitto.port, cookie).running() as probe:
         await asyncio.sleep(0.5)
         rss_before = rss(gw)
-        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="inventor") as pub:
-            for m in range(200):
-                names = {f"m{m:03d}_{i:03d}_" + "x" * 176: 1.0 for i in range(256)}
-                await pub.publish("devices/inventor/telemetry", json.dumps(names), qos=1)
+        await publish_all(mosquitto.port, "inventor", invented_metrics(200, 256))
         await until(lambda: rejected(gw, "too_many_metrics") - before >= 199, what="refusals")
         await asyncio.sleep(1.0)
         growth = rss(gw) - rss_before
@@ -200,21 +131,18 @@ async def test_a_device_inventing_metric_names_is_bounded(mosquitto, gateway):
 
 async def test_a_birth_storm_does_not_delay_other_devices(mosquitto):
     """262 Home Assistant births (QoS 1) with 2,000 known devices: readings keep flowing."""
-    with GatewayProcess(mosquitto.url, env={"GATEWAY_NEW_DEVICES_PER_SECOND": "10000"}) as gw:
+    env = {"GATEWAY_NEW_DEVICES_PER_SECOND": "10000"}
+    with GatewayProcess(mosquitto.url, env=env) as gw:
         gw.create_user("operator", PASSWORD, staff=True)
         await birth_storm(gw, gw.login("operator", PASSWORD), mosquitto.port)
 
 
 async def birth_storm(gw: GatewayProcess, cookie: str, port: int) -> None:
-    async with aiomqtt.Client("127.0.0.1", port, identifier="fleet") as fleet:
-        for i in range(2000):
-            await fleet.publish(f"devices/known-{i:04d}/telemetry", b'{"t": 1}', qos=1)
+    await publish_all(port, "fleet", new_ids(2000, "known"))
     await until(lambda: len(gw.http_get("/api/devices/", cookie)[1]) >= 2000, what="2,000 devices")
     async with Probe(gw, port, cookie).running() as probe:
         await asyncio.sleep(0.5)
-        async with aiomqtt.Client("127.0.0.1", port, identifier="storm") as storm:
-            for _ in range(262):
-                await storm.publish("homeassistant/status", b"online", qos=1)
+        await publish_all(port, "storm", births(262))
         await asyncio.sleep(3.0)
         latency = probe.p99()
     await probe.all_stored()

@@ -294,9 +294,6 @@ class HomeAssistantConsumer(MqttConsumer):
         """``<prefix>/status``: Home Assistant (re)started (``online``): republish everything,
         with whatever this process's pipeline announced (even if an announcement was lost)."""
         if bytes(event.get("payload") or b"").strip().lower() == b"online":
-            pipeline = current_pipeline()
-            if pipeline is not None:
-                self.learn(pipeline.announcements())
             self.birth()
 
     def birth(self) -> None:
@@ -321,6 +318,11 @@ class HomeAssistantConsumer(MqttConsumer):
                 "home assistant discovery: %d birth messages, one republish", self.births_waiting
             )
         self.births_waiting = 0
+        # What the pipeline announced, even if an announcement was lost: read once per
+        # republish, not per birth (thousands of devices cost milliseconds each time).
+        pipeline = current_pipeline()
+        if pipeline is not None:
+            self.learn(pipeline.announcements())
         self.republisher = asyncio.create_task(self.publish_all(), name="ha-discovery.republish")
 
     async def device_metrics(self, event: dict[str, Any]) -> None:
