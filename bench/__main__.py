@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.scaleout import main as scaleout_main
 
         return scaleout_main(argv[1:])
+    if argv[:1] == ["hostile"]:  # latency while hostile publishers attack (bench/hostile.py)
+        from bench.hostile import main as hostile_main
+
+        return hostile_main(argv[1:])
     if argv[:1] == ["soak"]:  # long steady load with broker and Redis restarts (bench/soak.py)
         from bench.soak import main as soak_main
 
