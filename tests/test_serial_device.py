@@ -274,7 +274,7 @@ async def test_mirror_republishes_statuses_after_a_broker_restart(mosquitto, lay
     await comm.send_frame(b"temp=1")
     try:
         assert await mirror.get_mirror().flush(10)
-        # Our mosquitto persists; forget the retained status as a broker without it would.
+        # Forget the retained status whatever the broker keeps across a restart.
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as other:
             await other.publish("devices/ser-r/status", b"", qos=1, retain=True)
         mosquitto.stop()
