@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,11 +21,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from tests.support.checks import sqlite_locked
 from tests.support.gateway import (
     GatewayProcess,
     postgres_database,
 )
-from tests.test_e2e import until
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -83,18 +83,6 @@ async def all_stored(gw: GatewayProcess, cookie: str, published: int) -> list[in
 
 def stored_values(gw: GatewayProcess, cookie: str) -> list[int]:
     return [int(v) for _, v in gw.history(cookie, DEVICE, "n")]
-
-
-@contextlib.contextmanager
-def sqlite_locked(path: Path):
-    """Another process's writer holding the database file under an exclusive transaction."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
 
 
 def sqlite_path(gw: GatewayProcess) -> Path:

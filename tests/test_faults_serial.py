@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.support.gateway import GatewayProcess
-from tests.test_e2e import until
+from tests.support.waiting import until
 from tests.test_serial_e2e import PlugPort, metrics_of, rejected, serial_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]

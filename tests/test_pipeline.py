@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from channels.db import database_sync_to_async
@@ -19,6 +18,7 @@ from devices.telemetry.pipeline import (
 )
 from devices.telemetry.store import write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TS = 1_764_214_000.0
@@ -40,13 +40,6 @@ async def next_events(layer, channel, wait: float = 5.0) -> list[dict]:
 async def assert_quiet(layer, channel) -> None:
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(layer.receive(channel), 0.2)
-
-
-async def eventually(predicate, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def _start_capture() -> CaptureQueriesContext:

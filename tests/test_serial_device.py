@@ -21,7 +21,8 @@ from devices.telemetry.pipeline import get_pipeline
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.events import properties_to_dict
 from gateway.serial.testing import SerialCommunicator
-from tests.test_serial_server import Pty, eventually, serving
+from tests.support.waiting import eventually
+from tests.test_serial_server import Pty, serving
 
 pytestmark = pytest.mark.django_db(transaction=True)
 APP = SerialDeviceConsumer.as_asgi()

@@ -104,14 +104,6 @@ async def serving(app: Any, *specs: str, **kwargs: Any) -> AsyncIterator[SerialS
         await asyncio.wait_for(task, 5.0)
 
 
-async def eventually(predicate: Any, within: float = 10.0) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < within, "condition not met in time"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
 @pytest.fixture
 def pty(tmp_path):
     device = Pty(str(tmp_path / "ttyTEST"))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -41,3 +42,16 @@ def metric(name: str, **labels: str) -> float:
 def rejected(reason: str) -> float:
     """This process's `gateway_messages_rejected_total{reason}`."""
     return metric("gateway_messages_rejected_total", reason=reason)
+
+
+@contextlib.contextmanager
+def sqlite_locked(path: Path) -> Iterator[None]:
+    """Another writer holding the SQLite file under an exclusive transaction (readers still
+    read: the gateway's database is in WAL mode)."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
