@@ -98,6 +98,7 @@ async def test_device_list_includes_values_not_yet_written(user):
     pipeline = get_pipeline()
     pipeline.batch_delay = 3600  # keep them pending during the request
     try:
+        received = datetime.now(UTC)
         pipeline.submit_reading("d1", "mqtt", T0.timestamp(), {"temp": 21.5})
         pipeline.submit_reading("new-one", "mqtt", T0.timestamp(), {"hum": 40.0})
         client = AsyncClient()
@@ -106,7 +107,10 @@ async def test_device_list_includes_values_not_yet_written(user):
         assert response.status_code == 200
         body = {d["id"]: d for d in response.json()}
         assert body["d1"]["metrics"] == {"old": 1.0, "temp": 21.5}
-        assert body["d1"]["online"] is True and body["d1"]["last_seen"] is not None
+        assert body["d1"]["online"] is True
+        # last_seen is when the gateway received the reading, not the reading's own ts.
+        last_seen = body["d1"]["last_seen"]  # epoch seconds (docs/interface.md §5.2)
+        assert received.timestamp() <= last_seen <= datetime.now(UTC).timestamp()
         assert body["new-one"]["metrics"] == {"hum": 40.0}
         assert body["new-one"]["name"] == "new-one"
     finally:

@@ -65,10 +65,10 @@ async def telemetry_reaches_everything(gw: GatewayProcess, cookie: str, port: in
         snapshot = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert snapshot["type"] == "snapshot"
         async with aiomqtt.Client("127.0.0.1", port, identifier="e2e-d1") as device:
-            sent = time.monotonic()
+            sent, ts = time.monotonic(), time.time()
             await device.publish(
                 "devices/d1/telemetry",
-                json.dumps({"temperature": 21.5, "humidity": 40, "ts": time.time()}),
+                json.dumps({"temperature": 21.5, "humidity": 40, "ts": ts}),
                 qos=1,
             )
             frame = await next_frame(ws, telemetry_of("d1"))
@@ -76,7 +76,7 @@ async def telemetry_reaches_everything(gw: GatewayProcess, cookie: str, port: in
     print(f"publish → dashboard frame: {latency * 1000:.1f} ms")
     assert frame["metrics"]["temperature"] == 21.5
     assert frame["metrics"]["humidity"] == 40
-    assert isinstance(frame["ts"], int | float)
+    assert frame["ts"] == pytest.approx(ts, abs=1e-3)  # the device's own time, in seconds
 
     def listed() -> dict | None:
         status, body = gw.http_get("/api/devices/", cookie)
@@ -149,13 +149,15 @@ async def test_device_last_will_reaches_dashboard_as_status(mosquitto):
                 line = await asyncio.wait_for(device.stdout.readline(), 15)
                 assert line == b"ready\n"
                 await next_frame(ws, status_of("d2", True))
+                killed = time.time()
                 device.kill()  # no DISCONNECT: the broker publishes the will
                 frame = await next_frame(ws, status_of("d2", False))
+                heard = time.time()
             finally:
                 if device.returncode is None:
                     device.kill()
                 await device.wait()
-        assert isinstance(frame["ts"], int | float)
+        assert killed <= frame["ts"] <= heard  # when the gateway heard the will, in seconds
 
 
 async def test_broker_outage_is_reported_and_survived(mosquitto):

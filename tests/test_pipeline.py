@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from channels.db import database_sync_to_async
@@ -113,6 +114,7 @@ async def test_devices_registered_online_and_metrics_merged(pipeline):
     await database_sync_to_async(Device.objects.create)(
         id="known", name="Kitchen", transport="serial", metrics={"old": 1}
     )
+    received = datetime.now(UTC)
     pipeline.submit_reading("known", "mqtt", TS, {"t": 20.5})
     pipeline.submit_reading("fresh", "serial", TS, {"h": 40.0, "relay": True})
     await pipeline.flush()
@@ -121,7 +123,7 @@ async def test_devices_registered_online_and_metrics_merged(pipeline):
     assert known.metrics == {"old": 1, "t": 20.5}
     assert (fresh.name, fresh.transport, fresh.online) == ("", "serial", True)
     assert fresh.metrics == {"h": 40.0, "relay": True}
-    assert fresh.last_seen is not None
+    assert received <= fresh.last_seen <= datetime.now(UTC)  # receive time, not the ts
     first_seen = fresh.last_seen
 
     # a later batch merges (does not replace) the latest metrics
