@@ -26,7 +26,7 @@ import aiomqtt
 import pytest
 
 from firmware_sim.fleet import Fleet
-from tests.support.browser import CHROMIUM, launch
+from tests.support.browser import CHROMIUM, launch, watch
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import Mosquitto
 
@@ -74,21 +74,10 @@ async def browser_page(
                     ]
                 )
             page = await context.new_page()
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
-            page.on("console", lambda msg: _console(msg, problems))
+            watch(page, problems)
             yield page, problems
         finally:
             await browser.close()
-
-
-def _console(msg: Any, problems: list[str]) -> None:
-    """CSP reports and errors are problems; a history request that raced the first database
-    write (404, retried by the page) is not."""
-    if "Content Security" in msg.text:
-        problems.append(msg.text)
-    elif msg.type == "error" and "/telemetry?" not in (msg.location or {}).get("url", ""):
-        problems.append(f"{msg.text} ({(msg.location or {}).get('url')})")
 
 
 @contextlib.asynccontextmanager
