@@ -119,6 +119,29 @@ async def test_pipeline_acknowledges_a_reading_its_bound_dropped_once_counted(la
         await pipeline.close()
 
 
+@pytest.mark.django_db(transaction=True)
+async def test_pipeline_acknowledges_a_reading_the_database_refused_once_counted(layer):
+    # A row the database refuses (a trigger here; on PostgreSQL e.g. a NUL in text) costs
+    # its batch a row-by-row write: the refused value is counted, the others stored, and
+    # every reading acknowledged (redelivering it would be refused again).
+    await sql(
+        "CREATE TRIGGER refuse_test BEFORE INSERT ON devices_reading "
+        "WHEN NEW.metric = 'refused' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    pipeline = TelemetryPipeline(batch_delay=3600)
+    acks = Acks()
+    refused = TELEMETRY_DROPPED.labels(reason="db_refused")._value.get()
+    try:
+        pipeline.submit_reading("dur-r", "mqtt", TS, {"refused": 1.0}, durable=acks("r1"))
+        pipeline.submit_reading("dur-r", "mqtt", TS + 1, {"kept": 2.0}, durable=acks("r2"))
+        await eventually(lambda: sorted(acks.done) == ["r1", "r2"], what="both acknowledged")
+        assert await stored("dur-r") == [2.0]
+        assert TELEMETRY_DROPPED.labels(reason="db_refused")._value.get() == refused + 1
+    finally:
+        await pipeline.close()
+        await sql("DROP TRIGGER refuse_test")
+
+
 # -- the device consumer: QoS 1 acknowledged once stored, rejects at once ------------------
 
 
