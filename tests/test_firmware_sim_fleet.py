@@ -187,16 +187,21 @@ async def test_abrupt_drop_fires_last_will_and_clean_stop_does_not(mosquitto, re
         assert await retained(mosquitto.port, f"devices/{dropped.id}/status") == b"offline"
         assert not recorder.on(f"devices/{dropped.id}/status")[-1][1] == b"bye"
         assert not dropped.connected and dropped.drops == 1
-        # It stays away until restored, then announces itself again.
-        sent = dropped.sent
-        await asyncio.sleep(0.5)
+        # It stays away until restored (the other one, at the same rate, publishes three more
+        # readings meanwhile), then announces itself again.
+        sent, others = dropped.sent, len(telemetry(recorder, stopped.id))
+        await recorder.wait(lambda ms: len(telemetry(recorder, stopped.id)) >= others + 3)
         assert dropped.sent == sent
         mark = len(recorder.messages)
         dropped.restore()
         await recorder.wait_topic(f"devices/{dropped.id}/status", b"online", after=mark)
         await stopped.stop()
         await recorder.wait_topic(f"devices/{stopped.id}/status", b"bye")
-        await asyncio.sleep(0.3)
+        # A Will would be published as the broker handles the disconnect, before a message
+        # sent after it.
+        mark = len(recorder.messages)
+        await recorder.publish("test/sentinel", b"after the clean stop")
+        await recorder.wait_topic("test/sentinel", after=mark)
         assert b"offline" not in [m[1] for m in recorder.on(f"devices/{stopped.id}/status")]
 
 
@@ -492,7 +497,11 @@ async def test_tasmota_faults(mosquitto, recorder):
         noisy.set_garbage(1.0)
         await recorder.publish(f"cmnd/{quiet.id}/POWER", "ON")
         await recorder.wait(lambda ms: noisy.garbage_sent >= 10)
-        await asyncio.sleep(0.3)
+        # Its next telemetry comes from the same connection after the command was handled: a
+        # RESULT would have come before it.
+        await recorder.wait(lambda ms: quiet.relay is True)
+        mark = len(recorder.messages)
+        await recorder.wait_topic(f"tele/{quiet.id}/SENSOR", after=mark)
         assert quiet.relay is True and not recorder.on(f"stat/{quiet.id}/RESULT")
         assert b"Maybe" in [m[1] for m in recorder.on(f"tele/{noisy.id}/LWT")]
 

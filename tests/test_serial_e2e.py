@@ -165,6 +165,15 @@ async def test_serial_device_through_the_gateway(mosquitto, tmp_path):
         port.unplug()
 
 
+async def handled_after(gw: GatewayProcess, cookie: str, broker_port: int) -> None:
+    """Until a reading published now through the broker is stored: whatever the gateway's MQTT
+    bridge received before it (one session, in order; one pipeline) is handled by then."""
+    sentinel = f"sentinel-{secrets.token_hex(3)}"
+    async with aiomqtt.Client("127.0.0.1", broker_port) as client:
+        await client.publish(f"devices/{sentinel}/telemetry", b'{"s": 1}', qos=1)
+    await until(lambda: gw.history(cookie, sentinel, "s"), what="the sentinel reading stored")
+
+
 async def _through_the_gateway(
     gw: GatewayProcess, cookie: str, port: PlugPort, device: str, broker_port: int
 ) -> None:
@@ -209,23 +218,24 @@ async def _through_the_gateway(
             return points if len(points) >= 3 else None
 
         points = await until(three_points, what="3 temperature points")
-        # The mirror round trip (gateway → broker → the gateway's own MQTT bridge) is done
-        # once the plain subscriber saw the third reading; give the writer a batch more.
+        # The mirror echoes (gateway → broker → the gateway's own MQTT bridge) are on the
+        # broker once the plain subscriber saw the third; a reading published after them is
+        # stored after the bridge handled them.
         await until(
             lambda: sum(m.topic.matches(f"devices/{device}/telemetry") for m in mirrored) >= 3,
             what="3 mirrored readings",
         )
-        await asyncio.sleep(1.0)
+        await handled_after(gw, cookie, broker_port)
         points = gw.history(cookie, device, "temperature")
         assert [p[1] for p in points] == [21.5, 22.25, 23.5], "a reading stored twice or lost"
         after = metrics_of(gw)
         stored = after["gateway_telemetry_stored_total"] - before["gateway_telemetry_stored_total"]
-        assert stored == 2 + 3 + 1, f"stored {stored} rows for 6 metric values"
+        assert stored == 2 + 3 + 1 + 1, f"stored {stored} rows for 6 metric values + sentinel"
         assert listed(gw, cookie, device)["transport"] == "serial"
-        for reason in ("bad_frame", "bad_encoding", "frame_too_long"):
-            assert rejected(after, reason) >= rejected(before, reason) + 1, reason
+        for reason in ("bad_frame", "bad_encoding", "frame_too_long"):  # one line each
+            assert rejected(after, reason) == rejected(before, reason) + 1, reason
         frames = after.get(f'gateway_serial_frames_total{{port="{port.link}"}}', 0.0)
-        assert frames >= 5  # 3 good + garbage + invalid UTF-8 (the long line is dropped)
+        assert frames == 5  # 3 good + garbage + invalid UTF-8 (the long line is dropped)
 
         # Mirror: a plain MQTT subscriber sees ordinary device topics.
         telemetry = [m for m in mirrored if m.topic.matches(f"devices/{device}/telemetry")]
@@ -403,14 +413,25 @@ async def test_runserial_alone_beside_a_web_process(mosquitto, redis_server, tmp
             )
             with bridge:
                 bridge.wait_for_log(r"usb-split opened")
-                async with web.ws_connect(cookie) as ws:
+                async with (
+                    web.ws_connect(cookie) as ws,
+                    aiomqtt.Client("127.0.0.1", mosquitto.port) as sub,
+                ):
+                    await sub.subscribe("devices/split-1/telemetry", qos=1)
                     json.loads(await asyncio.wait_for(ws.recv(), 10))  # snapshot
                     await port.send(b"temperature=18.5\n")
                     frame = await next_frame(ws, telemetry_of("split-1"))
                     assert frame["metrics"] == {"temperature": 18.5}
                     await port.send(b'{"temperature": 18.75}\n')
                     await next_frame(ws, lambda f: f.get("metrics", {}).get("temperature") == 18.75)
-                    await asyncio.sleep(1.5)  # mirror echoes reach the web process's bridge
+                    async with asyncio.timeout(10):  # both mirrored: the echoes are on the broker
+                        echoes = [await anext(sub.messages) for _ in range(2)]
+                    assert [json.loads(m.payload)["temperature"] for m in echoes] == [18.5, 18.75]
+                    await until(  # stored by runserial's own pipeline
+                        lambda: len(web.history(cookie, "split-1", "temperature")) >= 2,
+                        what="both readings stored",
+                    )
+                    await handled_after(web, cookie, mosquitto.port)  # and the echoes handled
                     points = web.history(cookie, "split-1", "temperature")
                     assert [p[1] for p in points] == [18.5, 18.75]
                     assert listed(web, cookie, "split-1")["transport"] == "serial"
