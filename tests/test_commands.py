@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import free_port, wait_for_port
+from tests.support.timing import allowance
 
 
 def retained(port: int, topic: str, timeout: float = 5.0) -> bytes | None:
@@ -65,7 +66,8 @@ def test_rungateway_healthz_login_and_clean_sigterm(mosquitto):
         assert gw.http_get("/api/devices/")[0] in (302, 401, 403)
     # Leaving the block sent SIGTERM and asserted exit code 0 within 5 s.
     print(f"rungateway stopped {gw.shutdown_seconds:.2f} s after SIGTERM")
-    assert gw.shutdown_seconds is not None and gw.shutdown_seconds < 5.0
+    assert gw.shutdown_seconds is not None
+    assert gw.shutdown_seconds < allowance(5.0)  # the documented 5 s, under load more
     assert retained(mosquitto.port, gw.status_topic) == b"offline"
 
 
@@ -90,7 +92,7 @@ def test_runmqtt_shared_group_stores_telemetry(mosquitto):
         while "count 1" not in gw.manage("shell", "-c", script):
             assert time.monotonic() < deadline, gw.tail()
             time.sleep(0.2)
-    assert gw.shutdown_seconds < 5.0
+    assert gw.shutdown_seconds < allowance(5.0)  # the documented 5 s, under load more
     assert retained(mosquitto.port, gw.status_topic) == b"offline"
 
 

@@ -19,6 +19,7 @@ import aiomqtt
 import pytest
 
 from tests.support.gateway import GatewayProcess, postgres_database
+from tests.support.timing import allowance
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
@@ -203,4 +204,4 @@ async def test_sigterm_with_a_dashboard_connected_closes_it_and_exits(mosquitto)
                 await asyncio.wait_for(ws.recv(), 5)
         assert code == 0
         print(f"stopped with a dashboard connected in {gw.shutdown_seconds:.2f} s")
-        assert gw.shutdown_seconds < 5.0
+        assert gw.shutdown_seconds < allowance(5.0)  # the documented 5 s, stretched under load

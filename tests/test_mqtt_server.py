@@ -26,6 +26,7 @@ from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.url import parse_broker_url
 from tests.support.servers import free_port
+from tests.support.timing import allowance
 
 RECORDS: asyncio.Queue = asyncio.Queue()
 GATE = asyncio.Event()
@@ -309,7 +310,7 @@ async def test_broker_restart_reconnects_replays_subscriptions_and_resumes(mosqu
                     delivered = await next_record("message", within=0.05)
             elapsed = time.monotonic() - started
             print(f"\ntelemetry flowing again {elapsed:.3f} s after the broker started")
-            assert elapsed < 5
+            assert elapsed < allowance(2.0)  # docs/reliability.md: within 2 s of its return
             assert delivered[1] == instance  # the same instance survived the outage
             assert server.connected and metric("gateway_mqtt_connected") == 1
             await pub.publish("extra/r1", b"after reconnect", qos=1)
@@ -406,7 +407,7 @@ async def test_shutdown_publishes_offline_and_retires(mosquitto):
     started = time.monotonic()
     await server.shutdown(4)
     await asyncio.wait_for(task, 1)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < allowance(5.0)  # shutdown(4) and the loop's turn
     assert (await next_record("retire"))[0] == "z1"
     assert server.instances == 0 and not server.connected
     async with client(mosquitto) as sub:
@@ -424,8 +425,7 @@ async def test_shutdown_with_broker_down_is_bounded(mosquitto):
     await server.shutdown(4)
     await asyncio.wait_for(task, 1)
     elapsed = time.monotonic() - started
-    print(f"\nshutdown with the broker down took {elapsed:.3f} s")
-    assert elapsed < 5
+    assert elapsed < allowance(5.0)  # shutdown(4) and the loop's turn, stretched under load
 
 
 async def test_idle_instances_are_retired(mosquitto):

@@ -24,6 +24,7 @@ from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.runner import GatewayRunner, close_pipeline
 from tests.support.servers import free_port
+from tests.support.timing import allowance
 
 
 async def hello_http(scope, receive, send):
@@ -108,7 +109,7 @@ async def test_sigterm_publishes_offline_flushes_and_exits_within_5s(mosquitto):
                 if payloads[-1] == b"offline":
                     break
     assert code == 0
-    assert took < 5.0
+    assert took < allowance(5.0)  # the documented 5 s, under load more
     assert payloads[0] == b"online" and payloads[-1] == b"offline"
     assert await retained(mosquitto.port, status_topic) == b"offline"
     assert runtime.get("mqtt") is None
@@ -185,7 +186,9 @@ async def test_shutdown_is_bounded_when_a_bridge_hangs():
     runner.request_shutdown()
     assert await asyncio.wait_for(task, 10) == 0
     took = time.monotonic() - started
-    assert took < 4.0, took  # budget 1.5 s; neither the 60 s hook nor the bridge is awaited
+    # Budget 1.5 s; neither the 60 s hook nor the bridge is awaited. 4 s leaves room for a
+    # loaded machine (stretched further under load, tests/support/timing.py).
+    assert took < allowance(4.0), took
 
 
 async def test_busy_port_fails_before_anything_starts():

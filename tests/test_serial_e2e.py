@@ -26,6 +26,7 @@ import pytest
 
 from firmware_sim.serial_device import LONG_LINE_BYTES, SerialSimDevice, open_pty
 from tests.support.gateway import GatewayProcess
+from tests.support.timing import allowance
 from tests.test_e2e import device_list, next_frame, status_of, telemetry_of, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -270,7 +271,10 @@ async def _through_the_gateway(
             )
             resumed = time.monotonic() - replugged
             print(f"replug → first telemetry frame on the dashboard: {resumed:.2f} s")
-            assert resumed < 4.0, f"telemetry resumed {resumed:.2f} s after replug (target 2 s)"
+            # The documented 2 s (backoff cap 1 s + reopen); 4 s and stretched under load
+            # (tests/support/timing.py): the gateway is a child process on a shared machine.
+            bound = allowance(4.0)
+            assert resumed < bound, f"telemetry resumed {resumed:.2f} s after replug (target 2 s)"
 
             def finished(f: dict) -> bool:
                 return (
