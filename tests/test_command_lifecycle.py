@@ -377,8 +377,8 @@ async def poll_api(gw: Any, path: str, cookie: str, check: Callable[[Any], bool]
 
 def device_online(device_id: str, online: bool) -> Callable[[Any], bool]:
     def check(body: Any) -> bool:
-        devices = body if isinstance(body, list) else body.get("devices", [])
-        return any(d["id"] == device_id and d["online"] is online for d in devices)
+        assert isinstance(body, list), body  # docs/interface.md §5.2
+        return any(d["id"] == device_id and d["online"] is online for d in body)
 
     return check
 

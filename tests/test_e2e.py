@@ -47,8 +47,9 @@ def status_of(device: str, online: bool) -> Callable[[dict], bool]:
 
 
 def device_list(body: Any) -> list[dict]:
-    """`/api/devices/` as a list, whether it is a bare list or wrapped in {"devices": …}."""
-    return body if isinstance(body, list) else body.get("devices", [])
+    """`/api/devices/`: a JSON list of devices (docs/interface.md §5.2)."""
+    assert isinstance(body, list), body
+    return body
 
 
 @contextlib.contextmanager

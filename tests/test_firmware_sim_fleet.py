@@ -510,51 +510,48 @@ async def test_tasmota_faults(mosquitto, recorder):
 
 
 async def test_simulate_command_publishes_and_stops_cleanly_on_sigterm(mosquitto):
-    if True:
-        async with Recorder(mosquitto.port) as rec:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "manage.py",
-                "simulate",
-                "--mqtt",
-                mosquitto.url,
-                "--devices",
-                "3",
-                "--rate",
-                "5",
-                "--style",
-                "native",
-                "--prefix",
-                "cmd",
-                "--duration",
-                "60",
-                "--faults",
-                "delay=0.1@cmd-0002",
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            try:
-                ids = ["cmd-0001", "cmd-0002", "cmd-0003"]
-                await rec.wait(
-                    lambda ms: all(rec.on(f"devices/{i}/telemetry") for i in ids), within=30
-                )
-                await rec.publish("devices/cmd-0002/commands", {"id": "x1", "name": "relay"})
-                await rec.wait_json("devices/cmd-0002/commands/ack", id="x1")
-                proc.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(20):
-                    out, err = await proc.communicate()
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            assert proc.returncode == 0, err.decode()
-            text = out.decode()
-            assert "3/3 connected" in text and "fault delay=0.1 on 1: cmd-0002" in text
-            assert "stopped" in text
-            for device_id in ids:
-                await rec.wait_topic(f"devices/{device_id}/status", b"offline")
+    async with Recorder(mosquitto.port) as rec:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "manage.py",
+            "simulate",
+            "--mqtt",
+            mosquitto.url,
+            "--devices",
+            "3",
+            "--rate",
+            "5",
+            "--style",
+            "native",
+            "--prefix",
+            "cmd",
+            "--duration",
+            "60",
+            "--faults",
+            "delay=0.1@cmd-0002",
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            ids = ["cmd-0001", "cmd-0002", "cmd-0003"]
+            await rec.wait(lambda ms: all(rec.on(f"devices/{i}/telemetry") for i in ids), within=30)
+            await rec.publish("devices/cmd-0002/commands", {"id": "x1", "name": "relay"})
+            await rec.wait_json("devices/cmd-0002/commands/ack", id="x1")
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, err.decode()
+        text = out.decode()
+        assert "3/3 connected" in text and "fault delay=0.1 on 1: cmd-0002" in text
+        assert "stopped" in text
+        for device_id in ids:
+            await rec.wait_topic(f"devices/{device_id}/status", b"offline")
 
 
 def test_simulate_command_rejects_bad_options(mosquitto):
