@@ -31,8 +31,8 @@ from devices.models import Command, Device
 from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.fleet import Fleet
 from gateway.asgi import application
-from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.server import MqttServer
+from tests.support.checks import rejected
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -142,10 +142,6 @@ async def send_command(ws: WebsocketCommunicator, device: str, name: str, **extr
 
 async def stored(command_id: str) -> Command:
     return await Command.objects.aget(pk=command_id)
-
-
-def rejected(reason: str) -> float:
-    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
 
 
 # --- the lifecycle --------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from channels.db import database_sync_to_async
 from devices.models import Device, Reading
 from devices.routing import mqtt_routes
 from devices.telemetry.pipeline import current_pipeline
-from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
+from tests.support.checks import rejected
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TS = 1_764_214_000.0
@@ -49,10 +49,6 @@ async def quiet(layer, channel) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
             await layer.receive(channel)
-
-
-def rejected(reason: str) -> float:
-    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
 
 
 def test_routes_cover_the_contract_topics():

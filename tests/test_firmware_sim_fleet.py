@@ -25,6 +25,7 @@ from firmware_sim.faults import FaultSpec, FaultSpecError
 from firmware_sim.firmware import Outgoing
 from firmware_sim.fleet import Fleet, FleetConfig, parse_broker_url
 from firmware_sim.signals import SensorSignals, Walk
+from tests.support.checks import retained
 
 ROOT = Path(__file__).resolve().parent.parent
 Msg = tuple[str, bytes, bool, float]  # topic, payload, retain, monotonic receive time
@@ -94,16 +95,6 @@ class Recorder:
             return None
 
         return await self.wait(find)
-
-
-async def retained(port: int, topic: str) -> bytes:
-    """What a brand-new subscriber gets as the retained message on `topic`."""
-    async with aiomqtt.Client("127.0.0.1", port) as client:
-        await client.subscribe(topic, qos=1)
-        async with asyncio.timeout(5):
-            async for m in client.messages:
-                assert m.retain
-                return m.payload
 
 
 @pytest.fixture

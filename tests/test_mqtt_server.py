@@ -18,13 +18,13 @@ import aiomqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from prometheus_client import REGISTRY
 
 from gateway.exceptions import BrokerUnavailable, InvalidEvent
 from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.url import parse_broker_url
+from tests.support.checks import metric
 from tests.support.servers import free_port
 from tests.support.timing import allowance
 
@@ -161,10 +161,6 @@ async def next_record(kind: str, within: float = 5.0):
 async def first_message(subscriber: aiomqtt.Client, within: float = 5.0) -> aiomqtt.Message:
     async with asyncio.timeout(within):
         return await anext(subscriber.messages)
-
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_one_instance_per_key_with_params_and_properties(mosquitto):
@@ -455,8 +451,6 @@ async def test_falls_back_to_v311_when_broker_refuses_v5():
     """amqtt speaks only MQTT 3.1.1 and answers a v5 CONNECT with "unsupported protocol"."""
     logging.getLogger("transitions").setLevel(logging.WARNING)
     from amqtt.broker import Broker
-
-    from tests.support.servers import free_port
 
     port = free_port()
     broker = Broker(

@@ -23,6 +23,7 @@ from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.runner import GatewayRunner, close_pipeline
+from tests.support.checks import retained
 from tests.support.servers import free_port
 from tests.support.timing import allowance
 
@@ -51,16 +52,6 @@ def mqtt_server(url: str, gateway_id: str, protocol: str = "v5") -> MqttServer:
         status_topic=f"gateway/{gateway_id}/status",
         protocol=protocol,
     )
-
-
-async def retained(port: int, topic_name: str, wait: float = 5.0) -> bytes:
-    """The retained payload on a topic, read by a fresh subscriber."""
-    async with aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{secrets.token_hex(4)}") as c:
-        await c.subscribe(topic_name)
-        async with asyncio.timeout(wait):
-            async for message in c.messages:
-                return bytes(message.payload)
-    raise AssertionError("no message")
 
 
 def sigterm_self() -> float:

@@ -18,9 +18,9 @@ from devices.conventions import mirror
 from devices.conventions.serial import SerialDeviceConsumer, derive_device_id, device_id_for_scope
 from devices.models import Command, Device, Reading
 from devices.telemetry.pipeline import get_pipeline
-from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.events import properties_to_dict
 from gateway.serial.testing import SerialCommunicator
+from tests.support.checks import rejected
 from tests.support.waiting import eventually
 from tests.test_serial_server import Pty, serving
 
@@ -48,10 +48,6 @@ async def frames_until(layer, channel, predicate, timeout: float = 10.0) -> dict
         for frame in message["events"]:
             if predicate(frame):
                 return frame
-
-
-def rejected(reason: str) -> float:
-    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
 
 
 def test_device_id_rule():

@@ -25,6 +25,7 @@ import aiomqtt
 import pytest
 
 from firmware_sim.serial_device import LONG_LINE_BYTES, SerialSimDevice, open_pty
+from tests.support.checks import retained
 from tests.support.gateway import GatewayProcess
 from tests.support.timing import allowance
 from tests.test_e2e import device_list, next_frame, status_of, telemetry_of, until
@@ -347,15 +348,6 @@ async def test_absent_ports_are_retried_and_non_default_framing(mosquitto, tmp_p
         for device in ("crlf-1", "idle-1"):
             entry = listed(gw, cookie, device)
             assert entry is not None and entry["transport"] == "serial", entry
-
-
-async def retained(broker_port: int, topic: str) -> bytes:
-    """The retained payload of `topic`, as a subscriber arriving now sees it."""
-    async with aiomqtt.Client("127.0.0.1", broker_port) as client:
-        await client.subscribe(topic, qos=1)
-        async with asyncio.timeout(10):
-            async for message in client.messages:
-                return message.payload
 
 
 async def test_unclean_stop_then_restart_without_the_port(mosquitto, tmp_path):

@@ -20,10 +20,10 @@ from devices.routing import mqtt_routes
 from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.fleet import Fleet
 from gateway.exceptions import Rejected
-from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.testing import MqttCommunicator
+from tests.support.checks import rejected
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,10 +46,6 @@ async def frame(layer, channel, predicate: Callable[[dict], bool], wait: float =
             for event in message["events"]:
                 if predicate(event):
                     return event
-
-
-def rejected(reason: str) -> float:
-    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
 
 
 # --- pure functions and routes -------------------------------------------------------------
