@@ -24,6 +24,7 @@ from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.url import parse_broker_url
+from tests.support.bridge import running
 from tests.support.checks import metric
 from tests.support.servers import free_port
 from tests.support.timing import allowance
@@ -130,17 +131,6 @@ def make_server(broker, **kwargs) -> MqttServer:
     }
     options.update(kwargs)
     return MqttServer(make_app(), url=broker.url, **options)
-
-
-@contextlib.asynccontextmanager
-async def running(server: MqttServer):
-    task = asyncio.create_task(server.serve())
-    try:
-        await server.wait_connected(10)
-        yield server
-    finally:
-        await server.shutdown(4)
-        await asyncio.wait_for(task, 5)
 
 
 def client(broker, **kwargs) -> aiomqtt.Client:

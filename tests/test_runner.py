@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -23,6 +22,7 @@ from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.runner import GatewayRunner, close_pipeline
+from tests.support.bridge import running
 from tests.support.checks import retained
 from tests.support.servers import free_port
 from tests.support.timing import allowance
@@ -196,17 +196,6 @@ async def test_busy_port_fails_before_anything_starts():
 # --- the embedded broker ------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def serving(bridge: MqttServer):
-    task = asyncio.create_task(bridge.serve())
-    try:
-        await bridge.wait_connected(10)
-        yield bridge
-    finally:
-        await bridge.shutdown(2.0)
-        await asyncio.wait_for(task, 5)
-
-
 async def test_existing_broker_is_used(mosquitto):
     assert await embedded.ensure_broker(mosquitto.url) is None
 
@@ -219,7 +208,7 @@ async def test_embedded_broker_starts_when_none_answers(kind):
     assert broker is not None and broker.kind == kind
     try:
         gateway_id = f"emb-{kind}"
-        async with serving(mqtt_server(url, gateway_id, protocol=broker.protocol)) as bridge:
+        async with running(mqtt_server(url, gateway_id, protocol=broker.protocol), 2.0) as bridge:
             assert bridge.connected
             assert await retained(port, f"gateway/{gateway_id}/status") == b"online"
     finally:

@@ -23,6 +23,7 @@ from gateway.exceptions import Rejected
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.testing import MqttCommunicator
+from tests.support.bridge import running
 from tests.support.checks import rejected
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -222,13 +223,8 @@ async def gateway(broker):
         backoff_max=0.5,
         retire_grace=0.5,
     )
-    task = asyncio.create_task(server.serve())
-    try:
-        await server.wait_connected(10)
+    async with running(server):
         yield server
-    finally:
-        await server.shutdown(4)
-        await asyncio.wait_for(task, 5)
 
 
 async def finished(command_id: Any, wait: float = 10.0) -> Command:
