@@ -32,7 +32,7 @@ from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.fleet import Fleet
 from gateway.asgi import application
 from gateway.mqtt.server import MqttServer
-from tests.support.checks import rejected
+from tests.support.checks import nothing_came_before, rejected
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -303,12 +303,6 @@ async def device_d1():
     await layer.flush()
 
 
-async def nothing_on(channel: str) -> None:
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.3):
-            await get_channel_layer().receive(channel)
-
-
 async def test_permission_refused_on_the_websocket(device_d1):
     ws = await dashboard("viewer")
     await ws.send_json_to({"type": "command", "device": "d1", "name": "reboot", "ref": 7})
@@ -319,7 +313,7 @@ async def test_permission_refused_on_the_websocket(device_d1):
         "message": "you may not send commands",
         "ref": 7,
     }
-    await nothing_on(device_d1)
+    await nothing_came_before(get_channel_layer(), device_d1)
     assert await Command.objects.acount() == 0
     await ws.disconnect()
 

@@ -8,6 +8,7 @@ import secrets
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 from prometheus_client import REGISTRY
@@ -55,3 +56,12 @@ def sqlite_locked(path: Path) -> Iterator[None]:
     finally:
         conn.execute("ROLLBACK")
         conn.close()
+
+
+async def nothing_came_before(layer: Any, channel: str) -> None:
+    """Nothing has reached `channel`: a sentinel sent now is the first message it receives (a
+    channel is first in, first out), so whatever ran before cannot have sent to it."""
+    await layer.send(channel, {"type": "test.sentinel"})
+    async with asyncio.timeout(5):
+        first = await layer.receive(channel)
+    assert first == {"type": "test.sentinel"}, f"{channel} received {first!r}"
