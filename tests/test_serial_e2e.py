@@ -316,7 +316,7 @@ async def test_absent_ports_are_retried_and_non_default_framing(mosquitto, tmp_p
                     )
                     picked_up = time.monotonic() - appeared
                     print(f"absent at start → appeared → first frame: {picked_up:.2f} s")
-                    assert picked_up < 4.0
+                    assert picked_up < allowance(4.0)  # backoff cap 1 s + open, under load more
                     bad_before = rejected(metrics_of(gw), "bad_frame")
                     await crlf.send(b"temp=1\nhum=2\r\n")  # one frame: bad_frame (a control char)
                     await next_frame(
