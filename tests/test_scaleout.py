@@ -380,7 +380,7 @@ async def test_two_bridges_and_two_web_workers_share_one_redis_and_postgresql(
                 for web in webs:
                     status, listed = await asyncio.to_thread(web.http_get, "/api/devices/", cookie)
                     assert status == 200
-                    listed = listed if isinstance(listed, list) else listed["devices"]
+                    assert isinstance(listed, list), listed  # docs/interface.md §5.2
                     latest = {d["id"]: (d["online"], d["metrics"].get("seq")) for d in listed}
                     expected = (True, float(BEFORE_KILL + AFTER_KILL - 1))
                     assert {device: latest.get(device) for device in DEVICES} == dict.fromkeys(
