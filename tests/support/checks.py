@@ -1,4 +1,5 @@
-"""Looking at what the gateway did, from outside: retained messages, stored readings, counters."""
+"""Looking at what the gateway did, from outside (retained messages, stored readings, counters,
+what reached a channel), and holding its SQLite file the way another writer would."""
 
 from __future__ import annotations
 
