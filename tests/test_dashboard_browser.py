@@ -26,7 +26,7 @@ import aiomqtt
 import pytest
 
 from firmware_sim.fleet import Fleet
-from tests.support.browser import CHROMIUM, launch, watch
+from tests.support.browser import CHROMIUM, watched_page
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import Mosquitto
 
@@ -58,26 +58,10 @@ async def browser_page(
     gw: GatewayProcess, user: str | None, *, width: int = 1280, height: int = 860
 ) -> AsyncIterator[tuple[Any, list[str]]]:
     """A Chromium page (logged in as `user` through a real login when given) and its problems."""
-    from playwright.async_api import async_playwright
-
-    problems: list[str] = []
-    async with async_playwright() as pw:
-        browser = await launch(pw)
-        try:
-            context = await browser.new_context(viewport={"width": width, "height": height})
-            if user is not None:
-                cookie = await asyncio.to_thread(gw.login, user, PASSWORD)
-                await context.add_cookies(
-                    [
-                        {"name": k, "value": v, "url": gw.base_url}
-                        for k, v in (part.split("=", 1) for part in cookie.split("; "))
-                    ]
-                )
-            page = await context.new_page()
-            watch(page, problems)
-            yield page, problems
-        finally:
-            await browser.close()
+    cookie = await asyncio.to_thread(gw.login, user, PASSWORD) if user is not None else None
+    viewport = {"width": width, "height": height}
+    async with watched_page(gw.base_url, cookie, viewport=viewport) as (page, problems):
+        yield page, problems
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +54,36 @@ def _response(response: Any, problems: list[str]) -> None:
     if response.status == 404 and NOT_STORED_YET.search(response.url):
         return
     problems.append(f"HTTP {response.status} {response.request.method} {response.url}")
+
+
+@contextlib.asynccontextmanager
+async def watched_page(
+    base_url: str,
+    cookie: str | None,
+    *,
+    viewport: dict[str, int] | None = None,
+    init_script: str | None = None,
+) -> AsyncIterator[tuple[Any, list[str]]]:
+    """A Chromium page carrying `cookie` (a `Cookie` header of a logged-in session, or None)
+    for `base_url`, watched (`watch`), and the list its problems go to."""
+    from playwright.async_api import async_playwright
+
+    problems: list[str] = []
+    async with async_playwright() as pw:
+        browser = await launch(pw)
+        try:
+            context = await browser.new_context(**({"viewport": viewport} if viewport else {}))
+            if cookie:
+                await context.add_cookies(
+                    [
+                        {"name": k, "value": v, "url": base_url}
+                        for k, v in (part.split("=", 1) for part in cookie.split("; "))
+                    ]
+                )
+            if init_script:
+                await context.add_init_script(init_script)
+            page = await context.new_page()
+            watch(page, problems)
+            yield page, problems
+        finally:
+            await browser.close()
