@@ -45,12 +45,16 @@ class Sizes:
     commands: int
     scale_devices: tuple[int, ...]
     scale_messages: int
-    peer_messages: int
-    peer_cap: float  # seconds the peer may take
+    peer_cap: float  # seconds the peer may take (it gets the `ingest` workload)
 
 
-QUICK = Sizes(3000, 2.0, 2.0, 5, (100, 1000), 3000, 300, 5.0)
-FULL = Sizes(50_000, 10.0, 10.0, 50, (100, 1000, 10_000), 40_000, 5000, 30.0)
+QUICK = Sizes(3000, 2.0, 2.0, 5, (100, 1000), 3000, 5.0)
+FULL = Sizes(50_000, 10.0, 10.0, 50, (100, 1000, 10_000), 40_000, 30.0)
+
+
+def scale_count(sizes: Sizes, devices: int) -> int:
+    """Messages of the scaling run at `devices` devices (at least two per device)."""
+    return max(sizes.scale_messages, devices * 2)
 
 
 async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Table:
@@ -64,8 +68,13 @@ async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Ta
                 base[f"q{qos}"] = await scenarios.bare(url, sizes.ingest, qos)
             rate = 1000.0
             base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
+            if "scaling" in parts:  # each fleet size has its own baseline, same messages
+                for devices in sizes.scale_devices:
+                    count = scale_count(sizes, devices)
+                    base[f"scale{devices}"] = await scenarios.bare(url, count, devices=devices)
         if "peer" in parts:
-            base["peer"] = await run_peer(url, count=sizes.peer_messages, cap=sizes.peer_cap)
+            # The QoS 0 in-memory row's workload: as many messages, stored, at the same QoS.
+            base["peer"] = await run_peer(url, count=sizes.ingest, cap=sizes.peer_cap, qos=0)
         if profile or parts & {"memory", "discovery", "latency", "commands", "idle", "scaling"}:
             await memory_stack(url, sizes, parts, base, table, profile, experiments)
         if "redis" in parts:
@@ -125,9 +134,10 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
                 for devices in sizes.scale_devices:
                     results[devices] = await scenarios.ingest(
                         gateway, dash, meter, prefix=f"s{devices}", devices=devices,
-                        count=max(sizes.scale_messages, devices * 2),
+                        count=scale_count(sizes, devices),
                     )  # fmt: skip
-                table.scaling(results, base.get("q0"))
+                bare = {d: base[f"scale{d}"] for d in sizes.scale_devices if f"scale{d}" in base}
+                table.scaling(results, bare)
                 table.rss(max(sizes.scale_devices), meter.rss_mb(), rss_start)
                 if "tracemalloc" in experiments:  # the gateway writes its allocation sites
                     os.kill(gateway.proc.pid, signal.SIGUSR2)

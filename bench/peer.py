@@ -4,7 +4,7 @@ The virtualenv (``bench/.venv-mqttasgi``, git-ignored; ``BENCH_PEER_VENV`` overr
 first use with mqttasgi 2.0.0 and the project's own Django/Channels/paho versions, plus py-spy
 for ``--profile``. mqttasgi's receive loop calls ``paho.loop(timeout=0.01)`` and then sleeps
 10 ms, which bounds it at roughly one packet per loop turn; so the peer runs for at most
-`cap` seconds and its rate is what it delivered in that time.
+`cap` seconds and its rate is the readings it stored and delivered over the time it took.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,13 +47,16 @@ def ensure_venv() -> Path:
 
 
 async def run_peer(url: str, *, count: int, cap: float, qos: int = 0) -> dict[str, float]:
-    """Publish `count` messages from 100 devices through mqttasgi; its rate and CPU/message."""
+    """Publish `count` messages from 100 devices through mqttasgi; its rate and CPU/message
+    over the messages it stored and delivered."""
     bin_dir = await asyncio.to_thread(ensure_venv)
     port = url.rsplit(":", 1)[1]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE",)},
         "BENCH_EXPECT": str(count),
         "BENCH_QOS": str(qos),
+        "BENCH_PEER_DB": str(workdir / "peer.sqlite3"),
         "PYTHONPATH": str(ROOT),
     }
     proc = await asyncio.create_subprocess_exec(
@@ -87,6 +92,7 @@ async def run_peer(url: str, *, count: int, cap: float, qos: int = 0) -> dict[st
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
     elapsed = max(last_t - pub["start"], 1e-6)
     return {
         "rate": done / elapsed,

@@ -2,7 +2,9 @@
 
 Rates are messages over (the moment the last one was stored *and* shown on the dashboard −
 the publisher's first send), both on the wall clock of this machine. CPU per message is the
-gateway process's CPU time (all threads) over the same span, divided by the messages.
+gateway process's CPU time (all threads) over the same span, divided by the messages; the
+bench waits for storage by reading the database file itself, so nothing it does while
+measuring (no /metrics poll) runs in the gateway.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from urllib.parse import urlsplit
 import aiomqtt
 import orjson
 
-from bench.harness import ROOT, Dashboard, Meter, publish_args, run_worker, wait_stored
+from bench.harness import (
+    ROOT,
+    Dashboard,
+    Meter,
+    publish_args,
+    run_worker,
+    stored_rows,
+    wait_stored,
+)
 from bench.workers import VALUES_PER_MESSAGE, device_id
 from tests.support.gateway import GatewayProcess
 
@@ -32,8 +42,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # --- the limit: a bare aiomqtt subscriber ----------------------------------------------------
-async def bare(url: str, count: int, qos: int = 0, rate: float = 0.0) -> dict[str, float]:
-    """A bare aiomqtt subscriber parsing `count` messages from 100 devices: rate, CPU, latency."""
+async def bare(
+    url: str, count: int, qos: int = 0, rate: float = 0.0, devices: int = 100
+) -> dict[str, float]:
+    """A bare aiomqtt subscriber parsing `count` messages from `devices` devices: rate, CPU,
+    latency (each message is one reading, so one sample each)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.workers", "bare", "--url", url, "--count", str(count),
         cwd=ROOT, stdout=asyncio.subprocess.PIPE,
@@ -44,7 +57,7 @@ async def bare(url: str, count: int, qos: int = 0, rate: float = 0.0) -> dict[st
         if line.strip() != b"ready":
             raise RuntimeError(f"bare subscriber did not start: {line!r}")
         pub = await run_worker(
-            *publish_args(url, prefix="bare", devices=100, count=count, qos=qos, rate=rate)
+            *publish_args(url, prefix="bare", devices=devices, count=count, qos=qos, rate=rate)
         )
         out = await asyncio.wait_for(proc.stdout.read(), 120)
         result = orjson.loads(out.decode().strip().splitlines()[-1])
@@ -81,7 +94,7 @@ async def ingest(
     (the profiler starts there, so a profile shows the steady cost, not first contact)."""
     url = gateway.mqtt_url
     ids = [device_id(prefix, i) for i in range(devices)]
-    stored = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
+    stored = await asyncio.to_thread(stored_rows, gateway)
     first_cpu = meter.cpu()
     await run_worker(
         *publish_args(url, prefix=prefix, devices=devices, count=devices, qos=qos, topic=topic)
@@ -94,7 +107,7 @@ async def ingest(
     first_contact = meter.cpu() - first_cpu
     per_device = count // devices
     count = per_device * devices
-    base = await asyncio.to_thread(gateway.metric, "gateway_telemetry_stored_total")
+    base = await asyncio.to_thread(stored_rows, gateway)
     if steady is not None:
         await steady()
     done_dash = dash.expect(dict.fromkeys(ids, 1 + per_device))
@@ -106,7 +119,6 @@ async def ingest(
             )
         )
     )
-    # The dashboard first: polling /metrics all along would charge its cost to the gateway.
     t_dash = await asyncio.wait_for(done_dash, limit)
     t_stored = await wait_stored(gateway, base + count * VALUES_PER_MESSAGE, limit)
     cpu = meter.cpu() - cpu0
@@ -180,7 +192,10 @@ async def settle(meter: Meter, limit: float, busy: float = 15.0) -> None:
 async def latency(
     gateway: GatewayProcess, dash: Dashboard, *, seconds: float, rate: float = 1000.0
 ) -> dict[str, float]:
-    """Device → dashboard latency at a steady `rate` msg/s from 100 devices (ts in payload)."""
+    """Device → dashboard latency of every reading at a steady `rate` msg/s from 100 devices.
+
+    A frame coalesces a device's readings: each reading's latency is the arrival of the first
+    frame carrying its `n` or a later one, minus its send time (the publisher reports them)."""
     url, prefix, devices = gateway.mqtt_url, "lat", 100
     ids = [device_id(prefix, i) for i in range(devices)]
     await run_worker(*publish_args(url, prefix=prefix, devices=devices, count=devices))
@@ -188,18 +203,41 @@ async def latency(
     count = int(rate * seconds) // devices * devices
     dash.latency, dash.latency_prefix = [], prefix
     done = dash.expect(dict.fromkeys(ids, 1 + count // devices))
-    await run_worker(
-        *publish_args(url, prefix=prefix, devices=devices, count=count, rate=rate, seq=1)
-    )
+    pub = await run_worker(
+        *publish_args(url, prefix=prefix, devices=devices, count=count, rate=rate, seq=1,
+                      times=True)
+    )  # fmt: skip
     await asyncio.wait_for(done, 60)
-    samples, dash.latency = dash.latency, None
+    frames, dash.latency = dash.latency, None
+    samples = per_reading(frames, pub["times"], ids, first_seq=1)
     return {
         "p50": percentile(samples, 0.5),
         "p99": percentile(samples, 0.99),
         "max": max(samples),
-        "frames": len(samples),
+        "frames": len(frames),
+        "readings": len(samples),
         "messages": count,
     }
+
+
+def per_reading(
+    frames: list[tuple[str, float, float]], sent: list[float], ids: list[str], first_seq: int
+) -> list[float]:
+    """One latency per reading: the k-th message went to device k % len(ids) with
+    n = first_seq + 1 + k // len(ids); it arrived with the first frame of its device whose n
+    reached it (frames of one device arrive in order)."""
+    arrival: dict[tuple[str, int], float] = {}
+    shown = dict.fromkeys(ids, first_seq)
+    for device, n, at in frames:
+        for m in range(int(shown[device]) + 1, int(n) + 1):
+            arrival[(device, m)] = at
+        shown[device] = max(shown[device], n)
+    devices = len(ids)
+    return [
+        arrival[(ids[k % devices], first_seq + 1 + k // devices)] - ts
+        for k, ts in enumerate(sent)
+        if (ids[k % devices], first_seq + 1 + k // devices) in arrival
+    ]
 
 
 async def start_fleet(url: str, devices: int) -> asyncio.subprocess.Process:

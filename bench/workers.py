@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -22,9 +23,9 @@ def device_id(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}"
 
 
-def payload(seq: int) -> bytes:
+def payload(seq: int, ts: float) -> bytes:
     """One telemetry message: two metrics (``n`` = per-device sequence) and the send time."""
-    return orjson.dumps({"n": seq, "temperature": 21.5, "ts": time.time()})
+    return orjson.dumps({"n": seq, "temperature": 21.5, "ts": ts})
 
 
 VALUES_PER_MESSAGE = 2  # metrics stored per `payload()` (n, temperature)
@@ -35,7 +36,7 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 1883
 
 
-def publish(args: argparse.Namespace) -> dict[str, float]:
+def publish(args: argparse.Namespace) -> dict[str, Any]:
     """Blast (`rate` 0) or pace `count` messages round-robin over `devices` device topics."""
     import paho.mqtt.client as mqtt
 
@@ -48,6 +49,7 @@ def publish(args: argparse.Namespace) -> dict[str, float]:
     topics = [args.topic.format(id=device_id(args.prefix, i)) for i in range(args.devices)]
     seqs = [args.first_seq] * args.devices
     start = time.time()
+    sent_at: list[float] = []  # the k-th message's `ts`, kept with --times
     info = None
     tick = 0.01
     per_tick = max(1, round(args.rate * tick)) if args.rate else 0
@@ -55,7 +57,10 @@ def publish(args: argparse.Namespace) -> dict[str, float]:
     for k in range(args.count):
         i = k % args.devices
         seqs[i] += 1
-        info = client.publish(topics[i], payload(seqs[i]), qos=args.qos)
+        ts = time.time()
+        if args.times:
+            sent_at.append(ts)
+        info = client.publish(topics[i], payload(seqs[i], ts), qos=args.qos)
         if per_tick and (k + 1) % per_tick == 0:
             next_at += tick
             delay = next_at - time.monotonic()
@@ -66,7 +71,10 @@ def publish(args: argparse.Namespace) -> dict[str, float]:
     end = time.time()
     client.disconnect()
     client.loop_stop()
-    return {"start": start, "end": end, "sent": args.count}
+    result: dict[str, Any] = {"start": start, "end": end, "sent": args.count}
+    if args.times:
+        result["times"] = sent_at
+    return result
 
 
 async def bare(args: argparse.Namespace) -> dict[str, float]:
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--rate", type=float, default=0.0, help="messages/s (0: as fast as possible)")
     pub.add_argument("--first-seq", type=int, default=0)
     pub.add_argument("--topic", default="devices/{id}/telemetry", help="{id}: the device id")
+    pub.add_argument("--times", action="store_true", help="report every message's send time")
     sub_bare = sub.add_parser("bare")
     sub_bare.add_argument("--url", required=True)
     sub_bare.add_argument("--count", type=int, required=True)

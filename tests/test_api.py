@@ -67,7 +67,8 @@ def test_session_login_works(client, user, d1):
 
 
 def test_only_get(api, d1):
-    assert api.post("/api/devices/").status_code in (403, 405)  # CSRF or method
+    response = api.post("/api/devices/")
+    assert (response.status_code, response.json()) == (405, {"error": "method not allowed"})
     response = api.delete(URL + "?metric=temp")
     assert response.status_code == 405 and "error" in response.json()
 
@@ -99,6 +100,7 @@ async def test_device_list_includes_values_not_yet_written(user):
     pipeline = get_pipeline()
     pipeline.batch_delay = 3600  # keep them pending during the request
     try:
+        received = datetime.now(UTC)
         pipeline.submit_reading("d1", "mqtt", T0.timestamp(), {"temp": 21.5})
         pipeline.submit_reading("new-one", "mqtt", T0.timestamp(), {"hum": 40.0})
         client = AsyncClient()
@@ -107,7 +109,10 @@ async def test_device_list_includes_values_not_yet_written(user):
         assert response.status_code == 200
         body = {d["id"]: d for d in response.json()}
         assert body["d1"]["metrics"] == {"old": 1.0, "temp": 21.5}
-        assert body["d1"]["online"] is True and body["d1"]["last_seen"] is not None
+        assert body["d1"]["online"] is True
+        # last_seen is when the gateway received the reading, not the reading's own ts.
+        last_seen = body["d1"]["last_seen"]  # epoch seconds (docs/interface.md §5.2)
+        assert received.timestamp() <= last_seen <= datetime.now(UTC).timestamp()
         assert body["new-one"]["metrics"] == {"hum": 40.0}
         assert body["new-one"]["name"] == "new-one"
     finally:

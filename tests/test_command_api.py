@@ -14,6 +14,7 @@ from django.test import AsyncClient
 
 from devices.commands import service as commands
 from devices.models import Command, Device
+from tests.support.checks import nothing_came_before
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -47,12 +48,6 @@ async def client_for(username: str | None, *, csrf: bool = False, **kwargs) -> A
 async def post(client: AsyncClient, body, url: str = URL, **kwargs):
     data = body if isinstance(body, bytes | str) else json.dumps(body)
     return await client.post(url, data=data, content_type="application/json", **kwargs)
-
-
-async def nothing_reaches(layer, channel) -> None:
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.2):
-            await layer.receive(channel)
 
 
 async def test_post_is_202_pending_and_reaches_the_device(layer, device_channel):
@@ -99,7 +94,7 @@ async def test_anonymous_is_401(layer, device_channel):
     assert response.status_code == 401
     assert response.json()["error"] == "authentication required"
     assert (await client.get(f"/api/commands/{uuid.uuid4()}")).status_code == 401
-    await nothing_reaches(layer, device_channel)
+    await nothing_came_before(layer, device_channel)
 
 
 async def test_without_permission_is_403_and_nothing_reaches_the_device(layer, device_channel):
@@ -107,7 +102,7 @@ async def test_without_permission_is_403_and_nothing_reaches_the_device(layer, d
     response = await post(client, {"name": "reboot"})
     assert response.status_code == 403
     assert response.json() == {"error": "you may not send commands", "code": "forbidden"}
-    await nothing_reaches(layer, device_channel)
+    await nothing_came_before(layer, device_channel)
     assert await Command.objects.acount() == 0
 
 
@@ -132,7 +127,7 @@ async def test_bad_input_is_400(layer, device_channel, body):
     response = await post(client, body)
     assert response.status_code == 400
     assert response.json()["code"] == "bad_request" and response.json()["error"]
-    await nothing_reaches(layer, device_channel)
+    await nothing_came_before(layer, device_channel)
 
 
 async def test_rate_limited_is_429_with_retry_after(layer, device_channel, settings):
@@ -160,7 +155,7 @@ async def test_csrf_is_enforced_for_session_authenticated_posts(layer, device_ch
     assert refused.status_code == 403
     assert refused.json()["code"] == "csrf_failed"
     assert "X-CSRFToken" in refused.json()["error"]
-    await nothing_reaches(layer, device_channel)
+    await nothing_came_before(layer, device_channel)
 
     # What a script does: fetch a page that sets the csrftoken cookie, send it back as a header.
     await client.get("/accounts/login/")

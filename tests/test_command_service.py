@@ -191,7 +191,8 @@ async def test_two_concurrent_deliveries_send_once(staff, layer, dashboard):
     assert wire.sent == [{"id": str(command.id), "name": "x", "args": {}}]
     assert count("sent") - before == 1
     stored = await Command.objects.aget(pk=command.id)
-    assert stored.status == "sent" and stored.sent_at is not None
+    assert stored.status == "sent"
+    assert stored.created_at <= stored.sent_at <= timezone.now()
 
 
 async def test_unavailable_transport_holds_then_delivers(staff, layer, dashboard):
@@ -242,11 +243,8 @@ async def test_ack_ok_and_failed_and_unknown(staff, layer, dashboard):
     assert (frame["id"], frame["error"]) == (str(bad.id), "unknown command: 'nope'")
 
     stored = await Command.objects.aget(pk=good.id)
-    assert (stored.status, stored.result, stored.finished_at is not None) == (
-        "acked",
-        {"seconds": 5},
-        True,
-    )
+    assert (stored.status, stored.result) == ("acked", {"seconds": 5})
+    assert stored.sent_at <= stored.finished_at <= timezone.now()
     # A second ack, an unknown id, a malformed id, another device's command: all ignored.
     assert not await commands.apply_ack("d1", str(good.id), False, None, "late")
     assert not await commands.apply_ack("d1", str(uuid.uuid4()), True, None, "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import subprocess
 import sys
@@ -10,26 +12,17 @@ import time
 import paho.mqtt.client as paho
 import pytest
 
+from tests.support.checks import retained
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import free_port, wait_for_port
+from tests.support.timing import allowance
 
 
-def retained(port: int, topic: str, timeout: float = 5.0) -> bytes | None:
-    """The retained payload on `topic` (None if there is none), read by a fresh subscriber."""
-    got: list[bytes] = []
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
-    client.on_connect = lambda c, *_: c.subscribe(topic)
-    client.on_message = lambda c, u, m: got.append(m.payload)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        client.loop_stop()
-        client.disconnect()
-    return got[0] if got else None
+def status_of(port: int, topic: str) -> bytes | None:
+    """The retained payload on `topic`, or None when there is none yet (a second's wait)."""
+    with contextlib.suppress(TimeoutError):
+        return asyncio.run(retained(port, topic, wait=1.0))
+    return None
 
 
 def publish(port: int, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -54,7 +47,7 @@ def test_rungateway_healthz_login_and_clean_sigterm(mosquitto):
         assert banner.group(2) == mosquitto.url
         assert "| web plain HTTP (set DJANGO_HTTPS=1" in gw.log_text(), "the mode and why"
         assert "InMemoryChannelLayer" in gw.log_text()
-        assert retained(mosquitto.port, gw.status_topic) == b"online"
+        assert asyncio.run(retained(mosquitto.port, gw.status_topic)) == b"online"
 
         # ensure_demo_user prints a fresh random password that logs in for real; run again
         # it keeps it (open sessions stay), unless --reset-password.
@@ -66,12 +59,13 @@ def test_rungateway_healthz_login_and_clean_sigterm(mosquitto):
         assert first != second and len(second) >= 12
         cookie = gw.login("demo", second)
         status, devices = gw.http_get("/api/devices/", cookie)
-        assert status == 200 and isinstance(devices, list | dict)
-        assert gw.http_get("/api/devices/")[0] in (302, 401, 403)
+        assert (status, devices) == (200, [])  # a list, and no device has spoken yet
+        assert gw.http_get("/api/devices/") == (401, {"error": "authentication required"})
     # Leaving the block sent SIGTERM and asserted exit code 0 within 5 s.
     print(f"rungateway stopped {gw.shutdown_seconds:.2f} s after SIGTERM")
-    assert gw.shutdown_seconds is not None and gw.shutdown_seconds < 5.0
-    assert retained(mosquitto.port, gw.status_topic) == b"offline"
+    assert gw.shutdown_seconds is not None
+    assert gw.shutdown_seconds < allowance(5.0)  # the documented 5 s, under load more
+    assert asyncio.run(retained(mosquitto.port, gw.status_topic)) == b"offline"
 
 
 def test_runmqtt_shared_group_stores_telemetry(mosquitto):
@@ -84,7 +78,7 @@ def test_runmqtt_shared_group_stores_telemetry(mosquitto):
     with gw:
         assert "channel layer is in-memory" in gw.log_text()
         deadline = time.monotonic() + 10
-        while retained(mosquitto.port, gw.status_topic, timeout=1) != b"online":
+        while status_of(mosquitto.port, gw.status_topic) != b"online":
             assert time.monotonic() < deadline, gw.tail()
         publish(mosquitto.port, "devices/shared-1/telemetry", b'{"temperature": 20.5}')
         script = (
@@ -95,8 +89,8 @@ def test_runmqtt_shared_group_stores_telemetry(mosquitto):
         while "count 1" not in gw.manage("shell", "-c", script):
             assert time.monotonic() < deadline, gw.tail()
             time.sleep(0.2)
-    assert gw.shutdown_seconds < 5.0
-    assert retained(mosquitto.port, gw.status_topic) == b"offline"
+    assert gw.shutdown_seconds < allowance(5.0)  # the documented 5 s, under load more
+    assert asyncio.run(retained(mosquitto.port, gw.status_topic)) == b"offline"
 
 
 def test_rungateway_embedded_broker_starts_one():

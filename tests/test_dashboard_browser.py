@@ -26,7 +26,7 @@ import aiomqtt
 import pytest
 
 from firmware_sim.fleet import Fleet
-from tests.support.browser import CHROMIUM, launch
+from tests.support.browser import CHROMIUM, watched_page
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import Mosquitto
 
@@ -58,37 +58,10 @@ async def browser_page(
     gw: GatewayProcess, user: str | None, *, width: int = 1280, height: int = 860
 ) -> AsyncIterator[tuple[Any, list[str]]]:
     """A Chromium page (logged in as `user` through a real login when given) and its problems."""
-    from playwright.async_api import async_playwright
-
-    problems: list[str] = []
-    async with async_playwright() as pw:
-        browser = await launch(pw)
-        try:
-            context = await browser.new_context(viewport={"width": width, "height": height})
-            if user is not None:
-                cookie = await asyncio.to_thread(gw.login, user, PASSWORD)
-                await context.add_cookies(
-                    [
-                        {"name": k, "value": v, "url": gw.base_url}
-                        for k, v in (part.split("=", 1) for part in cookie.split("; "))
-                    ]
-                )
-            page = await context.new_page()
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
-            page.on("console", lambda msg: _console(msg, problems))
-            yield page, problems
-        finally:
-            await browser.close()
-
-
-def _console(msg: Any, problems: list[str]) -> None:
-    """CSP reports and errors are problems; a history request that raced the first database
-    write (404, retried by the page) is not."""
-    if "Content Security" in msg.text:
-        problems.append(msg.text)
-    elif msg.type == "error" and "/telemetry?" not in (msg.location or {}).get("url", ""):
-        problems.append(f"{msg.text} ({(msg.location or {}).get('url')})")
+    cookie = await asyncio.to_thread(gw.login, user, PASSWORD) if user is not None else None
+    viewport = {"width": width, "height": height}
+    async with watched_page(gw.base_url, cookie, viewport=viewport) as (page, problems):
+        yield page, problems
 
 
 @contextlib.asynccontextmanager

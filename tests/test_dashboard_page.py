@@ -18,7 +18,7 @@ from dashboard import views
 from dashboard.routing import websocket_urlpatterns
 from devices.models import Device
 from gateway.origin import SameOriginValidator
-from tests.support.browser import CHROMIUM, launch
+from tests.support.browser import CHROMIUM, watched_page
 from tests.support.servers import free_port
 from tests.support.web import run_server
 
@@ -27,6 +27,7 @@ from tests.support.web import run_server
 urlpatterns = [
     path("", include("dashboard.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("api/alerts/", include("alerts.urls")),  # the page's alerts panel asks it
 ]
 pytestmark = [
     pytest.mark.urls(__name__),
@@ -186,67 +187,53 @@ async def serve(port: int):
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
 @pytest.mark.django_db(transaction=True)
 async def test_live_page_in_a_browser(user):
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
     await sync_to_async(Device.objects.create)(id="evil", name=XSS, metrics={XSS: 1})
     layer = get_channel_layer()
     await layer.flush()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    problems: list[str] = []
-    async with async_playwright() as pw:
-        browser = await launch(pw)
-        try:
-            page = await browser.new_page()
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
-            page.on(
-                "console",
-                lambda msg: problems.append(msg.text) if "Content Security" in msg.text else None,
-            )
-            async with serve(port):
-                await page.goto(base + "/")
-                assert page.url == base + "/accounts/login/?next=/"
-                await page.fill("#id_username", "alice")
-                await page.fill("#id_password", "correct horse battery")
-                await page.click("button[type=submit]")
-                await page.wait_for_url(base + "/")
+    async with watched_page(base, None) as (page, problems):
+        async with serve(port):
+            await page.goto(base + "/")
+            assert page.url == base + "/accounts/login/?next=/"
+            await page.fill("#id_username", "alice")
+            await page.fill("#id_password", "correct horse battery")
+            await page.click("button[type=submit]")
+            await page.wait_for_url(base + "/")
 
-                conn = page.locator("#conn")
-                await expect(conn).to_have_text("live")
-                evil = page.locator('tr[data-device="evil"]')
-                await expect(evil.locator(".name")).to_have_text(XSS)  # text, not markup
-                await expect(evil.locator(".metric-name")).to_have_text(XSS)
-                assert await page.locator("#devices img").count() == 0
+            conn = page.locator("#conn")
+            await expect(conn).to_have_text("live")
+            evil = page.locator('tr[data-device="evil"]')
+            await expect(evil.locator(".name")).to_have_text(XSS)  # text, not markup
+            await expect(evil.locator(".metric-name")).to_have_text(XSS)
+            assert await page.locator("#devices img").count() == 0
 
-                frames = [
-                    {
-                        "type": "telemetry",
-                        "device": "roof-1",
-                        "ts": time.time(),
-                        "metrics": {"temperature": 21.5, XSS: 2},
-                    },
-                    {"type": "status", "device": "roof-1", "online": True, "ts": time.time()},
-                ]
-                await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames})
-                roof = page.locator('tr[data-device="roof-1"]')
-                await expect(roof.locator(".badge")).to_have_text("online")
-                await expect(roof.locator(".metric")).to_have_count(2)
-                await expect(roof.locator(".metric", has_text="temperature")).to_contain_text(
-                    "21.5"
-                )
-                await expect(roof.locator(".seen time")).to_contain_text("s ago")
-                assert await page.locator("#devices img").count() == 0
+            frames = [
+                {
+                    "type": "telemetry",
+                    "device": "roof-1",
+                    "ts": time.time(),
+                    "metrics": {"temperature": 21.5, XSS: 2},
+                },
+                {"type": "status", "device": "roof-1", "online": True, "ts": time.time()},
+            ]
+            await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames})
+            roof = page.locator('tr[data-device="roof-1"]')
+            await expect(roof.locator(".badge")).to_have_text("online")
+            await expect(roof.locator(".metric")).to_have_count(2)
+            await expect(roof.locator(".metric", has_text="temperature")).to_contain_text("21.5")
+            await expect(roof.locator(".seen time")).to_contain_text("s ago")
+            assert await page.locator("#devices img").count() == 0
 
-            # The server goes away: the page says so, and comes back by itself.
-            await expect(conn).to_have_class("conn conn-disconnected")
-            async with serve(port):
-                await expect(conn).to_have_text("live", timeout=15_000)
-                # The fresh snapshot has only what the database knows.
-                await expect(page.locator('tr[data-device="roof-1"]')).to_have_count(0)
-                await expect(page.locator('tr[data-device="evil"]')).to_have_count(1)
-        finally:
-            await browser.close()
+        # The server goes away: the page says so, and comes back by itself.
+        await expect(conn).to_have_class("conn conn-disconnected")
+        async with serve(port):
+            await expect(conn).to_have_text("live", timeout=15_000)
+            # The fresh snapshot has only what the database knows.
+            await expect(page.locator('tr[data-device="roof-1"]')).to_have_count(0)
+            await expect(page.locator('tr[data-device="evil"]')).to_have_count(1)
     await layer.flush()
     assert problems == []
 

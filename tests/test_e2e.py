@@ -19,6 +19,7 @@ import aiomqtt
 import pytest
 
 from tests.support.gateway import GatewayProcess, postgres_database
+from tests.support.timing import allowance
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
@@ -46,8 +47,9 @@ def status_of(device: str, online: bool) -> Callable[[dict], bool]:
 
 
 def device_list(body: Any) -> list[dict]:
-    """`/api/devices/` as a list, whether it is a bare list or wrapped in {"devices": …}."""
-    return body if isinstance(body, list) else body.get("devices", [])
+    """`/api/devices/`: a JSON list of devices (docs/interface.md §5.2)."""
+    assert isinstance(body, list), body
+    return body
 
 
 @contextlib.contextmanager
@@ -65,10 +67,10 @@ async def telemetry_reaches_everything(gw: GatewayProcess, cookie: str, port: in
         snapshot = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert snapshot["type"] == "snapshot"
         async with aiomqtt.Client("127.0.0.1", port, identifier="e2e-d1") as device:
-            sent = time.monotonic()
+            sent, ts = time.monotonic(), time.time()
             await device.publish(
                 "devices/d1/telemetry",
-                json.dumps({"temperature": 21.5, "humidity": 40, "ts": time.time()}),
+                json.dumps({"temperature": 21.5, "humidity": 40, "ts": ts}),
                 qos=1,
             )
             frame = await next_frame(ws, telemetry_of("d1"))
@@ -76,7 +78,7 @@ async def telemetry_reaches_everything(gw: GatewayProcess, cookie: str, port: in
     print(f"publish → dashboard frame: {latency * 1000:.1f} ms")
     assert frame["metrics"]["temperature"] == 21.5
     assert frame["metrics"]["humidity"] == 40
-    assert isinstance(frame["ts"], int | float)
+    assert frame["ts"] == pytest.approx(ts, abs=1e-3)  # the device's own time, in seconds
 
     def listed() -> dict | None:
         status, body = gw.http_get("/api/devices/", cookie)
@@ -149,13 +151,15 @@ async def test_device_last_will_reaches_dashboard_as_status(mosquitto):
                 line = await asyncio.wait_for(device.stdout.readline(), 15)
                 assert line == b"ready\n"
                 await next_frame(ws, status_of("d2", True))
+                killed = time.time()
                 device.kill()  # no DISCONNECT: the broker publishes the will
                 frame = await next_frame(ws, status_of("d2", False))
+                heard = time.time()
             finally:
                 if device.returncode is None:
                     device.kill()
                 await device.wait()
-        assert isinstance(frame["ts"], int | float)
+        assert killed <= frame["ts"] <= heard  # when the gateway heard the will, in seconds
 
 
 async def test_broker_outage_is_reported_and_survived(mosquitto):
@@ -201,4 +205,4 @@ async def test_sigterm_with_a_dashboard_connected_closes_it_and_exits(mosquitto)
                 await asyncio.wait_for(ws.recv(), 5)
         assert code == 0
         print(f"stopped with a dashboard connected in {gw.shutdown_seconds:.2f} s")
-        assert gw.shutdown_seconds < 5.0
+        assert gw.shutdown_seconds < allowance(5.0)  # the documented 5 s, stretched under load

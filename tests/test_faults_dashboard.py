@@ -26,7 +26,8 @@ import websockets
 
 from dashboard.consumers import CLOSE_SLOW_CLIENT
 from tests.support.gateway import GatewayProcess
-from tests.test_e2e import until
+from tests.support.timing import allowance
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -96,6 +97,7 @@ async def test_a_stuck_dashboard_is_closed_4008_and_never_slows_ingest_or_others
             for _ in range(3):
                 await publish_round()
             published = rounds * DEVICES
+            publishing_ended = time.monotonic()
 
             # The normal client has the last round of every device and was never closed.
             await until(
@@ -120,7 +122,13 @@ async def test_a_stuck_dashboard_is_closed_4008_and_never_slows_ingest_or_others
             latest = {d["id"]: d["metrics"].get("n") for d in snapshot["devices"]}
             assert all(latest[f"slow-ws-{d:03d}"] == rounds for d in range(DEVICES))
             fast.task.cancel()
-            gap = max(b - a for a, b in zip(fast.arrivals, fast.arrivals[1:], strict=False))
+            # Others never wait on the stuck client: while devices published, the normal one
+            # got frames without a pause. Measured 0.22 s; 1 s (stretched when the machine is
+            # loaded, tests/support/timing.py) is far below the stall of a fan-out that waited
+            # on the stuck socket, which reads nothing for the whole test.
+            during = [t for t in fast.arrivals if t <= publishing_ended]
+            gap = max(b - a for a, b in zip(during, during[1:], strict=False))
+            assert gap <= allowance(1.0), f"the normal client waited {gap:.2f} s for a frame"
 
         # Ingest never waited on the stuck socket: every value of every reading is stored.
         per_reading = 1 + len(PADDING)

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,11 +21,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from tests.support.checks import sqlite_locked
 from tests.support.gateway import (
     GatewayProcess,
     postgres_database,
 )
-from tests.test_e2e import until
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -85,18 +85,6 @@ def stored_values(gw: GatewayProcess, cookie: str) -> list[int]:
     return [int(v) for _, v in gw.history(cookie, DEVICE, "n")]
 
 
-@contextlib.contextmanager
-def sqlite_locked(path: Path):
-    """Another process's writer holding the database file under an exclusive transaction."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
-
-
 def sqlite_path(gw: GatewayProcess) -> Path:
     return Path(gw.database_url.removeprefix("sqlite:///"))
 
@@ -123,6 +111,7 @@ async def test_sqlite_locked_for_seconds_then_every_reading_is_stored_once(mosqu
 
         values = await all_stored(gw, cookie, published)
         assert moved == 0, "the writer stored values through an exclusive lock?"
+        assert during >= 60, f"only {during} readings published during the 6 s lock"
         assert sorted(values) == list(range(1, published + 1))
         assert gw.metric("gateway_telemetry_dropped_total", 'reason="buffer_full"') == 0
         print(f"\nSQLite locked 6 s: {during} readings buffered, all {published} stored once")
@@ -194,6 +183,7 @@ async def test_postgresql_refusing_connections_then_every_reading_is_stored_once
 
         values = await all_stored(gw, cookie, published)
         caught_up = time.monotonic() - back
+        assert during >= 40, f"only {during} readings published while the database was away"
         assert sorted(values) == list(range(1, published + 1))
         assert gw.metric("gateway_telemetry_dropped_total", 'reason="buffer_full"') == 0
         gw.wait_for_log(r"telemetry write of \d+ values failed")

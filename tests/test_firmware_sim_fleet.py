@@ -25,6 +25,7 @@ from firmware_sim.faults import FaultSpec, FaultSpecError
 from firmware_sim.firmware import Outgoing
 from firmware_sim.fleet import Fleet, FleetConfig, parse_broker_url
 from firmware_sim.signals import SensorSignals, Walk
+from tests.support.checks import retained
 
 ROOT = Path(__file__).resolve().parent.parent
 Msg = tuple[str, bytes, bool, float]  # topic, payload, retain, monotonic receive time
@@ -94,16 +95,6 @@ class Recorder:
             return None
 
         return await self.wait(find)
-
-
-async def retained(port: int, topic: str) -> bytes:
-    """What a brand-new subscriber gets as the retained message on `topic`."""
-    async with aiomqtt.Client("127.0.0.1", port) as client:
-        await client.subscribe(topic, qos=1)
-        async with asyncio.timeout(5):
-            async for m in client.messages:
-                assert m.retain
-                return m.payload
 
 
 @pytest.fixture
@@ -187,16 +178,21 @@ async def test_abrupt_drop_fires_last_will_and_clean_stop_does_not(mosquitto, re
         assert await retained(mosquitto.port, f"devices/{dropped.id}/status") == b"offline"
         assert not recorder.on(f"devices/{dropped.id}/status")[-1][1] == b"bye"
         assert not dropped.connected and dropped.drops == 1
-        # It stays away until restored, then announces itself again.
-        sent = dropped.sent
-        await asyncio.sleep(0.5)
+        # It stays away until restored (the other one, at the same rate, publishes three more
+        # readings meanwhile), then announces itself again.
+        sent, others = dropped.sent, len(telemetry(recorder, stopped.id))
+        await recorder.wait(lambda ms: len(telemetry(recorder, stopped.id)) >= others + 3)
         assert dropped.sent == sent
         mark = len(recorder.messages)
         dropped.restore()
         await recorder.wait_topic(f"devices/{dropped.id}/status", b"online", after=mark)
         await stopped.stop()
         await recorder.wait_topic(f"devices/{stopped.id}/status", b"bye")
-        await asyncio.sleep(0.3)
+        # A Will would be published as the broker handles the disconnect, before a message
+        # sent after it.
+        mark = len(recorder.messages)
+        await recorder.publish("test/sentinel", b"after the clean stop")
+        await recorder.wait_topic("test/sentinel", after=mark)
         assert b"offline" not in [m[1] for m in recorder.on(f"devices/{stopped.id}/status")]
 
 
@@ -287,10 +283,16 @@ async def test_noack_and_delayed_ack_faults(mosquitto, recorder):
         assert ack["ok"] is True
         assert time.monotonic() - sent_at >= 0.9
 
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(1.5):
-                await command(recorder, silent.id, "relay", {"state": True})
-        assert silent.relay is True  # the command still took effect
+        mark = len(recorder.messages)
+        body = {"id": "cmd-silent", "name": "relay", "args": {"state": True}}
+        await recorder.publish(f"devices/{silent.id}/commands", body)
+        await recorder.wait(lambda ms: silent.relay is True)  # the command still took effect
+        # Its next reading leaves on the same connection after the command was handled: an
+        # ack would have come before it.
+        handled = len(recorder.messages)
+        await recorder.wait_topic(f"devices/{silent.id}/telemetry", after=handled)
+        acks = [m for m in recorder.messages[mark:] if m[0] == f"devices/{silent.id}/commands/ack"]
+        assert acks == []
         assert silent.acks_suppressed == 1
 
         silent.restore()
@@ -492,7 +494,11 @@ async def test_tasmota_faults(mosquitto, recorder):
         noisy.set_garbage(1.0)
         await recorder.publish(f"cmnd/{quiet.id}/POWER", "ON")
         await recorder.wait(lambda ms: noisy.garbage_sent >= 10)
-        await asyncio.sleep(0.3)
+        # Its next telemetry comes from the same connection after the command was handled: a
+        # RESULT would have come before it.
+        await recorder.wait(lambda ms: quiet.relay is True)
+        mark = len(recorder.messages)
+        await recorder.wait_topic(f"tele/{quiet.id}/SENSOR", after=mark)
         assert quiet.relay is True and not recorder.on(f"stat/{quiet.id}/RESULT")
         assert b"Maybe" in [m[1] for m in recorder.on(f"tele/{noisy.id}/LWT")]
 
@@ -501,51 +507,48 @@ async def test_tasmota_faults(mosquitto, recorder):
 
 
 async def test_simulate_command_publishes_and_stops_cleanly_on_sigterm(mosquitto):
-    if True:
-        async with Recorder(mosquitto.port) as rec:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "manage.py",
-                "simulate",
-                "--mqtt",
-                mosquitto.url,
-                "--devices",
-                "3",
-                "--rate",
-                "5",
-                "--style",
-                "native",
-                "--prefix",
-                "cmd",
-                "--duration",
-                "60",
-                "--faults",
-                "delay=0.1@cmd-0002",
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            try:
-                ids = ["cmd-0001", "cmd-0002", "cmd-0003"]
-                await rec.wait(
-                    lambda ms: all(rec.on(f"devices/{i}/telemetry") for i in ids), within=30
-                )
-                await rec.publish("devices/cmd-0002/commands", {"id": "x1", "name": "relay"})
-                await rec.wait_json("devices/cmd-0002/commands/ack", id="x1")
-                proc.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(20):
-                    out, err = await proc.communicate()
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            assert proc.returncode == 0, err.decode()
-            text = out.decode()
-            assert "3/3 connected" in text and "fault delay=0.1 on 1: cmd-0002" in text
-            assert "stopped" in text
-            for device_id in ids:
-                await rec.wait_topic(f"devices/{device_id}/status", b"offline")
+    async with Recorder(mosquitto.port) as rec:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "manage.py",
+            "simulate",
+            "--mqtt",
+            mosquitto.url,
+            "--devices",
+            "3",
+            "--rate",
+            "5",
+            "--style",
+            "native",
+            "--prefix",
+            "cmd",
+            "--duration",
+            "60",
+            "--faults",
+            "delay=0.1@cmd-0002",
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            ids = ["cmd-0001", "cmd-0002", "cmd-0003"]
+            await rec.wait(lambda ms: all(rec.on(f"devices/{i}/telemetry") for i in ids), within=30)
+            await rec.publish("devices/cmd-0002/commands", {"id": "x1", "name": "relay"})
+            await rec.wait_json("devices/cmd-0002/commands/ack", id="x1")
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, err.decode()
+        text = out.decode()
+        assert "3/3 connected" in text and "fault delay=0.1 on 1: cmd-0002" in text
+        assert "stopped" in text
+        for device_id in ids:
+            await rec.wait_topic(f"devices/{device_id}/status", b"offline")
 
 
 def test_simulate_command_rejects_bad_options(mosquitto):

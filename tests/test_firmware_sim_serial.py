@@ -18,15 +18,11 @@ from devices.conventions import mirror
 from devices.conventions.serial import SerialDeviceConsumer
 from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.serial_device import LONG_LINE_BYTES, SerialSimDevice, open_pty
-from gateway.metrics import MESSAGES_REJECTED
 from gateway.serial.server import SerialServer
+from tests.support.checks import rejected
 from tests.test_serial_server import Recorder, serving
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rejected(reason: str) -> float:
-    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
 
 
 def test_sim_lines_decode_and_commands_are_acked():

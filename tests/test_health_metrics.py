@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import runtime, views
 from gateway.metrics import SERIAL_FRAMES
+from tests.support.timing import allowance
 
 # The two routes exactly as gateway/urls.py has them, without the rest of the site's URLconf.
 urlpatterns = [
@@ -105,7 +106,7 @@ def test_probe_follows_the_broker_up_and_down(client, mosquitto, broker_url):
     mosquitto.stop()
     started = time.monotonic()
     response = client.get("/healthz")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < allowance(5.0)  # a refused connect: at once
     assert response.status_code == 503
     assert response.json()["mqtt"] == "disconnected"
     assert response.json()["database"] == "ok"
@@ -139,7 +140,8 @@ def test_probe_gives_up_on_a_broker_that_never_answers(client, broker_url):
         listener.close()
     assert response.status_code == 503
     assert response.json()["mqtt"] == "disconnected"
-    assert 0.5 < elapsed < 5  # it waited for the probe timeout (1 s), and no longer
+    # It waited for the probe timeout (1 s), and no longer (stretched under load).
+    assert 0.5 < elapsed < allowance(5.0)
 
 
 @pytest.mark.django_db

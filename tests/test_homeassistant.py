@@ -95,7 +95,9 @@ def test_modbus_units_are_discovered_like_serial_devices_through_the_mirror():
 def test_serial_device_without_mirror_and_tasmota_are_not_published():
     known = KnownDevice("s1", "serial", {"t": "number"})
     assert device_document("gw", "s1", known, mirrored=False) is None
-    assert device_document("gw", "s1", known, mirrored=True) is not None
+    mirrored = device_document("gw", "s1", known, mirrored=True)
+    assert mirrored is not None and mirrored["stat_t"] == "devices/s1/telemetry"  # the mirror's
+    assert list(mirrored["cmps"]) == ["t"] and mirrored["dev"]["mdl"] == "serial device"
     assert (
         device_document("gw", "p1", KnownDevice("p1", "tasmota", {"t": "number"}), mirrored=True)
         is None

@@ -18,14 +18,16 @@ import aiomqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from prometheus_client import REGISTRY
 
 from gateway.exceptions import BrokerUnavailable, InvalidEvent
 from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.url import parse_broker_url
+from tests.support.bridge import running
+from tests.support.checks import metric
 from tests.support.servers import free_port
+from tests.support.timing import allowance
 from tests.support.waiting import until
 
 RECORDS: asyncio.Queue = asyncio.Queue()
@@ -132,17 +134,6 @@ def make_server(broker, **kwargs) -> MqttServer:
     return MqttServer(make_app(), url=broker.url, **options)
 
 
-@contextlib.asynccontextmanager
-async def running(server: MqttServer):
-    task = asyncio.create_task(server.serve())
-    try:
-        await server.wait_connected(10)
-        yield server
-    finally:
-        await server.shutdown(4)
-        await asyncio.wait_for(task, 5)
-
-
 def client(broker, **kwargs) -> aiomqtt.Client:
     return aiomqtt.Client(
         "127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5, timeout=5, **kwargs
@@ -161,10 +152,6 @@ async def next_record(kind: str, within: float = 5.0):
 async def first_message(subscriber: aiomqtt.Client, within: float = 5.0) -> aiomqtt.Message:
     async with asyncio.timeout(within):
         return await anext(subscriber.messages)
-
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_one_instance_per_key_with_params_and_properties(mosquitto):
@@ -340,7 +327,7 @@ async def test_broker_restart_reconnects_replays_subscriptions_and_resumes(mosqu
                     delivered = await next_record("message", within=0.05)
             elapsed = time.monotonic() - started
             print(f"\ntelemetry flowing again {elapsed:.3f} s after the broker started")
-            assert elapsed < 5
+            assert elapsed < allowance(2.0)  # docs/reliability.md: within 2 s of its return
             assert delivered[1] == instance  # the same instance survived the outage
             assert server.connected and metric("gateway_mqtt_connected") == 1
             await pub.publish("extra/r1", b"after reconnect", qos=1)
@@ -437,7 +424,7 @@ async def test_shutdown_publishes_offline_and_retires(mosquitto):
     started = time.monotonic()
     await server.shutdown(4)
     await asyncio.wait_for(task, 1)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < allowance(5.0)  # shutdown(4) and the loop's turn
     assert (await next_record("retire"))[0] == "z1"
     assert server.instances == 0 and not server.connected
     async with client(mosquitto) as sub:
@@ -455,8 +442,7 @@ async def test_shutdown_with_broker_down_is_bounded(mosquitto):
     await server.shutdown(4)
     await asyncio.wait_for(task, 1)
     elapsed = time.monotonic() - started
-    print(f"\nshutdown with the broker down took {elapsed:.3f} s")
-    assert elapsed < 5
+    assert elapsed < allowance(5.0)  # shutdown(4) and the loop's turn, stretched under load
 
 
 async def test_idle_instances_are_retired(mosquitto):
@@ -486,8 +472,6 @@ async def test_falls_back_to_v311_when_broker_refuses_v5():
     """amqtt speaks only MQTT 3.1.1 and answers a v5 CONNECT with "unsupported protocol"."""
     logging.getLogger("transitions").setLevel(logging.WARNING)
     from amqtt.broker import Broker
-
-    from tests.support.servers import free_port
 
     port = free_port()
     broker = Broker(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -23,7 +22,10 @@ from gateway.mqtt.consumer import MqttConsumer
 from gateway.mqtt.routing import TopicRouter, topic
 from gateway.mqtt.server import MqttServer
 from gateway.runner import GatewayRunner, close_pipeline
+from tests.support.bridge import running
+from tests.support.checks import retained
 from tests.support.servers import free_port
+from tests.support.timing import allowance
 
 
 async def hello_http(scope, receive, send):
@@ -50,16 +52,6 @@ def mqtt_server(url: str, gateway_id: str, protocol: str = "v5") -> MqttServer:
         status_topic=f"gateway/{gateway_id}/status",
         protocol=protocol,
     )
-
-
-async def retained(port: int, topic_name: str, wait: float = 5.0) -> bytes:
-    """The retained payload on a topic, read by a fresh subscriber."""
-    async with aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{secrets.token_hex(4)}") as c:
-        await c.subscribe(topic_name)
-        async with asyncio.timeout(wait):
-            async for message in c.messages:
-                return bytes(message.payload)
-    raise AssertionError("no message")
 
 
 def sigterm_self() -> float:
@@ -108,7 +100,7 @@ async def test_sigterm_publishes_offline_flushes_and_exits_within_5s(mosquitto):
                 if payloads[-1] == b"offline":
                     break
     assert code == 0
-    assert took < 5.0
+    assert took < allowance(5.0)  # the documented 5 s, under load more
     assert payloads[0] == b"online" and payloads[-1] == b"offline"
     assert await retained(mosquitto.port, status_topic) == b"offline"
     assert runtime.get("mqtt") is None
@@ -185,7 +177,9 @@ async def test_shutdown_is_bounded_when_a_bridge_hangs():
     runner.request_shutdown()
     assert await asyncio.wait_for(task, 10) == 0
     took = time.monotonic() - started
-    assert took < 4.0, took  # budget 1.5 s; neither the 60 s hook nor the bridge is awaited
+    # Budget 1.5 s; neither the 60 s hook nor the bridge is awaited. 4 s leaves room for a
+    # loaded machine (stretched further under load, tests/support/timing.py).
+    assert took < allowance(4.0), took
 
 
 async def test_busy_port_fails_before_anything_starts():
@@ -202,17 +196,6 @@ async def test_busy_port_fails_before_anything_starts():
 # --- the embedded broker ------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def serving(bridge: MqttServer):
-    task = asyncio.create_task(bridge.serve())
-    try:
-        await bridge.wait_connected(10)
-        yield bridge
-    finally:
-        await bridge.shutdown(2.0)
-        await asyncio.wait_for(task, 5)
-
-
 async def test_existing_broker_is_used(mosquitto):
     assert await embedded.ensure_broker(mosquitto.url) is None
 
@@ -225,7 +208,7 @@ async def test_embedded_broker_starts_when_none_answers(kind):
     assert broker is not None and broker.kind == kind
     try:
         gateway_id = f"emb-{kind}"
-        async with serving(mqtt_server(url, gateway_id, protocol=broker.protocol)) as bridge:
+        async with running(mqtt_server(url, gateway_id, protocol=broker.protocol), 2.0) as bridge:
             assert bridge.connected
             assert await retained(port, f"gateway/{gateway_id}/status") == b"online"
     finally:

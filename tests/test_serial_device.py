@@ -18,10 +18,11 @@ from devices.conventions import mirror
 from devices.conventions.serial import SerialDeviceConsumer, derive_device_id, device_id_for_scope
 from devices.models import Command, Device, Reading
 from devices.telemetry.pipeline import get_pipeline
-from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.events import properties_to_dict
 from gateway.serial.testing import SerialCommunicator
-from tests.test_serial_server import Pty, eventually, serving
+from tests.support.checks import rejected
+from tests.support.waiting import eventually
+from tests.test_serial_server import Pty, serving
 
 pytestmark = pytest.mark.django_db(transaction=True)
 APP = SerialDeviceConsumer.as_asgi()
@@ -47,10 +48,6 @@ async def frames_until(layer, channel, predicate, timeout: float = 10.0) -> dict
         for frame in message["events"]:
             if predicate(frame):
                 return frame
-
-
-def rejected(reason: str) -> float:
-    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
 
 
 def test_device_id_rule():
@@ -294,7 +291,7 @@ async def test_mirror_republishes_statuses_after_a_broker_restart(mosquitto, lay
     await comm.send_frame(b"temp=1")
     try:
         assert await mirror.get_mirror().flush(10)
-        # Our mosquitto persists; forget the retained status as a broker without it would.
+        # Forget the retained status whatever the broker keeps across a restart.
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as other:
             await other.publish("devices/ser-r/status", b"", qos=1, retain=True)
         mosquitto.stop()

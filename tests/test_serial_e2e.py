@@ -25,7 +25,9 @@ import aiomqtt
 import pytest
 
 from firmware_sim.serial_device import LONG_LINE_BYTES, SerialSimDevice, open_pty
+from tests.support.checks import retained
 from tests.support.gateway import GatewayProcess
+from tests.support.timing import allowance
 from tests.test_e2e import device_list, next_frame, status_of, telemetry_of, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -123,24 +125,12 @@ def listed(gw: GatewayProcess, cookie: str, device: str) -> dict | None:
 
 
 def submit_command(gw: GatewayProcess, cookie: str, device: str, name: str, args: dict) -> str:
-    """Create a command through the REST API when it is routed, else with the command service
-    (`devices.commands.service.create_command`) against the gateway's database; returns its id."""
+    """Create a command through the REST API (docs/interface.md §5); returns its id."""
     status, body = gw.http_request(
         "POST", f"/api/devices/{device}/commands", cookie=cookie, body={"name": name, "args": args}
     )
-    if status == 202:
-        assert body["status"] == "pending", body
-        return body["id"]
-    assert status in (404, 405), (status, body)  # the endpoint has not landed yet
-    script = (
-        "from django.contrib.auth import get_user_model\n"
-        "from devices.commands.service import create_command\n"
-        "user = get_user_model().objects.get(username='operator')\n"
-        f"print('COMMAND', create_command(user, {device!r}, {{'name': {name!r}, "
-        f"'args': {args!r}}}).id)\n"
-    )
-    out = gw.manage("shell", "-c", script)
-    return re.search(r"COMMAND (\S+)", out).group(1)
+    assert (status, body["status"]) == (202, "pending"), (status, body)
+    return body["id"]
 
 
 def serial_gateway(mqtt_url: str, *specs: str, **kwargs: Any) -> GatewayProcess:
@@ -163,6 +153,15 @@ async def test_serial_device_through_the_gateway(mosquitto, tmp_path):
             await _through_the_gateway(gw, cookie, port, device, mosquitto.port)
     finally:
         port.unplug()
+
+
+async def handled_after(gw: GatewayProcess, cookie: str, broker_port: int) -> None:
+    """Until a reading published now through the broker is stored: whatever the gateway's MQTT
+    bridge received before it (one session, in order; one pipeline) is handled by then."""
+    sentinel = f"sentinel-{secrets.token_hex(3)}"
+    async with aiomqtt.Client("127.0.0.1", broker_port) as client:
+        await client.publish(f"devices/{sentinel}/telemetry", b'{"s": 1}', qos=1)
+    await until(lambda: gw.history(cookie, sentinel, "s"), what="the sentinel reading stored")
 
 
 async def _through_the_gateway(
@@ -209,23 +208,24 @@ async def _through_the_gateway(
             return points if len(points) >= 3 else None
 
         points = await until(three_points, what="3 temperature points")
-        # The mirror round trip (gateway → broker → the gateway's own MQTT bridge) is done
-        # once the plain subscriber saw the third reading; give the writer a batch more.
+        # The mirror echoes (gateway → broker → the gateway's own MQTT bridge) are on the
+        # broker once the plain subscriber saw the third; a reading published after them is
+        # stored after the bridge handled them.
         await until(
             lambda: sum(m.topic.matches(f"devices/{device}/telemetry") for m in mirrored) >= 3,
             what="3 mirrored readings",
         )
-        await asyncio.sleep(1.0)
+        await handled_after(gw, cookie, broker_port)
         points = gw.history(cookie, device, "temperature")
         assert [p[1] for p in points] == [21.5, 22.25, 23.5], "a reading stored twice or lost"
         after = metrics_of(gw)
         stored = after["gateway_telemetry_stored_total"] - before["gateway_telemetry_stored_total"]
-        assert stored == 2 + 3 + 1, f"stored {stored} rows for 6 metric values"
+        assert stored == 2 + 3 + 1 + 1, f"stored {stored} rows for 6 metric values + sentinel"
         assert listed(gw, cookie, device)["transport"] == "serial"
-        for reason in ("bad_frame", "bad_encoding", "frame_too_long"):
-            assert rejected(after, reason) >= rejected(before, reason) + 1, reason
+        for reason in ("bad_frame", "bad_encoding", "frame_too_long"):  # one line each
+            assert rejected(after, reason) == rejected(before, reason) + 1, reason
         frames = after.get(f'gateway_serial_frames_total{{port="{port.link}"}}', 0.0)
-        assert frames >= 5  # 3 good + garbage + invalid UTF-8 (the long line is dropped)
+        assert frames == 5  # 3 good + garbage + invalid UTF-8 (the long line is dropped)
 
         # Mirror: a plain MQTT subscriber sees ordinary device topics.
         telemetry = [m for m in mirrored if m.topic.matches(f"devices/{device}/telemetry")]
@@ -260,7 +260,10 @@ async def _through_the_gateway(
             )
             resumed = time.monotonic() - replugged
             print(f"replug → first telemetry frame on the dashboard: {resumed:.2f} s")
-            assert resumed < 4.0, f"telemetry resumed {resumed:.2f} s after replug (target 2 s)"
+            # The documented 2 s (backoff cap 1 s + reopen); 4 s and stretched under load
+            # (tests/support/timing.py): the gateway is a child process on a shared machine.
+            bound = allowance(4.0)
+            assert resumed < bound, f"telemetry resumed {resumed:.2f} s after replug (target 2 s)"
 
             def finished(f: dict) -> bool:
                 return (
@@ -313,7 +316,7 @@ async def test_absent_ports_are_retried_and_non_default_framing(mosquitto, tmp_p
                     )
                     picked_up = time.monotonic() - appeared
                     print(f"absent at start → appeared → first frame: {picked_up:.2f} s")
-                    assert picked_up < 4.0
+                    assert picked_up < allowance(4.0)  # backoff cap 1 s + open, under load more
                     bad_before = rejected(metrics_of(gw), "bad_frame")
                     await crlf.send(b"temp=1\nhum=2\r\n")  # one frame: bad_frame (a control char)
                     await next_frame(
@@ -345,15 +348,6 @@ async def test_absent_ports_are_retried_and_non_default_framing(mosquitto, tmp_p
         for device in ("crlf-1", "idle-1"):
             entry = listed(gw, cookie, device)
             assert entry is not None and entry["transport"] == "serial", entry
-
-
-async def retained(broker_port: int, topic: str) -> bytes:
-    """The retained payload of `topic`, as a subscriber arriving now sees it."""
-    async with aiomqtt.Client("127.0.0.1", broker_port) as client:
-        await client.subscribe(topic, qos=1)
-        async with asyncio.timeout(10):
-            async for message in client.messages:
-                return message.payload
 
 
 async def test_unclean_stop_then_restart_without_the_port(mosquitto, tmp_path):
@@ -407,14 +401,25 @@ async def test_runserial_alone_beside_a_web_process(mosquitto, redis_server, tmp
             )
             with bridge:
                 bridge.wait_for_log(r"usb-split opened")
-                async with web.ws_connect(cookie) as ws:
+                async with (
+                    web.ws_connect(cookie) as ws,
+                    aiomqtt.Client("127.0.0.1", mosquitto.port) as sub,
+                ):
+                    await sub.subscribe("devices/split-1/telemetry", qos=1)
                     json.loads(await asyncio.wait_for(ws.recv(), 10))  # snapshot
                     await port.send(b"temperature=18.5\n")
                     frame = await next_frame(ws, telemetry_of("split-1"))
                     assert frame["metrics"] == {"temperature": 18.5}
                     await port.send(b'{"temperature": 18.75}\n')
                     await next_frame(ws, lambda f: f.get("metrics", {}).get("temperature") == 18.75)
-                    await asyncio.sleep(1.5)  # mirror echoes reach the web process's bridge
+                    async with asyncio.timeout(10):  # both mirrored: the echoes are on the broker
+                        echoes = [await anext(sub.messages) for _ in range(2)]
+                    assert [json.loads(m.payload)["temperature"] for m in echoes] == [18.5, 18.75]
+                    await until(  # stored by runserial's own pipeline
+                        lambda: len(web.history(cookie, "split-1", "temperature")) >= 2,
+                        what="both readings stored",
+                    )
+                    await handled_after(web, cookie, mosquitto.port)  # and the echoes handled
                     points = web.history(cookie, "split-1", "temperature")
                     assert [p[1] for p in points] == [18.5, 18.75]
                     assert listed(web, cookie, "split-1")["transport"] == "serial"

@@ -17,6 +17,7 @@ import pytest
 from firmware_sim.serial_device import open_pty
 from gateway.metrics import CONSUMER_ERRORS, MESSAGES_REJECTED, SERIAL_FRAMES
 from gateway.serial.server import SerialServer
+from tests.support.timing import allowance
 
 
 class Pty:
@@ -102,14 +103,6 @@ async def serving(app: Any, *specs: str, **kwargs: Any) -> AsyncIterator[SerialS
     finally:
         await server.shutdown(3.0)
         await asyncio.wait_for(task, 5.0)
-
-
-async def eventually(predicate: Any, within: float = 10.0) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < within, "condition not met in time"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 @pytest.fixture
@@ -242,7 +235,7 @@ async def test_unplug_then_replug_at_same_path_resumes(tmp_path, caplog):
         assert await app.frames(1) == [b"n=2"]
         latency = time.monotonic() - replugged
         print(f"\nserial replug → first frame: {latency:.3f} s")
-        assert latency < 5.0  # target ≤ 2 s; generous bound against slow CI
+        assert latency < allowance(2.0)  # the documented 2 s, stretched under load
     device.close()
     assert any("lost" in r.getMessage() for r in caplog.records)
     assert any("reopened" in r.getMessage() for r in caplog.records)

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import pytest
 from channels.db import database_sync_to_async
 
@@ -21,10 +20,11 @@ from devices.routing import mqtt_routes
 from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.fleet import Fleet
 from gateway.exceptions import Rejected
-from gateway.metrics import MESSAGES_REJECTED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.testing import MqttCommunicator
+from tests.support.bridge import running
+from tests.support.checks import rejected
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -47,10 +47,6 @@ async def frame(layer, channel, predicate: Callable[[dict], bool], wait: float =
             for event in message["events"]:
                 if predicate(event):
                     return event
-
-
-def rejected(reason: str) -> float:
-    return MESSAGES_REJECTED.labels(reason=reason)._value.get()
 
 
 # --- pure functions and routes -------------------------------------------------------------
@@ -229,13 +225,8 @@ async def gateway(broker):
         backoff_max=0.5,
         retire_grace=0.5,
     )
-    task = asyncio.create_task(server.serve())
-    try:
-        await server.wait_connected(10)
+    async with running(server):
         yield server
-    finally:
-        await server.shutdown(4)
-        await asyncio.wait_for(task, 5)
 
 
 async def finished(command_id: Any, wait: float = 10.0) -> Command:
@@ -350,4 +341,5 @@ async def test_simulated_tasmota_noack_times_out(mosquitto, layer, django_user_m
         query = await commands.submit(staff, device_id, {"name": "TelePeriod", "args": {}})
         done = await finished(query.id)
         assert done.status == "acked" and done.result == {"TelePeriod": 0.5}
-        assert orjson.dumps(done.result)
+        silent = await finished(silent.id)
+        assert (silent.status, silent.result) == ("timeout", None)

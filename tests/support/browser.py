@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +24,66 @@ async def launch(playwright: Any) -> Any:
     return await playwright.chromium.launch(
         executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
     )
+
+
+#: Not-found answers a page may meet and retries: a device (its page, its history) that the
+#: gateway has not stored yet. Any other answer of 400 or more, and every 5xx, is a problem.
+NOT_STORED_YET = re.compile(r"/devices/[^/]+/$|/api/devices/[^/]+/telemetry\?")
+
+
+def watch(page: Any, problems: list[str]) -> None:
+    """Record on `problems` what must never happen on a page: a script error, a dialog, a
+    CSP report, a console error, an HTTP answer of 400 or more (404 `NOT_STORED_YET` aside)."""
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+    page.on("console", lambda msg: _console(msg, problems))
+    page.on("response", lambda response: _response(response, problems))
+
+
+def _console(msg: Any, problems: list[str]) -> None:
+    # Chromium also logs every 4xx/5xx load as a console error: `_response` judges those.
+    if "Content Security" in msg.text:
+        problems.append(msg.text)
+    elif msg.type == "error" and "the server responded with a status of" not in msg.text:
+        problems.append(f"{msg.text} ({(msg.location or {}).get('url')})")
+
+
+def _response(response: Any, problems: list[str]) -> None:
+    if response.status < 400:
+        return
+    if response.status == 404 and NOT_STORED_YET.search(response.url):
+        return
+    problems.append(f"HTTP {response.status} {response.request.method} {response.url}")
+
+
+@contextlib.asynccontextmanager
+async def watched_page(
+    base_url: str,
+    cookie: str | None,
+    *,
+    viewport: dict[str, int] | None = None,
+    init_script: str | None = None,
+) -> AsyncIterator[tuple[Any, list[str]]]:
+    """A Chromium page carrying `cookie` (a `Cookie` header of a logged-in session, or None)
+    for `base_url`, watched (`watch`), and the list its problems go to."""
+    from playwright.async_api import async_playwright
+
+    problems: list[str] = []
+    async with async_playwright() as pw:
+        browser = await launch(pw)
+        try:
+            context = await browser.new_context(**({"viewport": viewport} if viewport else {}))
+            if cookie:
+                await context.add_cookies(
+                    [
+                        {"name": k, "value": v, "url": base_url}
+                        for k, v in (part.split("=", 1) for part in cookie.split("; "))
+                    ]
+                )
+            if init_script:
+                await context.add_init_script(init_script)
+            page = await context.new_page()
+            watch(page, problems)
+            yield page, problems
+        finally:
+            await browser.close()

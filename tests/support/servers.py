@@ -88,15 +88,17 @@ class ServerProcess:
 
 
 class Mosquitto(ServerProcess):
-    """mosquitto on 127.0.0.1:<port>, anonymous, with persistence in its own folder.
+    """mosquitto on 127.0.0.1:<port>, anonymous; by default it keeps nothing across a restart.
 
     `config` adds lines for the listener (e.g. `cafile`, `certfile`, `keyfile`,
     `require_certificate true`, `password_file …`); `anonymous=False` refuses clients without
-    credentials; `tls=True` makes `url` an `mqtts://` one. `keep_state=True` makes sure the
-    persistence file can be written, so sessions, queued QoS 1 messages and retained messages
-    survive `stop()`/`start()` as on a deployed broker: started as root, mosquitto drops to
-    its own user, which cannot write the (root-only) folder otherwise ("Permission denied"
-    in its log, and a restart forgets everything).
+    credentials; `tls=True` makes `url` an `mqtts://` one. Without `keep_state` persistence is
+    off, so `stop()`/`start()` or `kill()`/`start()` gives a broker that comes back empty
+    (sessions, queued QoS 1 messages and retained messages gone), whoever runs the tests.
+    `keep_state=True` persists them in a folder mosquitto can write (started as root it drops
+    to its own user, which cannot write a root-only folder), as on a deployed broker: all of it
+    on `stop()`, and every 2 s (`autosave_interval 1`, checked on whole seconds), so that a
+    `kill()` (a crash) loses only what changed since the last save (`saved_at()`).
     """
 
     name = "mosquitto"
@@ -113,6 +115,7 @@ class Mosquitto(ServerProcess):
         self.config = config
         self.anonymous = anonymous
         self.tls = tls
+        self.keep_state = keep_state
         if keep_state:
             self.workdir.chmod(0o777)
 
@@ -120,15 +123,31 @@ class Mosquitto(ServerProcess):
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
+    @property
+    def state_file(self) -> Path:
+        """Where a broker with `keep_state` saves its state."""
+        return self.workdir / "mosquitto.db"
+
+    def saved_at(self) -> int:
+        """The state file's modification time in ns (0 before the first save)."""
+        try:
+            return self.state_file.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
     def command(self) -> list[str]:
         conf = self.workdir / "mosquitto.conf"
+        persistence = (
+            f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n"
+            if self.keep_state
+            else "persistence false\n"
+        )
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             f"{self.config.strip()}\n"
             f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             "set_tcp_nodelay true\n"
-            "persistence true\n"
-            f"persistence_location {self.workdir}/\n"
+            f"{persistence}"
             "max_queued_messages 100000\n"
             "log_type error\nlog_type warning\n"
         )
