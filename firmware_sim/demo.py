@@ -83,20 +83,25 @@ def _stdout(line: str) -> None:
     print(line, flush=True)
 
 
+def broker_client(url: str, timeout: float) -> aiomqtt.Client:
+    """A plain client of the broker at `url` (credentials and TLS as the URL says)."""
+    broker = parse_broker_url(url)
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=broker.username,
+        password=broker.password,
+        tls_context=broker.ssl_context(),
+        timeout=timeout,
+    )
+
+
 async def retained_topics(url: str, wait: float = 5.0) -> set[str] | None:
     """The topics holding a retained message on the broker at `url`; None when none answers."""
-    broker = parse_broker_url(url)
     sentinel = f"demo-sentinel/{secrets.token_hex(6)}"
     found: set[str] = set()
     try:
-        async with aiomqtt.Client(
-            broker.host,
-            broker.port,
-            username=broker.username,
-            password=broker.password,
-            tls_context=broker.ssl_context(),
-            timeout=wait,
-        ) as client:
+        async with broker_client(url, wait) as client:
             await client.subscribe("#")
             await client.publish(sentinel, b"", qos=1)
             async with asyncio.timeout(wait):
@@ -112,15 +117,7 @@ async def retained_topics(url: str, wait: float = 5.0) -> set[str] | None:
 
 async def clear_retained(url: str, topics: set[str]) -> None:
     """Remove the retained messages of `topics` (an empty retained publish each)."""
-    broker = parse_broker_url(url)
-    async with aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=broker.username,
-        password=broker.password,
-        tls_context=broker.ssl_context(),
-        timeout=5,
-    ) as client:
+    async with broker_client(url, 5.0) as client:
         for topic in sorted(topics):
             await client.publish(topic, b"", qos=1, retain=True)
 

@@ -2,9 +2,10 @@
 
 Each story replays an attack through a real mosquitto into a real `rungateway` process while an
 unaffected device keeps publishing one reading every 50 ms: its readings must keep reaching a
-logged-in dashboard within a second, all of them must be stored, every refused message is
-counted by reason, nothing permanent is left behind for the refused input, and the process's
-memory stays within the bound docs/reliability.md states.
+logged-in dashboard within a second (stretched by the load per core on a busy machine,
+tests/support/timing.py), all of them must be stored, every refused message is counted by reason,
+nothing permanent is left behind for the refused input, and the process's memory stays within the
+bound docs/reliability.md states.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.support.hostile import (
     rejected,
     rss,
 )
+from tests.support.timing import allowance
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
@@ -41,21 +43,33 @@ def gateway(mosquitto):
         yield gw, gw.login("operator", PASSWORD)
 
 
-async def test_invalid_device_ids_cost_no_instance_and_no_memory(mosquitto, gateway):
-    """5,000 QoS 1 publishes to 60,000-character ids: refused before any instance exists."""
-    gw, cookie = gateway
-    before = rejected(gw, "bad_device_id")
-    async with Probe(gw, mosquitto.port, cookie).running() as probe:
+async def under_attack(
+    gw: GatewayProcess, port: int, cookie: str, messages: list, reason: str, refused: int
+) -> tuple[Probe, float, int]:
+    """Publish `messages` while the probe runs, until `refused` of them are counted under
+    `reason`; (the probe, its p99 meanwhile, the RSS growth)."""
+    before = rejected(gw, reason)
+    async with Probe(gw, port, cookie).running() as probe:
         await asyncio.sleep(1.0)
         rss_before = rss(gw)
-        await publish_all(mosquitto.port, "hostile", invalid_ids(5000, 60_000))
-        await until(lambda: rejected(gw, "bad_device_id") - before >= 5000, what="all refused")
+        await publish_all(port, "hostile", messages)
+        await until(lambda: rejected(gw, reason) - before >= refused, what=f"{reason} counted")
         await asyncio.sleep(1.0)
         growth = rss(gw) - rss_before
         latency = probe.p99()
-    assert rejected(gw, "bad_device_id") - before == 5000
+    assert rejected(gw, reason) - before == refused, "every message past the bound, no more"
+    return probe, latency, growth
+
+
+async def test_invalid_device_ids_cost_no_instance_and_no_memory(mosquitto, gateway):
+    """5,000 QoS 1 publishes to 60,000-character ids: refused before any instance exists."""
+    gw, cookie = gateway
+    attack = invalid_ids(5000, 60_000)
+    probe, latency, growth = await under_attack(
+        gw, mosquitto.port, cookie, attack, "bad_device_id", 5000
+    )
     assert growth < 20 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB (bound: 20 MiB)"
-    assert latency < 1.0, f"p99 {latency:.3f} s while attacked"
+    assert latency < allowance(1.0), f"p99 {latency:.3f} s while attacked"
     await probe.all_stored()
     status, devices = gw.http_get("/api/devices/", cookie)
     assert status == 200 and [d["id"] for d in devices] == ["probe"], "no rows for refused ids"
@@ -86,7 +100,7 @@ async def test_a_flood_of_new_device_ids_is_admitted_at_the_configured_rate(mosq
     assert flood_rows + refused == 2000, (flood_rows, refused)
     # The probe took one token; ten seconds' worth (100) plus 10 per second since.
     assert 90 <= flood_rows <= 100 + 10 * (elapsed + 2), (flood_rows, elapsed)
-    assert latency < 1.0, f"p99 {latency:.3f} s while flooded"
+    assert latency < allowance(1.0), f"p99 {latency:.3f} s while flooded"
 
 
 async def test_the_known_policy_admits_only_devices_created_beforehand(mosquitto):
@@ -111,22 +125,16 @@ async def test_the_known_policy_admits_only_devices_created_beforehand(mosquitto
 async def test_a_device_inventing_metric_names_is_bounded(mosquitto, gateway):
     """200 messages of 256 new 185-character names each, to one device: it keeps 500."""
     gw, cookie = gateway
-    before = rejected(gw, "too_many_metrics")
-    async with Probe(gw, mosquitto.port, cookie).running() as probe:
-        await asyncio.sleep(0.5)
-        rss_before = rss(gw)
-        await publish_all(mosquitto.port, "inventor", invented_metrics(200, 256))
-        await until(lambda: rejected(gw, "too_many_metrics") - before >= 199, what="refusals")
-        await asyncio.sleep(1.0)
-        growth = rss(gw) - rss_before
-        latency = probe.p99()
+    attack = invented_metrics(200, 256)
+    probe, latency, growth = await under_attack(
+        gw, mosquitto.port, cookie, attack, "too_many_metrics", 199
+    )
     await probe.all_stored()
     status, devices = gw.http_get("/api/devices/", cookie)
     inventor = next(d for d in devices if d["id"] == "inventor")
     assert len(inventor["metrics"]) == 500, "the first 500 names, no more"
-    assert rejected(gw, "too_many_metrics") - before == 199, "every message past the bound"
     assert growth < 60 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB (bound: 60 MiB)"
-    assert latency < 1.0, f"p99 {latency:.3f} s while attacked"
+    assert latency < allowance(1.0), f"p99 {latency:.3f} s while attacked"
 
 
 async def test_a_birth_storm_does_not_delay_other_devices(mosquitto):
@@ -146,4 +154,4 @@ async def birth_storm(gw: GatewayProcess, cookie: str, port: int) -> None:
         await asyncio.sleep(3.0)
         latency = probe.p99()
     await probe.all_stored()
-    assert latency < 1.0, f"p99 {latency:.3f} s during the birth storm"
+    assert latency < allowance(1.0), f"p99 {latency:.3f} s during the birth storm"
