@@ -357,6 +357,9 @@ GATEWAY = {
     # refused (`too_many_metrics`), the known ones still stored. With names of at most 200
     # characters this bounds a device's stored latest values to about 128 KiB.
     "DEVICE_MAX_METRICS": env_int("GATEWAY_DEVICE_MAX_METRICS", 500),
+    # Longest metric name accepted (1-200 characters); a longer one rejects its message
+    # (`bad_value`). With DEVICE_MAX_METRICS it bounds a device's stored latest values.
+    "MAX_METRIC_NAME": min(200, max(1, env_int("GATEWAY_MAX_METRIC_NAME", 200))),
     # /healthz says 503 "ingest stalled" when un-acknowledged MQTT messages have waited this
     # long with no acknowledgement at all (the bridge is connected but nothing gets stored).
     "HEALTH_STALL_SECONDS": env_float("GATEWAY_HEALTH_STALL_SECONDS", 30.0),

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from django.conf import settings
 
 from gateway.exceptions import Rejected
 
@@ -49,7 +50,8 @@ __all__ = [
 
 MAX_DEPTH = 8  # levels of nested objects, the top-level object being level 1
 MAX_METRICS = 256
-MAX_METRIC_NAME = 200
+#: Longest metric name (GATEWAY_MAX_METRIC_NAME, 1-200; default 200).
+MAX_METRIC_NAME = settings.GATEWAY["MAX_METRIC_NAME"]
 MIN_TS = 946_684_800.0  # 2000-01-01T00:00:00Z
 FUTURE_SLACK = 86_400.0  # a device clock may run at most one day ahead of ours
 MS_THRESHOLD = 1e11  # numeric ts at or above this are milliseconds
