@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.hostile import main as hostile_main
 
         return hostile_main(argv[1:])
+    if argv[:1] == ["modbus"]:  # polling a Modbus bus against its capacity (bench/modbus.py)
+        from bench.modbus import main as modbus_main
+
+        return modbus_main(argv[1:])
     if argv[:1] == ["soak"]:  # long steady load with broker and Redis restarts (bench/soak.py)
         from bench.soak import main as soak_main
 
