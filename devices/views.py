@@ -19,6 +19,7 @@ from django.db.models import Avg, F, FloatField, Func, Value
 from django.db.models.functions import Floor, Greatest
 from django.http import HttpRequest, HttpResponse
 
+from devices.conventions.kinds import with_conventions
 from devices.export import csv_response
 from devices.models import Device, Reading
 from devices.telemetry.parsing import MS_THRESHOLD, valid_device_id, valid_metric_name
@@ -64,9 +65,10 @@ def api_view(view: Callable) -> Callable:
 
 @api_view
 async def device_list(request: HttpRequest) -> HttpResponse:
-    """All devices as `Device.as_dict()`, with values the pipeline has not stored yet."""
+    """All devices as `Device.as_dict()` with their ``convention``, and with values the
+    pipeline has not stored yet."""
     stored = [device.as_dict() async for device in Device.objects.all()]
-    return json_response(snapshot_overlay(stored))
+    return json_response(with_conventions(snapshot_overlay(stored)))
 
 
 class BadParam(ValueError):

@@ -279,12 +279,12 @@ def test_device_page_for_unknown_and_invalid_ids(logged_in):
 
 
 @pytest.mark.django_db
-def test_native_devices_get_native_buttons(client, django_user_model):
-    Device.objects.create(id="sim-0001", metrics={"temperature": 20})
+def test_native_devices_get_only_the_free_form_form(client, django_user_model):
+    """A native device's commands are its firmware's own: no guessed buttons, the form only."""
+    Device.objects.create(id="sim-0001", metrics={"temperature": 20, "relay": True})
     client.force_login(django_user_model.objects.create_superuser("root", password="x" * 20))
     html = client.get("/devices/sim-0001/").content.decode()
-    for name in ("set_interval", "relay", "reboot"):
-        assert f'data-name="{name}"' in html
+    assert 'id="command-form"' in html and "quick-btn" not in html
 
 
 @pytest.mark.skipif(
