@@ -16,7 +16,7 @@ from django.views.decorators.cache import never_cache
 
 from alerts.views import can_acknowledge
 from devices.commands.service import can_command
-from devices.conventions.kinds import command_buttons, convention
+from devices.conventions.kinds import LABELS, command_buttons, convention, is_diagnostic
 from devices.models import Command, Device
 from devices.telemetry.parsing import valid_device_id
 
@@ -34,14 +34,19 @@ def _facts(device: Device) -> dict[str, Any]:
 
 def _row(device: Device) -> dict[str, Any]:
     # Metrics as a sorted list: a metric named "items" must not shadow dict.items in templates.
+    metrics = sorted((device.metrics or {}).items())
+    kind = convention(_facts(device))
     return {
         "id": device.id,
         "name": device.name or device.id,
         "online": device.online,
         "transport": device.transport,
-        "convention": convention(_facts(device)),
+        "convention": kind,
+        "convention_label": LABELS.get(kind, kind),
         "last_seen": device.last_seen,
-        "metrics": sorted((device.metrics or {}).items()),
+        "metrics": metrics,
+        "primary": [(name, value) for name, value in metrics if not is_diagnostic(name)],
+        "diagnostic": [(name, value) for name, value in metrics if is_diagnostic(name)],
     }
 
 

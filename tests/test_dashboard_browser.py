@@ -55,7 +55,12 @@ def stack() -> Iterator[tuple[Mosquitto, GatewayProcess]]:
 
 @contextlib.asynccontextmanager
 async def browser_page(
-    gw: GatewayProcess, user: str | None, *, width: int = 1280, height: int = 860
+    gw: GatewayProcess,
+    user: str | None,
+    *,
+    width: int = 1280,
+    height: int = 860,
+    timezone_id: str | None = None,
 ) -> AsyncIterator[tuple[Any, list[str]]]:
     """A Chromium page (logged in as `user` through a real login when given) and its problems."""
     from playwright.async_api import async_playwright
@@ -64,7 +69,9 @@ async def browser_page(
     async with async_playwright() as pw:
         browser = await launch(pw)
         try:
-            context = await browser.new_context(viewport={"width": width, "height": height})
+            context = await browser.new_context(
+                viewport={"width": width, "height": height}, timezone_id=timezone_id
+            )
             if user is not None:
                 cookie = await asyncio.to_thread(gw.login, user, PASSWORD)
                 await context.add_cookies(
@@ -160,7 +167,7 @@ async def test_login_live_values_chart_and_last_will(stack):
         # A simulated device appears online with its values.
         row = page.locator('tr[data-device="live-0001"]')
         await expect(row.locator(".badge")).to_have_text("online", timeout=WAIT_MS)
-        await expect(row.locator(".transport")).to_have_text("mqtt")
+        await expect(row.locator(".transport")).to_have_text("native")
         await expect(row.locator(".metric", has_text="temperature")).to_have_count(1)
         await expect(row.locator(".seen time")).to_contain_text("ago")
 
@@ -237,8 +244,11 @@ async def test_command_from_the_panel_is_acked(stack):
         await expect(item.locator(".cmd-result")).to_contain_text('"seconds":0.5')
         assert await item.get_attribute("data-command")
 
-        # A known-command button.
-        await page.click('#quick .quick-btn[data-name="relay"] >> nth=0')
+        # A native device is offered no guessed buttons: its commands are typed.
+        await expect(page.locator("#quick .quick-btn")).to_have_count(0)
+        await page.fill("#command-name", "relay")
+        await page.fill("#command-args", '{"state": true}')
+        await page.click("#command-form button[type=submit]")
         item = page.locator("#commands li").first
         await expect(item.locator(".cmd-name")).to_have_text("relay")
         await expect(item.locator(".cmd-status")).to_have_text("acked", timeout=WAIT_MS)
@@ -395,8 +405,10 @@ async def test_screenshots_of_a_live_fleet(stack):
             for i in range(150, 153):  # live readings continue the curves
                 await publish(greenhouse, "greenhouse", **greenhouse_reading(i))
                 await asyncio.sleep(0.5)
-            await page.click('#quick .quick-btn[data-name="set_interval"]')
-            await page.click('#quick .quick-btn[data-name="status"]')
+            for name, args in (("set_interval", '{"seconds": 5}'), ("status", "{}")):
+                await page.fill("#command-name", name)
+                await page.fill("#command-args", args)
+                await page.click("#command-form button[type=submit]")
             await expect(page.locator("#commands li .cmd-status", has_text="acked")).to_have_count(
                 2, timeout=WAIT_MS
             )

@@ -29,6 +29,26 @@ TASMOTA_METRIC = re.compile(
     r"|(Wifi|AM2301|BMP280|BME280|DHT11|DS18B20|SHT3X|ENERGY|SI7021|ANALOG)\..+)$"
 )
 _RELAY = re.compile(r"^POWER(\d*)$")
+#: How the dashboard names each convention.
+LABELS = {
+    "native": "native",
+    "tasmota": "Tasmota",
+    "discovery": "discovery",
+    "serial": "serial",
+    "modbus": "Modbus",
+}
+#: Diagnostic values (as Home Assistant's ``entity_category: diagnostic``): the device's own
+#: health and radio rather than what it measures; the dashboard shows them collapsed. The same
+#: pattern is in dashboard/static/dashboard/live.js.
+DIAGNOSTIC = re.compile(
+    r"^(Uptime|UptimeSec|uptime|Heap|LoadAvg|Sleep|SleepMode|MqttCount|Vcc|rssi|RSSI"
+    r"|linkquality|Wifi\..+|wifi\..+)$"
+)
+
+
+def is_diagnostic(metric: str) -> bool:
+    """Whether a metric is a diagnostic value (shown collapsed)."""
+    return DIAGNOSTIC.match(metric) is not None
 
 
 def _discovered() -> dict[str, list[dict[str, Any]]]:
