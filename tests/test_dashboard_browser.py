@@ -364,12 +364,13 @@ async def test_viewer_without_permission_gets_no_panel_and_a_forced_command_is_r
     assert problems == []
 
 
-def greenhouse_reading(i: int) -> dict[str, float]:
+def greenhouse_reading(i: int) -> dict[str, float | bool]:
     """Smooth, plausible greenhouse values for the i-th reading (for the screenshots)."""
     return {
         "temperature": round(22 + 3 * math.sin(i / 18) + 0.3 * math.sin(i * 1.7), 2),
         "humidity": round(55 + 8 * math.cos(i / 25), 1),
         "co2": round(600 + 150 * math.sin(i / 40 + 1), 0),
+        "vent_open": math.sin(i / 18) > 0.5,  # an on/off metric: a step chart
     }
 
 

@@ -172,6 +172,17 @@
       // The whole window, whatever the data covers: a short series gets minute ticks.
       x: { time: true, range: () => [Date.now() / 1000 - windowSeconds, Date.now() / 1000] },
     };
+    // A flat or single-point series gets a narrow band around its value, not 0-2000.
+    scales.y = {
+      range: (self, min, max) => {
+        if (!G.isNumber(min) || !G.isNumber(max)) return [0, 1];
+        if (min === max) {
+          const pad = Math.abs(min) * 0.01 || 1;
+          return [min - pad, max + pad];
+        }
+        return window.uPlot.rangeNum(min, max, 0.1, true);
+      },
+    };
     if (chart.boolean) {
       // On/off values (relays, switches): steps between 0 and 1.
       series.paths = window.uPlot.paths.stepped({ align: 1 });
