@@ -9,6 +9,7 @@ import pytest
 
 from devices.conventions import modbus_units
 from devices.conventions.discovery import consumer as discovery
+from devices.conventions.discovery import zigbee2mqtt
 from devices.conventions.discovery.documents import ConfigTopic, entities_of
 from devices.conventions.kinds import command_buttons, convention, is_diagnostic, with_conventions
 from gateway.modbus.config import BusConfig, UnitConfig
@@ -151,3 +152,22 @@ def test_discovered_devices_get_their_commandable_entities(discovered):
         ("Light on", "light", {"value": True}),
         ("Light off", "light", {"value": False}),
     ]
+
+
+@pytest.fixture
+def zigbee_plug():
+    """Zigbee2MQTT's device list with one plug (Z2M docs, guide/usage/mqtt_topics_and_messages.md
+    "zigbee2mqtt/bridge/devices", exposes from guide/usage/exposes.md), in the registry."""
+    from tests.test_discovery import Z2M_DEVICES
+
+    payload = json.dumps(Z2M_DEVICES[:2]).encode()
+    entities = zigbee2mqtt.entities_of("zigbee2mqtt", payload, max_bytes=1 << 20)
+    discovery.shared().registry.replace(zigbee2mqtt.devices_topic("zigbee2mqtt"), entities)
+    yield "0x00158d00018255df"
+    discovery.reset()
+
+
+def test_zigbee2mqtt_devices_are_named_so_and_get_their_switch(zigbee_plug):
+    device = {"id": zigbee_plug, "transport": "mqtt", "metrics": {"state": True, "power": 3.0}}
+    assert convention(device) == "zigbee2mqtt"
+    assert [b["label"] for b in command_buttons(device)][:2] == ["state on", "state off"]

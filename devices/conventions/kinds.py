@@ -5,8 +5,10 @@ convention says what its messages mean, and so which commands it accepts (docs/i
 §5.2). The convention is derived, not stored, the cheapest way that is right:
 
 - ``serial`` and ``modbus`` transports are their own convention;
-- an MQTT device this process discovered (Home Assistant discovery or Zigbee2MQTT, its
-  registry at ``/api/discovery/``) is ``discovery``;
+- an MQTT device this process discovered (its registry at ``/api/discovery/``) is
+  ``zigbee2mqtt`` when its id is a Zigbee IEEE address (``0x`` and 16 hex digits: Zigbee2MQTT's
+  device list) or Zigbee2MQTT's own discovery identifier (``zigbee2mqtt_0x…``), else
+  ``discovery`` (Home Assistant discovery);
 - an MQTT device whose id starts with ``tasmota`` or whose metrics are Tasmota's own
   (``UptimeSec``, ``Wifi.*``, ``POWER<n>``, ``AM2301.*``… from ``tele/<id>/STATE`` and
   ``SENSOR``) is ``tasmota``;
@@ -29,11 +31,13 @@ TASMOTA_METRIC = re.compile(
     r"|(Wifi|AM2301|BMP280|BME280|DHT11|DS18B20|SHT3X|ENERGY|SI7021|ANALOG)\..+)$"
 )
 _RELAY = re.compile(r"^POWER(\d*)$")
+_ZIGBEE = re.compile(r"^(zigbee2mqtt_)?0x[0-9A-Fa-f]{16}$")
 #: How the dashboard names each convention.
 LABELS = {
     "native": "native",
     "tasmota": "Tasmota",
     "discovery": "discovery",
+    "zigbee2mqtt": "Zigbee2MQTT",
     "serial": "serial",
     "modbus": "Modbus",
 }
@@ -56,13 +60,14 @@ def _discovered() -> dict[str, list[dict[str, Any]]]:
 
 
 def convention(device: Mapping[str, Any], discovered: Mapping[str, Any] | None = None) -> str:
-    """``native``, ``tasmota``, ``discovery``, ``serial`` or ``modbus`` (module docstring)."""
+    """``native``, ``tasmota``, ``discovery``, ``zigbee2mqtt``, ``serial`` or ``modbus``
+    (module docstring)."""
     transport = device.get("transport") or "mqtt"
     if transport != "mqtt":
         return str(transport)
     found = _discovered() if discovered is None else discovered
     if device.get("id") in found:
-        return "discovery"
+        return "zigbee2mqtt" if _ZIGBEE.match(str(device["id"])) else "discovery"
     if str(device.get("id", "")).lower().startswith("tasmota"):
         return "tasmota"
     if any(TASMOTA_METRIC.match(str(name)) for name in device.get("metrics") or {}):
@@ -142,6 +147,6 @@ def command_buttons(device: Mapping[str, Any]) -> list[dict[str, Any]]:
         return _tasmota(device.get("metrics") or {})
     if kind == "modbus":
         return _modbus(str(device["id"]))
-    if kind == "discovery":
+    if kind in ("discovery", "zigbee2mqtt"):
         return _discovery(_discovered().get(device["id"], []))
     return []

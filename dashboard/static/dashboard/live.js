@@ -62,7 +62,7 @@ window.Gateway = (function () {
   }
 
   // A device's convention (docs/interface.md §5.2) as shown; its transport when unknown.
-  const CONVENTIONS = { native: "native", tasmota: "Tasmota", discovery: "discovery", serial: "serial", modbus: "Modbus" };
+  const CONVENTIONS = { native: "native", tasmota: "Tasmota", discovery: "discovery", zigbee2mqtt: "Zigbee2MQTT", serial: "serial", modbus: "Modbus" };
   function conventionLabel(device) {
     const c = device.convention;
     if (typeof c === "string" && Object.hasOwn(CONVENTIONS, c)) return CONVENTIONS[c];
