@@ -3,7 +3,8 @@ readable chart axes, one time convention (the browser's zone, named in the heade
 metrics charted as steps, each device's convention and the buttons it makes safe, diagnostic
 values collapsed, and a chart's window downloaded as CSV.
 
-Reuses the harness of tests/test_dashboard_browser.py (its own broker and gateway here).
+Reuses the harness of tests/test_dashboard_browser.py (its own broker and gateway here). With
+`GATEWAY_SCREENSHOTS=1` the README's `docs/img/device-tasmota.png` is refreshed.
 """
 
 from __future__ import annotations
