@@ -173,11 +173,13 @@ async def test_login_live_values_chart_and_last_will(stack):
 
         # A published reading changes the displayed value, no reload.
         async with device_client(broker, "probe-1") as probe:
-            await publish(probe, "probe-1", temperature=41.125, humidity=33)
+            # Readings 5 s apart: the 1 h window merges points closer than 2.4 s (device.js).
+            start = time.time() - 10
+            await publish(probe, "probe-1", ts=start, temperature=41.125, humidity=33)
             probe_row = page.locator('tr[data-device="probe-1"]')
             value = probe_row.locator(".metric", has_text="temperature").locator(".metric-value")
             await expect(value).to_have_text("41.125", timeout=WAIT_MS)
-            await publish(probe, "probe-1", temperature=42.5, humidity=34)
+            await publish(probe, "probe-1", ts=start + 5, temperature=42.5, humidity=34)
             await expect(value).to_have_text("42.5", timeout=WAIT_MS)
 
             # The device page: a chart per numeric metric, history first, then live points.
