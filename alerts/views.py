@@ -27,8 +27,8 @@ from alerts.hooks import current_evaluator
 from alerts.models import AlertRule, AlertState
 from alerts.outbox import emit
 from alerts.rules import RuleError, parse_rule
+from devices.api import json_response
 from devices.commands.views import csrf_failure
-from devices.views import json_response
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_NOTE = 1000

@@ -129,7 +129,9 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         # Pending values first, then the DB: a value written in between is in the DB read, and
         # anything newer reaches us through the group we already joined.
         pending = _pending_devices()
-        devices = merge_snapshot(await _stored_devices(), pending)
+        from devices.conventions.kinds import with_conventions
+
+        devices = with_conventions(merge_snapshot(await _stored_devices(), pending))
         self._enqueue({"type": "snapshot", "devices": devices})
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from django.views.decorators.cache import never_cache
 
 from alerts.views import can_acknowledge
 from devices.commands.service import can_command
+from devices.conventions.kinds import LABELS, command_buttons, convention, is_diagnostic
 from devices.models import Command, Device
 from devices.telemetry.parsing import valid_device_id
 
@@ -26,45 +27,26 @@ STALE_SECONDS = 120
 #: Commands listed on a device page when it is opened (newer ones arrive as frames).
 RECENT_COMMANDS = 20
 
-#: Buttons for the commands a device is known to understand, by firmware style:
-#: (label, command name, args). The native ones are firmware_sim's (devices/<id>/commands);
-#: a Tasmota command goes to cmnd/<id>/<name> with args["value"] as its payload.
-KNOWN_COMMANDS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
-    "native": [
-        ("Interval 5 s", "set_interval", {"seconds": 5}),
-        ("Relay on", "relay", {"state": True}),
-        ("Relay off", "relay", {"state": False}),
-        ("Status", "status", {}),
-        ("Reboot", "reboot", {}),
-    ],
-    "tasmota": [
-        ("Power ON", "Power", {"value": "ON"}),
-        ("Power OFF", "Power", {"value": "OFF"}),
-        ("Power TOGGLE", "Power", {"value": "TOGGLE"}),
-    ],
-}
-#: Metric names only Tasmota firmware reports (its SENSOR and STATE objects, flattened).
-TASMOTA_METRIC_PREFIXES = ("AM2301.", "BMP280.", "DS18B20.", "SHT3X.", "ENERGY.", "Wifi.")
 
-
-def firmware_style(device: Device) -> str:
-    """Tasmota when the id or the metric names say so (buttons differ), else native."""
-    if device.id.lower().startswith("tasmota"):
-        return "tasmota"
-    if any(str(m).startswith(TASMOTA_METRIC_PREFIXES) for m in device.metrics or {}):
-        return "tasmota"
-    return "native"
+def _facts(device: Device) -> dict[str, Any]:
+    return {"id": device.id, "transport": device.transport, "metrics": device.metrics or {}}
 
 
 def _row(device: Device) -> dict[str, Any]:
     # Metrics as a sorted list: a metric named "items" must not shadow dict.items in templates.
+    metrics = sorted((device.metrics or {}).items())
+    kind = convention(_facts(device))
     return {
         "id": device.id,
         "name": device.name or device.id,
         "online": device.online,
         "transport": device.transport,
+        "convention": kind,
+        "convention_label": LABELS.get(kind, kind),
         "last_seen": device.last_seen,
-        "metrics": sorted((device.metrics or {}).items()),
+        "metrics": metrics,
+        "primary": [(name, value) for name, value in metrics if not is_diagnostic(name)],
+        "diagnostic": [(name, value) for name, value in metrics if is_diagnostic(name)],
     }
 
 
@@ -105,12 +87,10 @@ def device(request: HttpRequest, device_id: str) -> HttpResponse:
     dev = Device.objects.filter(pk=device_id).first() or Device(id=device_id)
     allowed = can_command(request.user)
     commands = Command.objects.filter(device_id=device_id).select_related("created_by")
-    buttons = [
-        {"label": label, "name": name, "args": json.dumps(args)}
-        for label, name, args in KNOWN_COMMANDS[firmware_style(dev)]
-    ]
+    row = _row(dev)
+    buttons = command_buttons(_facts(dev))
     context = {
-        "device": _row(dev),
+        "device": row,
         "can_command": allowed,
         "buttons": buttons if allowed else [],
         "commands": [_command_row(c) for c in commands[:RECENT_COMMANDS]],

@@ -7,18 +7,16 @@ the login page: scripts call this API). Session authentication, as for the dashb
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import wraps
-from inspect import iscoroutinefunction
-from typing import Any
 
-import orjson
 from asgiref.sync import sync_to_async
 from django.db.models import Avg, F, FloatField, Func, Value
-from django.db.models.functions import Floor
+from django.db.models.functions import Floor, Greatest
 from django.http import HttpRequest, HttpResponse
 
+from devices.api import api_view, json_error, json_response
+from devices.conventions.kinds import with_conventions
+from devices.export import csv_response
 from devices.models import Device, Reading
 from devices.telemetry.parsing import MS_THRESHOLD, valid_device_id, valid_metric_name
 from devices.telemetry.pipeline import flush_if_pending, snapshot_overlay
@@ -27,45 +25,12 @@ DEFAULT_MAX_POINTS = 1000
 MAX_POINTS_CAP = 10_000
 
 
-def json_response(data: Any, status: int = 200) -> HttpResponse:
-    """A JSON response serialised with orjson (strict JSON, fast for long point lists)."""
-    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json")
-
-
-def json_error(status: int, message: str) -> HttpResponse:
-    return json_response({"error": message}, status)
-
-
-def api_view(view: Callable) -> Callable:
-    """GET/HEAD only and a logged-in user (else 401/405 JSON); for sync and async views."""
-    if iscoroutinefunction(view):
-
-        @wraps(view)
-        async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-            if request.method not in ("GET", "HEAD"):
-                return json_error(405, "method not allowed")
-            if not (await request.auser()).is_authenticated:
-                return json_error(401, "authentication required")
-            return await view(request, *args, **kwargs)
-
-        return async_wrapper
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.method not in ("GET", "HEAD"):
-            return json_error(405, "method not allowed")
-        if not request.user.is_authenticated:
-            return json_error(401, "authentication required")
-        return view(request, *args, **kwargs)
-
-    return wrapper
-
-
 @api_view
 async def device_list(request: HttpRequest) -> HttpResponse:
-    """All devices as `Device.as_dict()`, with values the pipeline has not stored yet."""
+    """All devices as `Device.as_dict()` with their ``convention``, and with values the
+    pipeline has not stored yet."""
     stored = [device.as_dict() async for device in Device.objects.all()]
-    return json_response(snapshot_overlay(stored))
+    return json_response(with_conventions(snapshot_overlay(stored)))
 
 
 class BadParam(ValueError):
@@ -147,7 +112,8 @@ def history(device_id: str, metric: str, since, until, max_points: int) -> list[
     t0, t1 = head[0][0].timestamp(), last.timestamp()
     # max_points - 0.5 buckets' worth of width keeps the last point in bucket max_points - 1.
     width = max((t1 - t0) / (max_points - 0.5), 1e-6)
-    bucket = Floor((Epoch("ts") - Value(t0)) / Value(width))
+    # Not below 0: SQLite's julianday() can put the first point a few microseconds before t0.
+    bucket = Floor(Greatest((Epoch("ts") - Value(t0)) / Value(width), Value(0.0)))
     rows = (
         qs.annotate(bucket=bucket)
         .values("bucket")
@@ -160,14 +126,18 @@ def history(device_id: str, metric: str, since, until, max_points: int) -> list[
 
 @api_view
 async def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse:
-    """``{"device", "metric", "points": [[epoch_seconds, value], …]}``, at most max_points.
+    """``{"device", "metric", "points": [[epoch_seconds, value], …]}``, at most max_points;
+    with ``format=csv`` the same points as a CSV download (devices/export.py).
 
     Readings this process holds for the device but has not written yet are written first, so
     a chart opened right after a reading includes it.
     """
     params = request.GET
     metric = params.get("metric", "")
+    as_csv = params.get("format", "json") == "csv"
     try:
+        if params.get("format", "json") not in ("json", "csv"):
+            raise BadParam("format must be json or csv")
         if not metric:
             raise BadParam("metric is required")
         if not valid_metric_name(metric):  # never stored; a NUL would also break PostgreSQL
@@ -185,4 +155,6 @@ async def device_telemetry(request: HttpRequest, device_id: str) -> HttpResponse
     if not await Device.objects.filter(id=device_id).aexists():
         return json_error(404, f"unknown device {device_id!r}")
     points = await sync_to_async(history)(device_id, metric, since, until, max_points)
+    if as_csv:
+        return csv_response(device_id, metric, points)
     return json_response({"device": device_id, "metric": metric, "points": points})

@@ -377,10 +377,12 @@ def modbus_bridge(application: Any, config_paths: Sequence[str]) -> Any:
         return None
     from django.conf import settings
 
+    from devices.conventions import modbus_units
     from gateway.modbus.config import load_configs
     from gateway.modbus.server import ModbusServer
 
     buses = load_configs(list(config_paths), settings.GATEWAY["MODBUS_PROFILE_DIRS"])
+    modbus_units.remember(buses)  # the dashboard offers the writable points as buttons
     return ModbusServer(application, buses)
 
 

@@ -88,9 +88,11 @@ def test_device_list(api, d1):
         "online": False,
         "last_seen": None,
         "transport": "serial",
+        "convention": "serial",
         "metrics": {},
     }
     assert body[1]["name"] == "Lab" and body[1]["metrics"] == {"temp": 99.0}
+    assert body[1]["convention"] == "native"
 
 
 @pytest.mark.django_db(transaction=True)

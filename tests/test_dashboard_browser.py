@@ -55,12 +55,20 @@ def stack() -> Iterator[tuple[Mosquitto, GatewayProcess]]:
 
 @contextlib.asynccontextmanager
 async def browser_page(
-    gw: GatewayProcess, user: str | None, *, width: int = 1280, height: int = 860
+    gw: GatewayProcess,
+    user: str | None,
+    *,
+    width: int = 1280,
+    height: int = 860,
+    timezone_id: str | None = None,
 ) -> AsyncIterator[tuple[Any, list[str]]]:
     """A Chromium page (logged in as `user` through a real login when given) and its problems."""
     cookie = await asyncio.to_thread(gw.login, user, PASSWORD) if user is not None else None
     viewport = {"width": width, "height": height}
-    async with watched_page(gw.base_url, cookie, viewport=viewport) as (page, problems):
+    async with watched_page(gw.base_url, cookie, viewport=viewport, timezone_id=timezone_id) as (
+        page,
+        problems,
+    ):
         yield page, problems
 
 
@@ -133,17 +141,19 @@ async def test_login_live_values_chart_and_last_will(stack):
         # A simulated device appears online with its values.
         row = page.locator('tr[data-device="live-0001"]')
         await expect(row.locator(".badge")).to_have_text("online", timeout=WAIT_MS)
-        await expect(row.locator(".transport")).to_have_text("mqtt")
+        await expect(row.locator(".transport")).to_have_text("native")
         await expect(row.locator(".metric", has_text="temperature")).to_have_count(1)
         await expect(row.locator(".seen time")).to_contain_text("ago")
 
         # A published reading changes the displayed value, no reload.
         async with device_client(broker, "probe-1") as probe:
-            await publish(probe, "probe-1", temperature=41.125, humidity=33)
+            # Readings 5 s apart: the 1 h window merges points closer than 2.4 s (device.js).
+            start = time.time() - 10
+            await publish(probe, "probe-1", ts=start, temperature=41.125, humidity=33)
             probe_row = page.locator('tr[data-device="probe-1"]')
             value = probe_row.locator(".metric", has_text="temperature").locator(".metric-value")
             await expect(value).to_have_text("41.125", timeout=WAIT_MS)
-            await publish(probe, "probe-1", temperature=42.5, humidity=34)
+            await publish(probe, "probe-1", ts=start + 5, temperature=42.5, humidity=34)
             await expect(value).to_have_text("42.5", timeout=WAIT_MS)
 
             # The device page: a chart per numeric metric, history first, then live points.
@@ -210,8 +220,11 @@ async def test_command_from_the_panel_is_acked(stack):
         await expect(item.locator(".cmd-result")).to_contain_text('"seconds":0.5')
         assert await item.get_attribute("data-command")
 
-        # A known-command button.
-        await page.click('#quick .quick-btn[data-name="relay"] >> nth=0')
+        # A native device is offered no guessed buttons: its commands are typed.
+        await expect(page.locator("#quick .quick-btn")).to_have_count(0)
+        await page.fill("#command-name", "relay")
+        await page.fill("#command-args", '{"state": true}')
+        await page.click("#command-form button[type=submit]")
         item = page.locator("#commands li").first
         await expect(item.locator(".cmd-name")).to_have_text("relay")
         await expect(item.locator(".cmd-status")).to_have_text("acked", timeout=WAIT_MS)
@@ -327,12 +340,13 @@ async def test_viewer_without_permission_gets_no_panel_and_a_forced_command_is_r
     assert problems == []
 
 
-def greenhouse_reading(i: int) -> dict[str, float]:
+def greenhouse_reading(i: int) -> dict[str, float | bool]:
     """Smooth, plausible greenhouse values for the i-th reading (for the screenshots)."""
     return {
         "temperature": round(22 + 3 * math.sin(i / 18) + 0.3 * math.sin(i * 1.7), 2),
         "humidity": round(55 + 8 * math.cos(i / 25), 1),
         "co2": round(600 + 150 * math.sin(i / 40 + 1), 0),
+        "vent_open": math.sin(i / 18) > 0.5,  # an on/off metric: a step chart
     }
 
 
@@ -368,8 +382,10 @@ async def test_screenshots_of_a_live_fleet(stack):
             for i in range(150, 153):  # live readings continue the curves
                 await publish(greenhouse, "greenhouse", **greenhouse_reading(i))
                 await asyncio.sleep(0.5)
-            await page.click('#quick .quick-btn[data-name="set_interval"]')
-            await page.click('#quick .quick-btn[data-name="status"]')
+            for name, args in (("set_interval", '{"seconds": 5}'), ("status", "{}")):
+                await page.fill("#command-name", name)
+                await page.fill("#command-args", args)
+                await page.click("#command-form button[type=submit]")
             await expect(page.locator("#commands li .cmd-status", has_text="acked")).to_have_count(
                 2, timeout=WAIT_MS
             )

@@ -101,7 +101,9 @@ async def test_snapshot_comes_first_with_stored_devices(layer, session_cookie):
         id="b-2", name="Boiler", transport="serial", metrics={"temperature": 61.5}
     )
     await sync_to_async(Device.objects.create)(id="a-1", online=True, metrics={"hum": 40})
-    expected = [d.as_dict() for d in await sync_to_async(list)(Device.objects.order_by("id"))]
+    stored = await sync_to_async(list)(Device.objects.order_by("id"))
+    conventions = ["native", "serial"]
+    expected = [{**d.as_dict(), "convention": c} for d, c in zip(stored, conventions, strict=True)]
 
     comm = await connect(session_cookie)
     snapshot = await comm.receive_json_from(timeout=5)

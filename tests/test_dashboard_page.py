@@ -266,12 +266,12 @@ def test_device_page_for_unknown_and_invalid_ids(logged_in):
 
 
 @pytest.mark.django_db
-def test_native_devices_get_native_buttons(client, django_user_model):
-    Device.objects.create(id="sim-0001", metrics={"temperature": 20})
+def test_native_devices_get_only_the_free_form_form(client, django_user_model):
+    """A native device's commands are its firmware's own: no guessed buttons, the form only."""
+    Device.objects.create(id="sim-0001", metrics={"temperature": 20, "relay": True})
     client.force_login(django_user_model.objects.create_superuser("root", password="x" * 20))
     html = client.get("/devices/sim-0001/").content.decode()
-    for name in ("set_interval", "relay", "reboot"):
-        assert f'data-name="{name}"' in html
+    assert 'id="command-form"' in html and "quick-btn" not in html
 
 
 @pytest.mark.skipif(
@@ -286,3 +286,33 @@ def test_only_uplot_dist_is_served_from_node_modules(client):
     assert b"uPlot" in body
     assert client.get("/static/uplot/package.json").status_code == 404
     assert client.get("/static/vendor/uplot/../package.json").status_code == 404
+
+
+@pytest.mark.django_db
+def test_a_modbus_unit_is_offered_its_writable_points_and_a_tasmota_row_its_convention(
+    client, django_user_model, monkeypatch, tmp_path
+):
+    """A Modbus config file naming the unit (docs/interface.md §7) gives its page a button
+    per coil state; the list names each device's convention and folds Tasmota's diagnostics."""
+    from devices.conventions import modbus_units
+
+    config = tmp_path / "bus.json"
+    config.write_text(
+        '{"buses": [{"port": "tcp://127.0.0.1:1502", "units": '
+        '[{"unit": 1, "device": "relays", "profile": "waveshare-relay-8ch"}]}]}'
+    )
+    monkeypatch.setitem(settings.GATEWAY, "MODBUS_CONFIG", [str(config)])
+    monkeypatch.setattr(modbus_units, "_units", {})
+    monkeypatch.setattr(modbus_units, "_loaded", False)  # read MODBUS_CONFIG afresh
+    Device.objects.create(id="relays", transport="modbus", metrics={"relay1": False})
+    Device.objects.create(id="plug", metrics={"POWER": True, "Wifi.RSSI": 80, "Heap": 25})
+    client.force_login(django_user_model.objects.create_superuser("root", password="x" * 20))
+
+    html = client.get("/devices/relays/").content.decode()
+    assert 'data-name="relay8" data-args="{&quot;value&quot;: false}"' in html
+    assert "relay1 on" in html and "Modbus" in html
+
+    html = client.get("/").content.decode()
+    assert 'title="transport: modbus">Modbus</td>' in html
+    assert 'title="transport: mqtt">Tasmota</td>' in html
+    assert '<details class="diag"><summary>2 diagnostic</summary>' in html

@@ -27,9 +27,9 @@ from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
+from devices.api import api_view, json_error, json_response
 from devices.commands import service as commands
 from devices.models import Command
-from devices.views import api_view, json_error, json_response
 
 MAX_BODY_BYTES = 64 * 1024
 

@@ -63,6 +63,7 @@ async def watched_page(
     *,
     viewport: dict[str, int] | None = None,
     init_script: str | None = None,
+    timezone_id: str | None = None,
 ) -> AsyncIterator[tuple[Any, list[str]]]:
     """A Chromium page carrying `cookie` (a `Cookie` header of a logged-in session, or None)
     for `base_url`, watched (`watch`), and the list its problems go to."""
@@ -72,7 +73,10 @@ async def watched_page(
     async with async_playwright() as pw:
         browser = await launch(pw)
         try:
-            context = await browser.new_context(**({"viewport": viewport} if viewport else {}))
+            options: dict[str, Any] = {"viewport": viewport} if viewport else {}
+            if timezone_id:
+                options["timezone_id"] = timezone_id  # the browser's zone, as a user's
+            context = await browser.new_context(**options)
             if cookie:
                 await context.add_cookies(
                     [

@@ -54,14 +54,25 @@
     if (keys !== row.chipKeys) {
       row.chipKeys = keys;
       row.chips.clear();
-      const chips = names.map((name) => {
+      const chip = (name) => {
         const value = el("span", "metric-value");
         row.chips.set(name, value);
-        const chip = el("span", "metric");
-        chip.append(el("span", "metric-name", name), " ", value);
-        return chip;
-      });
-      row.metrics.replaceChildren(...chips);
+        const node = el("span", "metric");
+        node.append(el("span", "metric-name", name), " ", value);
+        return node;
+      };
+      // Diagnostic values go in a collapsed <details>, kept across renders (and so its
+      // open/closed state).
+      const diagnostic = names.filter(G.isDiagnostic);
+      if (!row.diag) {
+        row.diag = el("details", "diag");
+        row.diagSummary = el("summary");
+        row.diag.append(row.diagSummary);
+      }
+      row.diagSummary.textContent = diagnostic.length + " diagnostic";
+      row.diag.replaceChildren(row.diagSummary, ...diagnostic.map(chip));
+      const primary = names.filter((name) => !G.isDiagnostic(name)).map(chip);
+      row.metrics.replaceChildren(...primary, ...(diagnostic.length ? [row.diag] : []));
     }
     for (const name of names) {
       const span = row.chips.get(name);
@@ -83,8 +94,11 @@
     row.text = (name + " " + device.id).toLowerCase();
     row.tr.hidden = needle !== "" && !row.text.includes(needle);
     G.setBadge(row.badge, G.presence(device, staleSeconds));
-    const transport = device.transport || "";
-    if (row.transport.textContent !== transport) row.transport.textContent = transport;
+    const convention = G.conventionLabel(device);
+    if (row.transport.textContent !== convention) {
+      row.transport.textContent = convention;
+      row.transport.title = device.transport ? "transport: " + device.transport : "";
+    }
     if (row.lastSeen !== device.last_seen) {
       row.lastSeen = device.last_seen;
       if (G.isNumber(device.last_seen)) row.seen.replaceChildren(G.timeAgo(device.last_seen));

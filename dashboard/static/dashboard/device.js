@@ -9,10 +9,15 @@
   const deviceId = page.dataset.device;
   const staleSeconds = Number(page.dataset.staleSeconds) || 120;
   const HISTORY_POINTS = 1000;
+  const EXPORT_POINTS = 10000; // the history API's cap
   const CHART_HEIGHT = 180;
   const NAME_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
 
   const state = { id: deviceId, name: deviceId, online: false, last_seen: null, transport: "", metrics: {} };
+  const idEl = document.getElementById("device-id");
+  const diagnostics = document.getElementById("diagnostics");
+  const diagnosticValues = document.getElementById("diagnostic-values");
+  const diagnosticCount = document.getElementById("diagnostics-count");
   const badge = document.getElementById("device-badge");
   const nameEl = document.getElementById("device-name");
   const transportEl = document.getElementById("device-transport");
@@ -26,7 +31,7 @@
   // --- header and latest values ---------------------------------------------------------
 
   const tiles = new Map(); // metric → value <span>
-  for (const tile of values.querySelectorAll(".tile")) {
+  for (const tile of document.querySelectorAll("#values .tile, #diagnostic-values .tile")) {
     tiles.set(tile.dataset.metric, tile.querySelector(".tile-value"));
   }
   let renderedSeen;
@@ -69,8 +74,13 @@
   function renderHeader() {
     const name = state.name || state.id;
     if (nameEl.textContent !== name) nameEl.textContent = name;
+    if (idEl) idEl.hidden = name === state.id;
     G.setBadge(badge, G.presence(state, staleSeconds));
-    if (transportEl.textContent !== state.transport) transportEl.textContent = state.transport || "";
+    const convention = G.conventionLabel(state);
+    if (transportEl.textContent !== convention) {
+      transportEl.textContent = convention;
+      transportEl.title = state.transport ? "transport: " + state.transport : "";
+    }
     if (renderedSeen !== state.last_seen) {
       renderedSeen = state.last_seen;
       if (G.isNumber(state.last_seen)) seenEl.replaceChildren(G.timeAgo(state.last_seen));
@@ -83,13 +93,16 @@
         tile.dataset.metric = name;
         value = el("span", "tile-value");
         tile.append(el("span", "tile-name", name), value);
-        values.appendChild(tile);
+        (G.isDiagnostic(name) ? diagnosticValues : values).appendChild(tile);
         tiles.set(name, value);
         label(tile, name, "tile-unit");
       }
       const text = G.formatValue(state.metrics[name]);
       if (value.textContent !== text) value.textContent = text;
     }
+    const diagnosticTiles = diagnosticValues.children.length;
+    diagnostics.hidden = diagnosticTiles === 0;
+    diagnosticCount.textContent = String(diagnosticTiles);
   }
 
   // --- charts ---------------------------------------------------------------------------
@@ -100,57 +113,57 @@
   const dirtyCharts = new Set();
   let drawScheduled = false;
 
-  function colours() {
-    const css = getComputedStyle(document.documentElement);
-    const v = (name) => css.getPropertyValue(name).trim();
-    return { accent: v("--accent"), muted: v("--muted"), line: v("--line"), fill: v("--accent-fill") };
-  }
-
-  function chartOptions(metric, width) {
-    const c = colours();
-    const axis = {
-      stroke: c.muted,
-      grid: { stroke: c.line, width: 1 },
-      ticks: { stroke: c.line, width: 1 },
-      font: "12px system-ui, sans-serif",
-    };
-    return {
+  function chartOptions(metric, width, chart) {
+    return window.GatewayCharts.options({
+      metric: metric,
       width: width,
       height: CHART_HEIGHT,
-      legend: { show: false },
-      cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true } },
-      series: [
-        {},
-        { label: metric, stroke: c.accent, width: 2, fill: c.fill, points: { show: false } },
-      ],
-      axes: [axis, Object.assign({}, axis, { size: 56 })],
-    };
+      boolean: chart.boolean,
+      card: chart.card,
+      windowSeconds: () => windowSeconds,
+    });
   }
 
   function chartWidth(box) {
     return Math.max(200, Math.floor(box.clientWidth || chartsBox.clientWidth || 300));
   }
 
-  function ensureChart(metric, load = true) {
+  // A link downloading the chart's window as CSV (the history API's format=csv).
+  function exportLink(metric) {
+    const link = el("a", "chart-csv", "CSV");
+    link.title = "Download this chart's window as CSV";
+    link.setAttribute("download", "");
+    link.href = "#";
+    link.addEventListener("click", () => {
+      const now = Date.now() / 1000;
+      link.href =
+        "/api/devices/" + encodeURIComponent(deviceId) + "/telemetry?format=csv&metric=" +
+        encodeURIComponent(metric) + "&since=" + (now - windowSeconds).toFixed(3) +
+        "&until=" + now.toFixed(3) + "&max_points=" + EXPORT_POINTS;
+    });
+    return link;
+  }
+
+  function ensureChart(metric, load = true, boolean = false) {
     let chart = charts.get(metric);
     if (chart) return chart;
     const card = el("figure", "chart");
     card.dataset.metric = metric;
+    if (boolean) card.dataset.kind = "boolean";
     const head = el("figcaption", "chart-head");
     const latest = el("span", "chart-latest");
-    head.append(el("span", "chart-title", metric), latest);
+    head.append(el("span", "chart-title", metric), latest, exportLink(metric));
     const box = el("div", "chart-box");
     card.append(head, box);
     // Keep charts in metric-name order.
     const after = [...chartsBox.children].find((other) => other.dataset.metric > metric);
     chartsBox.insertBefore(card, after || null);
     noCharts.hidden = true;
-    chart = { xs: [], ys: [], plot: null, box, card, latest, loaded: false };
+    chart = { xs: [], ys: [], plot: null, box, card, latest, loaded: false, boolean };
     charts.set(metric, chart);
     label(head, metric, "chart-unit");
     if (window.uPlot) {
-      chart.plot = new window.uPlot(chartOptions(metric, chartWidth(box)), [chart.xs, chart.ys], box);
+      chart.plot = new window.uPlot(chartOptions(metric, chartWidth(box), chart), [chart.xs, chart.ys], box);
     }
     if (load) loadHistory(metric, chart, generation);
     return chart;
@@ -160,7 +173,7 @@
     for (const [metric, chart] of charts) {
       if (chart.plot) chart.plot.destroy();
       chart.box.replaceChildren();
-      chart.plot = new window.uPlot(chartOptions(metric, chartWidth(chart.box)), [chart.xs, chart.ys], chart.box);
+      chart.plot = new window.uPlot(chartOptions(metric, chartWidth(chart.box), chart), [chart.xs, chart.ys], chart.box);
     }
   }
 
@@ -216,7 +229,7 @@
         trim(chart);
         if (chart.plot) chart.plot.setData([chart.xs, chart.ys]);
         const last = chart.ys.length ? chart.ys[chart.ys.length - 1] : null;
-        chart.latest.textContent = G.formatValue(last);
+        chart.latest.textContent = chart.boolean && last !== null ? (last ? "on" : "off") : G.formatValue(last);
         chart.card.dataset.points = String(chart.xs.length);
       }
       dirtyCharts.clear();
@@ -423,6 +436,10 @@
         }
         nameInput.value = button.dataset.name;
         argsInput.value = JSON.stringify(args);
+        if (button.dataset.fill) {
+          argsInput.focus(); // a value to choose first: the form sends it
+          return;
+        }
         sendCommand(button.dataset.name, args);
       });
     }
@@ -430,13 +447,18 @@
 
   // --- frames ---------------------------------------------------------------------------
 
+  // Numbers and booleans (as 0/1 steps) are charted; diagnostic values only as tiles.
+  function chartable(metric, value) {
+    return (G.isNumber(value) || typeof value === "boolean") && !G.isDiagnostic(metric);
+  }
+
   function applyMetrics(metrics, ts) {
     for (const [metric, value] of Object.entries(metrics || {})) {
       state.metrics[metric] = value;
-      if (!G.isNumber(value)) continue;
-      const chart = ensureChart(metric);
+      if (!chartable(metric, value)) continue;
+      const chart = ensureChart(metric, true, typeof value === "boolean");
       if (G.isNumber(ts)) {
-        addPoint(chart, ts, value);
+        addPoint(chart, ts, Number(value));
         markChart(metric);
       }
     }
@@ -456,10 +478,10 @@
     snapshot(frame) {
       // Every (re)connection: replace the device's state, then reload the charts' history.
       const found = (frame.devices || []).find((d) => d && d.id === deviceId);
-      Object.assign(state, { name: deviceId, online: false, last_seen: null, transport: "", metrics: {} });
+      Object.assign(state, { name: deviceId, online: false, last_seen: null, transport: "", convention: "", metrics: {} });
       if (found) Object.assign(state, found, { metrics: Object.assign({}, found.metrics || {}) });
       for (const [metric, value] of Object.entries(state.metrics)) {
-        if (G.isNumber(value)) ensureChart(metric, false);
+        if (chartable(metric, value)) ensureChart(metric, false, typeof value === "boolean");
       }
       reloadAll();
       markHeader();

@@ -26,13 +26,56 @@ window.Gateway = (function () {
     return String(value);
   }
 
+  // Times across the app: the browser's time zone, ISO-like ("2026-12-04 09:15:54"); the
+  // page header names the zone (zoneName).
+  const pad = (n, width = 2) => String(n).padStart(width, "0");
+  function formatDate(epochSeconds) {
+    const d = new Date(epochSeconds * 1000);
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate());
+  }
+  function formatClock(epochSeconds, withSeconds = true) {
+    const d = new Date(epochSeconds * 1000);
+    const hm = pad(d.getHours()) + ":" + pad(d.getMinutes());
+    return withSeconds ? hm + ":" + pad(d.getSeconds()) : hm;
+  }
+  function formatTime(epochSeconds) {
+    return formatDate(epochSeconds) + " " + formatClock(epochSeconds);
+  }
+  function zoneName() {
+    const minutes = -new Date().getTimezoneOffset();
+    const sign = minutes < 0 ? "-" : "+";
+    const offset = "UTC" + sign + pad(Math.floor(Math.abs(minutes) / 60)) + ":" + pad(Math.abs(minutes) % 60);
+    let zone = "";
+    try {
+      zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "";
+    } catch (err) {
+      zone = "";
+    }
+    return zone && zone !== "UTC" ? zone + " (" + offset + ")" : offset;
+  }
+
+  // Diagnostic values (as Home Assistant's `entity_category: diagnostic`): the device's own
+  // health and radio, not what it measures; shown collapsed.
+  const DIAGNOSTIC = /^(Uptime|UptimeSec|uptime|Heap|LoadAvg|Sleep|SleepMode|MqttCount|Vcc|rssi|RSSI|linkquality|Wifi\..+|wifi\..+)$/;
+  function isDiagnostic(metric) {
+    return DIAGNOSTIC.test(metric);
+  }
+
+  // A device's convention (docs/interface.md §5.2) as shown; its transport when unknown.
+  const CONVENTIONS = { native: "native", tasmota: "Tasmota", discovery: "discovery", zigbee2mqtt: "Zigbee2MQTT", serial: "serial", modbus: "Modbus" };
+  function conventionLabel(device) {
+    const c = device.convention;
+    if (typeof c === "string" && Object.hasOwn(CONVENTIONS, c)) return CONVENTIONS[c];
+    return device.transport || "";
+  }
+
   function formatAgo(epochSeconds) {
     if (epochSeconds === null || epochSeconds === undefined) return "never";
     const seconds = Math.max(0, Math.round(Date.now() / 1000 - epochSeconds));
     if (seconds < 60) return seconds + " s ago";
     if (seconds < 3600) return Math.floor(seconds / 60) + " min ago";
     if (seconds < 86400) return Math.floor(seconds / 3600) + " h ago";
-    return new Date(epochSeconds * 1000).toLocaleString();
+    return formatTime(epochSeconds);
   }
 
   // A <time> element showing "x s ago"; the page's one clock refreshes every data-epoch.
@@ -40,7 +83,7 @@ window.Gateway = (function () {
     const time = el("time", null, formatAgo(epochSeconds));
     const date = new Date(epochSeconds * 1000);
     time.dateTime = date.toISOString();
-    time.title = date.toLocaleString();
+    time.title = formatTime(epochSeconds);
     time.dataset.epoch = String(epochSeconds);
     return time;
   }
@@ -59,6 +102,26 @@ window.Gateway = (function () {
     badge.dataset.state = state;
     badge.className = "badge badge-" + state;
     badge.textContent = state;
+  }
+
+  // Times the server rendered (UTC) in the same convention, and the zone in the header.
+  function localiseServerTimes() {
+    for (const time of document.querySelectorAll("time[datetime]:not([data-epoch])")) {
+      const epoch = Date.parse(time.dateTime) / 1000;
+      if (!isNumber(epoch)) continue;
+      time.textContent = formatTime(epoch);
+      time.title = time.dateTime;
+    }
+    const zone = document.getElementById("tz");
+    if (zone) {
+      zone.textContent = "Times in " + zoneName();
+      zone.hidden = false;
+    }
+  }
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", localiseServerTimes);
+  } else {
+    localiseServerTimes();
   }
 
   // ONE timer for the whole page: relative times and staleness are refreshed together.
@@ -160,5 +223,8 @@ window.Gateway = (function () {
     };
   }
 
-  return { el, isNumber, formatValue, formatAgo, timeAgo, presence, setBadge, onTick, on, connect };
+  return {
+    el, isNumber, formatValue, formatAgo, formatTime, formatDate, formatClock, zoneName, timeAgo,
+    isDiagnostic, conventionLabel, presence, setBadge, onTick, on, connect,
+  };
 })();

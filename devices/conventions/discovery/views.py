@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse
 
+from devices.api import api_view, json_response
 from devices.conventions.discovery.consumer import describe
-from devices.views import api_view, json_response
 
 
 @api_view
