@@ -22,6 +22,7 @@ import aiomqtt
 import orjson
 import pytest
 
+from devices.conventions.homeassistant import gateway_object_path, identifier
 from tests.support.checks import retained, stored_numbers
 from tests.support.gateway import GatewayProcess
 from tests.support.servers import Mosquitto
@@ -97,12 +98,12 @@ async def test_broker_restart_is_reported_survived_and_resumed(broker, outage):
     crash = outage == "crashed"
     gw = GatewayProcess(broker.url, log_level="WARNING")
     db = gw.workdir / "db.sqlite3"
-    discovery = f"homeassistant/device/{gw.gateway_id}_gateway/config"
+    discovery = f"homeassistant/device/{gateway_object_path(gw.gateway_id)}/config"
     with gw:
         pid = gw.proc.pid if gw.proc else None
         assert await retained(broker.port, gw.status_topic) == b"online"
         document = orjson.loads(await retained(broker.port, discovery))
-        assert document["dev"]["ids"] == [f"{gw.gateway_id}_gateway"]
+        assert document["dev"]["ids"] == [identifier(gw.gateway_id, "gateway")]
         device = ResilientDevice(broker.port, "restart-1")
         device.start()
         await until(lambda: len(stored_numbers(db, "restart-1")) >= 50, what="readings stored")
