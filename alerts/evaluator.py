@@ -21,6 +21,8 @@ go to the `Journal` (stored in order off the hot path, then emitted).
 - An evaluator exists only where something started it (alerts/hooks.py `start_evaluator()`:
   the MQTT bridge's alert publisher and `runserial` do); elsewhere the pipeline's hooks
   return at once.
+
+Just over 400 lines: one evaluator, its per-rule state machine and its timers.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ bridges) → main loop (wait for SIGTERM/SIGINT, restart a bridge that crashed) 
 `shutdown_timeout` seconds: stop accepting HTTP, shut the bridges down (the MQTT bridge
 publishes its retained ``offline``), then run the shutdown hooks (flush pending telemetry).
 A second signal during shutdown cancels whatever is still running.
+
+Over 400 lines on purpose: one runner, startup to shutdown, and the few helpers every
+management command shares to build it.
 """
 
 from __future__ import annotations

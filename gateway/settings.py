@@ -2,6 +2,9 @@
 
 Every setting that an operator may change comes from the environment, here and nowhere else
 (docs/interface.md §2). Other modules read ``django.conf.settings`` (mostly ``settings.GATEWAY``).
+
+Over 400 lines on purpose: every setting lives here, by rule, each with the comment that
+says what it does.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Payload sources (cited again where each is used):
   commands ``…/command``).
 - Zigbee2MQTT: Koenkk/zigbee2mqtt.io docs/guide/usage/mqtt_topics_and_messages.md
   (bridge/devices, FRIENDLY_NAME, /availability, /set) and docs/guide/usage/exposes.md.
+
+Long on purpose: one story per documented mapping of docs/conventions.md, each against the
+real-format document it cites.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ devices publish to the gateway's MQTT bridge (MqttServer, pipeline, layer and da
 loop; the serial case runs the real `rungateway` on a pseudo-terminal). Every `value_template`
 is rendered with Jinja2's sandbox, as Home Assistant renders it, against the payload the
 device really published on the document's state topic.
+
+Long on purpose: the documents, a bridge restart, the birth storm and the off switch share
+one broker and bridge set-up.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ broker; none while SERIAL_MIRROR is off, as nothing on the broker would carry th
 Tasmota devices are left to Home Assistant's own Tasmota integration, which discovers them
 natively. A native device's convention is learnt from its traffic (its retained status is
 replayed on connect), so a Tasmota device is never mistaken for a native one after a restart.
+
+Over 400 lines on purpose: the documents (identifiers, templates, device classes) and the one
+consumer that publishes them belong together; ingesting other devices' documents is
+`discovery/`.
 """
 
 from __future__ import annotations

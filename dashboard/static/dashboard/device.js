@@ -1,5 +1,6 @@
 // One device: latest values, live uPlot charts (history from the telemetry API, then live
 // frames appended), and the command panel whose list follows each command's lifecycle.
+// Over 400 lines on purpose: one page's script; the charts' formatting is in charts.js.
 "use strict";
 
 (function () {

@@ -14,6 +14,8 @@ Two routes (devices/routing.py), like every convention one instance per key:
 Retained state replayed on subscribe is the device's state, not a new reading: it sets
 presence and answers commands but is not stored again (a restart stores no duplicates).
 Mapping and limits: docs/conventions.md, docs/interface.md §3.7 and §3.8.
+
+Just over 400 lines: the config consumer and the per-entity consumer share one registry.
 """
 
 from __future__ import annotations
