@@ -27,8 +27,7 @@ from alerts.hooks import current_evaluator
 from alerts.models import AlertRule, AlertState
 from alerts.outbox import emit
 from alerts.rules import RuleError, parse_rule
-from devices.api import json_response
-from devices.commands.views import csrf_failure
+from devices.api import coded_error, json_response, unsafe_guard
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_NOTE = 1000
@@ -53,33 +52,19 @@ def can_acknowledge(user: Any) -> bool:
     return _allowed(user, ACK_PERMISSION)
 
 
-def _error(status: int, message: str, code: str) -> HttpResponse:
-    return json_response({"error": message, "code": code}, status)
-
-
 def _not_allowed(allowed: str) -> HttpResponse:
-    response = _error(405, f"method not allowed; use {allowed}", "method_not_allowed")
+    response = coded_error(405, f"method not allowed; use {allowed}", "method_not_allowed")
     response["Allow"] = allowed
     return response
 
 
 async def _unsafe_guard(request: HttpRequest, check: Any, what: str) -> HttpResponse | None:
     """401 anonymous, 403 CSRF or permission, 400 oversized body; None when it may go on."""
-    user = await request.auser()
-    if not user.is_authenticated:
-        return _error(401, "authentication required", "unauthenticated")
-    reason = csrf_failure(request)
-    if reason is not None:
-        return _error(
-            403,
-            f"CSRF verification failed ({reason}): send the csrftoken cookie's value "
-            "in an X-CSRFToken header",
-            "csrf_failed",
-        )
-    if not await database_sync_to_async(check)(user):
-        return _error(403, f"you may not {what}", "forbidden")
+    denied = await unsafe_guard(request, check, what)
+    if denied is not None:
+        return denied
     if len(request.body) > MAX_BODY_BYTES:
-        return _error(400, f"body larger than {MAX_BODY_BYTES} bytes", "bad_request")
+        return coded_error(400, f"body larger than {MAX_BODY_BYTES} bytes", "bad_request")
     return None
 
 
@@ -95,16 +80,16 @@ async def alert_list(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
         return _not_allowed("GET")
     if not (await request.auser()).is_authenticated:
-        return _error(401, "authentication required", "unauthenticated")
+        return coded_error(401, "authentication required", "unauthenticated")
     state = request.GET.get("state") or None
     if state not in (None, AlertState.ACTIVE, AlertState.CLEARED):
-        return _error(400, "state must be active or cleared", "bad_request")
+        return coded_error(400, "state must be active or cleared", "bad_request")
     try:
         limit = int(request.GET.get("limit") or DEFAULT_LIMIT)
     except ValueError:
-        return _error(400, "limit must be an integer", "bad_request")
+        return coded_error(400, "limit must be an integer", "bad_request")
     if not 1 <= limit <= MAX_LIMIT:
-        return _error(400, f"limit must be between 1 and {MAX_LIMIT}", "bad_request")
+        return coded_error(400, f"limit must be between 1 and {MAX_LIMIT}", "bad_request")
     alerts = await database_sync_to_async(store.list_alerts)(state, limit)
     return json_response(alerts)
 
@@ -122,7 +107,7 @@ async def rules(request: HttpRequest) -> HttpResponse:
     """``GET``: every rule (any logged-in user); ``POST``: create one (201)."""
     if request.method in ("GET", "HEAD"):
         if not (await request.auser()).is_authenticated:
-            return _error(401, "authentication required", "unauthenticated")
+            return coded_error(401, "authentication required", "unauthenticated")
         return json_response(await database_sync_to_async(_rules)())
     if request.method != "POST":
         return _not_allowed("GET, POST")
@@ -132,9 +117,9 @@ async def rules(request: HttpRequest) -> HttpResponse:
     try:
         fields = parse_rule(_body(request))
     except orjson.JSONDecodeError:
-        return _error(400, "body must be a JSON object (a rule)", "bad_request")
+        return coded_error(400, "body must be a JSON object (a rule)", "bad_request")
     except RuleError as exc:
-        return _error(400, str(exc), "bad_request")
+        return coded_error(400, str(exc), "bad_request")
     rule = await database_sync_to_async(_create_rule)(fields, await request.auser())
     evaluator = current_evaluator()
     if evaluator is not None:  # this process evaluates (rungateway): the rule applies from now
@@ -174,18 +159,18 @@ async def rule_detail(request: HttpRequest, rule_id: str) -> HttpResponse:
         if refused is not None:
             return refused
     elif not (await request.auser()).is_authenticated:
-        return _error(401, "authentication required", "unauthenticated")
+        return coded_error(401, "authentication required", "unauthenticated")
     if not rule_id.isdigit() or len(rule_id) > 18:
-        return _error(404, f"no rule {rule_id[:40]!r}", "not_found")
+        return coded_error(404, f"no rule {rule_id[:40]!r}", "not_found")
     if request.method == "DELETE":
         cleared = await database_sync_to_async(_delete_rule)(int(rule_id))
         if cleared is None:
-            return _error(404, f"no rule {rule_id!r}", "not_found")
+            return coded_error(404, f"no rule {rule_id!r}", "not_found")
         await emit(cleared, notify=False)
         return HttpResponse(status=204)
     rule = await database_sync_to_async(_rule)(int(rule_id))
     if rule is None:
-        return _error(404, f"no rule {rule_id!r}", "not_found")
+        return coded_error(404, f"no rule {rule_id!r}", "not_found")
     return json_response(rule)
 
 
@@ -195,12 +180,12 @@ async def alert_detail(request: HttpRequest, alert_id: str) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
         return _not_allowed("GET")
     if not (await request.auser()).is_authenticated:
-        return _error(401, "authentication required", "unauthenticated")
+        return coded_error(401, "authentication required", "unauthenticated")
     if not alert_id.isdigit() or len(alert_id) > 18:
-        return _error(404, f"no alert {alert_id[:40]!r}", "not_found")
+        return coded_error(404, f"no alert {alert_id[:40]!r}", "not_found")
     alert = await database_sync_to_async(store.alert_detail)(int(alert_id))
     if alert is None:
-        return _error(404, f"no alert {alert_id!r}", "not_found")
+        return coded_error(404, f"no alert {alert_id!r}", "not_found")
     return json_response(alert)
 
 
@@ -215,18 +200,20 @@ async def acknowledge(request: HttpRequest, alert_id: str) -> HttpResponse:
     try:
         data = _body(request)
     except orjson.JSONDecodeError:
-        return _error(400, 'body must be empty or a JSON object {"note"?}', "bad_request")
+        return coded_error(400, 'body must be empty or a JSON object {"note"?}', "bad_request")
     note = data.get("note", "") if isinstance(data, dict) else None
     if not isinstance(note, str) or len(note) > MAX_NOTE:
-        return _error(400, f"note must be a string of at most {MAX_NOTE} characters", "bad_request")
+        return coded_error(
+            400, f"note must be a string of at most {MAX_NOTE} characters", "bad_request"
+        )
     if not alert_id.isdigit() or len(alert_id) > 18:
-        return _error(404, f"no alert {alert_id[:40]!r}", "not_found")
+        return coded_error(404, f"no alert {alert_id[:40]!r}", "not_found")
     user = await request.auser()
     found, change = await database_sync_to_async(store.acknowledge)(
         int(alert_id), user, note, time.time()
     )
     if not found:
-        return _error(404, f"no alert {alert_id!r}", "not_found")
+        return coded_error(404, f"no alert {alert_id!r}", "not_found")
     if change is not None:
         await emit([change], notify=False)
         return json_response(change.alert)

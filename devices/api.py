@@ -12,7 +12,9 @@ from inspect import iscoroutinefunction
 from typing import Any
 
 import orjson
+from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
 
 
 def json_response(data: Any, status: int = 200) -> HttpResponse:
@@ -48,3 +50,43 @@ def api_view(view: Callable) -> Callable:
         return view(request, *args, **kwargs)
 
     return wrapper
+
+
+def coded_error(status: int, message: str, code: str) -> HttpResponse:
+    """``{"error": message, "code": code}`` with `status`: the unsafe methods' error body."""
+    return json_response({"error": message, "code": code}, status)
+
+
+class _CsrfCheck(CsrfViewMiddleware):
+    """Django's CSRF check as a function: returns the failure reason instead of a 403 page."""
+
+    def _reject(self, request: HttpRequest, reason: str) -> str:  # type: ignore[override]
+        return reason
+
+
+def csrf_failure(request: HttpRequest) -> str | None:
+    """Why `request` fails Django's CSRF check, or None when it passes."""
+    check = _CsrfCheck(lambda _request: HttpResponse())
+    check.process_request(request)
+    return check.process_view(request, None, (), {})  # type: ignore[return-value]
+
+
+async def unsafe_guard(
+    request: HttpRequest, allowed: Callable[[Any], bool], what: str
+) -> HttpResponse | None:
+    """The checks of a session-authenticated unsafe request, in order: 401 anonymous, 403 CSRF,
+    403 `allowed(user)` false ("you may not <what>"); None when it may go on."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return coded_error(401, "authentication required", "unauthenticated")
+    reason = csrf_failure(request)
+    if reason is not None:
+        return coded_error(
+            403,
+            f"CSRF verification failed ({reason}): send the csrftoken cookie's value "
+            "in an X-CSRFToken header",
+            "csrf_failed",
+        )
+    if not await database_sync_to_async(allowed)(user):
+        return coded_error(403, f"you may not {what}", "forbidden")
+    return None

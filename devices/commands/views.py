@@ -24,32 +24,13 @@ from typing import Any
 import orjson
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse
-from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from devices.api import api_view, json_error, json_response
+from devices.api import api_view, coded_error, json_error, json_response, unsafe_guard
 from devices.commands import service as commands
 from devices.models import Command
 
 MAX_BODY_BYTES = 64 * 1024
-
-
-class _CsrfCheck(CsrfViewMiddleware):
-    """Django's CSRF check as a function: returns the failure reason instead of a 403 page."""
-
-    def _reject(self, request: HttpRequest, reason: str) -> str:  # type: ignore[override]
-        return reason
-
-
-def csrf_failure(request: HttpRequest) -> str | None:
-    """Why `request` fails Django's CSRF check, or None when it passes."""
-    check = _CsrfCheck(lambda _request: HttpResponse())
-    check.process_request(request)
-    return check.process_view(request, None, (), {})  # type: ignore[return-value]
-
-
-def _error(status: int, message: str, code: str) -> HttpResponse:
-    return json_response({"error": message, "code": code}, status)
 
 
 @csrf_exempt  # checked below, after authentication (401 before 403)
@@ -59,30 +40,21 @@ async def send_command(request: HttpRequest, device_id: str) -> HttpResponse:
         response = json_error(405, "method not allowed; POST a command")
         response["Allow"] = "POST"
         return response
-    user = await request.auser()
-    if not user.is_authenticated:
-        return _error(401, "authentication required", "unauthenticated")
-    reason = csrf_failure(request)
-    if reason is not None:
-        return _error(
-            403,
-            f"CSRF verification failed ({reason}): send the csrftoken cookie's value "
-            "in an X-CSRFToken header",
-            "csrf_failed",
-        )
     # Before reading the body (has_perm may query the database): nothing reaches the device.
-    if not await database_sync_to_async(commands.can_command)(user):
-        return _error(403, "you may not send commands", "forbidden")
+    denied = await unsafe_guard(request, commands.can_command, "send commands")
+    if denied is not None:
+        return denied
+    user = await request.auser()
     if len(request.body) > MAX_BODY_BYTES:
-        return _error(400, f"body larger than {MAX_BODY_BYTES} bytes", "bad_request")
+        return coded_error(400, f"body larger than {MAX_BODY_BYTES} bytes", "bad_request")
     try:
         data = orjson.loads(request.body)
     except orjson.JSONDecodeError:
-        return _error(400, "body must be a JSON object: {name, args, timeout?}", "bad_request")
+        return coded_error(400, "body must be a JSON object: {name, args, timeout?}", "bad_request")
     try:
         command = await commands.submit(user, device_id, data)
     except commands.CommandError as exc:
-        response = _error(exc.status, exc.message, exc.code)
+        response = coded_error(exc.status, exc.message, exc.code)
         if exc.retry_after is not None:
             response["Retry-After"] = str(math.ceil(exc.retry_after))
         return response
