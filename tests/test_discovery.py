@@ -28,6 +28,7 @@ from channels.db import database_sync_to_async
 
 from devices.commands import service as commands
 from devices.conventions.discovery import consumer as discovery
+from devices.conventions.homeassistant import identifier
 from devices.models import Command, Device, Reading
 from devices.routing import build_routes
 from devices.telemetry.pipeline import current_pipeline
@@ -366,12 +367,20 @@ async def test_the_gateways_own_documents_are_never_ingested(gw, settings):
     # docs/interface.md §3.4: the document this gateway publishes for a native device.
     gw_id = settings.GATEWAY["GATEWAY_ID"]
     own = {
-        "dev": {"ids": [f"{gw_id}_env-1"], "name": "env-1", "mdl": "MQTT device"},
+        "dev": {
+            "ids": [identifier(gw_id, "device", "env-1")],
+            "name": "env-1",
+            "mdl": "MQTT device",
+        },
         "o": {"name": "mqtt-channels-gateway", "sw": "0.1.0"},
         "stat_t": "devices/env-1/telemetry",
         "cmps": {"temperature": {"p": "sensor", "name": "temperature", "val_tpl": "{{ 1 }}"}},
     }
     await gw.send_message("homeassistant/device/env-1/config", doc(own), retain=True)
+    assert await outputs(gw) == []
+    # Known by its identifiers too, whatever origin a copy of it claims.
+    no_origin = {k: v for k, v in own.items() if k != "o"}
+    await gw.send_message("homeassistant/device/env-2/config", doc(no_origin), retain=True)
     assert await outputs(gw) == []
     assert discovery.describe() == []
 

@@ -18,6 +18,7 @@ import orjson
 from devices.conventions.discovery.abbreviations import expand
 from devices.conventions.discovery.entities import Entity, build_entity, identity
 from devices.conventions.homeassistant import ORIGIN_NAME as OWN_ORIGIN
+from devices.conventions.homeassistant import identifier
 from gateway.exceptions import Rejected
 
 #: Components one device-level document may hold.
@@ -55,8 +56,8 @@ def is_own(doc: dict[str, Any], gateway_id: str) -> bool:
     if isinstance(device, dict):
         ids = device.get("identifiers")
         first = ids[0] if isinstance(ids, list) and ids else ids
-        if isinstance(first, str) and first.startswith(f"{gateway_id}_"):
-            return True
+        if isinstance(first, str) and first.startswith(identifier(gateway_id) + ":"):
+            return True  # ours: `<gw>:device:<id>`, `<gw>:gateway` (docs/interface.md §3.4)
     return False
 
 
