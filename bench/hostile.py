@@ -35,8 +35,12 @@ PASSWORD = secrets.token_urlsafe(12)
 TARGET = 1.0  # seconds: the unaffected device's p99 during an attack (docs/reliability.md)
 
 
-def attacks(scale: float) -> list[tuple[str, dict[str, str], Callable[[int], Any], str, int]]:
-    """(row, gateway env, attack coroutine factory, rejection reason, messages) per attack."""
+Attack = tuple[str, dict[str, str], Callable[[int], Any], str, int, int]
+
+
+def attacks(scale: float) -> list[Attack]:
+    """(row, gateway env, attack coroutine factory, rejection reason, messages, known devices
+    first) per attack."""
     n = max(1, int(5000 * scale))
     flood = max(1, int(2000 * scale))
     metrics = max(2, int(200 * scale))
@@ -48,6 +52,7 @@ def attacks(scale: float) -> list[tuple[str, dict[str, str], Callable[[int], Any
             lambda port: publish_all(port, "hostile", invalid_ids(n, 60_000)),
             "bad_device_id",
             n,
+            0,
         ),
         (
             f"{flood:,} new device ids at once (admission 50/s)",
@@ -55,6 +60,7 @@ def attacks(scale: float) -> list[tuple[str, dict[str, str], Callable[[int], Any
             lambda port: publish_all(port, "flood", new_ids(flood, "flood")),
             "not_admitted",
             flood,
+            0,
         ),
         (
             f"{metrics} messages of 256 new metric names, one device",
@@ -62,30 +68,28 @@ def attacks(scale: float) -> list[tuple[str, dict[str, str], Callable[[int], Any
             lambda port: publish_all(port, "inventor", invented_metrics(metrics, 256)),
             "too_many_metrics",
             metrics,
+            0,
         ),
         (
             f"{storm} Home Assistant births, 2,000 devices",
             {"GATEWAY_NEW_DEVICES_PER_SECOND": "10000"},
-            lambda port: births_with_fleet(port, storm),
+            lambda port: publish_all(port, "storm", births(storm)),
             "",
             storm,
+            2000,  # the devices whose documents a birth republishes
         ),
     ]
 
 
-async def births_with_fleet(port: int, count: int) -> None:
-    await publish_all(port, "storm", births(count))
-
-
 async def measure(
-    name: str, env: dict[str, str], attack: Callable[[int], Any], reason: str, seconds: float
+    env: dict[str, str], attack: Callable[[int], Any], reason: str, fleet: int, seconds: float
 ) -> dict[str, Any]:
     """Baseline window, then the attack with the probe running; the figures of one row."""
     with Mosquitto() as broker, GatewayProcess(broker.url, env=env, log_level="WARNING") as gw:
         gw.create_user("operator", PASSWORD, staff=True)
         cookie = gw.login("operator", PASSWORD)
-        if "births" in name:  # the devices whose documents a birth republishes
-            await publish_all(broker.port, "fleet", new_ids(2000, "known"))
+        if fleet:
+            await publish_all(broker.port, "fleet", new_ids(fleet, "known"))
             await asyncio.sleep(3.0)
         before = rejected(gw, reason) if reason else 0.0
         async with Probe(gw, broker.port, cookie).running() as probe:
@@ -118,8 +122,8 @@ def add_row(table: Table, name: str, figures: dict[str, Any], reason: str, sent:
 
 async def run(scale: float, seconds: float) -> Table:
     table = Table()
-    for name, env, attack, reason, sent in attacks(scale):
-        figures = await measure(name, env, attack, reason, seconds)
+    for name, env, attack, reason, sent, fleet in attacks(scale):
+        figures = await measure(env, attack, reason, fleet, seconds)
         add_row(table, name, figures, reason, sent)
     return table
 
