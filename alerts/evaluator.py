@@ -1,11 +1,13 @@
 """The alert evaluator: rules judged on the ingest path, in memory, one evaluator per loop.
 
-The telemetry pipeline calls `observe_reading` / `observe_status` (sync, O(1) per metric and
-matching rule, never blocking, never raising) for every admitted message. The evaluator keeps
-the enabled rules compiled (alerts/rules.py), indexed by metric, and one `Track` per (rule,
-device) whose condition holds: ``pending`` while waiting out the rule's `for` (a
-``loop.call_later`` timer, no polling), then ``active`` until the condition ends. Transitions
-go to the `Journal` (stored in order off the hot path, then emitted).
+The telemetry pipeline calls `observe_reading` / `observe_status` (sync, never blocking, never
+raising) for every admitted message. The evaluator keeps the enabled rules compiled
+(alerts/rules.py), indexed by metric and cached per device, where the rules without an open
+alert are summed up as one quiet band (a reading inside it costs one comparison whatever the
+number of rules; docs/alerts.md "Cost"), and one `Track` per (rule, device) whose condition
+holds: ``pending`` while waiting out the rule's `for` (a ``loop.call_later`` timer, no
+polling), then ``active`` until the condition ends. Transitions go to the `Journal` (stored in
+order off the hot path, then emitted).
 
 - Rules are read from the database when the evaluator starts and again whenever one changes
   (``alert.rules`` on group `EVALUATORS_GROUP`, sent on every save or delete, from any
@@ -39,7 +41,7 @@ from alerts import store
 from alerts.journal import DatabaseThread, Journal, Track
 from alerts.models import Op
 from alerts.outbox import EVALUATORS_GROUP
-from alerts.rules import CompiledRule
+from alerts.rules import Band, CompiledRule, quiet_band
 from gateway.metrics import ALERT_DROPPED
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,9 @@ BUFFER_LIMIT = 10_000
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0
 
 Key = tuple[int, str]
+#: One metric's rules covering one device: (the `quiet_band` of the untracked ones, the
+#: (key, rule) pairs with an open alert, those without).
+Judged = tuple[Band, tuple[tuple[Key, CompiledRule], ...], tuple[tuple[Key, CompiledRule], ...]]
 
 
 class Evaluator:
@@ -61,10 +66,13 @@ class Evaluator:
         self.journal = Journal(self.database, self._opened)
         self.tracks: dict[Key, Track] = {}
         self._by_metric: dict[str, list[CompiledRule]] = {}
-        # (metric, device) → the rules of that metric covering that device, made on first use.
-        self._matching: dict[tuple[str, str], tuple[CompiledRule, ...]] = {}
+        # device → metric → `Judged`: that metric's rules covering that device, made on first
+        # use and again whenever one of the device's alerts opens or ends (`_tracks_changed`).
+        self._matching: dict[str, dict[str, Judged]] = {}
         self._offline: list[CompiledRule] = []
         self._nodata: list[CompiledRule] = []
+        # device → (track key, rule) of the nodata rules covering it (like `_matching`).
+        self._nodata_for: dict[str, tuple[tuple[Key, CompiledRule], ...]] = {}
         self._rules: dict[int, CompiledRule] = {}
         self._presence_open: dict[str, int] = {}  # device → its open offline/nodata tracks
         self._last_seen: dict[str, float] = {}
@@ -93,21 +101,43 @@ class Evaluator:
         self._offline_now.discard(device)
         if device in self._presence_open:
             self._presence_ends(device, None)
-        for rule in self._nodata:
-            key = (rule.id, device)
-            if key not in self._silence and rule.matches(device):
+        nodata = self._nodata_for.get(device)
+        if nodata is None:
+            nodata = self._nodata_for[device] = tuple(
+                ((r.id, device), r) for r in self._nodata if r.matches(device)
+            )
+        for key, rule in nodata:
+            if key not in self._silence:
                 self._arm_silence(rule, device, rule.for_seconds)
-        by_metric, matching = self._by_metric, self._matching
+        by_metric = self._by_metric
+        matching = self._matching.get(device)
+        if matching is None:
+            matching = self._matching[device] = {}
         for name, value in metrics.items():
             if name not in by_metric:
                 continue
-            rules = matching.get((name, device))
-            if rules is None:  # first reading of this metric from this device since a load
-                rules = matching[(name, device)] = tuple(
-                    r for r in by_metric[name] if r.matches(device)
-                )
-            for rule in rules:
-                self._judge(rule, device, float(value), now)
+            judged = matching.get(name)
+            if judged is None:  # first reading of this metric from this device since a change
+                judged = matching[name] = self._judged(by_metric[name], device)
+            (lo, hi, equal), tracked, untracked = judged
+            value = float(value)
+            for key, rule in tracked:  # an alert is open: each judges whether it ends
+                self._judge(rule, key, device, value, now)
+            if untracked and not (lo <= value <= hi and value not in equal):
+                for key, rule in untracked:
+                    self._judge(rule, key, device, value, now)
+
+    def _judged(self, rules: list[CompiledRule], device: str) -> Judged:
+        """The rules of one metric covering `device`: the band where those without an open
+        alert all stay quiet, the (key, rule) pairs with an open alert, and those without."""
+        pairs = [((r.id, device), r) for r in rules if r.matches(device)]
+        tracked = tuple(p for p in pairs if p[0] in self.tracks)
+        untracked = tuple(p for p in pairs if p[0] not in self.tracks)
+        return quiet_band(r for _, r in untracked), tracked, untracked
+
+    def _tracks_changed(self, device: str) -> None:
+        """An alert of `device` opened or ended: its metric rules are sorted again."""
+        self._matching.pop(device, None)
 
     def status(self, device: str, online: bool, ts: float) -> None:
         """A device's online/offline status (e.g. its MQTT Last Will)."""
@@ -133,8 +163,8 @@ class Evaluator:
 
     # -- the lifecycle ---------------------------------------------------------------------
 
-    def _judge(self, rule: CompiledRule, device: str, value: float, now: float) -> None:
-        track = self.tracks.get((rule.id, device))
+    def _judge(self, rule: CompiledRule, key: Key, device: str, value: float, now: float) -> None:
+        track = self.tracks.get(key)
         verdict = rule.check(value, track is not None)
         if verdict is True:
             if track is None:
@@ -148,6 +178,7 @@ class Evaluator:
         immediate = rule.for_seconds <= 0 or rule.op == Op.NODATA
         track = Track(rule, device, "active" if immediate else "pending", now, value)
         self.tracks[(rule.id, device)] = track
+        self._tracks_changed(device)
         if rule.op in (Op.OFFLINE, Op.NODATA):
             self._presence_open[device] = self._presence_open.get(device, 0) + 1
         self.journal.add("open", track, value, now)
@@ -172,6 +203,7 @@ class Evaluator:
         track.ended = True
         if self.tracks.get((track.rule.id, track.device)) is track:
             del self.tracks[(track.rule.id, track.device)]
+            self._tracks_changed(track.device)
         if track.timer is not None:
             track.timer.cancel()
             track.timer = None
@@ -188,6 +220,7 @@ class Evaluator:
         """Track an alert opened elsewhere (the database, another process)."""
         track = Track(rule, device, state, since, None, id=alert_id)
         self.tracks[(rule.id, device)] = track
+        self._tracks_changed(device)
         if rule.op in (Op.OFFLINE, Op.NODATA):
             self._presence_open[device] = self._presence_open.get(device, 0) + 1
         return track
@@ -319,6 +352,7 @@ class Evaluator:
                 self._by_metric.setdefault(rule.metric, []).append(rule)
         self._offline = [r for r in rules if r.op == Op.OFFLINE]
         self._nodata = [r for r in rules if r.op == Op.NODATA]
+        self._nodata_for = {}
         now = time.time()
         for track in list(self.tracks.values()):
             rule = self._rules.get(track.rule.id)

@@ -2,7 +2,8 @@
 
 A rule's `device` is a device id or an fnmatch glob (``*``, ``?``, ``[...]``) of at most
 `MAX_PATTERN` characters; a glob is compiled once into a regular expression and its answer per
-device is cached, so evaluating a reading costs a dict lookup per rule of that metric.
+device is cached. `quiet_band` sums up a device's rules of one metric as the values for which
+none of them holds, so the evaluator judges them one by one only for a value outside it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,3 +185,28 @@ class CompiledRule:
         if self.op == Op.EQUALS:
             return value == t
         return None
+
+
+Band = tuple[float, float, frozenset[float]]
+
+
+def quiet_band(rules: Iterable[CompiledRule]) -> Band:
+    """``(lo, hi, equal)``: a value v with lo ≤ v ≤ hi and v not in `equal` makes none of the
+    metric rules hold while no alert of theirs is open (``check(v, False)`` is False for each).
+
+    The evaluator judges such rules only for a value outside it, so a reading costs the same
+    with one rule or a hundred on its metric; NaN is outside every band, so it is judged.
+    """
+    lo, hi, equal = -math.inf, math.inf, set()
+    for rule in rules:
+        t = rule.threshold
+        if rule.op == Op.ABOVE:  # holds for v > t
+            hi = min(hi, t)  # type: ignore[type-var]
+        elif rule.op == Op.BELOW:  # holds for v < t
+            lo = max(lo, t)  # type: ignore[type-var]
+        elif rule.op == Op.OUTSIDE:  # holds for v < t or v > high
+            lo, hi = max(lo, t), min(hi, rule.threshold_high)  # type: ignore[type-var]
+        elif rule.op == Op.EQUALS:
+            equal.add(t)
+    return lo, hi, frozenset(equal)  # type: ignore[return-value]
+

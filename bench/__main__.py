@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.hostile import main as hostile_main
 
         return hostile_main(argv[1:])
+    if argv[:1] == ["alerts"]:  # CPU that 1,000 alert rules add per message (bench/alerts.py)
+        from bench.alerts import main as alerts_main
+
+        return alerts_main(argv[1:])
     if argv[:1] == ["modbus"]:  # polling a Modbus bus against its capacity (bench/modbus.py)
         from bench.modbus import main as modbus_main
 
