@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -120,27 +121,46 @@ async def watch(ws, started: float) -> dict:
             return {"seen": seen, "command": frame, "acked_after": time.monotonic() - started}
 
 
-def run_demo(tmp_path: Path, mqtt_url: str, *, redis_url: str | None = None, ctrl_c: bool) -> str:
-    """Launch `bin/run` isolated in `tmp_path`, check the acceptance scenario, stop it with
-    SIGINT (to the process, or to its whole process group as a terminal's Ctrl-C does) and
-    check that everything exited; returns the demo's output."""
+def run_demo(
+    tmp_path: Path,
+    mqtt_url: str,
+    *,
+    redis_url: str | None = None,
+    ctrl_c: bool,
+    root: Path = ROOT,
+    logged_in: Callable[[str, str, int], None] | None = None,
+    deadline_s: float = DEADLINE,
+) -> str:
+    """Launch `root`'s `bin/run` isolated in `tmp_path`, check the acceptance scenario, stop it
+    with SIGINT (to the process, or to its whole process group as a terminal's Ctrl-C does) and
+    check that everything exited; returns the demo's output. `logged_in(user, password, port)`
+    runs once the printed login has been seen. Outside this checkout (`root` a fresh clone) the
+    database and secret key are the clone's own defaults, as a newcomer gets them."""
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in (*SCRUBBED, "DJANGO_SECRET_KEY")}
     env.update(
         {
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
-            "GATEWAY_SECRET_KEY_FILE": str(tmp_path / "secret_key"),
             "MQTT_URL": mqtt_url,
             "GATEWAY_ID": f"demo-test-{secrets.token_hex(4)}",
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if root == ROOT:  # never the developer's db.sqlite3 or .secret_key
+        env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'demo.sqlite3'}"
+        env["GATEWAY_SECRET_KEY_FILE"] = str(tmp_path / "secret_key")
+    else:  # nothing of this checkout's virtualenv leaks into the clone's own
+        for name in ("PYTHONPATH", "VIRTUAL_ENV", "GATEWAY_SECRET_KEY_FILE"):
+            env.pop(name, None)
+        venv = str(ROOT / ".venv")
+        env["PATH"] = os.pathsep.join(
+            p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(venv)
+        )
     if redis_url:
         env["REDIS_URL"] = redis_url
     started = time.monotonic()
     proc = subprocess.Popen(
-        [str(ROOT / "bin" / "run"), "--port", str(http_port)],
-        cwd=ROOT,
+        [str(root / "bin" / "run"), "--port", str(http_port)],
+        cwd=root,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -149,7 +169,7 @@ def run_demo(tmp_path: Path, mqtt_url: str, *, redis_url: str | None = None, ctr
     out = Output(proc)
     client = GatewayProcess(mqtt_url, port=http_port)  # only its HTTP/WebSocket helpers
     try:
-        deadline = started + DEADLINE
+        deadline = started + deadline_s
         url = out.wait_for(r"demo: dashboard\s+(\S+)", deadline, proc).group(1)
         assert url == f"http://127.0.0.1:{http_port}/"
         login = out.wait_for(r"Dashboard login \(\w+\): (\S+) / (\S+)", deadline, proc)
@@ -157,6 +177,8 @@ def run_demo(tmp_path: Path, mqtt_url: str, *, redis_url: str | None = None, ctr
         assert len(password) >= 12
         assert out.text().count(password) == 1  # printed once
         cookie = client.login(user, password)
+        if logged_in is not None:
+            logged_in(user, password, http_port)
 
         async def scenario() -> dict:
             async with asyncio.timeout(deadline - time.monotonic()):
