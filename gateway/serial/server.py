@@ -114,9 +114,8 @@ class _Session(asyncio.Protocol):
 
     def _deliver_frames(self, frames: list[bytes]) -> None:
         SERIAL_FRAMES.labels(port=self.spec.port).inc(len(frames))
-        ts = time.time()
         for frame in frames:
-            self.inbox.put({"type": "serial.frame", "bytes": frame, "ts": ts})
+            self.inbox.put({"type": "serial.frame", "bytes": frame, "ts": self.runner.frame_ts()})
         if len(self.inbox.items) >= self.runner.queue_size and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
@@ -240,6 +239,14 @@ class PortRunner:
         self.queue_size = queue_size
         self.session: _Session | None = None
         self.opened = 0  # sessions so far
+        self._last_us = 0  # the last frame's `ts`, in whole microseconds
+
+    def frame_ts(self) -> float:
+        """The `ts` of a frame read now: the clock, but at least 1 µs after the port's previous
+        frame, so frames read in one chunk stay distinct readings (a reading is stored once per
+        device, metric and ts, to the microsecond; docs/interface.md §3)."""
+        self._last_us = max(round(time.time() * 1e6), self._last_us + 1)
+        return self._last_us / 1e6
 
     @property
     def is_open(self) -> bool:
