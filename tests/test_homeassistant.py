@@ -408,8 +408,20 @@ async def test_static_instance_starts_on_connect_and_outlives_idleness(mosquitto
             if event["type"] == "mqtt.retire":
                 return
 
+    keyed_retired = asyncio.Event()
+
+    async def keyed(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "mqtt.retire":
+            pass
+        keyed_retired.set()
+
     server = MqttServer(
-        TopicRouter([topic("svc/ping", app, name="svc", static=True)]),
+        TopicRouter(
+            [
+                topic("svc/ping", app, name="svc", static=True),
+                topic("svc/{name}/ping", keyed, name="keyed"),
+            ]
+        ),
         url=mosquitto.url,
         client_id=f"static-{secrets.token_hex(3)}",
         idle_seconds=0.2,
@@ -417,7 +429,11 @@ async def test_static_instance_starts_on_connect_and_outlives_idleness(mosquitto
     task = asyncio.create_task(server.serve())
     await server.wait_connected(10)
     await asyncio.wait_for(started.wait(), 5)  # no message needed
-    await asyncio.sleep(0.6)  # three idle periods: a keyed instance would be retired by now
+    # Sentinel: a keyed instance, active later than the static one, retired when idle; the
+    # pass that retired it found the static one idle longer.
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="static-sentinel") as pub:
+        await pub.publish("svc/k1/ping", b"1", qos=1)
+    await asyncio.wait_for(keyed_retired.wait(), 10)
     assert server.instances == 1 and events == ["mqtt.connect"]
     await server.shutdown(2.0)
     await asyncio.wait_for(task, 5)
