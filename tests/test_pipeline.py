@@ -160,8 +160,11 @@ async def test_batch_size_triggers_write_before_delay(layer):
     try:
         for i in range(9):
             pipeline.submit_reading("d1", "mqtt", TS + i, {"t": float(i)})
-        await asyncio.sleep(0.2)
-        assert await readings() == []  # below the batch size and long before the delay
+        # Sentinel: one loop turn lets a woken writer hand its batch to its single thread;
+        # a query queued on that thread after it sees whatever it wrote.
+        await asyncio.sleep(0)
+        rows = await pipeline.run_in_writer(lambda: Reading.objects.count())
+        assert rows == 0  # below the batch size and long before the delay
         pipeline.submit_reading("d1", "mqtt", TS + 9, {"t": 9.0})
 
         async def stored():
