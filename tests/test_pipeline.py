@@ -19,6 +19,7 @@ from devices.telemetry.pipeline import (
 )
 from devices.telemetry.store import write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
+from tests.support.checks import sql
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -69,12 +70,6 @@ def readings(device_id: str | None = None) -> list[tuple[str, str, float, float]
 @database_sync_to_async
 def device(device_id: str) -> Device:
     return Device.objects.get(id=device_id)
-
-
-@database_sync_to_async
-def sql(statement: str) -> None:
-    with connections["default"].cursor() as cursor:
-        cursor.execute(statement)
 
 
 def counter(metric, **labels) -> float:

@@ -236,7 +236,7 @@ async def marked_by_the_survivor(port: int, database_url: str) -> None:
             for device in sorted(missing):
                 await pub.publish(f"devices/{device}/telemetry", json.dumps({"mark": 1}), qos=1)
             deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and missing - (
+            while time.monotonic() < deadline and missing - (  # noqa: ASYNC110 - a database
                 await asyncio.to_thread(marked_devices, database_url)
             ):
                 await asyncio.sleep(0.05)
