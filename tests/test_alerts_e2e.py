@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import sys
 import time
 from typing import Any
 
@@ -16,25 +15,12 @@ import pytest
 
 from tests.support.alerts import receiver
 from tests.support.gateway import GatewayProcess
+from tests.support.publishers import vanishing_device
 from tests.support.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 PASSWORD = secrets.token_urlsafe(12)
-
-# A device that goes away without DISCONNECT (its Last Will fires): a process killed by SIGKILL.
-DEVICE_SCRIPT = """
-import sys, time
-import paho.mqtt.client as paho
-port, device = int(sys.argv[1]), sys.argv[2]
-c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device)
-c.will_set(f"devices/{device}/status", "offline", qos=1, retain=True)
-c.connect("127.0.0.1", port, keepalive=5)
-c.loop_start()
-c.publish(f"devices/{device}/status", "online", qos=1, retain=True).wait_for_publish(5)
-print("ready", flush=True)
-time.sleep(120)
-"""
 
 
 async def call(gw: GatewayProcess, method: str, path: str, cookie: str, body: Any = None):
@@ -148,19 +134,10 @@ async def test_an_offline_rule_fires_from_the_devices_last_will(mosquitto):
             await events.subscribe(f"gateway/{gw.gateway_id}/alerts/+", qos=1)
             async with gw.ws_connect(cookie) as ws:
                 assert json.loads(await ws.recv())["type"] == "snapshot"
-                device = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", DEVICE_SCRIPT, str(mosquitto.port), "lwt-1",
-                    stdout=asyncio.subprocess.PIPE,
-                )  # fmt: skip
-                try:
-                    assert await asyncio.wait_for(device.stdout.readline(), 15) == b"ready\n"
+                async with vanishing_device(mosquitto.port, "lwt-1") as device:
                     killed_at = time.time()
                     device.kill()  # no DISCONNECT: the broker publishes the will
                     alert = await next_alert(ws, 20)  # the first alert: none while online
-                finally:
-                    if device.returncode is None:
-                        device.kill()
-                    await device.wait()
             assert alert["rule"] == rule and alert["device"] == "lwt-1"
             assert alert["state"] == "active"
             assert alert["raised_at"] >= killed_at - 0.01, "raised before the device went away"
@@ -248,11 +225,7 @@ async def test_runserial_evaluates_its_serial_devices(mosquitto, redis_server, t
         with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
             web.create_user("operator", PASSWORD, staff=True)
             cookie = web.login("operator", PASSWORD)
-            bridge = GatewayProcess(
-                mosquitto.url, command="runserial", redis_url=redis_server.url,
-                database_url=web.database_url, env={"GATEWAY_ID": web.gateway_id},
-                args=["--serial", f"{link}?device=tty-1"],
-            )  # fmt: skip
+            bridge = web.beside("runserial", "--serial", f"{link}?device=tty-1")
             with bridge:
                 bridge.wait_for_log(r"usb-alerts opened")
                 hot = await create_rule(

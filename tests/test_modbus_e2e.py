@@ -287,17 +287,7 @@ async def test_runserial_with_modbus_config_env_beside_a_web_process(
         with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
             web.create_user("operator", PASSWORD, staff=True)
             cookie = web.login("operator", PASSWORD)
-            bridge = GatewayProcess(
-                mosquitto.url,
-                command="runserial",
-                redis_url=redis_server.url,
-                database_url=web.database_url,
-                env={
-                    "GATEWAY_ID": web.gateway_id,
-                    "DJANGO_SECRET_KEY": web.env["DJANGO_SECRET_KEY"],  # one environment
-                    "MODBUS_CONFIG": str(config),
-                },
-            )
+            bridge = web.beside("runserial", env={"MODBUS_CONFIG": str(config)})
             with bridge:
                 bridge.wait_for_log(r"modbus bus \S+ opened")
                 async with web.ws_connect(cookie) as ws:

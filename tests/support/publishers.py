@@ -1,11 +1,14 @@
-"""A device publishing numbered readings, for tests that count what was stored against what the
-broker acknowledged (durability, faults, broker restarts)."""
+"""Devices for tests: one publishing numbered readings, for counting what was stored against what
+the broker acknowledged (durability, faults, broker restarts); one that can vanish without a
+DISCONNECT, so that the broker publishes its Last Will."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
@@ -89,3 +92,34 @@ class NumberedPublisher:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+_VANISHING = """
+import sys, time
+import paho.mqtt.client as paho
+port, device = int(sys.argv[1]), sys.argv[2]
+c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device)
+c.will_set(f"devices/{device}/status", "offline", qos=1, retain=True)
+c.connect("127.0.0.1", port, keepalive=5)
+c.loop_start()
+c.publish(f"devices/{device}/status", "online", qos=1, retain=True).wait_for_publish(5)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.asynccontextmanager
+async def vanishing_device(port: int, device: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A device in a process of its own, once it has published `online` (retained) with
+    `offline` as its Last Will; `.kill()` it to make it vanish without a DISCONNECT."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _VANISHING, str(port), device, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 15) == b"ready\n"
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
