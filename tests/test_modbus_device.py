@@ -17,6 +17,7 @@ from devices.telemetry.pipeline import get_pipeline
 from gateway.modbus.profile import load_profile
 from gateway.modbus.testing import ModbusCommunicator
 from tests.support.checks import dashboard_frame
+from tests.support.waiting import eventually
 from tests.test_serial_device import no_mirror  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -61,7 +62,7 @@ async def test_commands_write_points_and_end_by_the_answer(layer, dashboard, dja
         APP, load_profile("waveshare-relay-8ch", DIRS), device="relays", unit=3
     )
     await comm.connect()
-    await comm.receive_nothing(0.2)
+    await eventually(lambda: layer.groups.get("device.relays"), what="device.relays joined")
 
     command = await commands.submit(admin, "relays", {"name": "relay4", "args": {"value": True}})
     write = await comm.receive_write(timeout=5)
@@ -92,5 +93,7 @@ async def test_commands_write_points_and_end_by_the_answer(layer, dashboard, dja
             lambda f, i=str(command.id): f.get("id") == i and f.get("status") == "failed",
         )
         assert failed["id"] == str(command.id)
-    await comm.receive_nothing(0.2)
+    # Sentinel: a good command after them is the next thing on the bus.
+    command = await commands.submit(admin, "relays", {"name": "relay2", "args": {"value": True}})
+    assert (await comm.receive_write(timeout=5))["ref"] == str(command.id)
     await comm.disconnect()

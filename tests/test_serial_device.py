@@ -100,12 +100,12 @@ async def test_invalid_device_option_rejects_every_line(layer, dashboard):
 async def test_device_command_message_is_written_as_one_json_line(layer):
     comm = SerialCommunicator(APP, "loop://?device=ser-c&delimiter=hex:0d0a")
     await comm.connect()
-    await comm.receive_nothing(0.2)  # joined its group; no held commands
+    await eventually(lambda: layer.groups.get("device.ser-c"), what="device.ser-c joined")
     await layer.group_send(
         "device.ser-c",
         {"type": "device.command", "id": "c1", "name": "set_interval", "args": {"seconds": 5}},
     )
-    line = await comm.receive_write(timeout=5)
+    line = await comm.receive_write(timeout=5)  # the first output: no held command before it
     assert line.endswith(b"\r\n") and line.count(b"\n") == 1
     assert orjson.loads(line) == {"id": "c1", "name": "set_interval", "args": {"seconds": 5}}
     await comm.disconnect()
@@ -115,7 +115,7 @@ async def test_an_mqtt_instance_of_the_same_id_sharing_its_state_is_ignored(laye
     """`device.state` from an MQTT instance of the same id neither crashes nor changes the port."""
     comm = SerialCommunicator(APP, "loop://?device=ser-s")
     await comm.connect()
-    await comm.receive_nothing(0.2)
+    await eventually(lambda: layer.groups.get("device.ser-s"), what="device.ser-s joined")
     await layer.group_send("device.ser-s", {"type": "device.state", "online": False, "at": 1.0})
     await layer.group_send(
         "device.ser-s", {"type": "device.command", "id": "c2", "name": "ping", "args": {}}
@@ -131,7 +131,7 @@ async def test_command_service_delivery_and_ack(layer, dashboard, django_user_mo
     )
     comm = SerialCommunicator(APP, "loop://?device=ser-d")
     await comm.connect()
-    await comm.receive_nothing(0.2)
+    await eventually(lambda: layer.groups.get("device.ser-d"), what="device.ser-d joined")
     command = await commands.submit(admin, "ser-d", {"name": "ping", "args": {}})
     line = orjson.loads(await comm.receive_write(timeout=5))
     assert line == {"id": str(command.id), "name": "ping", "args": {}}
