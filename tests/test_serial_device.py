@@ -259,9 +259,13 @@ async def test_mirrored_device_commands_go_to_the_port_not_the_broker(
                         f["type"] == "command" and f["id"] == cid and f["status"] == "acked"
                     ),
                 )
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await anext(aiter(sub.messages))
+            # Sentinel: published here after the last ack, it is the first message on the
+            # commands topic; the mirror republished none of the five before it.
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as probe:
+                await probe.publish("devices/ser-x/commands", b"sentinel", qos=1)
+            async with asyncio.timeout(10):
+                first = await anext(aiter(sub.messages))
+            assert first.payload == b"sentinel", first.payload
     finally:
         await mirror.close_mirror()
         await bridge.shutdown()
