@@ -14,7 +14,7 @@ import aiomqtt
 import pytest
 
 from tests.support.browser import CHROMIUM
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import GatewayProcess, operator_and_viewer
 from tests.support.servers import Mosquitto
 from tests.test_dashboard_browser import PASSWORD, UPLOT, browser_page
 
@@ -31,9 +31,7 @@ WAIT_MS = 15_000
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[tuple[Mosquitto, GatewayProcess]]:
-    with Mosquitto() as broker, GatewayProcess(broker.url) as gw:
-        gw.create_user("operator", PASSWORD, staff=True)
-        gw.create_user("viewer", PASSWORD, staff=False)
+    with operator_and_viewer(PASSWORD) as (broker, gw):
         yield broker, gw
 
 

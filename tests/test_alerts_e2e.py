@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import sys
 import time
 from typing import Any
 
@@ -16,25 +15,12 @@ import pytest
 
 from tests.support.alerts import receiver
 from tests.support.gateway import GatewayProcess
+from tests.support.publishers import vanishing_device
 from tests.support.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 PASSWORD = secrets.token_urlsafe(12)
-
-# A device that goes away without DISCONNECT (its Last Will fires): a process killed by SIGKILL.
-DEVICE_SCRIPT = """
-import sys, time
-import paho.mqtt.client as paho
-port, device = int(sys.argv[1]), sys.argv[2]
-c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device)
-c.will_set(f"devices/{device}/status", "offline", qos=1, retain=True)
-c.connect("127.0.0.1", port, keepalive=5)
-c.loop_start()
-c.publish(f"devices/{device}/status", "online", qos=1, retain=True).wait_for_publish(5)
-print("ready", flush=True)
-time.sleep(120)
-"""
 
 
 async def call(gw: GatewayProcess, method: str, path: str, cookie: str, body: Any = None):
@@ -55,14 +41,6 @@ async def next_alert(ws: Any, wait: float = 15.0) -> dict:
             frame = json.loads(await ws.recv())
             if frame["type"] == "alert":
                 return frame["alert"]
-
-
-async def no_alert(ws: Any, wait: float) -> None:
-    try:
-        alert = await next_alert(ws, wait)
-    except TimeoutError:
-        return
-    raise AssertionError(f"unexpected alert {alert}")
 
 
 async def next_event(events: aiomqtt.Client, wait: float = 15.0) -> tuple[str, dict, bool]:
@@ -90,9 +68,10 @@ async def test_threshold_for_fires_and_clears_and_a_restart_repeats_nothing(mosq
                 await events.subscribe(f"gateway/{gw.gateway_id}/alerts/#", qos=1)
                 async with gw.ws_connect(cookie) as ws:
                     assert json.loads(await ws.recv())["type"] == "snapshot"
+                    hot_since = time.time()
                     await publish(mosquitto.port, "boiler-1", temperature=91.5)
-                    await no_alert(ws, 0.5)  # held for 1 s first
-                    raised = await next_alert(ws)
+                    raised = await next_alert(ws)  # the first alert frame: none before it
+                assert raised["raised_at"] >= hot_since + 1 - 0.01  # held for its 1 s first
                 assert raised["rule"] == rule and raised["device"] == "boiler-1"
                 assert raised["state"] == "active" and raised["value"] == 91.5
                 topic, event, retained = await next_event(events)
@@ -124,17 +103,23 @@ async def test_threshold_for_fires_and_clears_and_a_restart_repeats_nothing(mosq
                     await publish(mosquitto.port, "boiler-1", temperature=20)
                     cleared = await next_alert(ws)
                     assert cleared["id"] == raised["id"] and cleared["state"] == "cleared"
-                    await no_alert(ws, 1.0)
+                    # Sentinel: another boiler raised after the clear is the next alert
+                    # everywhere; nothing was repeated before it.
+                    await publish(mosquitto.port, "boiler-sentinel", temperature=99)
+                    sentinel = await next_alert(ws)
+                    assert (sentinel["device"], sentinel["state"]) == ("boiler-sentinel", "active")
                 topic, event, _ = await next_event(events)
                 assert event["id"] == second["id"]
                 topic, event, _ = await next_event(events)
                 assert event["id"] == raised["id"] and event["state"] == "cleared"
-            bodies = await inbox.wait_for(3)
-            await asyncio.sleep(1.0)
+                topic, event, _ = await next_event(events)
+                assert event["id"] == sentinel["id"], event
+            bodies = await inbox.wait_for(4)  # one notifier, in order: the sentinel's last
             titles = [b["title"] for b in inbox.bodies]
-            assert len(titles) == 3, titles  # raised, raised, cleared: nothing repeated
+            assert len(titles) == 4, titles  # raised, raised, cleared, sentinel: none repeated
             assert "raised on boiler-1" in titles[0] and "cleared on boiler-1" in titles[2]
             assert bodies[1]["title"].endswith("raised on kettle-2")
+            assert titles[3].endswith("raised on boiler-sentinel"), titles
 
 
 async def test_an_offline_rule_fires_from_the_devices_last_will(mosquitto):
@@ -149,21 +134,13 @@ async def test_an_offline_rule_fires_from_the_devices_last_will(mosquitto):
             await events.subscribe(f"gateway/{gw.gateway_id}/alerts/+", qos=1)
             async with gw.ws_connect(cookie) as ws:
                 assert json.loads(await ws.recv())["type"] == "snapshot"
-                device = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", DEVICE_SCRIPT, str(mosquitto.port), "lwt-1",
-                    stdout=asyncio.subprocess.PIPE,
-                )  # fmt: skip
-                try:
-                    assert await asyncio.wait_for(device.stdout.readline(), 15) == b"ready\n"
-                    await no_alert(ws, 0.5)
+                async with vanishing_device(mosquitto.port, "lwt-1") as device:
+                    killed_at = time.time()
                     device.kill()  # no DISCONNECT: the broker publishes the will
-                    alert = await next_alert(ws, 20)
-                finally:
-                    if device.returncode is None:
-                        device.kill()
-                    await device.wait()
+                    alert = await next_alert(ws, 20)  # the first alert: none while online
             assert alert["rule"] == rule and alert["device"] == "lwt-1"
             assert alert["state"] == "active"
+            assert alert["raised_at"] >= killed_at - 0.01, "raised before the device went away"
             topic, event, _ = await next_event(events)
             assert topic.endswith("/alerts/lwt-1") and event["id"] == alert["id"]
 
@@ -218,18 +195,24 @@ async def test_two_bridges_raise_one_alert_and_notify_once(mosquitto, redis_serv
                         await publish(mosquitto.port, "shared-1", t=value)
                     cleared = await next_alert(ws)
                     assert cleared["id"] == raised["id"] and cleared["state"] == "cleared"
-                    await no_alert(ws, 1.0)  # the other bridge's clear finds nothing to clear
+                    # Each next episode is the sentinel of the one before: its frame is the
+                    # next alert, so the other bridge's clear found nothing to clear, and
+                    # its raise raised nothing a second time.
                     for value in (20, 21, 22, 23):  # a new episode, whichever bridge hears it
                         await publish(mosquitto.port, "shared-1", t=value)
                     again = await next_alert(ws)
-                    assert again["state"] == "active" and again["id"] != raised["id"]
-                    await no_alert(ws, 1.5)
-                status, active = await call(web, "GET", "/api/alerts/?state=active", cookie)
-                assert [a["id"] for a in active] == [again["id"]]
-                await inbox.wait_for(3)
-                await asyncio.sleep(1.0)
+                    assert again["state"] == "active" and again["id"] != raised["id"], again
+                    status, active = await call(web, "GET", "/api/alerts/?state=active", cookie)
+                    assert [a["id"] for a in active] == [again["id"]]
+                    for value in (5, 4):
+                        await publish(mosquitto.port, "shared-1", t=value)
+                    over = await next_alert(ws)
+                    assert (over["id"], over["state"]) == (again["id"], "cleared"), over
+                status, every = await call(web, "GET", "/api/alerts/", cookie)
+                assert status == 200 and [a["id"] for a in every] == [again["id"], raised["id"]]
+                await inbox.wait_for(4)
                 titles = [body["title"] for body in inbox.bodies]
-                assert len(titles) == 3, titles  # raised, cleared, raised: none twice
+                assert len(titles) == 4, titles  # raised, cleared, raised, cleared: none twice
 
 
 async def test_runserial_evaluates_its_serial_devices(mosquitto, redis_server, tmp_path):
@@ -242,11 +225,7 @@ async def test_runserial_evaluates_its_serial_devices(mosquitto, redis_server, t
         with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
             web.create_user("operator", PASSWORD, staff=True)
             cookie = web.login("operator", PASSWORD)
-            bridge = GatewayProcess(
-                mosquitto.url, command="runserial", redis_url=redis_server.url,
-                database_url=web.database_url, env={"GATEWAY_ID": web.gateway_id},
-                args=["--serial", f"{link}?device=tty-1"],
-            )  # fmt: skip
+            bridge = web.beside("runserial", "--serial", f"{link}?device=tty-1")
             with bridge:
                 bridge.wait_for_log(r"usb-alerts opened")
                 hot = await create_rule(
@@ -267,4 +246,8 @@ async def test_runserial_evaluates_its_serial_devices(mosquitto, redis_server, t
                     port.unplug()
                     offline = await next_alert(ws)
                     assert offline["rule"] == gone and offline["state"] == "active"
-                    await no_alert(ws, 1.0)  # evaluated once: not again by the web's bridge
+                    # Evaluated once, not again by the web's bridge: a reading that bridge
+                    # evaluates after the unplug raises the next alert.
+                    await publish(mosquitto.port, "tty-sentinel", temperature=40)
+                    sentinel = await next_alert(ws)
+                    assert (sentinel["rule"], sentinel["device"]) == (hot, "tty-sentinel"), sentinel

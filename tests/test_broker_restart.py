@@ -25,51 +25,12 @@ import pytest
 from devices.conventions.homeassistant import gateway_object_path, identifier
 from tests.support.checks import retained, stored_numbers
 from tests.support.gateway import GatewayProcess
+from tests.support.publishers import NumberedPublisher
 from tests.support.servers import Mosquitto
 from tests.support.timing import allowance
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
-
-
-class ResilientDevice:
-    """A device publishing `{"n": 1, 2, …}` at QoS 1 every `period` s, reconnecting as devices do.
-
-    `acked` holds the numbers the broker acknowledged; a publish the broker never acknowledged
-    (it went down mid-way) is retried with the same number after the reconnect.
-    """
-
-    def __init__(self, port: int, device: str, period: float = 0.01) -> None:
-        self.port = port
-        self.device = device
-        self.period = period
-        self.acked: list[int] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        topic, n = f"devices/{self.device}/telemetry", 1
-        while not self._stop.is_set():
-            try:
-                async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier=f"dev-{self.device}", timeout=2
-                ) as dev:
-                    while not self._stop.is_set():
-                        await dev.publish(topic, orjson.dumps({"n": n}), qos=1)
-                        self.acked.append(n)
-                        n += 1
-                        await asyncio.sleep(self.period)
-            except aiomqtt.MqttError:
-                await asyncio.sleep(0.05)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"device[{self.device}]")
-
-    async def stop(self) -> list[int]:
-        assert self._task is not None
-        self._stop.set()
-        await asyncio.wait_for(self._task, 10)
-        return self.acked
 
 
 @pytest.fixture(params=["keeps its state", "loses its state"])
@@ -104,8 +65,7 @@ async def test_broker_restart_is_reported_survived_and_resumed(broker, outage):
         assert await retained(broker.port, gw.status_topic) == b"online"
         document = orjson.loads(await retained(broker.port, discovery))
         assert document["dev"]["ids"] == [identifier(gw.gateway_id, "gateway")]
-        device = ResilientDevice(broker.port, "restart-1")
-        device.start()
+        device = NumberedPublisher(broker.port, "restart-1", reconnect=True).start()
         await until(lambda: len(stored_numbers(db, "restart-1")) >= 50, what="readings stored")
         # Markers in place of the retained status and discovery document: only the gateway
         # publishing them again after the restart can put the real ones back.

@@ -15,6 +15,7 @@ from devices.commands import service as commands
 from devices.commands.timers import get_timers
 from devices.models import Command, Device
 from gateway.metrics import COMMANDS
+from tests.support.checks import dashboard_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,12 +38,9 @@ def gateway_settings(settings):
 
 async def command_frame(layer, channel, status: str, wait: float = 5.0) -> dict:
     """The next `command` frame with this status on a dashboard channel."""
-    async with asyncio.timeout(wait):
-        while True:
-            message = await layer.receive(channel)
-            for frame in message["events"]:
-                if frame["type"] == "command" and frame["status"] == status:
-                    return frame
+    return await dashboard_frame(
+        layer, channel, lambda f: f["type"] == "command" and f["status"] == status, wait
+    )
 
 
 class Wire:

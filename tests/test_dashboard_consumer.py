@@ -113,6 +113,13 @@ async def test_snapshot_comes_first_with_stored_devices(layer, session_cookie):
     await comm.disconnect()
 
 
+async def sentinel_is_next(layer, comm) -> None:
+    """A frame sent to the group now is the next one the client gets: nothing else is left."""
+    sentinel = {"type": "status", "device": "sentinel", "online": True, "ts": 9.0}
+    await layer.group_send("dashboard", {"type": "dashboard.events", "events": [sentinel]})
+    assert await comm.receive_json_from(timeout=5) == sentinel
+
+
 async def test_group_events_arrive_as_individual_frames_in_order(layer, session_cookie):
     comm = await connect(session_cookie)
     assert (await comm.receive_json_from(timeout=5))["type"] == "snapshot"
@@ -126,7 +133,7 @@ async def test_group_events_arrive_as_individual_frames_in_order(layer, session_
     await layer.group_send("dashboard", {"type": "dashboard.events", "events": frames[2:]})
     received = [await comm.receive_json_from(timeout=5) for _ in frames]
     assert received == frames
-    assert await comm.receive_nothing(timeout=0.1)
+    await sentinel_is_next(layer, comm)
     await comm.disconnect()
 
 
@@ -174,7 +181,7 @@ async def test_telemetry_waiting_for_the_socket_is_merged_per_device(layer, sess
     assert await comm.receive_json_from(timeout=5) == batch[1]
     assert await comm.receive_json_from(timeout=5) == batch[3]
     assert await comm.receive_json_from(timeout=5) == batch[4]
-    assert await comm.receive_nothing(timeout=0.1)
+    await sentinel_is_next(layer, comm)
     await comm.disconnect()
 
 

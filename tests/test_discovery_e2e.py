@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from firmware_sim.fleet import Fleet
@@ -215,5 +216,13 @@ async def test_a_restart_rereads_retained_configs_and_stores_no_duplicates(mosqu
         status, devices = gw.http_get("/api/devices/", cookie)
         device = next(d for d in devices if d["id"] == node)
         assert (device["name"], device["online"]) == ("esphome-0001", False)
-        await asyncio.sleep(1.0)  # the replayed retained state has been handled by now
-        assert await asyncio.to_thread(points) == before
+        # Sentinel: a live state published after the replay is stored; the retained one, which
+        # the broker delivers first on subscribe, was not stored again before it.
+        topic = "esphome-0001/sensor/temperature/state"
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="live-state") as live:
+            async with asyncio.timeout(20):
+                while len(after := await asyncio.to_thread(points)) == len(before):
+                    await live.publish(topic, b"99.5", qos=1)  # until subscribed and stored
+                    await asyncio.sleep(0.5)
+        assert after[: len(before)] == before
+        assert {value for _, value in after[len(before) :]} == {99.5}, after[len(before) :]

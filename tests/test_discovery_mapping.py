@@ -25,6 +25,7 @@ from devices.conventions.discovery.templates import (
     render_value,
 )
 from gateway.exceptions import Rejected
+from tests.support.timing import allowance
 
 
 def test_abbreviations_expand_everywhere_and_tilde_is_resolved():
@@ -139,7 +140,9 @@ def test_renders_that_loop_or_allocate_stop_at_a_bound_quickly(template):
         out = render_value(compile_template(template), b'{"a": 1}')
         assert out == "", out  # the sandbox blanked it: still no escape
         raise RenderError("blank")
-    assert time.perf_counter() - started < 1.0
+    # The render stops itself at MAX_SECONDS (50 ms, docs/conventions.md); 1 s with compiling is
+    # twenty times that, and stretched further while the machine is busier than its cores.
+    assert time.perf_counter() - started < allowance(1.0)
 
 
 def _entity(component: str, doc: dict) -> Entity:

@@ -14,10 +14,8 @@ import uuid
 from pathlib import Path
 
 import aiomqtt
-import orjson
 import pytest
 from channels.db import database_sync_to_async
-from django.db import connections
 
 from devices.models import Reading
 from devices.routing import mqtt_routes
@@ -26,19 +24,14 @@ from gateway.metrics import TELEMETRY_DROPPED
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.testing import MqttCommunicator
-from tests.support.checks import sqlite_locked, stored_numbers
+from tests.support.checks import sql, sqlite_locked, stored_numbers
 from tests.support.gateway import GatewayProcess
+from tests.support.publishers import NumberedPublisher
 from tests.support.waiting import eventually, until
 
 TS = 1_764_214_000.0
 #: Readings the gateway has received but not stored (so not acknowledged) when it is stopped.
 IN_FLIGHT = 20
-
-
-@database_sync_to_async
-def sql(statement: str) -> None:
-    with connections["default"].cursor() as cursor:
-        cursor.execute(statement)
 
 
 @contextlib.asynccontextmanager
@@ -206,40 +199,6 @@ async def test_unstored_message_is_not_acknowledged_and_the_broker_redelivers_it
         await serving
 
 
-class NumberedPublisher:
-    """A device publishing `{"n": 1, 2, …}` at QoS 1, paced, each one acknowledged by the broker."""
-
-    def __init__(self, port: int, device: str, rate: float = 400.0) -> None:
-        self.port = port
-        self.device = device
-        self.rate = rate
-        self.acked = 0  # the highest n the broker has acknowledged (PUBACK)
-        self._task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
-
-    async def _run(self) -> None:
-        topic = f"devices/{self.device}/telemetry"
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"pub-{self.device}") as dev:
-            started, n = time.monotonic(), 0
-            while not self._stop.is_set():
-                n += 1
-                await dev.publish(topic, orjson.dumps({"n": n}), qos=1)
-                self.acked = n
-                ahead = n / self.rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"publisher[{self.device}]")
-
-    async def stop(self) -> int:
-        """Stop publishing; the last n the broker acknowledged."""
-        assert self._task is not None
-        self._stop.set()  # not cancel(): aiomqtt may swallow a cancellation mid-publish
-        await asyncio.wait_for(self._task, 10)  # a publisher that failed fails the test
-        return self.acked
-
-
 async def wait_stored(db: Path, device: str, count: int, wait: float) -> list[int]:
     """The stored numbers once all of 1..count are there, or whatever is there after `wait` s."""
     deadline = time.monotonic() + wait
@@ -260,8 +219,7 @@ async def test_gateway_stopped_mid_stream_loses_no_qos1_reading(mosquitto, stop)
     gw = GatewayProcess(mosquitto.url, log_level="WARNING")
     db = gw.workdir / "db.sqlite3"
     with gw:
-        publisher = NumberedPublisher(mosquitto.port, device)
-        publisher.start()
+        publisher = NumberedPublisher(mosquitto.port, device, every=1 / 400).start()
         # Flowing: readings are being stored when the gateway dies.
         await until(lambda: len(stored_numbers(db, device)) >= 200, wait=15, what="flowing")
 
@@ -274,7 +232,7 @@ async def test_gateway_stopped_mid_stream_loses_no_qos1_reading(mosquitto, stop)
                 what=f"{IN_FLIGHT} readings received while the database is locked",
             )
             stored_at_kill = set(await asyncio.to_thread(stored_numbers, db, device))
-            at_kill = publisher.acked
+            at_kill = publisher.last
             # SIGKILL: no shutdown, no flush, the lock still held. SIGTERM: the lock goes just
             # before, and the orderly shutdown waits for the acknowledgements still due.
             if stop == "kill -9":
@@ -287,7 +245,7 @@ async def test_gateway_stopped_mid_stream_loses_no_qos1_reading(mosquitto, stop)
         await asyncio.to_thread(gw.start, False)  # same GATEWAY_ID, database and client id
         await until(lambda: gw.metric("gateway_mqtt_connected") == 1, what="reconnected")
         await asyncio.sleep(0.5)  # and keeps publishing to the running gateway
-        last = await publisher.stop()
+        last = (await publisher.stop())[-1]
 
         numbers = await wait_stored(db, device, last, wait=30)
         missing = sorted(set(range(1, last + 1)) - set(numbers))

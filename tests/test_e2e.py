@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ import aiomqtt
 import pytest
 
 from tests.support.gateway import GatewayProcess, postgres_database
+from tests.support.publishers import vanishing_device
 from tests.support.timing import allowance
 from tests.support.waiting import until
 
@@ -124,41 +124,16 @@ async def test_same_with_postgresql(mosquitto):
             await telemetry_reaches_everything(gw, cookie, mosquitto.port)
 
 
-# A device that goes away without DISCONNECT: a separate process, killed with SIGKILL.
-DEVICE_SCRIPT = """
-import sys, time
-import paho.mqtt.client as paho
-port, device = int(sys.argv[1]), sys.argv[2]
-c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device)
-c.will_set(f"devices/{device}/status", "offline", qos=1, retain=True)
-c.connect("127.0.0.1", port, keepalive=5)
-c.loop_start()
-c.publish(f"devices/{device}/status", "online", qos=1, retain=True).wait_for_publish(5)
-print("ready", flush=True)
-time.sleep(120)
-"""
-
-
 async def test_device_last_will_reaches_dashboard_as_status(mosquitto):
     with logged_in_gateway(mosquitto.url) as (gw, cookie):
         async with gw.ws_connect(cookie) as ws:
             assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
-            device = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", DEVICE_SCRIPT, str(mosquitto.port), "d2",
-                stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            try:
-                line = await asyncio.wait_for(device.stdout.readline(), 15)
-                assert line == b"ready\n"
+            async with vanishing_device(mosquitto.port, "d2") as device:
                 await next_frame(ws, status_of("d2", True))
                 killed = time.time()
                 device.kill()  # no DISCONNECT: the broker publishes the will
                 frame = await next_frame(ws, status_of("d2", False))
                 heard = time.time()
-            finally:
-                if device.returncode is None:
-                    device.kill()
-                await device.wait()
         assert killed <= frame["ts"] <= heard  # when the gateway heard the will, in seconds
 
 

@@ -11,14 +11,10 @@ stored + dropped = published.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiomqtt
 import pytest
 
 from tests.support.checks import sqlite_locked
@@ -26,6 +22,7 @@ from tests.support.gateway import (
     GatewayProcess,
     postgres_database,
 )
+from tests.support.publishers import NumberedPublisher
 from tests.support.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -35,37 +32,9 @@ DEVICE = "db-fault-1"
 EVERY = 0.05  # 20 readings/s, one value each
 
 
-class Counter:
-    """A device publishing `{"n": 1}`, `{"n": 2}`, … at QoS 1 in the background."""
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self.client = client
-        self.published = 0
-        self.stopping = asyncio.Event()
-        self.task = asyncio.create_task(self._run(), name="test.counter")
-
-    async def _run(self) -> None:
-        while not self.stopping.is_set():
-            body = json.dumps({"n": self.published + 1})
-            await self.client.publish(f"devices/{DEVICE}/telemetry", body, qos=1)
-            self.published += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), EVERY)
-
-    async def stop(self) -> None:
-        """Stop after the publish in flight is acknowledged, so `published` counts it."""
-        self.stopping.set()
-        await self.task
-
-
-@contextlib.asynccontextmanager
-async def counting_device(port: int) -> AsyncIterator[Counter]:
-    async with aiomqtt.Client("127.0.0.1", port, identifier="db-fault-device") as client:
-        counter = Counter(client)
-        try:
-            yield counter
-        finally:
-            await counter.stop()
+def counting_device(port: int) -> NumberedPublisher:
+    """The device: `{"n": 1}`, `{"n": 2}`, … at QoS 1, one every EVERY s, in the background."""
+    return NumberedPublisher(port, DEVICE, every=EVERY, identifier="db-fault-device")
 
 
 async def all_stored(gw: GatewayProcess, cookie: str, published: int) -> list[int]:
@@ -103,11 +72,11 @@ async def test_sqlite_locked_for_seconds_then_every_reading_is_stored_once(mosqu
         async with counting_device(mosquitto.port) as device:
             await until(lambda: stored_values(gw, cookie), what="the first reading stored")
             with sqlite_locked(sqlite_path(gw)):
-                locked_at = device.published
+                locked_at = device.last
                 moved = await hold(6.0, gw)
-                during = device.published - locked_at
+                during = device.last - locked_at
             await asyncio.sleep(1.0)
-        published = device.published
+        published = device.last
 
         values = await all_stored(gw, cookie, published)
         assert moved == 0, "the writer stored values through an exclusive lock?"
@@ -128,7 +97,7 @@ async def test_a_full_buffer_drops_the_oldest_counts_and_logs_them(mosquitto):
             with sqlite_locked(sqlite_path(gw)):
                 await hold(4.0, gw)
             await asyncio.sleep(1.0)
-        published = device.published
+        published = device.last
 
         def settled() -> tuple[list[int], float] | None:
             values = stored_values(gw, cookie)
@@ -169,17 +138,17 @@ async def test_postgresql_refusing_connections_then_every_reading_is_stored_once
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
                     (name,),
                 )
-                down_at = device.published
+                down_at = device.last
                 await until(lambda: gw.http_get("/healthz")[0] == 503, what="/healthz 503")
                 await asyncio.sleep(4.0)
-                during = device.published - down_at
+                during = device.last - down_at
                 admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
                 back = time.monotonic()
                 await asyncio.sleep(1.0)
         finally:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             admin.close()
-        published = device.published
+        published = device.last
 
         values = await all_stored(gw, cookie, published)
         caught_up = time.monotonic() - back

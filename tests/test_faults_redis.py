@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.browser import CHROMIUM
 from tests.support.gateway import GatewayProcess
+from tests.support.publishers import NumberedPublisher
 from tests.support.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -80,28 +81,13 @@ async def test_redis_restart_under_load_loses_no_reading_and_the_dashboard_recov
     with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as gw:
         gw.create_user("operator", PASSWORD, staff=True)
         cookie = gw.login("operator", PASSWORD)
-        async with (
-            gw.ws_connect(cookie) as ws,
-            aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="redis-fault-dev") as device,
-        ):
+        async with gw.ws_connect(cookie) as ws:
             frames = Frames(ws)
             await frames.wait_for(lambda f: f.get("type") == "snapshot")
-            published: list[int] = []
-            # Stopped by a flag, not cancel(): aiomqtt may swallow a cancellation mid-publish
-            # (the task never ends), or land it after the broker took a reading but before it
-            # was counted here (a reading stored that "nobody published").
-            stop = asyncio.Event()
-
-            async def publish() -> None:
-                n = 0
-                while not stop.is_set():
-                    n += 1
-                    body = {"n": n, "ts": time.time()}
-                    await device.publish(f"devices/{DEVICE}/telemetry", json.dumps(body), qos=1)
-                    published.append(n)
-                    await asyncio.sleep(EVERY)
-
-            publisher = asyncio.create_task(publish(), name="test.publisher")
+            device = NumberedPublisher(
+                mosquitto.port, DEVICE, every=EVERY, identifier="redis-fault-dev", stamp=True
+            )
+            published = device.start().acked
             try:
                 await frames.wait_for(is_telemetry)
                 dropped_before = gw.metric(
@@ -146,8 +132,7 @@ async def test_redis_restart_under_load_loses_no_reading_and_the_dashboard_recov
                 resync = await frames.wait_for(lambda f: f.get("type") == "snapshot", after=killed)
                 await asyncio.sleep(1.0)
             finally:
-                stop.set()
-                await asyncio.wait_for(publisher, 10)
+                await device.stop()
             frames.task.cancel()
 
         assert frame["metrics"]["n"] > during[-1] - 5

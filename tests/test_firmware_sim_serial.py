@@ -20,6 +20,7 @@ from devices.telemetry.pipeline import current_pipeline
 from firmware_sim.serial_device import LONG_LINE_BYTES, SerialSimDevice, open_pty
 from gateway.serial.server import SerialServer
 from tests.support.checks import rejected
+from tests.support.waiting import eventually
 from tests.test_serial_server import Recorder, serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +92,11 @@ async def test_sim_answers_a_command_sent_by_the_device_consumer():
         while not server.connected:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)  # the instance joins device.sim-1
         from channels.layers import get_channel_layer
+
+        await eventually(
+            lambda: get_channel_layer().groups.get("device.sim-1"), what="device.sim-1 joined"
+        )
 
         await get_channel_layer().group_send(
             "device.sim-1",

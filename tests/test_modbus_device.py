@@ -16,7 +16,9 @@ from devices.models import Command, Device
 from devices.telemetry.pipeline import get_pipeline
 from gateway.modbus.profile import load_profile
 from gateway.modbus.testing import ModbusCommunicator
-from tests.test_serial_device import frames_until, no_mirror  # noqa: F401 - fixture
+from tests.support.checks import dashboard_frame
+from tests.support.waiting import eventually
+from tests.test_serial_device import no_mirror  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -27,7 +29,7 @@ DIRS = [Path(__file__).resolve().parent.parent / "devices" / "conventions" / "mo
 async def test_polls_become_readings_and_presence(layer, dashboard):
     comm = ModbusCommunicator(APP, load_profile("eastron-sdm120", DIRS), device="meter-1")
     await comm.connect()
-    status = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+    status = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
     assert status["device"] == "meter-1" and status["online"] is True
     await comm.send_read(
         [
@@ -36,7 +38,7 @@ async def test_polls_become_readings_and_presence(layer, dashboard):
         ],
         ts=1764214000.0,
     )
-    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    frame = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert frame == {
         "type": "telemetry",
         "device": "meter-1",
@@ -44,7 +46,7 @@ async def test_polls_become_readings_and_presence(layer, dashboard):
         "metrics": {"voltage": 230.5, "current": 1.5},
     }
     await comm.disconnect()
-    status = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+    status = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
     assert status["online"] is False
     await get_pipeline().flush()
     device = await Device.objects.aget(id="meter-1")
@@ -60,7 +62,7 @@ async def test_commands_write_points_and_end_by_the_answer(layer, dashboard, dja
         APP, load_profile("waveshare-relay-8ch", DIRS), device="relays", unit=3
     )
     await comm.connect()
-    await comm.receive_nothing(0.2)
+    await eventually(lambda: layer.groups.get("device.relays"), what="device.relays joined")
 
     command = await commands.submit(admin, "relays", {"name": "relay4", "args": {"value": True}})
     write = await comm.receive_write(timeout=5)
@@ -72,24 +74,26 @@ async def test_commands_write_points_and_end_by_the_answer(layer, dashboard, dja
         "ref": str(command.id),
     }
     await comm.send_written(str(command.id), True)
-    await frames_until(layer, dashboard, lambda f: f.get("status") == "acked")
+    await dashboard_frame(layer, dashboard, lambda f: f.get("status") == "acked")
     stored = await Command.objects.aget(id=command.id)
     assert stored.status == "acked" and stored.result == {"value": True}
 
     command = await commands.submit(admin, "relays", {"name": "relay5", "args": {"value": False}})
     write = await comm.receive_write(timeout=5)
     await comm.send_written(write["ref"], False, "exception response, code 4")
-    await frames_until(layer, dashboard, lambda f: f.get("status") == "failed")
+    await dashboard_frame(layer, dashboard, lambda f: f.get("status") == "failed")
     assert "code 4" in (await Command.objects.aget(id=command.id)).error
 
     # Nothing goes on the bus for a point the unit does not have, or for bad args.
     for name, args in (("relay9", {"value": True}), ("relay1", {"on": True})):
         command = await commands.submit(admin, "relays", {"name": name, "args": args})
-        failed = await frames_until(
+        failed = await dashboard_frame(
             layer,
             dashboard,
             lambda f, i=str(command.id): f.get("id") == i and f.get("status") == "failed",
         )
         assert failed["id"] == str(command.id)
-    await comm.receive_nothing(0.2)
+    # Sentinel: a good command after them is the next thing on the bus.
+    command = await commands.submit(admin, "relays", {"name": "relay2", "args": {"value": True}})
+    assert (await comm.receive_write(timeout=5))["ref"] == str(command.id)
     await comm.disconnect()

@@ -10,7 +10,6 @@ there).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -20,6 +19,7 @@ import pytest
 
 from firmware_sim.modbus import SimBus, SimUnit, read_profile
 from firmware_sim.serial_device import open_pty
+from tests.support.timing import allowance
 from tests.support.waiting import until
 from tests.test_e2e import logged_in_gateway, next_frame, status_of, telemetry_of
 from tests.test_serial_e2e import submit_command
@@ -141,14 +141,23 @@ async def test_two_units_on_one_pty_readings_commands_faults(mosquitto, tmp_path
                 stored = len(gw.history(cookie, "probe-1", "temperature"))
                 probe.fault = "crc"
                 await next_frame(ws, status_of("probe-1", False), wait=10)
+                offline_at = time.time()
                 crc = requests_counted(gw, 1, "crc_error")
                 assert crc >= OFFLINE_AFTER, crc
-                await asyncio.sleep(1.0)
-                after = gw.history(cookie, "probe-1", "temperature")
-                assert len(after) <= stored + 1, "readings stored while every answer was garbled"
-                assert all(15 < v < 30 and tenths(v) for _, v in after)
+                await until(
+                    lambda: requests_counted(gw, 1, "crc_error") >= crc + 2,
+                    what="more garbled polls while offline",
+                )
+                garbled_until = time.time()
                 probe.fault = None
+                # Sentinel: the next good answer is stored and brings it online; nothing of
+                # the garbled polls before it was stored.
                 await next_frame(ws, status_of("probe-1", True), wait=10)
+                after = gw.history(cookie, "probe-1", "temperature")
+                during = [t for t, _ in after if offline_at <= t <= garbled_until]
+                assert during == [], "readings stored while every answer was garbled"
+                assert len(after) >= stored + 1, "the good answer after them is stored"
+                assert all(15 < v < 30 and tenths(v) for _, v in after)
 
                 # A unit that stops answering goes offline within N polls; the other keeps its
                 # schedule meanwhile.
@@ -163,7 +172,9 @@ async def test_two_units_on_one_pty_readings_commands_faults(mosquitto, tmp_path
 
                 await next_frame(ws, watch, wait=10)
                 took = time.monotonic() - started
-                assert took < (OFFLINE_AFTER + 2) * POLL + OFFLINE_AFTER * 0.3, took
+                # The documented N polls (plus the timeouts), stretched while the machine is
+                # busier than its cores (tests/support/timing.py).
+                assert took < allowance((OFFLINE_AFTER + 2) * POLL + OFFLINE_AFTER * 0.3), took
                 timeouts = requests_counted(gw, 2, "timeout")
                 assert timeouts >= OFFLINE_AFTER, timeouts
                 assert len(probe_frames) >= int(took / POLL) - 1, (took, probe_frames)
@@ -287,17 +298,7 @@ async def test_runserial_with_modbus_config_env_beside_a_web_process(
         with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
             web.create_user("operator", PASSWORD, staff=True)
             cookie = web.login("operator", PASSWORD)
-            bridge = GatewayProcess(
-                mosquitto.url,
-                command="runserial",
-                redis_url=redis_server.url,
-                database_url=web.database_url,
-                env={
-                    "GATEWAY_ID": web.gateway_id,
-                    "DJANGO_SECRET_KEY": web.env["DJANGO_SECRET_KEY"],  # one environment
-                    "MODBUS_CONFIG": str(config),
-                },
-            )
+            bridge = web.beside("runserial", env={"MODBUS_CONFIG": str(config)})
             with bridge:
                 bridge.wait_for_log(r"modbus bus \S+ opened")
                 async with web.ws_connect(cookie) as ws:

@@ -18,7 +18,8 @@ from devices.conventions.serial import SerialDeviceConsumer
 from gateway.exceptions import Rejected
 from gateway.metrics import MESSAGES_REJECTED
 from gateway.serial.testing import SerialCommunicator
-from tests.test_serial_device import frames_until, no_mirror  # noqa: F401 - fixture
+from tests.support.checks import dashboard_frame
+from tests.test_serial_device import no_mirror  # noqa: F401 - fixture
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47"
 RMC = b"$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A"
@@ -98,7 +99,7 @@ async def test_gps_on_a_serial_port_is_a_device_and_bad_checksums_are_counted(la
     await comm.connect()
     await comm.send_frame(GGA[:-2] + b"00\r")
     await comm.send_frame(GGA + b"\r")
-    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    frame = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert frame["device"] == "gps-1"
     assert frame["metrics"]["latitude"] == 48.1173 and frame["metrics"]["altitude"] == 545.4
     assert MESSAGES_REJECTED.labels(reason="bad_checksum")._value.get() == bad + 1

@@ -19,6 +19,7 @@ from devices.telemetry.pipeline import (
 )
 from devices.telemetry.store import write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
+from tests.support.checks import sql
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -69,12 +70,6 @@ def readings(device_id: str | None = None) -> list[tuple[str, str, float, float]
 @database_sync_to_async
 def device(device_id: str) -> Device:
     return Device.objects.get(id=device_id)
-
-
-@database_sync_to_async
-def sql(statement: str) -> None:
-    with connections["default"].cursor() as cursor:
-        cursor.execute(statement)
 
 
 def counter(metric, **labels) -> float:
@@ -160,8 +155,11 @@ async def test_batch_size_triggers_write_before_delay(layer):
     try:
         for i in range(9):
             pipeline.submit_reading("d1", "mqtt", TS + i, {"t": float(i)})
-        await asyncio.sleep(0.2)
-        assert await readings() == []  # below the batch size and long before the delay
+        # Sentinel: one loop turn lets a woken writer hand its batch to its single thread;
+        # a query queued on that thread after it sees whatever it wrote.
+        await asyncio.sleep(0)
+        rows = await pipeline.run_in_writer(lambda: Reading.objects.count())
+        assert rows == 0  # below the batch size and long before the delay
         pipeline.submit_reading("d1", "mqtt", TS + 9, {"t": 9.0})
 
         async def stored():

@@ -20,7 +20,7 @@ from devices.models import Command, Device, Reading
 from devices.telemetry.pipeline import get_pipeline
 from gateway.mqtt.events import properties_to_dict
 from gateway.serial.testing import SerialCommunicator
-from tests.support.checks import rejected
+from tests.support.checks import dashboard_frame, rejected
 from tests.support.waiting import eventually
 from tests.test_serial_server import Pty, serving
 
@@ -35,19 +35,6 @@ def no_mirror():
     mirror.configure(enabled=False)
     yield
     mirror._config.update(saved)
-
-
-async def frames_until(layer, channel, predicate, timeout: float = 10.0) -> dict[str, Any]:
-    """Dashboard frames until one matches `predicate`; returns that frame."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, "no matching dashboard frame"
-        message = await asyncio.wait_for(layer.receive(channel), left)
-        assert message["type"] == "dashboard.events"
-        for frame in message["events"]:
-            if predicate(frame):
-                return frame
 
 
 def test_device_id_rule():
@@ -66,10 +53,10 @@ def test_device_id_rule():
 async def test_json_and_key_value_lines_reach_pipeline_and_dashboard(layer, dashboard):
     comm = SerialCommunicator(APP, "loop://?device=ser-a")
     await comm.connect()
-    status = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+    status = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
     assert status["device"] == "ser-a" and status["online"] is True
     await comm.send_frame(b'{"temperature": 21.5, "env": {"hum": 40}, "ts": 1764214000.5}')
-    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    frame = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert frame == {
         "type": "telemetry",
         "device": "ser-a",
@@ -77,10 +64,10 @@ async def test_json_and_key_value_lines_reach_pipeline_and_dashboard(layer, dash
         "metrics": {"temperature": 21.5, "env.hum": 40.0},
     }
     await comm.send_frame(b"temp=22.5,hum=41 relay=true\r")
-    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    frame = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert frame["metrics"] == {"temp": 22.5, "hum": 41.0, "relay": True}
     await comm.disconnect()
-    status = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+    status = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
     assert status["online"] is False
     await get_pipeline().flush()
     device = await Device.objects.aget(id="ser-a")
@@ -94,7 +81,7 @@ async def test_bad_lines_are_counted_and_good_ones_still_arrive(layer, dashboard
     await comm.connect()
     for line in (b"#$%^&*", b"\xff\xfe\xc3(", b'{"temperature": 2', b"fw=v1.2", b"", b"t=1"):
         await comm.send_frame(line)
-    frame = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+    frame = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert frame["metrics"] == {"t": 1.0}
     for reason in before:
         assert rejected(reason) - before[reason] == 1, reason
@@ -113,12 +100,12 @@ async def test_invalid_device_option_rejects_every_line(layer, dashboard):
 async def test_device_command_message_is_written_as_one_json_line(layer):
     comm = SerialCommunicator(APP, "loop://?device=ser-c&delimiter=hex:0d0a")
     await comm.connect()
-    await comm.receive_nothing(0.2)  # joined its group; no held commands
+    await eventually(lambda: layer.groups.get("device.ser-c"), what="device.ser-c joined")
     await layer.group_send(
         "device.ser-c",
         {"type": "device.command", "id": "c1", "name": "set_interval", "args": {"seconds": 5}},
     )
-    line = await comm.receive_write(timeout=5)
+    line = await comm.receive_write(timeout=5)  # the first output: no held command before it
     assert line.endswith(b"\r\n") and line.count(b"\n") == 1
     assert orjson.loads(line) == {"id": "c1", "name": "set_interval", "args": {"seconds": 5}}
     await comm.disconnect()
@@ -128,7 +115,7 @@ async def test_an_mqtt_instance_of_the_same_id_sharing_its_state_is_ignored(laye
     """`device.state` from an MQTT instance of the same id neither crashes nor changes the port."""
     comm = SerialCommunicator(APP, "loop://?device=ser-s")
     await comm.connect()
-    await comm.receive_nothing(0.2)
+    await eventually(lambda: layer.groups.get("device.ser-s"), what="device.ser-s joined")
     await layer.group_send("device.ser-s", {"type": "device.state", "online": False, "at": 1.0})
     await layer.group_send(
         "device.ser-s", {"type": "device.command", "id": "c2", "name": "ping", "args": {}}
@@ -144,13 +131,13 @@ async def test_command_service_delivery_and_ack(layer, dashboard, django_user_mo
     )
     comm = SerialCommunicator(APP, "loop://?device=ser-d")
     await comm.connect()
-    await comm.receive_nothing(0.2)
+    await eventually(lambda: layer.groups.get("device.ser-d"), what="device.ser-d joined")
     command = await commands.submit(admin, "ser-d", {"name": "ping", "args": {}})
     line = orjson.loads(await comm.receive_write(timeout=5))
     assert line == {"id": str(command.id), "name": "ping", "args": {}}
     before = rejected("unknown_command")
     await comm.send_frame(orjson.dumps({"id": str(command.id), "ok": True, "result": {"p": 1}}))
-    acked = await frames_until(
+    acked = await dashboard_frame(
         layer, dashboard, lambda f: f["type"] == "command" and f["status"] == "acked"
     )
     assert acked["id"] == str(command.id)
@@ -164,25 +151,25 @@ async def test_server_pty_unplug_replug_end_to_end(layer, dashboard, tmp_path):
     link = str(tmp_path / "usb-weather")
     device = Pty(link)
     async with serving(APP, f"{link}?device=weather-1") as server:
-        await frames_until(layer, dashboard, lambda f: f["type"] == "status" and f["online"])
+        await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status" and f["online"])
         await device.write(b'{"temperature": 20.5}\ntemperature=20.7,humidity=40\n')
         seen = []
         while len(seen) < 2:
-            f = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+            f = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
             seen.append(f["metrics"])  # may be coalesced into one frame
             if f["metrics"].get("humidity") == 40.0:
                 break
         assert seen[-1]["temperature"] == 20.7
         device.close()
-        offline = await frames_until(layer, dashboard, lambda f: f["type"] == "status")
+        offline = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
         assert offline == {**offline, "device": "weather-1", "online": False}
         assert len(server.ports) == 1 and not server.connected
         await asyncio.sleep(0.3)
         device = Pty(link)
         replugged = time.monotonic()
-        await frames_until(layer, dashboard, lambda f: f["type"] == "status" and f["online"])
+        await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status" and f["online"])
         await device.write(b"temperature=21\n")
-        f = await frames_until(layer, dashboard, lambda f: f["type"] == "telemetry")
+        f = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
         assert f["metrics"] == {"temperature": 21.0}
         print(
             f"\nserial device replug → telemetry on dashboard: {time.monotonic() - replugged:.3f} s"
@@ -265,16 +252,20 @@ async def test_mirrored_device_commands_go_to_the_port_not_the_broker(
                 line = (await port.read_until(b"}\n")).splitlines()[-1]
                 assert orjson.loads(line)["id"] == str(command.id), n
                 await port.write(orjson.dumps({"id": str(command.id), "ok": True}) + b"\n")
-                await frames_until(
+                await dashboard_frame(
                     layer,
                     dashboard,
                     lambda f, cid=str(command.id): (
                         f["type"] == "command" and f["id"] == cid and f["status"] == "acked"
                     ),
                 )
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await anext(aiter(sub.messages))
+            # Sentinel: published here after the last ack, it is the first message on the
+            # commands topic; the mirror republished none of the five before it.
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as probe:
+                await probe.publish("devices/ser-x/commands", b"sentinel", qos=1)
+            async with asyncio.timeout(10):
+                first = await anext(aiter(sub.messages))
+            assert first.payload == b"sentinel", first.payload
     finally:
         await mirror.close_mirror()
         await bridge.shutdown()

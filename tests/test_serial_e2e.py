@@ -388,17 +388,7 @@ async def test_runserial_alone_beside_a_web_process(mosquitto, redis_server, tmp
         with GatewayProcess(mosquitto.url, redis_url=redis_server.url) as web:
             web.create_user("operator", PASSWORD, staff=True)
             cookie = web.login("operator", PASSWORD)
-            bridge = GatewayProcess(
-                mosquitto.url,
-                command="runserial",
-                redis_url=redis_server.url,
-                database_url=web.database_url,
-                env={
-                    "GATEWAY_ID": web.gateway_id,
-                    "DJANGO_SECRET_KEY": web.env["DJANGO_SECRET_KEY"],
-                },
-                args=["--serial", f"{link}?device=split-1"],
-            )
+            bridge = web.beside("runserial", "--serial", f"{link}?device=split-1")
             with bridge:
                 bridge.wait_for_log(r"usb-split opened")
                 async with (

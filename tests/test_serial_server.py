@@ -192,16 +192,25 @@ async def test_crashed_instance_is_logged_counted_and_replaced(pty, caplog):
     assert crash and crash[0].exc_info and "consumer bug" in str(crash[0].exc_info[1])
 
 
-async def test_serial_close_from_app_closes_the_port(pty):
-    app = Recorder()
-    async with serving(app, pty.path) as server:
-        await app.next("serial.connect")
-        await pty.write(b"close\n")
-        event = await app.next("serial.disconnect")
-        assert event["reason"] == "closed"
-        assert not server.ports[0].is_open and not server.connected
-        await asyncio.sleep(1.5)  # longer than the reopen backoff: reopen=False holds
-        assert server.ports[0].opened == 1 and not server.ports[0].is_open
+async def test_serial_close_from_app_closes_the_port(pty, tmp_path):
+    app, sentinel_app = Recorder(), Recorder()
+    other = Pty(str(tmp_path / "ttySENTINEL"))
+    try:
+        async with serving(app, pty.path) as server, serving(sentinel_app, other.path):
+            await app.next("serial.connect")
+            await sentinel_app.next("serial.connect")
+            await pty.write(b"close\n")
+            event = await app.next("serial.disconnect")
+            assert event["reason"] == "closed"
+            assert not server.ports[0].is_open and not server.connected
+            # Sentinel: a port closed after it with reopen is opened again the reopen delay
+            # later; had this one been told to reopen, it would be open again by then.
+            await other.write(b"close-reopen\n")
+            assert (await sentinel_app.next("serial.disconnect"))["reason"] == "closed"
+            await sentinel_app.next("serial.connect", timeout=10)
+            assert server.ports[0].opened == 1 and not server.ports[0].is_open
+    finally:
+        other.close()
 
 
 async def test_serial_close_with_reopen(pty):

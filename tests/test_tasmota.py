@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.server import MqttServer
 from gateway.mqtt.testing import MqttCommunicator
 from tests.support.bridge import running
-from tests.support.checks import rejected
+from tests.support.checks import dashboard_frame, rejected
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,16 +36,6 @@ STATE = (
     b'{"Time":"2026-11-27T05:46:00","Uptime":"0T00:01:00","UptimeSec":60,"SleepMode":"Dynamic",'
     b'"POWER":"ON","Wifi":{"RSSI":70,"Signal":-65,"SSId":"net"}}'
 )
-
-
-async def frame(layer, channel, predicate: Callable[[dict], bool], wait: float = 10.0) -> dict:
-    """The first dashboard frame matching `predicate` (others are skipped)."""
-    async with asyncio.timeout(wait):
-        while True:
-            message = await layer.receive(channel)
-            for event in message["events"]:
-                if predicate(event):
-                    return event
 
 
 # --- pure functions and routes -------------------------------------------------------------
@@ -106,11 +95,11 @@ async def plug(layer):
 
 async def test_sensor_state_lwt_and_power_frames(plug, layer, dashboard):
     await plug.send_message("tele/plug-1/LWT", b"Online", qos=1, retain=True)
-    online = await frame(layer, dashboard, lambda f: f["type"] == "status")
+    online = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
     assert (online["device"], online["online"]) == ("plug-1", True)
 
     await plug.send_message("tele/plug-1/SENSOR", SENSOR)
-    sensor = await frame(layer, dashboard, lambda f: f["type"] == "telemetry")
+    sensor = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert sensor["device"] == "plug-1"
     assert sensor["metrics"] == {
         "AM2301.Temperature": 21.3,
@@ -120,14 +109,14 @@ async def test_sensor_state_lwt_and_power_frames(plug, layer, dashboard):
         "BMP280.Pressure": 1013.2,
     }
     await plug.send_message("tele/plug-1/STATE", STATE)
-    state = await frame(layer, dashboard, lambda f: f["type"] == "telemetry")
+    state = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert state["metrics"]["POWER"] is True and state["metrics"]["UptimeSec"] == 60.0
     await plug.send_message("stat/plug-1/POWER", b"OFF")
-    power = await frame(layer, dashboard, lambda f: f["type"] == "telemetry")
+    power = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert power["metrics"] == {"POWER": False}
 
     await plug.send_message("tele/plug-1/LWT", b"Offline", qos=1, retain=True)
-    offline = await frame(layer, dashboard, lambda f: f["type"] == "status")
+    offline = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
     assert offline["online"] is False
 
     await current_pipeline().flush()
@@ -155,7 +144,7 @@ async def test_bad_input_is_counted_and_the_next_good_message_arrives(plug, laye
         before = rejected(reason)
         await plug.send_message(topic, payload)
         await plug.send_message("tele/plug-1/SENSOR", b'{"AM2301":{"Temperature":20.5}}')
-        good = await frame(layer, dashboard, lambda f: f["type"] == "telemetry")
+        good = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
         assert good["metrics"] == {"AM2301.Temperature": 20.5}, topic
         assert rejected(reason) == before + 1, (topic, payload, reason)
     # Other stat/ topics are Tasmota's own business: neither stored nor counted.
@@ -163,7 +152,7 @@ async def test_bad_input_is_counted_and_the_next_good_message_arrives(plug, laye
     await plug.send_message("stat/plug-1/LOGGING", b"whatever")
     await plug.send_message("stat/plug-1/RESULT", b'{"POWER":"ON"}')  # nothing awaits it
     await plug.send_message("tele/plug-1/SENSOR", b'{"AM2301":{"Temperature":20.6}}')
-    await frame(layer, dashboard, lambda f: f["type"] == "telemetry")
+    await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert {r: rejected(r) for r in before} == before
 
 
@@ -248,7 +237,7 @@ async def test_simulated_tasmota_fleet_end_to_end(mosquitto, layer, dashboard, d
         first = fleet.ids[0]
         # Telemetry, flattened, on the dashboard and in the database.
         # Frames of `first` itself: the other device may publish first under load.
-        sensor = await frame(
+        sensor = await dashboard_frame(
             layer,
             dashboard,
             lambda f: (
@@ -258,7 +247,7 @@ async def test_simulated_tasmota_fleet_end_to_end(mosquitto, layer, dashboard, d
             ),
         )
         assert {"AM2301.Humidity", "BMP280.Pressure"} <= set(sensor["metrics"])
-        await frame(
+        await dashboard_frame(
             layer,
             dashboard,
             lambda f: f["type"] == "telemetry" and f["device"] == first and "POWER" in f["metrics"],
@@ -279,7 +268,7 @@ async def test_simulated_tasmota_fleet_end_to_end(mosquitto, layer, dashboard, d
         done = await finished(power.id)
         assert (done.status, done.result) == ("acked", {"POWER": want})
         assert fleet[first].relay is (want == "ON")
-        acked = await frame(
+        acked = await dashboard_frame(
             layer,
             dashboard,
             lambda f: (
@@ -288,7 +277,7 @@ async def test_simulated_tasmota_fleet_end_to_end(mosquitto, layer, dashboard, d
         )
         assert (acked["device"], acked["result"]) == (first, {"POWER": want})
         # The relay's new state reaches the dashboard (stat/<id>/POWER, then STATE).
-        await frame(
+        await dashboard_frame(
             layer,
             dashboard,
             lambda f: (
@@ -309,12 +298,12 @@ async def test_simulated_tasmota_fleet_end_to_end(mosquitto, layer, dashboard, d
 
         # LWT: a device vanishing → offline (its Last Will), coming back → online.
         fleet[first].drop()
-        gone = await frame(
+        gone = await dashboard_frame(
             layer, dashboard, lambda f: f["type"] == "status" and f["device"] == first
         )
         assert gone["online"] is False
         fleet[first].restore()
-        back = await frame(
+        back = await dashboard_frame(
             layer, dashboard, lambda f: f["type"] == "status" and f["device"] == first
         )
         assert back["online"] is True

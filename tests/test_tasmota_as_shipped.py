@@ -23,7 +23,8 @@ from devices.routing import mqtt_routes
 from devices.telemetry.pipeline import current_pipeline
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
-from tests.test_tasmota import finished, frame, gateway, rejected
+from tests.support.checks import dashboard_frame, rejected
+from tests.test_tasmota import finished, gateway
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -79,7 +80,9 @@ async def test_multi_channel_energy_and_switches_are_stored(shelly, layer, dashb
     await shelly.send_message(
         "tele/shelly-1/SENSOR", b'{"Time":"2026-11-27T05:46:00","Switch1":"ON"}'
     )
-    await frame(layer, dashboard, lambda f: f["type"] == "telemetry" and "Switch1" in f["metrics"])
+    await dashboard_frame(
+        layer, dashboard, lambda f: f["type"] == "telemetry" and "Switch1" in f["metrics"]
+    )
     await current_pipeline().flush()
     stored = await database_sync_to_async(
         lambda: dict(Reading.objects.filter(device_id="shelly-1").values_list("metric", "value"))

@@ -21,7 +21,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.support.browser import CHROMIUM, watched_page
+from tests.support.browser import CHROMIUM, open_when_stored, watched_page
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import Mosquitto
 
@@ -98,13 +98,7 @@ async def logged_in_page(gw: GatewayProcess) -> AsyncIterator[tuple[Any, list[st
 
 async def open_page(page: Any, gw: GatewayProcess, path: str) -> Any:
     """Go to `path` (retrying while the device is not stored yet); its 200 response."""
-    deadline = time.monotonic() + 10
-    while True:
-        response = await page.goto(gw.base_url + path)
-        if response is not None and response.status == 200:
-            return response
-        assert time.monotonic() < deadline, f"{path}: {response and response.status}"
-        await asyncio.sleep(0.2)
+    return await open_when_stored(page, gw.base_url + path)
 
 
 async def assert_nothing_ran(page: Any, response: Any) -> None:

@@ -69,10 +69,14 @@ class AlertFrames:
                     self._waiting += [f["alert"] for f in message["events"] if f["type"] == "alert"]
         return self._waiting.pop(0)
 
-    async def none(self, wait: float = 0.5) -> None:
-        """No alert frame within `wait` seconds."""
-        try:
-            alert = await self.next(wait)
-        except TimeoutError:
-            return
-        raise AssertionError(f"unexpected alert frame {alert}")
+    async def none_so_far(self) -> None:
+        """No alert frame has reached the channel: a sentinel sent now comes back before any
+        other message (a channel is first in, first out). For changes already emitted (after
+        the evaluator's `flush`); a timer that must not fire wants a later timer as sentinel."""
+        assert not self._waiting, f"unexpected alert frame {self._waiting[0]}"
+        await self.layer.send(self.channel, {"type": "test.sentinel"})
+        async with asyncio.timeout(5):
+            while (message := await self.layer.receive(self.channel))["type"] != "test.sentinel":
+                if message.get("type") == "dashboard.events":
+                    alerts = [f["alert"] for f in message["events"] if f["type"] == "alert"]
+                    assert not alerts, f"unexpected alert frame {alerts[0]}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,15 @@ async def watched_page(
             yield page, problems
         finally:
             await browser.close()
+
+
+async def open_when_stored(page: Any, url: str, wait: float = 10.0) -> Any:
+    """Go to `url`, again while it does not answer 200 (a device page before the device is
+    stored answers 404); the 200 response."""
+    deadline = time.monotonic() + wait
+    while True:
+        response = await page.goto(url)
+        if response is not None and response.status == 200:
+            return response
+        assert time.monotonic() < deadline, f"{url} answered {response and response.status}"
+        await asyncio.sleep(0.2)

@@ -1,5 +1,6 @@
 """Looking at what the gateway did, from outside (retained messages, stored readings, counters,
-what reached a channel), and holding its SQLite file the way another writer would."""
+what reached a channel), and holding its SQLite file the way another writer would (or breaking
+the test database with SQL)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import asyncio
 import contextlib
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from channels.db import database_sync_to_async
+from django.db import connections
 from prometheus_client import REGISTRY
 
 
@@ -66,3 +69,27 @@ async def nothing_came_before(layer: Any, channel: str) -> None:
     async with asyncio.timeout(5):
         first = await layer.receive(channel)
     assert first == {"type": "test.sentinel"}, f"{channel} received {first!r}"
+
+
+async def dashboard_frame(
+    layer: Any, channel: str, predicate: Callable[[dict], bool], wait: float = 10.0
+) -> dict:
+    """The first frame on a dashboard channel (``dashboard.events`` batches) that `predicate`
+    accepts; the frames before it are skipped."""
+    async with asyncio.timeout(wait):
+        while True:
+            message = await layer.receive(channel)
+            assert message["type"] == "dashboard.events", message
+            for frame in message["events"]:
+                if predicate(frame):
+                    return frame
+
+
+async def sql(statement: str) -> None:
+    """Run one SQL statement on the test database (to break or mend it under the gateway)."""
+
+    def run() -> None:
+        with connections["default"].cursor() as cursor:
+            cursor.execute(statement)
+
+    await database_sync_to_async(run)()

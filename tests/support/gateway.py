@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.support.servers import Postgres, free_port
+from tests.support.servers import Mosquitto, Postgres, free_port
 from tests.support.timing import allowance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +92,24 @@ class GatewayProcess:
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.shutdown_seconds: float | None = None
+
+    def beside(
+        self, command: str, *args: str, env: Mapping[str, str] | None = None
+    ) -> GatewayProcess:
+        """Another process of this deployment (`runserial`, `runmqtt`): the same broker, database,
+        Redis, GATEWAY_ID and secret key (one environment, as deployed); not started."""
+        return GatewayProcess(
+            self.mqtt_url,
+            command=command,
+            args=args,
+            database_url=self.database_url,
+            redis_url=self.env.get("REDIS_URL"),
+            env={
+                "GATEWAY_ID": self.gateway_id,
+                "DJANGO_SECRET_KEY": self.env["DJANGO_SECRET_KEY"],
+                **(env or {}),
+            },
+        )
 
     # --- lifecycle ----------------------------------------------------------------------
     @property
@@ -452,3 +470,12 @@ def run_on_postgres(script: str, timeout: float = 120.0) -> subprocess.Completed
 def _dsn(admin_url: str, database: str) -> str:
     parts = urllib.parse.urlsplit(admin_url)
     return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@contextlib.contextmanager
+def operator_and_viewer(password: str) -> Iterator[tuple[Mosquitto, GatewayProcess]]:
+    """A broker and a gateway with a staff `operator` and a plain `viewer` (both `password`)."""
+    with Mosquitto() as broker, GatewayProcess(broker.url) as gw:
+        gw.create_user("operator", password, staff=True)
+        gw.create_user("viewer", password, staff=False)
+        yield broker, gw

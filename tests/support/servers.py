@@ -19,6 +19,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def nothing_listens(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a connection to host:port is refused at once (no process listens there)."""
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
     """Block until something accepts TCP connections on host:port (used only in fixtures)."""
     deadline = time.monotonic() + timeout
