@@ -125,16 +125,6 @@ API_NO_POST = {
     "devices:command-status",
     "devices:discovery",
 }
-#: GET-only API entries answering Django's HTML CSRF page (403) to a token-less POST instead
-#: of the documented 405 JSON: the CSRF middleware runs before their method check.
-API_NO_POST_BUT_CSRF_PAGE = {
-    "devices:device-list",
-    "devices:device-telemetry",
-    "devices:command-status",
-    "devices:discovery",
-}
-
-
 def test_the_csrf_walk_knows_every_api_entry():
     api = {name for route, name in ROUTES if route.startswith("api/")}
     assert api == API_POSTS | API_NO_POST, "an /api/ entry this walk does not classify"
@@ -158,10 +148,7 @@ def test_a_logged_in_post_without_csrf_token_is_refused_everywhere(route, name):
     response, client = forged_post(route)
     assert not Command.objects.exists()
     assert client.get("/api/devices/").status_code == 200  # still logged in: nothing changed
-    if name in API_NO_POST_BUT_CSRF_PAGE:  # as it is; the documented 405 is the xfail below
-        assert response.status_code == 403, (name, response.status_code)
-        assert b"CSRF verification failed" in response.content, response.content[:200]
-    elif name in API_NO_POST:
+    if name in API_NO_POST:
         assert response.status_code == 405, (name, response.status_code)
         assert response.json()["error"].startswith("method not allowed"), response.content
     elif name in API_POSTS:
@@ -170,21 +157,6 @@ def test_a_logged_in_post_without_csrf_token_is_refused_everywhere(route, name):
     else:
         assert response.status_code == 403, (name, response.status_code)
         assert b"CSRF verification failed" in response.content, response.content[:200]
-
-
-@pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True, reason="§5.1: a GET endpoint answers a POST 405 JSON; devices/ answers 403 HTML"
-)
-@pytest.mark.parametrize(
-    ("route", "name"), [r for r in ROUTES if r[1] in API_NO_POST_BUT_CSRF_PAGE]
-)
-def test_the_devices_get_entries_answer_a_post_405_json(route, name):
-    """The documented answer for the four GET entries of devices/ (the CSRF middleware
-    answers first today); strict, so the fix shows and this goes."""
-    response, _ = forged_post(route)
-    assert response.status_code == 405, (name, response.status_code)
-    assert response.json()["error"].startswith("method not allowed"), response.content
 
 
 @pytest.mark.django_db(transaction=True)
