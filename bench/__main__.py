@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench import scenarios
+from bench import scenarios, throughput
 from bench.harness import Dashboard, Meter, start_gateway
 from bench.peer import run_peer
 from bench.report import Table, machine
@@ -64,14 +64,20 @@ async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Ta
     with Mosquitto() as broker:
         url = broker.url
         if "bare" in parts:
-            for qos in (0, 1):
-                base[f"q{qos}"] = await scenarios.bare(url, sizes.ingest, qos)
+            for qos in (0, 1):  # both protocols: the cost rows are judged against 3.1.1
+                both = await throughput.baselines(url, sizes.ingest, qos=qos)
+                base[f"q{qos}"], base[f"q{qos}-both"] = both["v5"], both
+            base["rich-both"] = await throughput.baselines(
+                url, sizes.ingest, metrics=throughput.RICH
+            )
             rate = 1000.0
             base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
-            if "scaling" in parts:  # each fleet size has its own baseline, same messages
+            if "scaling" in parts:  # each fleet size has its own baselines, same messages
                 for devices in sizes.scale_devices:
                     count = scale_count(sizes, devices)
-                    base[f"scale{devices}"] = await scenarios.bare(url, count, devices=devices)
+                    base[f"scale{devices}"] = await throughput.baselines(
+                        url, count, devices=devices
+                    )
         if "peer" in parts:
             # The QoS 0 in-memory row's workload: as many messages, stored, at the same QoS.
             base["peer"] = await run_peer(url, count=sizes.ingest, cap=sizes.peer_cap, qos=0)
@@ -112,9 +118,15 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
                         count=sizes.ingest, qos=qos,
                     )  # fmt: skip
                     table.ingest("in-memory", qos, result, base.get(f"q{qos}"), 0.6)
+                    throughput.cost_rows(table, f"QoS {qos}", result, base.get(f"q{qos}-both"))
                     if qos == 0:
                         table.peer(result, base.get("peer"))
                         base["native"] = result
+                result = await scenarios.ingest(
+                    gateway, dash, meter, prefix="rich", devices=100, count=sizes.ingest,
+                    metrics=throughput.RICH,
+                )  # fmt: skip
+                throughput.cost_rows(table, "QoS 0", result, base.get("rich-both"))
             if "discovery" in parts:
                 result = await scenarios.discovered_ingest(
                     gateway, dash, meter, devices=100, count=sizes.ingest
@@ -137,7 +149,7 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
                         count=scale_count(sizes, devices),
                     )  # fmt: skip
                 bare = {d: base[f"scale{d}"] for d in sizes.scale_devices if f"scale{d}" in base}
-                table.scaling(results, bare)
+                throughput.scaling_rows(table, results, bare)
                 table.rss(max(sizes.scale_devices), meter.rss_mb(), rss_start)
                 if "tracemalloc" in experiments:  # the gateway writes its allocation sites
                     os.kill(gateway.proc.pid, signal.SIGUSR2)
