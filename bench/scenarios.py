@@ -59,7 +59,12 @@ async def bare(
             raise RuntimeError(f"bare subscriber did not start: {line!r}")
         pub = await run_worker(
             *publish_args(
-                url, prefix="bare", devices=devices, count=count, qos=qos, rate=rate,
+                url,
+                prefix="bare",
+                devices=devices,
+                count=count,
+                qos=qos,
+                rate=rate,
                 metrics=metrics,
             )  # fmt: skip
         )
@@ -107,7 +112,12 @@ async def ingest(
     first_cpu = meter.cpu()
     await run_worker(
         *publish_args(
-            url, prefix=prefix, devices=devices, count=devices, qos=qos, topic=topic,
+            url,
+            prefix=prefix,
+            devices=devices,
+            count=devices,
+            qos=qos,
+            topic=topic,
             metrics=metrics,
         )  # fmt: skip
     )
@@ -127,7 +137,13 @@ async def ingest(
     pub_task = asyncio.create_task(
         run_worker(
             *publish_args(
-                url, prefix=prefix, devices=devices, count=count, qos=qos, seq=1, topic=topic,
+                url,
+                prefix=prefix,
+                devices=devices,
+                count=count,
+                qos=qos,
+                seq=1,
+                topic=topic,
                 metrics=metrics,
             )  # fmt: skip
         )
