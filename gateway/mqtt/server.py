@@ -38,9 +38,9 @@ from gateway.mqtt.routing import find_topic_router
 from gateway.mqtt.status import OFFLINE, ONLINE, StatusTopic
 from gateway.mqtt.tuning import (
     NoTopicCallbacks,
+    fast_publish_decoding,
     inbox_type,
     read_burst,
-    share_property_tables,
 )
 from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
@@ -79,7 +79,7 @@ class MqttServer:
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}")
-        share_property_tables()
+        fast_publish_decoding()
         self.application = application
         self.router = find_topic_router(application)
         self.broker = parse_broker_url(url)
