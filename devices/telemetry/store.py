@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from django.db import connections, router, transaction
@@ -60,6 +61,22 @@ class DeviceUpdate:
 
 def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+def _stamper(adapt: Callable[[datetime], Any]) -> Callable[[float], Any]:
+    """`adapt(_dt(ts))`, computed once per distinct ts of a batch.
+
+    The readings of one message share its ts (15 for a Tasmota STATE), and adapting one
+    (timezone checks, isoformat) cost more than inserting its row (docs/performance.md)."""
+    cache: dict[float, Any] = {}
+
+    def stamp(ts: float) -> Any:
+        value = cache.get(ts)
+        if value is None:
+            value = cache[ts] = adapt(_dt(ts))
+        return value
+
+    return stamp
 
 
 # Columns of the upsert, in order; `name` is '' for new devices. `created` carries the update's
@@ -223,8 +240,8 @@ def write_batch(
     """
     using = router.db_for_write(Reading)
     connection = connections[using]
-    adapt = connection.ops.adapt_datetimefield_value
-    params = [(device_id, metric, adapt(_dt(ts)), value) for device_id, metric, ts, value in rows]
+    stamp = _stamper(connection.ops.adapt_datetimefield_value)
+    params = [(device_id, metric, stamp(ts), value) for device_id, metric, ts, value in rows]
     stored = 0
     with transaction.atomic(using=using):
         if quiet:

@@ -97,8 +97,10 @@ def share_property_tables() -> None:
     tables = (template.types, template.names, template.properties)
 
     def __init__(self: Properties, packetType: int) -> None:
-        self.packetType = packetType
-        self.types, self.names, self.properties = tables
+        # Straight into __dict__: paho's __setattr__ builds a list per call to check a name.
+        self.__dict__.update(
+            packetType=packetType, types=tables[0], names=tables[1], properties=tables[2]
+        )
 
     Properties.__init__ = __init__  # type: ignore[method-assign]
     Properties._gateway_shared_tables = True  # type: ignore[attr-defined]
