@@ -57,7 +57,9 @@ def scale_count(sizes: Sizes, devices: int) -> int:
     return max(sizes.scale_messages, devices * 2)
 
 
-async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Table:
+async def run(
+    sizes: Sizes, parts: set[str], profile: int, experiments=(), profile_metrics: int = 2
+) -> Table:
     """Run the selected parts and fill the table."""
     table = Table()
     base: dict[str, dict[str, float]] = {}
@@ -82,14 +84,18 @@ async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Ta
             # The QoS 0 in-memory row's workload: as many messages, stored, at the same QoS.
             base["peer"] = await run_peer(url, count=sizes.ingest, cap=sizes.peer_cap, qos=0)
         if profile or parts & {"memory", "discovery", "latency", "commands", "idle", "scaling"}:
-            await memory_stack(url, sizes, parts, base, table, profile, experiments)
+            await memory_stack(
+                url, sizes, parts, base, table, profile, experiments, profile_metrics
+            )
         if "redis" in parts:
             with Redis() as redis:
                 await redis_stack(url, redis.url, sizes, base, table, experiments)
     return table
 
 
-async def memory_stack(url, sizes, parts, base, table: Table, profile: int, experiments) -> None:
+async def memory_stack(
+    url, sizes, parts, base, table: Table, profile: int, experiments, profile_metrics: int = 2
+) -> None:
     """The gateway with the in-memory channel layer: every figure but the Redis rows."""
     gateway = await asyncio.to_thread(start_gateway, url, None, experiments)
     try:
@@ -138,7 +144,9 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
             if profile:
                 from bench.profile import profile_ingest
 
-                await profile_ingest(gateway, dash, meter, sizes.ingest * 2, profile)
+                await profile_ingest(
+                    gateway, dash, meter, sizes.ingest * 2, profile, profile_metrics
+                )
             if "scaling" in parts:
                 if "tracemalloc" in experiments:  # trace from here on
                     os.kill(gateway.proc.pid, signal.SIGUSR1)
@@ -212,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
     parser.add_argument("--messages", type=int, help="messages per 100-device ingest run")
     parser.add_argument("--profile-devices", type=int, default=100, metavar="N")
+    parser.add_argument("--profile-metrics", type=int, default=2, metavar="N", help="values/msg")
     parser.add_argument(
         "--scale-devices", type=int, action="append", metavar="N",
         help="device counts of the scaling runs (repeatable; default 100, 1000, 10000)",
@@ -236,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiments in the gateway process: {', '.join(args.experiment)}", flush=True)
     started = time.monotonic()
     profile = args.profile_devices if args.profile else 0  # devices in the profiled run
-    table = asyncio.run(run(sizes, set(PARTS) - set(args.skip), profile, args.experiment))
+    parts = set(PARTS) - set(args.skip)
+    table = asyncio.run(run(sizes, parts, profile, args.experiment, args.profile_metrics))
     print(table.render())
     print(f"({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
     return 0

@@ -393,9 +393,16 @@ class MqttServer:
         rejected = metrics.MESSAGES_REJECTED
         received = metrics.MQTT_MESSAGES_RECEIVED
         status, status_topic = self._status, self.status_topic
+        heard = 0  # messages not yet counted: one increment per burst, not per message
         while True:
-            message = inbox.get_nowait() if inbox.qsize() else await anext(messages)
-            received.inc()
+            if inbox.qsize():
+                message = inbox.get_nowait()
+            else:  # counted before waiting, so before any instance handles the burst
+                if heard:
+                    received.inc(heard)
+                    heard = 0
+                message = await anext(messages)
+            heard += 1
             topic = message.topic.value
             if topic == status_topic:  # the gateway's own status: handled here, not routed
                 status.heard(client, message)  # type: ignore[union-attr]
