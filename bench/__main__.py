@@ -70,7 +70,7 @@ async def run(
                 both = await throughput.baselines(url, sizes.ingest, qos=qos)
                 base[f"q{qos}"], base[f"q{qos}-both"] = both["v5"], both
             base["rich-both"] = await throughput.baselines(
-                url, sizes.ingest, metrics=throughput.RICH
+                url, throughput.rich_count(sizes.ingest), metrics=throughput.RICH
             )
             rate = 1000.0
             base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
@@ -129,8 +129,8 @@ async def memory_stack(
                         table.peer(result, base.get("peer"))
                         base["native"] = result
                 result = await scenarios.ingest(
-                    gateway, dash, meter, prefix="rich", devices=100, count=sizes.ingest,
-                    metrics=throughput.RICH,
+                    gateway, dash, meter, prefix="rich", devices=100,
+                    count=throughput.rich_count(sizes.ingest), metrics=throughput.RICH,
                 )  # fmt: skip
                 throughput.cost_rows(table, "QoS 0", result, base.get("rich-both"))
             if "discovery" in parts:
