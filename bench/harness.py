@@ -64,6 +64,15 @@ class Meter:
         times = self.proc.cpu_times()
         return times.user + times.system
 
+    def main_cpu(self) -> float:
+        """CPU seconds of the main thread alone (the event loop: MQTT, consumers, fan-out);
+        the rest is the database writer and other worker threads."""
+        pid = self.proc.pid
+        for thread in self.proc.threads():
+            if thread.id == pid:
+                return thread.user_time + thread.system_time
+        return 0.0
+
     def rss_mb(self) -> float:
         """Resident set size in MiB."""
         return self.proc.memory_info().rss / (1024 * 1024)

@@ -133,7 +133,7 @@ async def ingest(
     if steady is not None:
         await steady()
     done_dash = dash.expect(dict.fromkeys(ids, 1 + per_device))
-    cpu0, frames0 = meter.cpu(), dash.frames
+    cpu0, main0, frames0 = meter.cpu(), meter.main_cpu(), dash.frames
     pub_task = asyncio.create_task(
         run_worker(
             *publish_args(
@@ -150,13 +150,14 @@ async def ingest(
     )
     t_dash = await asyncio.wait_for(done_dash, limit)
     t_stored = await wait_stored(gateway, base + count * metrics, limit)
-    cpu = meter.cpu() - cpu0
+    cpu, main = meter.cpu() - cpu0, meter.main_cpu() - main0
     pub = await pub_task
     seconds = max(t_stored, t_dash) - pub["start"]
     return {
         "rate": count / seconds,
         "values_rate": count * metrics / seconds,
         "cpu_us": 1e6 * cpu / count,
+        "loop_us": 1e6 * main / count,  # the event-loop thread's share of cpu_us
         "messages": count,
         "metrics": metrics,
         "first_contact_us": 1e6 * first_contact / devices,

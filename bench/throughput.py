@@ -57,7 +57,8 @@ def cost_rows(table: Table, title: str, res: Figures, base: dict[str, Figures] |
     cpu = res["cpu_us"] / v311["cpu_us"]
     table.add(
         f"CPU per message, {label}",
-        f"{res['cpu_us']:.0f} µs",
+        f"{res['cpu_us']:.0f} µs ({res['loop_us']:.0f} event loop, "
+        f"{res['cpu_us'] - res['loop_us']:.0f} writer + other threads)",
         _both(base, "cpu_us", "{:.0f} µs"),
         f"{cpu:.2f}× 3.1.1" + (f" ({res['cpu_us'] / v5['cpu_us']:.2f}× v5)" if v5 else ""),
         f"≤ {CPU_GOAL}× bare 3.1.1",
@@ -91,7 +92,7 @@ def scaling_rows(
             ratio = f"{cpu / first:.2f}× the {sizes[0]:,}-device cost; {ratio}"
         table.add(
             f"CPU per message, {devices:,} devices",
-            f"{cpu:.0f} µs ({res['rate']:,.0f} msg/s; "
+            f"{cpu:.0f} µs ({res['loop_us']:.0f} event loop; {res['rate']:,.0f} msg/s; "
             f"{res.get('frames_per_message', 0):.2f} dashboard frames/msg; "
             f"first contact {res['first_contact_us'] / 1000:.1f} ms/device)",
             f"{_both(own, 'cpu_us', '{:.0f} µs')} at {devices:,} devices" if own else "n/a",
