@@ -38,6 +38,7 @@ from gateway.mqtt.routing import find_topic_router
 from gateway.mqtt.status import OFFLINE, ONLINE, StatusTopic
 from gateway.mqtt.tuning import (
     NoTopicCallbacks,
+    SocketReader,
     fast_publish_decoding,
     inbox_type,
     read_burst,
@@ -264,9 +265,20 @@ class MqttServer:
             on_connect(c, userdata, flags, rc, props)
 
         paho.on_connect = record_connack
+
         # aiomqtt calls paho's loop_read() once per "socket readable" event, and paho reads one
         # packet per call, so each message cost a whole event-loop turn (and its own fan-out).
-        paho.loop_read = functools.partial(read_burst, paho, self._pool)
+        # paho reads each packet with three recv calls; one large read serves many packets.
+        def resume() -> None:  # as aiomqtt's socket-readable callback does
+            try:
+                paho.loop_read()
+            except Exception as exc:
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        reader = SocketReader(paho._sock_recv, resume, asyncio.get_running_loop())
+        paho._sock_recv = reader
+        paho.loop_read = functools.partial(read_burst, paho, self._pool, reader)
         paho._on_message_filtered = NoTopicCallbacks()
         return client, holder
 

@@ -49,13 +49,70 @@ def inbox_type(limit: int, holder: list[asyncio.Queue[Any]]) -> type[asyncio.Que
     return Inbox
 
 
-def read_burst(paho: Any, pool: InstancePool, max_packets: int = 1) -> Any:
+# Bytes one socket read asks the kernel for (`SocketReader`).
+READ_CHUNK = 65536
+
+
+class SocketReader:
+    """paho's `_sock_recv`, reading the socket `READ_CHUNK` bytes at a time.
+
+    paho reads a packet with three `recv` calls (its type byte, its length byte by byte, the
+    rest): three system calls per message, 12 % of the event loop's time under load
+    (docs/performance.md, issue 18). This hands paho the same bytes from one large read.
+    Bytes held here do not make the socket readable, so `read_burst` schedules `resume`
+    (the server's read callback) for the next loop turn while any are left.
+    """
+
+    __slots__ = ("recv", "data", "pos", "resume", "scheduled", "loop")
+
+    def __init__(self, recv: Any, resume: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.recv = recv  # paho's own `_sock_recv`: its errors (TLS, closed socket) as paho's
+        self.resume = resume
+        self.loop = loop
+        self.data = b""
+        self.pos = 0
+        self.scheduled = False
+
+    def __call__(self, bufsize: int) -> bytes:
+        data, pos = self.data, self.pos
+        if pos >= len(data):
+            data = self.recv(READ_CHUNK)
+            if len(data) <= bufsize:  # all of it wanted (b"": the connection closed)
+                return data
+            pos = 0
+        end = pos + bufsize
+        if end >= len(data):
+            self.data, self.pos = b"", 0
+        else:
+            self.data, self.pos = data, end
+        return data[pos:end]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet handed to paho."""
+        return len(self.data) - self.pos
+
+    def resume_later(self) -> None:
+        """Read the held bytes on the next loop turn (once, however often asked)."""
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self.scheduled = False
+        self.resume()
+
+
+def read_burst(
+    paho: Any, pool: InstancePool, reader: SocketReader | None = None, max_packets: int = 1
+) -> Any:
     """paho's loop_read, reading up to READ_BURST packets while the socket has data.
 
     Profiled (docs/performance.md): one packet per loop turn made every message pay a loop
     turn, a group_send and a WebSocket frame; a burst lets the pipeline batch them. While an
     instance's queue is past its high-water mark, one packet per turn as paho does, so busy
-    instances catch up instead of overflowing (QoS 0 drops).
+    instances catch up instead of overflowing (QoS 0 drops). Packets `reader` holds past the
+    burst are read on the next turn.
     """
     for _ in range(1 if pool.pressured else READ_BURST):
         if paho._sock is None:
@@ -65,6 +122,8 @@ def read_burst(paho: Any, pool: InstancePool, max_packets: int = 1) -> Any:
             return paho._loop_rc_handle(rc)
         if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
             break
+    if reader is not None and reader.buffered:
+        reader.resume_later()
     return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
