@@ -89,7 +89,9 @@ def scaling_rows(
         own = base.get(devices) or {}
         ratio = f"{cpu / own['v311']['cpu_us']:.2f}× its 3.1.1" if "v311" in own else ""
         if last:
-            ratio = f"{cpu / first:.2f}× the {sizes[0]:,}-device cost; {ratio}"
+            ratio = "; ".join(
+                filter(None, (f"{cpu / first:.2f}× the {sizes[0]:,}-device cost", ratio))
+            )
         table.add(
             f"CPU per message, {devices:,} devices",
             f"{cpu:.0f} µs ({res['loop_us']:.0f} event loop; {res['rate']:,.0f} msg/s; "
