@@ -79,7 +79,6 @@ async def bare(
         "rate": count / seconds,
         "values_rate": count * metrics / seconds,
         "cpu_us": 1e6 * result["cpu"] / count,
-        "protocol": protocol,
         "p50": result["p50"],
         "p99": result["p99"],
         "max": result["max"],
