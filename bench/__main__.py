@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench import scenarios
+from bench import scenarios, throughput
 from bench.harness import Dashboard, Meter, start_gateway
 from bench.peer import run_peer
 from bench.report import Table, machine
@@ -57,33 +57,45 @@ def scale_count(sizes: Sizes, devices: int) -> int:
     return max(sizes.scale_messages, devices * 2)
 
 
-async def run(sizes: Sizes, parts: set[str], profile: int, experiments=()) -> Table:
+async def run(
+    sizes: Sizes, parts: set[str], profile: int, experiments=(), profile_metrics: int = 2
+) -> Table:
     """Run the selected parts and fill the table."""
     table = Table()
     base: dict[str, dict[str, float]] = {}
     with Mosquitto() as broker:
         url = broker.url
         if "bare" in parts:
-            for qos in (0, 1):
-                base[f"q{qos}"] = await scenarios.bare(url, sizes.ingest, qos)
+            for qos in (0, 1):  # both protocols: the cost rows are judged against 3.1.1
+                both = await throughput.baselines(url, sizes.ingest, qos=qos)
+                base[f"q{qos}"], base[f"q{qos}-both"] = both["v5"], both
+            base["rich-both"] = await throughput.baselines(
+                url, throughput.rich_count(sizes.ingest), metrics=throughput.RICH
+            )
             rate = 1000.0
             base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
-            if "scaling" in parts:  # each fleet size has its own baseline, same messages
+            if "scaling" in parts:  # each fleet size has its own baselines, same messages
                 for devices in sizes.scale_devices:
                     count = scale_count(sizes, devices)
-                    base[f"scale{devices}"] = await scenarios.bare(url, count, devices=devices)
+                    base[f"scale{devices}"] = await throughput.baselines(
+                        url, count, devices=devices
+                    )
         if "peer" in parts:
             # The QoS 0 in-memory row's workload: as many messages, stored, at the same QoS.
             base["peer"] = await run_peer(url, count=sizes.ingest, cap=sizes.peer_cap, qos=0)
         if profile or parts & {"memory", "discovery", "latency", "commands", "idle", "scaling"}:
-            await memory_stack(url, sizes, parts, base, table, profile, experiments)
+            await memory_stack(
+                url, sizes, parts, base, table, profile, experiments, profile_metrics
+            )
         if "redis" in parts:
             with Redis() as redis:
                 await redis_stack(url, redis.url, sizes, base, table, experiments)
     return table
 
 
-async def memory_stack(url, sizes, parts, base, table: Table, profile: int, experiments) -> None:
+async def memory_stack(
+    url, sizes, parts, base, table: Table, profile: int, experiments, profile_metrics: int = 2
+) -> None:
     """The gateway with the in-memory channel layer: every figure but the Redis rows."""
     gateway = await asyncio.to_thread(start_gateway, url, None, experiments)
     try:
@@ -112,9 +124,15 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
                         count=sizes.ingest, qos=qos,
                     )  # fmt: skip
                     table.ingest("in-memory", qos, result, base.get(f"q{qos}"), 0.6)
+                    throughput.cost_rows(table, f"QoS {qos}", result, base.get(f"q{qos}-both"))
                     if qos == 0:
                         table.peer(result, base.get("peer"))
                         base["native"] = result
+                result = await scenarios.ingest(
+                    gateway, dash, meter, prefix="rich", devices=100,
+                    count=throughput.rich_count(sizes.ingest), metrics=throughput.RICH,
+                )  # fmt: skip
+                throughput.cost_rows(table, "QoS 0", result, base.get("rich-both"))
             if "discovery" in parts:
                 result = await scenarios.discovered_ingest(
                     gateway, dash, meter, devices=100, count=sizes.ingest
@@ -126,7 +144,9 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
             if profile:
                 from bench.profile import profile_ingest
 
-                await profile_ingest(gateway, dash, meter, sizes.ingest * 2, profile)
+                await profile_ingest(
+                    gateway, dash, meter, sizes.ingest * 2, profile, profile_metrics
+                )
             if "scaling" in parts:
                 if "tracemalloc" in experiments:  # trace from here on
                     os.kill(gateway.proc.pid, signal.SIGUSR1)
@@ -137,7 +157,7 @@ async def memory_stack(url, sizes, parts, base, table: Table, profile: int, expe
                         count=scale_count(sizes, devices),
                     )  # fmt: skip
                 bare = {d: base[f"scale{d}"] for d in sizes.scale_devices if f"scale{d}" in base}
-                table.scaling(results, bare)
+                throughput.scaling_rows(table, results, bare)
                 table.rss(max(sizes.scale_devices), meter.rss_mb(), rss_start)
                 if "tracemalloc" in experiments:  # the gateway writes its allocation sites
                     os.kill(gateway.proc.pid, signal.SIGUSR2)
@@ -204,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
     parser.add_argument("--messages", type=int, help="messages per 100-device ingest run")
     parser.add_argument("--profile-devices", type=int, default=100, metavar="N")
+    parser.add_argument("--profile-metrics", type=int, default=2, metavar="N", help="values/msg")
     parser.add_argument(
         "--scale-devices", type=int, action="append", metavar="N",
         help="device counts of the scaling runs (repeatable; default 100, 1000, 10000)",
@@ -228,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiments in the gateway process: {', '.join(args.experiment)}", flush=True)
     started = time.monotonic()
     profile = args.profile_devices if args.profile else 0  # devices in the profiled run
-    table = asyncio.run(run(sizes, set(PARTS) - set(args.skip), profile, args.experiment))
+    parts = set(PARTS) - set(args.skip)
+    table = asyncio.run(run(sizes, parts, profile, args.experiment, args.profile_metrics))
     print(table.render())
     print(f"({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
     return 0

@@ -40,14 +40,16 @@ async def run_worker(*args: str, limit: float = 300.0) -> dict[str, Any]:
 
 def publish_args(
     url: str, *, prefix: str, devices: int, count: int, qos: int = 0, rate: float = 0.0,
-    seq: int = 0, topic: str | None = None, times: bool = False,
+    seq: int = 0, topic: str | None = None, times: bool = False, metrics: int = 2,
 ) -> list[str]:  # fmt: skip
-    """The command line of one `bench.workers publish` run (`topic`: a format with {id})."""
+    """The command line of one `bench.workers publish` run (`topic`: a format with {id};
+    `metrics`: values per message)."""
     return [
         "publish", "--url", url, "--prefix", prefix, "--devices", str(devices),
         "--count", str(count), "--qos", str(qos), "--rate", str(rate), "--first-seq", str(seq),
         *(["--topic", topic] if topic else []),
         *(["--times"] if times else []),
+        *(["--metrics", str(metrics)] if metrics != 2 else []),
     ]  # fmt: skip
 
 
@@ -61,6 +63,15 @@ class Meter:
         """Total CPU seconds used so far."""
         times = self.proc.cpu_times()
         return times.user + times.system
+
+    def main_cpu(self) -> float:
+        """CPU seconds of the main thread alone (the event loop: MQTT, consumers, fan-out);
+        the rest is the database writer and other worker threads."""
+        pid = self.proc.pid
+        for thread in self.proc.threads():
+            if thread.id == pid:
+                return thread.user_time + thread.system_time
+        return 0.0
 
     def rss_mb(self) -> float:
         """Resident set size in MiB."""

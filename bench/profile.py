@@ -63,9 +63,11 @@ def summarise(raw: str, top: int = 15) -> str:
 
 
 async def profile_ingest(
-    gateway: GatewayProcess, dash: Dashboard, meter: Meter, count: int, devices: int = 100
-) -> str:
-    """py-spy the gateway while `count` QoS 0 messages from `devices` devices go through."""
+    gateway: GatewayProcess, dash: Dashboard, meter: Meter, count: int, devices: int = 100,
+    metrics: int = 2,
+) -> str:  # fmt: skip
+    """py-spy the gateway while `count` QoS 0 messages (`metrics` values each) from `devices`
+    devices go through."""
     spy = ensure_venv() / "py-spy"
     out_dir = ROOT / "bench" / "profiles"
     out_dir.mkdir(exist_ok=True)
@@ -85,8 +87,8 @@ async def profile_ingest(
 
     try:
         result = await scenarios.ingest(
-            gateway, dash, meter, prefix=f"prof{devices}", devices=devices, count=count,
-            steady=start_spy,
+            gateway, dash, meter, prefix=f"prof{devices}m{metrics}", devices=devices,
+            count=count, steady=start_spy, metrics=metrics,
         )  # fmt: skip
     finally:
         for proc in spies:
@@ -94,7 +96,8 @@ async def profile_ingest(
             await asyncio.wait_for(proc.wait(), 30)
     summary = summarise(out.read_text()) if out.exists() else "py-spy wrote nothing"
     text = (
-        f"profile of one QoS 0 ingest ({result['messages']:,} msgs from {devices:,} devices, "
+        f"profile of one QoS 0 ingest ({result['messages']:,} msgs of {metrics} values from "
+        f"{devices:,} devices, "
         f"{result['rate']:,.0f} msg/s,"
         f" {result['cpu_us']:.0f} µs/msg under py-spy), raw stacks in {out}\n{summary}"
     )

@@ -112,27 +112,6 @@ class Table:
             None,
         )
 
-    def scaling(self, results: dict[int, Figures], bare: dict[int, Figures]) -> None:
-        """CPU per message at each fleet size, each against bare aiomqtt at that size; the
-        largest against the smallest."""
-        sizes = sorted(results)
-        first = results[sizes[0]]["cpu_us"]
-        for devices in sizes:
-            cpu = results[devices]["cpu_us"]
-            last = devices == sizes[-1] and len(sizes) > 1
-            self.add(
-                f"CPU per message, {devices:,} devices",
-                f"{cpu:.0f} µs ({_rate(results[devices]['rate'])}; "
-                f"{results[devices].get('frames_per_message', 0):.2f} dashboard frames/msg; "
-                f"first contact {results[devices]['first_contact_us'] / 1000:.1f} ms/device)",
-                f"bare aiomqtt {bare[devices]['cpu_us']:.0f} µs at {devices:,} devices"
-                if devices in bare
-                else "n/a",
-                f"{cpu / first:.2f}× the {sizes[0]}-device cost" if last else "",
-                f"≤ 1.3× at {sizes[-1]:,}" if last else "",
-                cpu / first <= 1.3 if last else None,
-            )
-
     def rss(self, devices: int, rss: float, start: float) -> None:
         """Resident memory once `devices` devices are known."""
         self.add(

@@ -43,13 +43,14 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- the limit: a bare aiomqtt subscriber ----------------------------------------------------
 async def bare(
-    url: str, count: int, qos: int = 0, rate: float = 0.0, devices: int = 100
-) -> dict[str, float]:
-    """A bare aiomqtt subscriber parsing `count` messages from `devices` devices: rate, CPU,
-    latency (each message is one reading, so one sample each)."""
+    url: str, count: int, qos: int = 0, rate: float = 0.0, devices: int = 100,
+    protocol: str = "v5", metrics: int = 2,
+) -> dict[str, float]:  # fmt: skip
+    """A bare aiomqtt subscriber (MQTT `protocol` "v5" or "v311") parsing `count` messages of
+    `metrics` values from `devices` devices: rate, CPU, latency (one sample per message)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.workers", "bare", "--url", url, "--count", str(count),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        "--protocol", protocol, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
     try:
@@ -57,7 +58,15 @@ async def bare(
         if line.strip() != b"ready":
             raise RuntimeError(f"bare subscriber did not start: {line!r}")
         pub = await run_worker(
-            *publish_args(url, prefix="bare", devices=devices, count=count, qos=qos, rate=rate)
+            *publish_args(
+                url,
+                prefix="bare",
+                devices=devices,
+                count=count,
+                qos=qos,
+                rate=rate,
+                metrics=metrics,
+            )  # fmt: skip
         )
         out = await asyncio.wait_for(proc.stdout.read(), 120)
         result = orjson.loads(out.decode().strip().splitlines()[-1])
@@ -65,8 +74,10 @@ async def bare(
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+    seconds = result["done"] - pub["start"]
     return {
-        "rate": count / (result["done"] - pub["start"]),
+        "rate": count / seconds,
+        "values_rate": count * metrics / seconds,
         "cpu_us": 1e6 * result["cpu"] / count,
         "p50": result["p50"],
         "p99": result["p99"],
@@ -87,8 +98,10 @@ async def ingest(
     limit: float = 300.0,
     steady: Callable[[], Awaitable[Any]] | None = None,
     topic: str | None = None,
+    metrics: int = VALUES_PER_MESSAGE,
 ) -> dict[str, float]:
-    """After one warm-up message per device, `count` more until stored and on the dashboard.
+    """After one warm-up message per device, `count` more (`metrics` values each) until
+    stored and on the dashboard.
 
     `steady` is awaited after first contact has settled, right before the measured messages
     (the profiler starts there, so a profile shows the steady cost, not first contact)."""
@@ -97,10 +110,18 @@ async def ingest(
     stored = await asyncio.to_thread(stored_rows, gateway)
     first_cpu = meter.cpu()
     await run_worker(
-        *publish_args(url, prefix=prefix, devices=devices, count=devices, qos=qos, topic=topic)
+        *publish_args(
+            url,
+            prefix=prefix,
+            devices=devices,
+            count=devices,
+            qos=qos,
+            topic=topic,
+            metrics=metrics,
+        )  # fmt: skip
     )
     await asyncio.wait_for(dash.expect(dict.fromkeys(ids, 1)), limit)
-    await wait_stored(gateway, stored + devices * VALUES_PER_MESSAGE, limit)
+    await wait_stored(gateway, stored + devices * metrics, limit)
     # First contact may leave work behind (instance start-up, per-device queries): let it
     # finish, so the figure below is the steady per-message cost; first contact is its own.
     await settle(meter, limit)
@@ -111,22 +132,33 @@ async def ingest(
     if steady is not None:
         await steady()
     done_dash = dash.expect(dict.fromkeys(ids, 1 + per_device))
-    cpu0, frames0 = meter.cpu(), dash.frames
+    cpu0, main0, frames0 = meter.cpu(), meter.main_cpu(), dash.frames
     pub_task = asyncio.create_task(
         run_worker(
             *publish_args(
-                url, prefix=prefix, devices=devices, count=count, qos=qos, seq=1, topic=topic
-            )
+                url,
+                prefix=prefix,
+                devices=devices,
+                count=count,
+                qos=qos,
+                seq=1,
+                topic=topic,
+                metrics=metrics,
+            )  # fmt: skip
         )
     )
     t_dash = await asyncio.wait_for(done_dash, limit)
-    t_stored = await wait_stored(gateway, base + count * VALUES_PER_MESSAGE, limit)
-    cpu = meter.cpu() - cpu0
+    t_stored = await wait_stored(gateway, base + count * metrics, limit)
+    cpu, main = meter.cpu() - cpu0, meter.main_cpu() - main0
     pub = await pub_task
+    seconds = max(t_stored, t_dash) - pub["start"]
     return {
-        "rate": count / (max(t_stored, t_dash) - pub["start"]),
+        "rate": count / seconds,
+        "values_rate": count * metrics / seconds,
         "cpu_us": 1e6 * cpu / count,
+        "loop_us": 1e6 * main / count,  # the event-loop thread's share of cpu_us
         "messages": count,
+        "metrics": metrics,
         "first_contact_us": 1e6 * first_contact / devices,
         "frames_per_message": (dash.frames - frames0) / count,
     }

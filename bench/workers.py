@@ -23,12 +23,25 @@ def device_id(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}"
 
 
-def payload(seq: int, ts: float) -> bytes:
-    """One telemetry message: two metrics (``n`` = per-device sequence) and the send time."""
-    return orjson.dumps({"n": seq, "temperature": 21.5, "ts": ts})
+# Metrics a message carries beyond ``n`` and ``temperature`` with ``--metrics`` > 2: the
+# readings of a Tasmota-like sensor STATE (up to 18 more, so 20 values per message at most).
+EXTRA_METRICS = (
+    ("humidity", 48.2), ("pressure", 1013.25), ("voltage", 229.8), ("current", 0.412),
+    ("power", 87.0), ("apparent_power", 94.7), ("reactive_power", 37.4), ("factor", 0.92),
+    ("energy_today", 1.284), ("energy_total", 413.92), ("rssi", -61), ("illuminance", 312),
+    ("co2", 641), ("pm25", 7.5), ("battery", 97), ("uptime", 86_400), ("dewpoint", 10.1),
+    ("heap", 24),
+)  # fmt: skip
 
 
-VALUES_PER_MESSAGE = 2  # metrics stored per `payload()` (n, temperature)
+def payload(seq: int, ts: float, metrics: int = 2) -> bytes:
+    """One telemetry message: `metrics` metrics (``n`` = per-device sequence, ``temperature``,
+    then `EXTRA_METRICS`) and the send time."""
+    body = {"n": seq, "temperature": 21.5, **dict(EXTRA_METRICS[: metrics - 2]), "ts": ts}
+    return orjson.dumps(body)
+
+
+VALUES_PER_MESSAGE = 2  # metrics stored per `payload()` by default (n, temperature)
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -60,7 +73,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
         ts = time.time()
         if args.times:
             sent_at.append(ts)
-        info = client.publish(topics[i], payload(seqs[i], ts), qos=args.qos)
+        info = client.publish(topics[i], payload(seqs[i], ts, args.metrics), qos=args.qos)
         if per_tick and (k + 1) % per_tick == 0:
             next_at += tick
             delay = next_at - time.monotonic()
@@ -78,12 +91,16 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def bare(args: argparse.Namespace) -> dict[str, float]:
-    """Subscribe like the gateway does, parse every payload, stop after `count` messages."""
+    """Subscribe like the gateway does, parse every payload, stop after `count` messages.
+
+    ``--protocol v5`` pays paho's MQTT v5 property parsing on every PUBLISH, as the gateway's
+    v5 connection would without its fast path (gateway/mqtt/tuning.py); ``v311`` does not."""
     import aiomqtt
 
     host, port = _host_port(args.url)
     latencies: list[float] = []
-    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+    protocol = aiomqtt.ProtocolVersion.V5 if args.protocol == "v5" else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(host, port, protocol=protocol) as client:
         await client.subscribe("devices/+/telemetry", qos=1)
         print("ready", flush=True)
         cpu0 = time.process_time()
@@ -127,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--first-seq", type=int, default=0)
     pub.add_argument("--topic", default="devices/{id}/telemetry", help="{id}: the device id")
     pub.add_argument("--times", action="store_true", help="report every message's send time")
+    pub.add_argument("--metrics", type=int, default=2, choices=range(2, 21), metavar="2..20")
     sub_bare = sub.add_parser("bare")
     sub_bare.add_argument("--url", required=True)
     sub_bare.add_argument("--count", type=int, required=True)
+    sub_bare.add_argument("--protocol", choices=("v5", "v311"), default="v5")
     args = parser.parse_args(argv)
     result = publish(args) if args.cmd == "publish" else asyncio.run(bare(args))
     print(json.dumps(result), flush=True)

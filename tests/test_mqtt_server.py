@@ -556,3 +556,16 @@ async def test_instance_limit_retires_the_least_recently_active(mosquitto):
         assert metric("gateway_mqtt_instances_evicted_total") == evicted + 1
         await pub.publish("devices/e1/telemetry", b"still here", qos=1)
         assert (await next_record("message"))[0] == "e1"
+
+
+async def test_packets_read_ahead_of_a_burst_are_all_delivered(mosquitto):
+    """Many small messages arrive in few socket reads; the ones read past a burst
+    (gateway/mqtt/tuning.py READ_BURST) are delivered without waiting for more data."""
+    async with running(make_server(mosquitto)), client(mosquitto) as pub:
+        await pub.publish("devices/many/telemetry", b"first", qos=1)
+        await next_record("message")
+        await asyncio.gather(
+            *(pub.publish("devices/many/telemetry", str(i).encode(), qos=0) for i in range(500))
+        )  # then nothing more arrives: the tail must not wait for another socket event
+        received = [(await next_record("message"))[3]["payload"] for _ in range(500)]
+    assert received == [str(i).encode() for i in range(500)]

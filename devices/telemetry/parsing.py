@@ -17,6 +17,7 @@ Decisions (documented for operators in the module and the report):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -94,9 +95,15 @@ def valid_device_id(value: object) -> bool:
 
 def valid_metric_name(name: object) -> bool:
     """True when `name` is a usable metric name: 1-200 characters, no control characters."""
-    return (
-        isinstance(name, str) and 0 < len(name) <= MAX_METRIC_NAME and _CONTROL.search(name) is None
-    )
+    return isinstance(name, str) and _clean_name(name)
+
+
+@functools.lru_cache(maxsize=8192)
+def _clean_name(name: str) -> bool:
+    # Cached: every message of a device repeats its names, and the regex scan of each was
+    # ~4 % of the event loop at 15 values per message (docs/performance.md, issue 18);
+    # bounded, so a publisher inventing names only churns it.
+    return 0 < len(name) <= MAX_METRIC_NAME and _CONTROL.search(name) is None
 
 
 def _loads(payload: bytes) -> Any:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from django.db import connections, router, transaction
@@ -60,6 +61,23 @@ class DeviceUpdate:
 
 def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+def _stamper(adapt: Callable[[datetime], Any]) -> Callable[[float], Any]:
+    """`adapt(_dt(ts))`, computed once per distinct ts of a batch.
+
+    The readings of one message share its ts (15 for a Tasmota STATE); adapting each
+    (timezone checks, isoformat) was 13 % of the writer thread at 15 values per message
+    (docs/performance.md)."""
+    cache: dict[float, Any] = {}
+
+    def stamp(ts: float) -> Any:
+        value = cache.get(ts)
+        if value is None:
+            value = cache[ts] = adapt(_dt(ts))
+        return value
+
+    return stamp
 
 
 # Columns of the upsert, in order; `name` is '' for new devices. `created` carries the update's
@@ -201,12 +219,26 @@ def _insert_readings_sql(quote) -> str:
 
 def _ensure_devices(device_ids: set[str], updates: Mapping[str, DeviceUpdate], using: str) -> None:
     """Create devices that have rows in this batch but no update (their update went earlier
-    and the device was deleted since), so a foreign key never fails a whole batch."""
+    and the device was deleted since), so a foreign key never fails a whole batch.
+
+    Such devices nearly always exist: with a backlog, the first batch takes every pending
+    update and the next ones carry rows only (up to a device per message at 10,000 devices).
+    So they are looked up, one query per chunk, and only the deleted ones created: building a
+    model instance per device for `bulk_create` was 37 % of the writer thread at 10,000
+    devices (docs/performance.md, issue 18).
+    """
     missing = device_ids.difference(updates)
-    if missing:
-        Device.objects.using(using).bulk_create(
-            [Device(id=device_id) for device_id in sorted(missing)], ignore_conflicts=True
+    if not missing:
+        return
+    devices = Device.objects.using(using)
+    ids = sorted(missing)
+    chunk = connections[using].features.max_query_params or 5000
+    for start in range(0, len(ids), chunk):
+        missing.difference_update(
+            devices.filter(id__in=ids[start : start + chunk]).values_list("id", flat=True)
         )
+    if missing:
+        devices.bulk_create([Device(id=d) for d in sorted(missing)], ignore_conflicts=True)
 
 
 def write_batch(
@@ -223,8 +255,8 @@ def write_batch(
     """
     using = router.db_for_write(Reading)
     connection = connections[using]
-    adapt = connection.ops.adapt_datetimefield_value
-    params = [(device_id, metric, adapt(_dt(ts)), value) for device_id, metric, ts, value in rows]
+    stamp = _stamper(connection.ops.adapt_datetimefield_value)
+    params = [(device_id, metric, stamp(ts), value) for device_id, metric, ts, value in rows]
     stored = 0
     with transaction.atomic(using=using):
         if quiet:

@@ -38,9 +38,10 @@ from gateway.mqtt.routing import find_topic_router
 from gateway.mqtt.status import OFFLINE, ONLINE, StatusTopic
 from gateway.mqtt.tuning import (
     NoTopicCallbacks,
+    SocketReader,
+    fast_publish_decoding,
     inbox_type,
     read_burst,
-    share_property_tables,
 )
 from gateway.mqtt.url import SOCKET_OPTIONS, parse_broker_url
 
@@ -79,7 +80,7 @@ class MqttServer:
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}")
-        share_property_tables()
+        fast_publish_decoding()
         self.application = application
         self.router = find_topic_router(application)
         self.broker = parse_broker_url(url)
@@ -264,9 +265,20 @@ class MqttServer:
             on_connect(c, userdata, flags, rc, props)
 
         paho.on_connect = record_connack
+
         # aiomqtt calls paho's loop_read() once per "socket readable" event, and paho reads one
         # packet per call, so each message cost a whole event-loop turn (and its own fan-out).
-        paho.loop_read = functools.partial(read_burst, paho, self._pool)
+        # paho reads each packet with three recv calls; one large read serves many packets.
+        def resume() -> None:  # as aiomqtt's socket-readable callback does
+            try:
+                paho.loop_read()
+            except Exception as exc:
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        reader = SocketReader(paho._sock_recv, resume, asyncio.get_running_loop())
+        paho._sock_recv = reader
+        paho.loop_read = functools.partial(read_burst, paho, self._pool, reader)
         paho._on_message_filtered = NoTopicCallbacks()
         return client, holder
 
@@ -393,9 +405,16 @@ class MqttServer:
         rejected = metrics.MESSAGES_REJECTED
         received = metrics.MQTT_MESSAGES_RECEIVED
         status, status_topic = self._status, self.status_topic
+        heard = 0  # messages not yet counted: one increment per burst, not per message
         while True:
-            message = inbox.get_nowait() if inbox.qsize() else await anext(messages)
-            received.inc()
+            if inbox.qsize():
+                message = inbox.get_nowait()
+            else:  # counted before waiting, so before any instance handles the burst
+                if heard:
+                    received.inc(heard)
+                    heard = 0
+                message = await anext(messages)
+            heard += 1
             topic = message.topic.value
             if topic == status_topic:  # the gateway's own status: handled here, not routed
                 status.heard(client, message)  # type: ignore[union-attr]
