@@ -28,7 +28,8 @@ from tests.support.servers import Mosquitto, Redis
 # Patches of the gateway process, in bench/experiments/sitecustomize.py.
 EXPERIMENTS = (
     "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
-    "device-rows-per-second", "tracemalloc",
+    "device-rows-per-second", "tracemalloc", "stall-trace",
+    "switch-interval",
 )  # fmt: skip
 PARTS = (
     "bare", "peer", "memory", "discovery", "redis", "latency", "commands", "idle", "scaling",
@@ -195,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.modbus import main as modbus_main
 
         return modbus_main(argv[1:])
+    if argv[:1] == ["latency"]:  # latency rows alone (bench/latency.py)
+        from bench.latency import main as latency_main
+
+        return latency_main(argv[1:])
     if argv[:1] == ["soak"]:  # long steady load with broker and Redis restarts (bench/soak.py)
         from bench.soak import main as soak_main
 

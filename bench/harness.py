@@ -196,9 +196,12 @@ async def wait_stored(gateway: GatewayProcess, target: int, limit: float) -> flo
 
 
 def start_gateway(
-    mqtt_url: str, redis_url: str | None = None, experiments: Sequence[str] = ()
+    mqtt_url: str,
+    redis_url: str | None = None,
+    experiments: Sequence[str] = (),
+    database_url: str | None = None,
 ) -> GatewayProcess:
-    """A started `rungateway` with its own SQLite DB, WARNING logs, no command rate limit and
+    """A started `rungateway` with its own SQLite DB (or `database_url`), WARNING logs, no command rate limit and
     no admission rate (a fleet of 10,000 new devices arrives at once); `experiments` are
     bench/experiments/sitecustomize.py patches applied inside it."""
     env = {
@@ -211,6 +214,8 @@ def start_gateway(
         env["BENCH_EXPERIMENTS"] = ",".join(experiments)
     if "no-ha-discovery" in experiments:
         env["HA_DISCOVERY"] = "0"
-    gateway = GatewayProcess(mqtt_url, redis_url=redis_url, env=env, log_level="WARNING")
+    gateway = GatewayProcess(
+        mqtt_url, redis_url=redis_url, database_url=database_url, env=env, log_level="WARNING"
+    )
     gateway.__enter__()
     return gateway

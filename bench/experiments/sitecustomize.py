@@ -23,6 +23,12 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   scaling runs; tracing from start-up makes Django's start too slow); on SIGUSR2 the gateway
   writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``), with the time
   spent in each garbage-collector generation since SIGUSR1.
+- ``stall-trace``: every event-loop callback that runs over 2 ms, with its wall and thread CPU
+  time (wall ≫ CPU: the thread waited, for the GIL or a core) and the garbage collections that
+  ran inside it, written on exit to ``bench/profiles/stalls-<pid>.txt``: where the loop lag
+  (``gateway_event_loop_lag_seconds``) comes from.
+- ``switch-interval``: ``sys.setswitchinterval(0.0005)`` (Python's default is 5 ms): a thread
+  waiting for the GIL asks the holder to drop it after 0.5 ms instead of 5.
 (``fast-properties``, sharing paho's Properties tables, was one; it is now in
 ``gateway/mqtt/server.py``.)
 """
@@ -159,6 +165,50 @@ def _device_rows_per_second() -> None:
     _after_import("devices.telemetry.store", patch)
 
 
+def _stall_trace() -> None:
+    import asyncio.events
+    import atexit
+    import gc
+    from pathlib import Path
+
+    slow: list[tuple[float, float, float, str, list[tuple[int, float]]]] = []
+    collections: list[tuple[int, float]] = []  # (generation, seconds) during the callback
+    gc_start = [0.0]
+
+    def gc_timer(phase, info) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            collections.append((info["generation"], time.perf_counter() - gc_start[0]))
+
+    gc.callbacks.append(gc_timer)
+    run = asyncio.events.Handle._run
+
+    def _run(self) -> None:
+        collections.clear()
+        wall, cpu = time.perf_counter(), time.thread_time()
+        run(self)
+        wall = time.perf_counter() - wall
+        if wall > 0.002:
+            cpu = time.thread_time() - cpu
+            task = getattr(self._callback, "__self__", None)
+            what = repr(task.get_coro()) if isinstance(task, asyncio.Task) else repr(self)
+            slow.append((time.time(), wall, cpu, what[:300], list(collections)))
+
+    asyncio.events.Handle._run = _run
+
+    def dump() -> None:
+        out = Path(__file__).resolve().parents[1] / "profiles" / f"stalls-{os.getpid()}.txt"
+        out.parent.mkdir(exist_ok=True)
+        lines = [
+            f"{at:.3f} wall {w * 1e3:6.1f} ms cpu {c * 1e3:6.1f} ms gc {gcs} {what}"
+            for at, w, c, what, gcs in slow
+        ]
+        out.write_text("\n".join(lines) + "\n")
+
+    atexit.register(dump)
+
+
 if "amortized-clean" in _EXPERIMENTS:
     _amortize_clean()
 if "no-deflate" in _EXPERIMENTS:
@@ -171,3 +221,9 @@ if "right-sized-json" in _EXPERIMENTS:
     _right_sized_json()
 if "device-rows-per-second" in _EXPERIMENTS:
     _device_rows_per_second()
+if "stall-trace" in _EXPERIMENTS:
+    _stall_trace()
+if "switch-interval" in _EXPERIMENTS:
+    import sys
+
+    sys.setswitchinterval(float(os.environ.get("BENCH_SWITCH_INTERVAL", "0.0005")))
