@@ -29,7 +29,7 @@ from tests.support.servers import Mosquitto, Redis
 EXPERIMENTS = (
     "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
     "device-rows-per-second", "tracemalloc", "stall-trace",
-    "switch-interval",
+    "switch-interval", "per-row-adapt",
 )  # fmt: skip
 PARTS = (
     "bare", "peer", "memory", "discovery", "redis", "latency", "commands", "idle", "scaling",

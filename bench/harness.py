@@ -201,9 +201,9 @@ def start_gateway(
     experiments: Sequence[str] = (),
     database_url: str | None = None,
 ) -> GatewayProcess:
-    """A started `rungateway` with its own SQLite DB (or `database_url`), WARNING logs, no command rate limit and
-    no admission rate (a fleet of 10,000 new devices arrives at once); `experiments` are
-    bench/experiments/sitecustomize.py patches applied inside it."""
+    """A started `rungateway` with its own SQLite DB (or `database_url`), WARNING logs, no
+    command rate limit and no admission rate (a fleet of 10,000 new devices arrives at once);
+    `experiments` are bench/experiments/sitecustomize.py patches applied inside it."""
     env = {
         "GATEWAY_COMMAND_RATE_COUNT": "1000000",
         "GATEWAY_NEW_DEVICES_PER_SECOND": "1000000",

@@ -10,7 +10,7 @@ frame carrying its ``n`` (or a later one: frames coalesce) minus its send time. 
 late the loop ran (bucket bounds: a histogram keeps no exact values).
 
 Run with the rest (``python -m bench``, part ``latency``) or alone:
-``python -m bench latency [--seconds 10] [--metrics 4 --metrics 10] [--db sqlite] [--layer memory]``.
+``python -m bench latency [--seconds 10] [--metrics 4 …] [--db sqlite] [--layer in-memory]``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -61,7 +62,6 @@ def paced_publish(url: str, prefix: str, devices: int, count: int, metrics: int,
     paho connection; every message's send time (a late message is sent at once, never bunched
     up behind a tick)."""
     import paho.mqtt.client as mqtt
-    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
@@ -99,7 +99,6 @@ def paced_publish(url: str, prefix: str, devices: int, count: int, metrics: int,
 async def bare_subscriber(url: str, count: int) -> list[float]:
     """Subscribe as the gateway does, parse each payload; the latency of each of `count`."""
     import aiomqtt
-    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     out: list[float] = []
@@ -214,9 +213,6 @@ async def gateway_row(gateway: GatewayProcess, dash: Dashboard, prefix: str, sec
     after = await asyncio.to_thread(lag_buckets, gateway)
     samples = per_reading(frames, sent, ids, first_seq=1)
     figures = summary(samples)
-    worst = max(range(len(samples)), key=samples.__getitem__)
-    print(f"debug: first send {sent[0]:.3f}, worst {samples[worst]*1e3:.1f} ms sent at "
-          f"{sent[worst]-sent[0]:.3f}; >5 ms: {[(round(sent[k]-sent[0],3), round(samples[k]*1e3)) for k in range(len(samples)) if samples[k] > 0.005][:300]}", file=sys.stderr)
     figures.update(
         frames=len(frames),
         lag_p99=lag_quantile(before, after, 0.99),
@@ -275,7 +271,9 @@ def add_rows(table: Table, db: str, layer: str, results: dict[int, dict[str, flo
             f" ({res['readings']:,} readings, {res['frames']:,} frames); loop lag p99 ≤ "
             f"{_ms(res['lag_p99'])}, max ≤ {_ms(res['lag_max'])}",
             f"bare aiomqtt {_ms(base['p50'])} / {_ms(base['p90'])} / {_ms(base['p99'])} / "
-            f"{_ms(base['max'])}" if base else "n/a",
+            f"{_ms(base['max'])}"
+            if base
+            else "n/a",
             "",
             "p99 ≤ 10 ms, max ≤ 25 ms",
             ok,
