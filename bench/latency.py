@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bench.harness import ROOT, Dashboard, start_gateway
+from bench.harness import ROOT, Dashboard, start_gateway, stop_gateway
 from bench.report import Table, machine
 from bench.scenarios import per_reading, percentile
 from bench.workers import device_id
@@ -249,8 +249,6 @@ async def measure(mqtt_url: str, db: str, layer: str, redis_url: str | None,
                 for m in metrics:
                     results[m] = await gateway_row(gateway, dash, f"lat{m}", seconds, m)
         finally:
-            from bench.__main__ import stop_gateway
-
             await stop_gateway(gateway)
     return results
 
