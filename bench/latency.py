@@ -7,7 +7,8 @@ sequence, and ``v1`` …); beside it, the same publisher to a bare aiomqtt subsc
 payload and rate, in the same run. A reading's latency is the arrival of the first dashboard
 frame carrying its ``n`` (or a later one: frames coalesce) minus its send time. The gateway's
 ``gateway_event_loop_lag_seconds`` histogram is read before and after, so a row also says how
-late the loop ran (bucket bounds: a histogram keeps no exact values).
+late the loop ran (bucket bounds: a histogram keeps no exact values), and the loop thread's
+run-queue wait (Linux schedstat) says how much of a core the rest of the machine took from it.
 
 Run with the rest (``python -m bench``, part ``latency``) or alone:
 ``python -m bench latency [--seconds 10] [--metrics 4 …] [--db sqlite] [--layer in-memory]``.
@@ -181,6 +182,13 @@ def lag_buckets(gateway: GatewayProcess) -> dict[float, float]:
     return out
 
 
+def queued(pid: int) -> float:
+    """Seconds the process's main thread (the event loop's) has waited on a run queue for a
+    core (Linux schedstat): what the rest of the machine took from the gateway."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 def lag_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
     """The bucket bound under which the fraction `q` of the samples taken in between fell;
     q = 1: the bound of the largest (inf when it is past the last bucket)."""
@@ -205,11 +213,14 @@ async def gateway_row(gateway: GatewayProcess, dash: Dashboard, prefix: str, sec
     await asyncio.sleep(0.5)  # first contact's database work is done
     count = int(RATE * seconds) // DEVICES * DEVICES
     before = await asyncio.to_thread(lag_buckets, gateway)
+    assert gateway.proc is not None
+    queued0, started = queued(gateway.proc.pid), time.monotonic()
     dash.latency, dash.latency_prefix = [], prefix
     done = dash.expect(dict.fromkeys(ids, 1 + count // DEVICES))
     sent = await publish(url, prefix, count, metrics, first_seq=1)
     await asyncio.wait_for(done, 60)
     frames, dash.latency = dash.latency, None
+    waited = (queued(gateway.proc.pid) - queued0) / (time.monotonic() - started)
     after = await asyncio.to_thread(lag_buckets, gateway)
     samples = per_reading(frames, sent, ids, first_seq=1)
     figures = summary(samples)
@@ -217,6 +228,7 @@ async def gateway_row(gateway: GatewayProcess, dash: Dashboard, prefix: str, sec
         frames=len(frames),
         lag_p99=lag_quantile(before, after, 0.99),
         lag_max=lag_quantile(before, after, 1.0),
+        runq_ms_per_s=1e3 * waited,
     )
     return figures
 
@@ -267,7 +279,8 @@ def add_rows(table: Table, db: str, layer: str, results: dict[int, dict[str, flo
             f"latency 1,000 msg/s, {m} metrics/msg, {db}, {layer} (p50/p90/p99/max ms)",
             f"{_ms(res['p50'])} / {_ms(res['p90'])} / {_ms(res['p99'])} / {_ms(res['max'])}"
             f" ({res['readings']:,} readings, {res['frames']:,} frames); loop lag p99 ≤ "
-            f"{_ms(res['lag_p99'])}, max ≤ {_ms(res['lag_max'])}",
+            f"{_ms(res['lag_p99'])}, max ≤ {_ms(res['lag_max'])}; the loop's thread waited "
+            f"{res['runq_ms_per_s']:.0f} ms/s for a core",
             f"bare aiomqtt {_ms(base['p50'])} / {_ms(base['p90'])} / {_ms(base['p99'])} / "
             f"{_ms(base['max'])}"
             if base
@@ -281,13 +294,15 @@ def add_rows(table: Table, db: str, layer: str, results: dict[int, dict[str, flo
 async def run(mqtt_url: str, table: Table, seconds: float, metrics: Sequence[int] = METRICS,
               dbs: Sequence[str] = DBS, layers: Sequence[str] = LAYERS,
               experiments: Sequence[str] = ()) -> None:  # fmt: skip
-    """Every (db, layer) gateway with a row per metrics count, the bare baselines first."""
-    bare_results = {m: await bare(mqtt_url, seconds, m) for m in metrics}
+    """Every (db, layer) gateway with a row per metrics count, each gateway's bare baselines
+    measured right before it (no gateway running), so a row and its baseline share the
+    machine's load of that minute."""
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(Redis()) if "channels-redis" in layers else None
         postgres = stack.enter_context(Postgres()) if "postgresql" in dbs else None
         for db in dbs:
             for layer in layers:
+                bare_results = {m: await bare(mqtt_url, seconds, m) for m in metrics}
                 results = await measure(
                     mqtt_url, db, layer, redis.url if redis else None, postgres, seconds,
                     metrics, experiments,
