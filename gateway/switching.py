@@ -4,8 +4,8 @@ A thread that keeps the GIL (the telemetry writer building and storing a batch, 
 in ``sync_to_async``'s thread, a CSV export) makes the event loop wait for it each time the
 loop comes back from ``select``: Python's default switch interval, 5 ms, per loop turn. A
 reading crosses several loop turns on its way to a dashboard (MQTT read, its device's
-instance, the fan-out, the dashboard's writer), so during a 20 ms batch write a tenth of the
-readings waited 20-50 ms (docs/performance.md, "the latency tail"). At 0.5 ms a waiting
+instance, the fan-out, the dashboard's writer), so one that arrived while the writer held the
+GIL waited several intervals (docs/performance.md, "The latency tail"). At 0.5 ms a waiting
 loop gets the GIL back ten times sooner, for a few microseconds more per forced switch.
 """
 

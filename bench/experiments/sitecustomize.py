@@ -190,7 +190,7 @@ def _stall_trace() -> None:
     import gc
     from pathlib import Path
 
-    slow: list[tuple[float, float, float, str, list[tuple[int, float]]]] = []
+    slow: list[tuple[float, float, float, float, str, list[tuple[int, float]]]] = []
     collections: list[tuple[int, float]] = []  # (generation, seconds) during the callback
     gc_start = [0.0]
 
