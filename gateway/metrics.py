@@ -100,7 +100,7 @@ MODBUS_READS_DROPPED = Counter(
 )
 EVENT_LOOP_LAG = Histogram(
     "gateway_event_loop_lag_seconds",
-    "How late the event loop ran a timer due now (sampled every 50 ms): a stall delays "
+    "How late the event loop ran a timer due now (sampled every 100 ms): a stall delays "
     "every message, frame and timer behind it",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
