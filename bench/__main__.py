@@ -18,17 +18,17 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench import scenarios, throughput
-from bench.harness import Dashboard, Meter, start_gateway
+from bench import latency, scenarios, throughput
+from bench.harness import Dashboard, Meter, start_gateway, stop_gateway
 from bench.peer import run_peer
 from bench.report import Table, machine
-from tests.support.gateway import GatewayFailed
 from tests.support.servers import Mosquitto, Redis
 
 # Patches of the gateway process, in bench/experiments/sitecustomize.py.
 EXPERIMENTS = (
     "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
-    "device-rows-per-second", "tracemalloc",
+    "device-rows-per-second", "tracemalloc", "stall-trace",
+    "switch-interval", "per-row-adapt",
 )  # fmt: skip
 PARTS = (
     "bare", "peer", "memory", "discovery", "redis", "latency", "commands", "idle", "scaling",
@@ -41,6 +41,7 @@ class Sizes:
 
     ingest: int  # messages per ingest run (100 devices)
     latency_seconds: float
+    latency_rows: tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]  # metrics, dbs, layers
     idle_seconds: float
     commands: int
     scale_devices: tuple[int, ...]
@@ -48,8 +49,10 @@ class Sizes:
     peer_cap: float  # seconds the peer may take (it gets the `ingest` workload)
 
 
-QUICK = Sizes(3000, 2.0, 2.0, 5, (100, 1000), 3000, 5.0)
-FULL = Sizes(50_000, 10.0, 10.0, 50, (100, 1000, 10_000), 40_000, 30.0)
+QUICK_LATENCY = ((4,), ("sqlite",), ("in-memory",))
+FULL_LATENCY = (latency.METRICS, latency.DBS, latency.LAYERS)
+QUICK = Sizes(3000, 2.0, QUICK_LATENCY, 2.0, 5, (100, 1000), 3000, 5.0)
+FULL = Sizes(50_000, 10.0, FULL_LATENCY, 10.0, 50, (100, 1000, 10_000), 40_000, 30.0)
 
 
 def scale_count(sizes: Sizes, devices: int) -> int:
@@ -72,8 +75,6 @@ async def run(
             base["rich-both"] = await throughput.baselines(
                 url, throughput.rich_count(sizes.ingest), metrics=throughput.RICH
             )
-            rate = 1000.0
-            base["lat"] = await scenarios.bare(url, int(rate * sizes.latency_seconds), 0, rate)
             if "scaling" in parts:  # each fleet size has its own baselines, same messages
                 for devices in sizes.scale_devices:
                     count = scale_count(sizes, devices)
@@ -83,13 +84,16 @@ async def run(
         if "peer" in parts:
             # The QoS 0 in-memory row's workload: as many messages, stored, at the same QoS.
             base["peer"] = await run_peer(url, count=sizes.ingest, cap=sizes.peer_cap, qos=0)
-        if profile or parts & {"memory", "discovery", "latency", "commands", "idle", "scaling"}:
+        if profile or parts & {"memory", "discovery", "commands", "idle", "scaling"}:
             await memory_stack(
                 url, sizes, parts, base, table, profile, experiments, profile_metrics
             )
         if "redis" in parts:
             with Redis() as redis:
                 await redis_stack(url, redis.url, sizes, base, table, experiments)
+        if "latency" in parts:  # its own gateways and baselines (bench/latency.py)
+            await latency.run(url, table, sizes.latency_seconds, *sizes.latency_rows,
+                              experiments=experiments)  # fmt: skip
     return table
 
 
@@ -138,9 +142,6 @@ async def memory_stack(
                     gateway, dash, meter, devices=100, count=sizes.ingest
                 )
                 table.discovered(result, base.get("native"))
-            if "latency" in parts:
-                result = await scenarios.latency(gateway, dash, seconds=sizes.latency_seconds)
-                table.latency(result, base.get("lat"))
             if profile:
                 from bench.profile import profile_ingest
 
@@ -184,14 +185,6 @@ async def redis_stack(url, redis_url, sizes, base, table: Table, experiments) ->
         await stop_gateway(gateway)
 
 
-async def stop_gateway(gateway) -> None:
-    """Stop the gateway; a slow shutdown is reported, never costs the table of figures."""
-    try:
-        await asyncio.to_thread(gateway.__exit__, None, None, None)
-    except GatewayFailed as exc:
-        print(f"warning: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run, print the table."""
     argv = sys.argv[1:] if argv is None else argv
@@ -215,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.modbus import main as modbus_main
 
         return modbus_main(argv[1:])
+    if argv[:1] == ["latency"]:  # latency rows alone (bench/latency.py)
+        from bench.latency import main as latency_main
+
+        return latency_main(argv[1:])
     if argv[:1] == ["soak"]:  # long steady load with broker and Redis restarts (bench/soak.py)
         from bench.soak import main as soak_main
 

@@ -191,7 +191,6 @@ async def _time_hook(messages: int) -> dict[str, Any]:
 
     from alerts.hooks import observe_reading, start_evaluator
     from alerts.models import AlertRule
-
     from bench.workers import device_id
 
     evaluator = start_evaluator()

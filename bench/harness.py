@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import psutil
 
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import GatewayFailed, GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = ("acked", "failed", "timeout")  # command states that end a round trip
@@ -207,11 +207,14 @@ async def wait_stored(gateway: GatewayProcess, target: int, limit: float) -> flo
 
 
 def start_gateway(
-    mqtt_url: str, redis_url: str | None = None, experiments: Sequence[str] = ()
+    mqtt_url: str,
+    redis_url: str | None = None,
+    experiments: Sequence[str] = (),
+    database_url: str | None = None,
 ) -> GatewayProcess:
-    """A started `rungateway` with its own SQLite DB, WARNING logs, no command rate limit and
-    no admission rate (a fleet of 10,000 new devices arrives at once); `experiments` are
-    bench/experiments/sitecustomize.py patches applied inside it."""
+    """A started `rungateway` with its own SQLite DB (or `database_url`), WARNING logs, no
+    command rate limit and no admission rate (a fleet of 10,000 new devices arrives at once);
+    `experiments` are bench/experiments/sitecustomize.py patches applied inside it."""
     env = {
         "GATEWAY_COMMAND_RATE_COUNT": "1000000",
         "GATEWAY_NEW_DEVICES_PER_SECOND": "1000000",
@@ -222,6 +225,16 @@ def start_gateway(
         env["BENCH_EXPERIMENTS"] = ",".join(experiments)
     if "no-ha-discovery" in experiments:
         env["HA_DISCOVERY"] = "0"
-    gateway = GatewayProcess(mqtt_url, redis_url=redis_url, env=env, log_level="WARNING")
+    gateway = GatewayProcess(
+        mqtt_url, redis_url=redis_url, database_url=database_url, env=env, log_level="WARNING"
+    )
     gateway.__enter__()
     return gateway
+
+
+async def stop_gateway(gateway) -> None:
+    """Stop the gateway; a slow shutdown is reported, never costs the table of figures."""
+    try:
+        await asyncio.to_thread(gateway.__exit__, None, None, None)
+    except GatewayFailed as exc:
+        print(f"warning: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)

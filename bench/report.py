@@ -80,23 +80,6 @@ class Table:
             ratio >= 100,
         )
 
-    def latency(self, res: Figures, bare: Figures | None) -> None:
-        """Device → dashboard latency at 1,000 msg/s against device → bare subscriber."""
-        base = (
-            f"bare aiomqtt {_ms(bare['p50'])} / {_ms(bare['p99'])} / {_ms(bare['max'])}"
-            if bare
-            else "n/a"
-        )
-        self.add(
-            "latency p50/p99/max at 1,000 msg/s, per reading",
-            f"{_ms(res['p50'])} / {_ms(res['p99'])} / {_ms(res['max'])} "
-            f"({res['readings']:,} readings in {res['frames']:,} frames)",
-            base,
-            "",
-            "p50 ≤ 5 ms, p99 ≤ 25 ms",
-            res["p50"] <= 0.005 and res["p99"] <= 0.025,
-        )
-
     def commands(self, res: Figures) -> None:
         """Command round trip through the gateway against the bare MQTT round trip."""
         if "error" in res:

@@ -221,37 +221,6 @@ async def settle(meter: Meter, limit: float, busy: float = 15.0) -> None:
         pass
 
 
-async def latency(
-    gateway: GatewayProcess, dash: Dashboard, *, seconds: float, rate: float = 1000.0
-) -> dict[str, float]:
-    """Device → dashboard latency of every reading at a steady `rate` msg/s from 100 devices.
-
-    A frame coalesces a device's readings: each reading's latency is the arrival of the first
-    frame carrying its `n` or a later one, minus its send time (the publisher reports them)."""
-    url, prefix, devices = gateway.mqtt_url, "lat", 100
-    ids = [device_id(prefix, i) for i in range(devices)]
-    await run_worker(*publish_args(url, prefix=prefix, devices=devices, count=devices))
-    await asyncio.wait_for(dash.expect(dict.fromkeys(ids, 1)), 60)
-    count = int(rate * seconds) // devices * devices
-    dash.latency, dash.latency_prefix = [], prefix
-    done = dash.expect(dict.fromkeys(ids, 1 + count // devices))
-    pub = await run_worker(
-        *publish_args(url, prefix=prefix, devices=devices, count=count, rate=rate, seq=1,
-                      times=True)
-    )  # fmt: skip
-    await asyncio.wait_for(done, 60)
-    frames, dash.latency = dash.latency, None
-    samples = per_reading(frames, pub["times"], ids, first_seq=1)
-    return {
-        "p50": percentile(samples, 0.5),
-        "p99": percentile(samples, 0.99),
-        "max": max(samples),
-        "frames": len(frames),
-        "readings": len(samples),
-        "messages": count,
-    }
-
-
 def per_reading(
     frames: list[tuple[str, float, float]], sent: list[float], ids: list[str], first_seq: int
 ) -> list[float]:

@@ -6,7 +6,7 @@ Protocol servers, consumers and the telemetry pipeline import these objects and 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 MQTT_CONNECTED = Gauge(
     "gateway_mqtt_connected", "1 while the MQTT bridge is connected to the broker"
@@ -97,4 +97,10 @@ MODBUS_READS_DROPPED = Counter(
     "gateway_modbus_reads_dropped",
     "Polls dropped because a unit's application instance was 64 events behind",
     ["bus"],
+)
+EVENT_LOOP_LAG = Histogram(
+    "gateway_event_loop_lag_seconds",
+    "How late the event loop ran a timer due now (sampled every 100 ms): a stall delays "
+    "every message, frame and timer behind it",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import uvicorn
 
 from gateway import runtime
+from gateway.looplag import start_loop_lag_sampler, stop_loop_lag_sampler
 from gateway.mqtt.url import parse_broker_url
 
 logger = logging.getLogger("gateway.runner")
@@ -118,6 +119,7 @@ class GatewayRunner:
         self._bridge_tasks: dict[str, asyncio.Task[None]] = {}
         self._supervisors: list[asyncio.Task[None]] = []
         self._web_task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None  # gateway_event_loop_lag_seconds
 
     # --- public -----------------------------------------------------------------------
     def run(self) -> int:
@@ -159,6 +161,7 @@ class GatewayRunner:
 
     # --- startup ----------------------------------------------------------------------
     async def _startup(self) -> None:
+        self._lag_task = start_loop_lag_sampler()
         if self.web:
             sock = bind_socket(self.host, self.port, self.send_timeout)
             self.port = sock.getsockname()[1]
@@ -260,6 +263,9 @@ class GatewayRunner:
             await self._bounded_task(task, 0.1, task.get_name())
         for name in self.bridges:
             runtime.unregister(name)
+        if self._lag_task is not None:
+            await stop_loop_lag_sampler(self._lag_task)
+            self._lag_task = None
         self.shutdown_seconds = time.monotonic() - started
         logger.info("stopped in %.2f s", self.shutdown_seconds)
 

@@ -182,6 +182,7 @@ INTERFACE_METRICS = {
     "gateway_ws_clients": None,
     "gateway_commands_total": "status",
     "gateway_serial_frames_total": "port",
+    "gateway_event_loop_lag_seconds_bucket": "le",
 }
 
 

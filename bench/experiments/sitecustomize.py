@@ -23,6 +23,17 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   scaling runs; tracing from start-up makes Django's start too slow); on SIGUSR2 the gateway
   writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``), with the time
   spent in each garbage-collector generation since SIGUSR1.
+- ``stall-trace``: every event-loop callback that runs over 2 ms, with its wall and thread CPU
+  time, the time the loop's thread waited on a run queue for a core (Linux schedstat; the
+  rest of wall − CPU is waiting for the GIL) and the garbage collections that
+  ran inside it, written on exit to ``bench/profiles/stalls-<pid>.txt``: where the loop lag
+  (``gateway_event_loop_lag_seconds``) comes from.
+- ``switch-interval``: the GIL switch interval the gateway sets (``gateway/switching.py``,
+  0.5 ms) replaced by ``BENCH_SWITCH_INTERVAL`` seconds (default 0.005, Python's own): what
+  the shorter interval buys.
+- ``per-row-adapt``: the telemetry writer adapts every reading's timestamp for the database
+  again, as before ``_reading_params`` adapted each distinct one once (with
+  ``switch-interval`` at 0.005: the write path of before the latency work, to compare).
 (``fast-properties``, sharing paho's Properties tables, was one; it is now in
 ``gateway/mqtt/server.py``.)
 """
@@ -159,6 +170,79 @@ def _device_rows_per_second() -> None:
     _after_import("devices.telemetry.store", patch)
 
 
+def _switch_interval(module) -> None:
+    module.SWITCH_INTERVAL = float(os.environ.get("BENCH_SWITCH_INTERVAL", "0.005"))
+
+
+def _per_row_adapt() -> None:
+    def patch(store) -> None:
+        def _reading_params(rows, adapt):
+            return [(d, metric, adapt(store._dt(ts)), v) for d, metric, ts, v in rows]
+
+        store._reading_params = _reading_params
+
+    _after_import("devices.telemetry.store", patch)
+
+
+def _stall_trace() -> None:
+    import asyncio.events
+    import atexit
+    import gc
+    from pathlib import Path
+
+    slow: list[tuple[float, float, float, float, str, list[tuple[int, float]]]] = []
+    collections: list[tuple[int, float]] = []  # (generation, seconds) during the callback
+    gc_start = [0.0]
+
+    def gc_timer(phase, info) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            collections.append((info["generation"], time.perf_counter() - gc_start[0]))
+
+    gc.callbacks.append(gc_timer)
+    run = asyncio.events.Handle._run
+
+    schedstat: list[int] = []  # the loop thread's /proc schedstat, opened on first use
+
+    def queued() -> float:
+        """Seconds this thread has waited on a run queue for a core (Linux schedstat)."""
+        if not schedstat:
+            schedstat.append(os.open("/proc/thread-self/schedstat", os.O_RDONLY))
+        return int(os.pread(schedstat[0], 64, 0).split()[1]) / 1e9
+
+    def _run(self) -> None:
+        collections.clear()
+        wall, cpu, runq = time.perf_counter(), time.thread_time(), queued()
+        run(self)
+        wall = time.perf_counter() - wall
+        if wall > 0.002:
+            cpu, runq = time.thread_time() - cpu, queued() - runq
+            task = getattr(self._callback, "__self__", None)
+            what = repr(task.get_coro()) if isinstance(task, asyncio.Task) else repr(self)
+            slow.append((time.time(), wall, cpu, runq, what[:300], list(collections)))
+
+    asyncio.events.Handle._run = _run
+
+    def dump() -> None:
+        out = Path(__file__).resolve().parents[1] / "profiles" / f"stalls-{os.getpid()}.txt"
+        out.parent.mkdir(exist_ok=True)
+        lines = [
+            f"{at:.3f} wall {w * 1e3:6.1f} ms cpu {c * 1e3:6.1f} ms waiting for a core "
+            f"{q * 1e3:6.1f} ms, else (the GIL) {(w - c - q) * 1e3:6.1f} ms gc {gcs} {what}"
+            for at, w, c, q, what, gcs in slow
+        ]
+        total = [sum(x[k] for x in slow) * 1e3 for k in (1, 2, 3)]
+        lines.append(
+            f"total over {len(slow)} callbacks > 2 ms: wall {total[0]:.0f} ms, "
+            f"cpu {total[1]:.0f} ms, waiting for a core {total[2]:.0f} ms, "
+            f"else {total[0] - total[1] - total[2]:.0f} ms"
+        )
+        out.write_text("\n".join(lines) + "\n")
+
+    atexit.register(dump)
+
+
 if "amortized-clean" in _EXPERIMENTS:
     _amortize_clean()
 if "no-deflate" in _EXPERIMENTS:
@@ -171,3 +255,9 @@ if "right-sized-json" in _EXPERIMENTS:
     _right_sized_json()
 if "device-rows-per-second" in _EXPERIMENTS:
     _device_rows_per_second()
+if "stall-trace" in _EXPERIMENTS:
+    _stall_trace()
+if "switch-interval" in _EXPERIMENTS:
+    _after_import("gateway.switching", _switch_interval)
+if "per-row-adapt" in _EXPERIMENTS:
+    _per_row_adapt()
