@@ -209,4 +209,3 @@ def quiet_band(rules: Iterable[CompiledRule]) -> Band:
         elif rule.op == Op.EQUALS:
             equal.add(t)
     return lo, hi, frozenset(equal)  # type: ignore[return-value]
-

@@ -41,9 +41,7 @@ def compiled_rules(draw) -> CompiledRule:
     st.sampled_from([-1.0, -1e-9, 0.0, 1e-9, 0.5, 1.0]),
     st.booleans(),
 )
-def test_a_value_is_in_the_quiet_band_exactly_when_no_rule_holds(
-    rules, value, pick, nudge, near
-):
+def test_a_value_is_in_the_quiet_band_exactly_when_no_rule_holds(rules, value, pick, nudge, near):
     if near and rules:  # values at and next to a threshold, where a band is most likely wrong
         rule = rules[pick % len(rules)]
         edge = rule.threshold_high if rule.threshold_high is not None and pick % 2 else None

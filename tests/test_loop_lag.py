@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 from gateway.looplag import start_loop_lag_sampler, stop_loop_lag_sampler
 from gateway.runner import GatewayRunner
 from gateway.switching import SWITCH_INTERVAL, tune_switch_interval
+from tests.support.waiting import eventually
 
 LAG = "gateway_event_loop_lag_seconds"
 
@@ -23,9 +24,7 @@ def samples(le: str = "+Inf") -> float:
 
 async def next_samples(count: int, after: float) -> None:
     """Wait until the sampler took `count` more samples than `after`."""
-    async with asyncio.timeout(10):
-        while samples() < after + count:
-            await asyncio.sleep(0.005)
+    await eventually(lambda: samples() >= after + count, what=f"{count} more loop-lag samples")
 
 
 async def test_a_stalled_loop_is_counted_in_a_high_bucket():

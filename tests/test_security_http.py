@@ -125,6 +125,8 @@ API_NO_POST = {
     "devices:command-status",
     "devices:discovery",
 }
+
+
 def test_the_csrf_walk_knows_every_api_entry():
     api = {name for route, name in ROUTES if route.startswith("api/")}
     assert api == API_POSTS | API_NO_POST, "an /api/ entry this walk does not classify"

@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import time
 
-from tests.test_serial_server import Pty, Recorder, pty, serving  # noqa: F401  (fixture)
+import pytest
+
+from tests.test_serial_server import Pty, Recorder, serving
 
 BURST = 200
+
+
+@pytest.fixture
+def pty(tmp_path):
+    device = Pty(str(tmp_path / "ttyBURST"))
+    yield device
+    device.close()
 
 
 def micros(event: dict) -> int:
     return round(event["ts"] * 1e6)
 
 
-async def test_a_burst_read_in_one_chunk_gets_increasing_microseconds(pty, tmp_path):
+async def test_a_burst_read_in_one_chunk_gets_increasing_microseconds(pty):
     app = Recorder()
     async with serving(app, f"{pty.path}?device=dev-1") as server:
         assert (await app.next())["type"] == "serial.connect"
