@@ -109,19 +109,20 @@ def read_burst(
     """paho's loop_read, reading up to READ_BURST packets while the socket has data.
 
     Profiled (docs/performance.md): one packet per loop turn made every message pay a loop
-    turn, a group_send and a WebSocket frame; a burst lets the pipeline batch them. While an
-    instance's queue is past its high-water mark, one packet per turn as paho does, so busy
-    instances catch up instead of overflowing (QoS 0 drops). Packets `reader` holds past the
-    burst are read on the next turn.
+    turn, a group_send and a WebSocket frame; a burst lets the pipeline batch them. The burst
+    ends as soon as an instance's queue passes its high-water mark (checked after every
+    packet, so one burst cannot overshoot it), and then one packet per turn as paho does, so
+    busy instances catch up instead of overflowing (QoS 0 drops). Packets `reader` holds past
+    the burst are read on the next turn.
     """
-    for _ in range(1 if pool.pressured else READ_BURST):
+    for _ in range(READ_BURST):
         if paho._sock is None:
             return MQTTErrorCode.MQTT_ERR_NO_CONN
         rc = paho._packet_read()
         if rc > 0:
             return paho._loop_rc_handle(rc)
-        if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-            break
+        if rc == MQTTErrorCode.MQTT_ERR_AGAIN or pool.pressured:
+            break  # a queue passed its high-water mark: the rest waits for the next turn
     if reader is not None and reader.buffered:
         reader.resume_later()
     return MQTTErrorCode.MQTT_ERR_SUCCESS
