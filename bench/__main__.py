@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.modbus import main as modbus_main
 
         return modbus_main(argv[1:])
+    if argv[:1] == ["fleet"]:  # the dashboard at 10,000 devices beside 100 (bench/fleet.py)
+        from bench.fleet import main as fleet_main
+
+        return fleet_main(argv[1:])
     if argv[:1] == ["soak"]:  # long steady load with broker and Redis restarts (bench/soak.py)
         from bench.soak import main as soak_main
 

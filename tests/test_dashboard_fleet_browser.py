@@ -63,9 +63,9 @@ async def test_ten_thousand_devices_one_page_counts_search_and_visible_frames_on
         await expect(page.locator("#conn")).to_have_text("live", timeout=WAIT_MS)
         rows = page.locator("#devices tbody tr")
         await expect(rows).to_have_count(50, timeout=WAIT_MS)  # one page, not 10,000 rows
-        await expect(page.locator("#count-total")).to_have_text(str(DEVICES))
-        await expect(page.locator("#count-offline")).to_have_text(str(DEVICES // 50))
-        await expect(page.locator("#count-online")).to_have_text(str(DEVICES - DEVICES // 50))
+        await expect(page.locator("#count-total")).to_have_text(f"{DEVICES:,}")
+        await expect(page.locator("#count-offline")).to_have_text(f"{DEVICES // 50:,}")
+        await expect(page.locator("#count-online")).to_have_text(f"{DEVICES - DEVICES // 50:,}")
         await expect(page.locator("#range")).to_have_text("1–50 of 10,000")
         # Problems first: the offline devices lead the list.
         await expect(rows.first).to_have_attribute("data-device", "fleet-00000")

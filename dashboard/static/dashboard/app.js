@@ -121,7 +121,7 @@
       online: presence.online, stale: presence.stale, offline: presence.offline,
     };
     for (const [key, value] of Object.entries(numbers)) {
-      const text = String(G.isNumber(value) ? value : 0);
+      const text = (G.isNumber(value) ? value : 0).toLocaleString();
       if (counts[key].textContent !== text) counts[key].textContent = text;
     }
     const byConvention = fleetCounts.conventions || {};
