@@ -99,8 +99,10 @@ async def measure(size: int, seconds: float, url: str) -> dict[str, Any]:
             out["rows"] = await page.locator("#devices tbody tr").count()
             target = ids[len(ids) * 7 // 9]
             out["search_ms"] = await page.evaluate(SEARCH, target)
-            await page.evaluate(SEARCH, "")  # back to the full list (first page)
-            await page.fill("#filter", "")
+            await page.fill("#filter", "")  # back to the full list (first page)
+            await page.wait_for_function(
+                "document.querySelectorAll('#devices tbody tr').length > 1", timeout=30_000
+            )
             await page.evaluate("window.__longTasks = []")
             load = asyncio.create_task(
                 run_worker(
