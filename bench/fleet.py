@@ -101,7 +101,7 @@ async def measure(size: int, seconds: float, url: str) -> dict[str, Any]:
             out["search_ms"] = await page.evaluate(SEARCH, target)
             await page.fill("#filter", "")  # back to the full list (first page)
             await page.wait_for_function(
-                "document.querySelectorAll('#devices tbody tr').length > 1", timeout=30_000
+                "() => document.querySelectorAll('#devices tbody tr').length > 1", timeout=30_000
             )
             await page.evaluate("window.__longTasks = []")
             load = asyncio.create_task(
