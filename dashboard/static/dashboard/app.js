@@ -130,7 +130,7 @@
       button.type = "button";
       button.dataset.convention = c;
       button.setAttribute("aria-pressed", String(view.convention === c));
-      button.append(el("b", null, String(byConvention[c] || 0)), " " + G.conventionLabel({ convention: c }));
+      button.append(el("b", null, (byConvention[c] || 0).toLocaleString()), " " + G.conventionLabel({ convention: c }));
       return button;
     });
     conventionBox.replaceChildren(...chips);
