@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import os
 import signal
 import sys
@@ -33,6 +34,19 @@ EXPERIMENTS = (
 PARTS = (
     "bare", "peer", "memory", "discovery", "redis", "latency", "commands", "idle", "scaling",
 )  # fmt: skip
+
+
+#: ``python -m bench NAME …``: bench/NAME.py's own `main` (each prints its own table).
+SUBCOMMANDS = {
+    "history": "the history query on a large PostgreSQL table",
+    "scaleout": "ingest with 1 vs 2 MQTT bridges",
+    "hostile": "latency while hostile publishers attack",
+    "alerts": "CPU that 1,000 alert rules add per message",
+    "modbus": "polling a Modbus bus against its capacity",
+    "latency": "the latency rows alone",
+    "fleet": "the dashboard at 10,000 devices beside 100",
+    "soak": "long steady load with broker and Redis restarts",
+}
 
 
 @dataclass(frozen=True)
@@ -188,35 +202,16 @@ async def redis_stack(url, redis_url, sizes, base, table: Table, experiments) ->
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run, print the table."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["history"]:  # the history query on a large PostgreSQL table (bench/history.py)
-        from bench.history import main as history_main
-
-        return history_main(argv[1:])
-    if argv[:1] == ["scaleout"]:  # ingest with 1 vs 2 MQTT bridges (bench/scaleout.py)
-        from bench.scaleout import main as scaleout_main
-
-        return scaleout_main(argv[1:])
-    if argv[:1] == ["hostile"]:  # latency while hostile publishers attack (bench/hostile.py)
-        from bench.hostile import main as hostile_main
-
-        return hostile_main(argv[1:])
-    if argv[:1] == ["alerts"]:  # CPU that 1,000 alert rules add per message (bench/alerts.py)
-        from bench.alerts import main as alerts_main
-
-        return alerts_main(argv[1:])
-    if argv[:1] == ["modbus"]:  # polling a Modbus bus against its capacity (bench/modbus.py)
-        from bench.modbus import main as modbus_main
-
-        return modbus_main(argv[1:])
-    if argv[:1] == ["latency"]:  # latency rows alone (bench/latency.py)
-        from bench.latency import main as latency_main
-
-        return latency_main(argv[1:])
-    if argv[:1] == ["soak"]:  # long steady load with broker and Redis restarts (bench/soak.py)
-        from bench.soak import main as soak_main
-
-        return soak_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(f"bench.{argv[0]}")
+        return module.main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="other benches: "
+        + "; ".join(f"python -m bench {name} ({what})" for name, what in SUBCOMMANDS.items()),
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="py-spy one ingest run")
     parser.add_argument("--messages", type=int, help="messages per 100-device ingest run")

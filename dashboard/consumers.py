@@ -10,6 +10,12 @@ a client whose socket cannot keep up never blocks the channel layer or other cli
   the buffered frames are dropped and counted in ``gateway_ws_frames_dropped_total``, the
   consumer leaves the ``dashboard`` group and closes the socket with code 4008 (application
   range; daphne refuses 1013). The browser reconnects and resyncs from a fresh snapshot.
+
+A client that asks for a view (a `view` frame, or view fields in the URL's query string) is
+paged (dashboard/fleet.py): its snapshot and `view` frames carry one page of devices and the
+fleet's counts, it gets `telemetry`/`status` frames only for the devices on its page (a set
+lookup per frame), and fresh counts (a `fleet` frame) or a fresh page at most every
+`REFRESH_SECONDS` while something changes. A client that asks for nothing gets every device.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from channels.db import database_sync_to_async
@@ -25,6 +34,16 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from dashboard.fleet import (
+    VIEW_KEYS,
+    BadView,
+    View,
+    fleet_index,
+    merge_snapshot,
+    page_rows,
+    parse_view,
+)
+from dashboard.fleet import pending_devices as _pending_devices
 from gateway.metrics import WS_CLIENTS, WS_FRAMES_DROPPED
 
 logger = logging.getLogger(__name__)
@@ -33,6 +52,9 @@ GROUP = "dashboard"
 CLOSE_SLOW_CLIENT = 4008
 MAX_INBOUND_CHARS = 64 * 1024
 MAX_REF_CHARS = 200
+#: A paged client's fleet counts and page are re-read at most this often (seconds) while
+#: frames say something changed: bounded work however fast the fleet reports.
+REFRESH_SECONDS = 2.0
 
 Frame = dict[str, Any]
 
@@ -42,36 +64,28 @@ def encode_frame(frame: Frame) -> str:
     return orjson.dumps(frame, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def _pending_devices() -> dict[str, dict[str, Any]]:
-    """Values this loop's telemetry pipeline has not written to the DB yet (never starts one)."""
-    try:
-        from devices.telemetry.pipeline import current_pipeline
-    except ImportError:  # the pipeline room is not installed in this process
-        return {}
-    try:
-        pipeline = current_pipeline()
-        return dict(pipeline.pending_devices()) if pipeline is not None else {}
-    except Exception:  # a snapshot without the overlay beats no snapshot
-        logger.exception("pending_devices() failed; snapshot from the database only")
-        return {}
-
-
-def merge_snapshot(
-    devices: list[dict[str, Any]], pending: dict[str, dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Stored devices overlaid with the pipeline's pending (newer) values, sorted by id."""
-    if not pending:
-        return devices
-    from devices.telemetry.pipeline import merge_pending
-
-    return merge_pending(devices, pending)
-
-
 @database_sync_to_async
 def _stored_devices() -> list[dict[str, Any]]:
     from devices.models import Device
 
     return [d.as_dict() for d in Device.objects.all()]
+
+
+def _query_view(scope: Mapping[str, Any]) -> tuple[View | None, str | None]:
+    """The view the WebSocket URL's query string asks for (None: none asked), or its error."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    fields = {k: v[-1] for k, v in query.items() if k in VIEW_KEYS}
+    if not fields and "view" not in query:
+        return None, None
+    try:
+        return parse_view(fields), None
+    except BadView as exc:
+        return View(), str(exc)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("dashboard refresh could not be queued: %r", task.exception())
 
 
 class DashboardConsumer(AsyncWebsocketConsumer):
@@ -91,6 +105,16 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         self._in_group = False
         self._too_slow = False
         self._sending = False  # the writer is inside `send` (the server may be holding it)
+        # A paged client (docs/interface.md §6.3 `view`): what it looks at, the ids on its page
+        # (None: every device, the unpaged protocol), its last counts and page, the refresh.
+        self._view: View | None = None
+        self._visible: set[str] | None = None
+        self._shown: tuple[tuple[str, ...], int] = ((), 0)
+        self._counts: dict[str, Any] | None = None
+        self._refresh: asyncio.TimerHandle | None = None
+        self._refreshed_at = 0.0
+        self._changed_at: float | None = None  # monotonic time of the oldest unshown change
+        self._stale_timer: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -126,6 +150,17 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         self._writer = asyncio.create_task(
             self._write_loop(), name=f"dashboard[{self.channel_name}].writer"
         )
+        view, problem = _query_view(self.scope)
+        if view is not None:
+            self._view = view
+            await self._send_view("snapshot")
+            if problem is not None:
+                self._error("bad_request", f"bad view in the URL ({problem}); showing the default")
+            return
+        await self._send_snapshot()
+
+    async def _send_snapshot(self) -> None:
+        """Every device (the unpaged protocol), as stored, with the values not written yet."""
         # Pending values first, then the DB: a value written in between is in the DB read, and
         # anything newer reaches us through the group we already joined.
         pending = _pending_devices()
@@ -134,12 +169,46 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         devices = with_conventions(merge_snapshot(await _stored_devices(), pending))
         self._enqueue({"type": "snapshot", "devices": devices})
 
+    async def _send_view(self, kind: str, ref: Any = None) -> None:
+        """The view's page (a `snapshot` or `view` frame): its rows, total and the fleet counts.
+
+        Runs inside the consumer's message loop, so no group frame is handled while it reads:
+        frames newer than the read are handled after it, against the new page.
+        """
+        view = self._view
+        assert view is not None
+        if view.device is not None:  # a device page: its one device, known or not yet
+            ids, total, offset, counts = [view.device], 1, 0, None
+        else:
+            fleet = await fleet_index().get(REFRESH_SECONDS)
+            ids, total, offset = fleet.select(view)
+            counts = fleet.counts()
+            self._counts = counts
+            self._arm_stale_timer(fleet.next_stale(time.time()))
+        rows = await page_rows(ids)
+        self._visible = set(ids)
+        self._shown = (tuple(ids), total)
+        frame: Frame = {
+            "type": kind,
+            "devices": rows,
+            "view": {**view.as_dict(), "offset": offset, "total": total},
+        }
+        if counts is not None:
+            frame["fleet"] = counts
+        if ref is not None:
+            frame["ref"] = ref
+        self._enqueue(frame)
+
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         await self._teardown()
         raise StopConsumer()
 
     async def _teardown(self) -> None:
         """Leave the group, stop the writer, uncount the client; safe to call twice."""
+        for timer in (self._refresh, self._stale_timer):
+            if timer is not None:
+                timer.cancel()
+        self._refresh = self._stale_timer = None
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
@@ -161,10 +230,16 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         if not isinstance(events, list):
             logger.warning("dashboard.events without an events list: %r", message)
             return
+        visible = self._visible
         for index, frame in enumerate(events):
             if not (isinstance(frame, dict) and isinstance(frame.get("type"), str)):
                 logger.warning("dashboard.events: skipping a frame without a type: %r", frame)
-            elif not self._enqueue(frame):
+                continue
+            if visible is not None and frame["type"] in ("telemetry", "status", "alert"):
+                self._mark_changed()
+                if frame["type"] != "alert" and frame.get("device") not in visible:
+                    continue  # not on this client's page: a set lookup, nothing sent
+            if not self._enqueue(frame):
                 WS_FRAMES_DROPPED.inc(len(events) - index - 1)  # the rest of this batch
                 break
         if self._too_slow:
@@ -174,8 +249,64 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         """The channel layer lost frames (Redis restarted): send a fresh snapshot to rebuild on."""
         if not self._counted or self._too_slow:
             return
-        devices = merge_snapshot(await _stored_devices(), _pending_devices())
-        self._enqueue({"type": "snapshot", "devices": devices})
+        if self._view is not None:
+            fleet_index().invalidate()
+            await self._send_view("snapshot")
+        else:
+            await self._send_snapshot()
+
+    # --- a paged client's counts and page, refreshed at a bounded rate ------------------------
+
+    def _mark_changed(self) -> None:
+        """Something in the fleet changed: refresh counts and page once `REFRESH_SECONDS` after
+        the last refresh (a timer per client, armed only when something changed)."""
+        if self._view is None or self._view.device is not None:
+            return
+        if self._changed_at is None:
+            self._changed_at = time.monotonic()
+        if self._refresh is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._refreshed_at + REFRESH_SECONDS - loop.time())
+        self._refresh = loop.call_later(delay, self._post_refresh)
+
+    def _arm_stale_timer(self, seconds: float | None) -> None:
+        """Wake when the next silent online device turns stale (counts change with no frame)."""
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = None
+        if seconds is not None:
+            loop = asyncio.get_running_loop()
+            self._stale_timer = loop.call_later(seconds + 0.5, self._mark_changed)
+
+    def _post_refresh(self) -> None:
+        # Through the consumer's own channel, so the refresh runs in order with group frames.
+        self._refresh = None
+        if self._counted and not self._too_slow:
+            message = {"type": "dashboard.refresh"}
+            task = asyncio.ensure_future(self.channel_layer.send(self.channel_name, message))
+            task.add_done_callback(_log_failure)
+
+    async def dashboard_refresh(self, message: dict[str, Any]) -> None:
+        """New `fleet` counts if they changed; the page again if its devices or total did."""
+        if self._view is None or self._view.device is not None or not self._counted:
+            return
+        self._refreshed_at = asyncio.get_running_loop().time()
+        fleet = await fleet_index().get(REFRESH_SECONDS)
+        if self._changed_at is not None and fleet.loaded < self._changed_at and not self._refresh:
+            # The shared read predates the change: look again once it may be re-read.
+            delay = fleet.loaded + REFRESH_SECONDS - time.monotonic() + 0.05
+            self._refresh = asyncio.get_running_loop().call_later(delay, self._post_refresh)
+        else:
+            self._changed_at = None
+        ids, total, _ = fleet.select(self._view)
+        counts = fleet.counts()
+        self._arm_stale_timer(fleet.next_stale(time.time()))
+        if (tuple(ids), total) != self._shown:
+            await self._send_view("view")  # carries the counts too
+        elif counts != self._counts:
+            self._counts = counts
+            self._enqueue({"type": "fleet", "fleet": counts})
 
     def _enqueue(self, frame: Frame) -> bool:
         """Buffer a frame for the writer (or merge it); False (frame counted) once too slow."""
@@ -285,9 +416,13 @@ class DashboardConsumer(AsyncWebsocketConsumer):
             ref = None
         if content.get("type") == "command":
             await self.command(content, ref)
+        elif content.get("type") == "view":
+            await self.set_view(content, ref)
         else:
             kind = repr(content.get("type"))[:40]
-            self._error("bad_request", f"unknown frame type {kind}; expected 'command'", ref)
+            self._error(
+                "bad_request", f"unknown frame type {kind}; expected 'command' or 'view'", ref
+            )
         if self._too_slow:
             await self._close_slow_client()
 
@@ -312,6 +447,17 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         except Exception:
             logger.exception("command from %s failed", self.channel_name)
             self._error("internal", "the command could not be stored; try again", ref)
+
+    async def set_view(self, content: Frame, ref: Any) -> None:
+        """A `view` frame: from now on this client gets that page and only its devices' frames;
+        a bad one is refused with an `error` frame and the current view stays."""
+        try:
+            view = parse_view(content)
+        except BadView as exc:
+            self._error("bad_request", f"bad view: {exc}", ref)
+            return
+        self._view = view
+        await self._send_view("view", ref)
 
     def _error(self, code: str, message: str, ref: Any = None) -> None:
         frame: Frame = {"type": "error", "code": code, "message": message}

@@ -1,7 +1,9 @@
 """The dashboard pages: the device list at `/` and one device at `/devices/<id>/`.
 
-Both are rendered on the server (Django autoescapes every value) and then kept live by the
-static scripts in ``dashboard/static/dashboard/`` over `/ws/dashboard/` (docs/interface.md §6).
+The list page is a shell of a few kilobytes whatever the fleet's size: its rows come one page
+at a time over `/ws/dashboard/` (a `view`, docs/interface.md §6.3). The device page is rendered
+on the server (Django autoescapes every value). Both are kept live by the static scripts in
+``dashboard/static/dashboard/``.
 """
 
 from __future__ import annotations
@@ -15,15 +17,12 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
 from alerts.views import can_acknowledge
+from dashboard.fleet import DEFAULT_LIMIT, STALE_SECONDS
 from devices.commands.service import can_command
 from devices.conventions.kinds import LABELS, command_buttons, convention, is_diagnostic
 from devices.models import Command, Device
 from devices.telemetry.parsing import valid_device_id
 
-#: A device that says it is online but has sent nothing for this long is shown as "stale".
-#: Simulated and typical devices report every 1-60 s; two minutes tolerates a missed report
-#: or two without hiding a device whose firmware hung while its MQTT session stayed up.
-STALE_SECONDS = 120
 #: Commands listed on a device page when it is opened (newer ones arrive as frames).
 RECENT_COMMANDS = 20
 
@@ -53,10 +52,9 @@ def _row(device: Device) -> dict[str, Any]:
 @never_cache
 @login_required
 def index(request: HttpRequest) -> HttpResponse:
-    """The dashboard (login required): the device table as stored, which app.js keeps live."""
-    devices = [_row(d) for d in Device.objects.all()]
+    """The dashboard (login required): the fleet overview and device list, filled by app.js."""
     context = {
-        "devices": devices,
+        "page_size": DEFAULT_LIMIT,
         "stale_seconds": STALE_SECONDS,
         "can_ack": can_acknowledge(request.user),
     }

@@ -9,41 +9,16 @@ import socket
 import pytest
 import websockets
 from asgiref.sync import sync_to_async
-from channels.auth import AuthMiddlewareStack
-from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
-from django.test import Client
-from django.urls import path
 from prometheus_client import REGISTRY
 
-from dashboard.consumers import CLOSE_SLOW_CLIENT, DashboardConsumer
-from dashboard.routing import websocket_urlpatterns
+from dashboard.consumers import CLOSE_SLOW_CLIENT
 from devices.models import Device
-from gateway.origin import SameOriginValidator
+from tests.support.dashboard_ws import connect, session_of, websocket_app, ws_headers
 from tests.support.web import run_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-HOST = "gateway.test:8000"
-ORIGIN = f"http://{HOST}"
-
-
-def websocket_app(**consumer_kwargs):
-    """The `websocket` branch of gateway/asgi.py, optionally with tuned consumer settings."""
-    routes = websocket_urlpatterns
-    if consumer_kwargs:
-        routes = [path("ws/dashboard/", DashboardConsumer.as_asgi(**consumer_kwargs))]
-    return SameOriginValidator(AuthMiddlewareStack(URLRouter(routes)))
-
-
-def ws_headers(cookie: str | None, origin: str | None = ORIGIN, host: str = HOST):
-    headers = [(b"host", host.encode())]
-    if origin is not None:
-        headers.append((b"origin", origin.encode()))
-    if cookie is not None:
-        headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
-    return headers
 
 
 def gauge(name: str, labels: dict | None = None) -> float:
@@ -54,18 +29,7 @@ def gauge(name: str, labels: dict | None = None) -> float:
 def session_cookie(django_user_model) -> str:
     """A real session of a logged-in user, as the browser's cookie carries it."""
     user = django_user_model.objects.create_user("alice", password="correct horse battery")
-    client = Client()
-    client.force_login(user)
-    return client.cookies[settings.SESSION_COOKIE_NAME].value
-
-
-async def connect(cookie, app=None, **header_kwargs) -> WebsocketCommunicator:
-    comm = WebsocketCommunicator(
-        app or websocket_app(), "/ws/dashboard/", headers=ws_headers(cookie, **header_kwargs)
-    )
-    connected, _ = await comm.connect(timeout=5)
-    assert connected
-    return comm
+    return session_of(user)
 
 
 async def test_anonymous_handshake_is_refused(layer):

@@ -149,6 +149,7 @@
     render(); // the rows were rebuilt: put the badges back, then refresh from the API
     refetch();
   });
+  G.on("view", badges); // another page of rows: badge the alerting ones
   G.on("alert", (frame) => {
     if (heard) heard.push(frame.alert);
     apply(frame.alert);

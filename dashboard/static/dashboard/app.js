@@ -1,6 +1,7 @@
-// The live device list: a snapshot on connect, then telemetry/status frames (docs/interface.md §6).
-// Frames only mark devices dirty; one requestAnimationFrame renders the changed rows, and
-// only their changed cells, so hundreds of devices reporting every second stay smooth.
+// The device list at fleet scale (docs/interface.md §6.3): the page asks the server for ONE
+// page of devices (a `view`: search, state, convention, sort, offset) and gets its rows, the
+// fleet's counts and from then on frames for those devices only. Frames only mark rows dirty;
+// one requestAnimationFrame renders the changed rows, and only their changed cells.
 "use strict";
 
 (function () {
@@ -8,20 +9,31 @@
   const el = G.el;
   const fleet = document.getElementById("fleet");
   const staleSeconds = Number(fleet.dataset.staleSeconds) || 120;
+  const pageSize = Number(fleet.dataset.pageSize) || 50;
   const tbody = document.querySelector("#devices tbody");
   const empty = document.getElementById("empty");
   const filter = document.getElementById("filter");
-  const counts = {
-    online: document.getElementById("count-online"),
-    stale: document.getElementById("count-stale"),
-    offline: document.getElementById("count-offline"),
-  };
+  const sortSelect = document.getElementById("sort");
+  const range = document.getElementById("range");
+  const prev = document.getElementById("prev");
+  const next = document.getElementById("next");
+  const conventionBox = document.getElementById("conventions");
+  const presenceButtons = [...document.querySelectorAll("#summary button[data-presence]")];
+  const counts = {};
+  for (const key of ["total", "problems", "alerting", "online", "stale", "offline"]) {
+    counts[key] = document.getElementById("count-" + key);
+  }
+  const CONVENTIONS = ["native", "tasmota", "discovery", "zigbee2mqtt", "serial", "modbus"];
 
-  const devices = new Map(); // id → {id, name, online, last_seen, transport, metrics}
+  // What this page looks at; sent on every (re)connection in the URL, and as a `view` frame.
+  const view = { q: "", presence: "all", convention: "all", sort: "problems", offset: 0, limit: pageSize };
+  let sent = 0; // ref of the last `view` frame sent: older answers are stale
+  let total = 0;
+
+  const devices = new Map(); // id → {id, name, online, last_seen, transport, metrics}: this page only
   const rows = new Map(); // id → {tr, name, idLabel, badge, transport, seen, metrics, chips}
   const dirty = new Set(); // ids to render on the next animation frame
   let renderScheduled = false;
-  let needle = "";
 
   function deviceUrl(id) {
     return "/devices/" + encodeURIComponent(id) + "/";
@@ -83,16 +95,10 @@
 
   function renderRow(device) {
     let row = rows.get(device.id);
-    if (!row) {
-      row = makeRow(device.id);
-      rows.set(device.id, row);
-      insertSorted(row.tr, device.id);
-    }
+    if (!row) return;
     const name = device.name || device.id;
     if (row.name.textContent !== name) row.name.textContent = name;
     row.idLabel.hidden = name === device.id;
-    row.text = (name + " " + device.id).toLowerCase();
-    row.tr.hidden = needle !== "" && !row.text.includes(needle);
     G.setBadge(row.badge, G.presence(device, staleSeconds));
     const convention = G.conventionLabel(device);
     if (row.transport.textContent !== convention) {
@@ -107,43 +113,60 @@
     renderMetrics(row, device.metrics);
   }
 
-  function insertSorted(tr, id) {
-    // Rows are kept in id order; new devices are rare, so a linear scan is fine.
-    for (const other of tbody.children) {
-      if (other.dataset.device > id) {
-        tbody.insertBefore(tr, other);
-        return;
-      }
-    }
-    tbody.appendChild(tr);
-  }
-
-  function renderSummary() {
-    const n = { online: 0, stale: 0, offline: 0 };
-    for (const device of devices.values()) n[G.presence(device, staleSeconds)] += 1;
-    for (const key of Object.keys(n)) {
-      const text = String(n[key]);
+  function renderCounts(fleetCounts) {
+    if (!fleetCounts || typeof fleetCounts !== "object") return;
+    const presence = fleetCounts.presence || {};
+    const numbers = {
+      total: fleetCounts.total, problems: fleetCounts.problems, alerting: fleetCounts.alerting,
+      online: presence.online, stale: presence.stale, offline: presence.offline,
+    };
+    for (const [key, value] of Object.entries(numbers)) {
+      const text = (G.isNumber(value) ? value : 0).toLocaleString();
       if (counts[key].textContent !== text) counts[key].textContent = text;
     }
-    empty.hidden = devices.size > 0;
+    const byConvention = fleetCounts.conventions || {};
+    const chips = CONVENTIONS.filter((c) => byConvention[c] > 0 || view.convention === c).map((c) => {
+      const button = el("button", "count count-convention");
+      button.type = "button";
+      button.dataset.convention = c;
+      button.setAttribute("aria-pressed", String(view.convention === c));
+      button.append(el("b", null, (byConvention[c] || 0).toLocaleString()), " " + G.conventionLabel({ convention: c }));
+      return button;
+    });
+    conventionBox.replaceChildren(...chips);
+  }
+
+  function renderPager() {
+    const first = total ? view.offset + 1 : 0;
+    const last = Math.min(view.offset + rows.size, total);
+    range.textContent = first.toLocaleString() + "–" + last.toLocaleString() + " of " + total.toLocaleString();
+    prev.disabled = view.offset <= 0;
+    next.disabled = view.offset + view.limit >= total;
+    empty.hidden = total > 0;
+    empty.textContent = view.q || view.presence !== "all" || view.convention !== "all"
+      ? "No device matches."
+      : "No devices yet. They appear here on their first message.";
+    for (const button of presenceButtons) {
+      button.setAttribute("aria-pressed", String(button.dataset.presence === view.presence));
+    }
   }
 
   function render() {
     renderScheduled = false;
-    const flash = dirty.size <= 50; // a whole fleet changing at once needs no highlight
+    const flash = dirty.size <= 50; // a whole page changing at once needs no highlight
     for (const id of dirty) {
       const device = devices.get(id);
-      if (!device) continue;
+      const row = rows.get(id);
+      if (!device || !row) continue;
       renderRow(device);
-      if (flash && rows.get(id).tr.animate) {
-        rows.get(id).metrics.animate(
+      if (flash && row.metrics.animate) {
+        row.metrics.animate(
           [{ backgroundColor: "var(--flash)" }, { backgroundColor: "transparent" }],
           { duration: 700, easing: "ease-out" },
         );
       }
     }
     dirty.clear();
-    renderSummary();
   }
 
   function markDirty(id) {
@@ -153,25 +176,19 @@
     requestAnimationFrame(render);
   }
 
-  function device(id) {
-    let d = devices.get(id);
-    if (!d) {
-      d = { id: id, name: id, online: false, last_seen: null, transport: "", metrics: {} };
-      devices.set(id, d);
-    }
-    return d;
-  }
-
-  function onSnapshot(frame) {
-    // Replace everything: a reconnect must not duplicate or keep forgotten devices.
+  // A snapshot or `view` frame: REPLACE the page with its rows, in the server's order.
+  function onPage(frame) {
+    if (frame.type === "view" && frame.ref !== undefined && frame.ref !== sent) return; // superseded
+    const v = frame.view || {};
+    if (G.isNumber(v.offset)) view.offset = v.offset;
+    total = G.isNumber(v.total) ? v.total : (frame.devices || []).length;
     devices.clear();
     rows.clear();
     dirty.clear();
-    const list = (frame.devices || []).slice().sort((a, b) => (a.id < b.id ? -1 : 1));
     const fragment = document.createDocumentFragment();
-    for (const d of list) {
-      if (!d || typeof d.id !== "string") continue;
-      const copy = Object.assign({ metrics: {} }, d);
+    for (const d of frame.devices || []) {
+      if (!d || typeof d.id !== "string" || devices.has(d.id)) continue;
+      const copy = Object.assign({ metrics: {} }, d, { metrics: Object.assign({}, d.metrics || {}) });
       devices.set(d.id, copy);
       const row = makeRow(d.id);
       rows.set(d.id, row);
@@ -179,22 +196,33 @@
       renderRow(copy);
     }
     tbody.replaceChildren(fragment);
-    renderSummary();
+    renderCounts(frame.fleet);
+    renderPager();
   }
 
-  G.connect({
-    snapshot: onSnapshot,
+  function query() {
+    const params = new URLSearchParams();
+    for (const [key, value] of Object.entries(view)) params.set(key, String(value));
+    return params.toString();
+  }
+
+  const socket = G.connect({
+    snapshot: onPage,
+    view: onPage,
+    fleet(frame) {
+      renderCounts(frame.fleet);
+    },
     telemetry(frame) {
-      if (typeof frame.device !== "string") return;
-      const d = device(frame.device);
+      const d = devices.get(frame.device); // devices off this page are not ours to show
+      if (!d) return;
       Object.assign(d.metrics, frame.metrics || {});
       if (G.isNumber(frame.ts)) d.last_seen = frame.ts;
       d.online = true;
       markDirty(d.id);
     },
     status(frame) {
-      if (typeof frame.device !== "string") return;
-      const d = device(frame.device);
+      const d = devices.get(frame.device);
+      if (!d) return;
       d.online = Boolean(frame.online);
       if (G.isNumber(frame.ts) && d.online) d.last_seen = frame.ts;
       markDirty(d.id);
@@ -202,16 +230,46 @@
     error(frame) {
       console.warn("dashboard error", frame.code, frame.message);
     },
-  });
+  }, query);
+
+  // Ask for the current view; the answer replaces the page (only the newest answer counts).
+  function ask(resetOffset) {
+    if (resetOffset) view.offset = 0;
+    sent += 1;
+    socket.send(Object.assign({ type: "view", ref: sent }, view));
+  }
 
   filter.addEventListener("input", () => {
-    needle = filter.value.trim().toLowerCase();
-    for (const row of rows.values()) row.tr.hidden = needle !== "" && !row.text.includes(needle);
+    view.q = filter.value.trim().toLowerCase().slice(0, 100);
+    ask(true);
+  });
+  sortSelect.addEventListener("change", () => {
+    view.sort = sortSelect.value;
+    ask(true);
+  });
+  for (const button of presenceButtons) {
+    button.addEventListener("click", () => {
+      view.presence = button.dataset.presence;
+      ask(true);
+    });
+  }
+  conventionBox.addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-convention]");
+    if (!button) return;
+    view.convention = view.convention === button.dataset.convention ? "all" : button.dataset.convention;
+    ask(true);
+  });
+  prev.addEventListener("click", () => {
+    view.offset = Math.max(0, view.offset - view.limit);
+    ask(false);
+  });
+  next.addEventListener("click", () => {
+    view.offset += view.limit;
+    ask(false);
   });
 
   // The page's one clock (live.js) also re-evaluates "stale" without waiting for a frame.
   G.onTick(() => {
     for (const [id, row] of rows) G.setBadge(row.badge, G.presence(devices.get(id), staleSeconds));
-    renderSummary();
   });
 })();

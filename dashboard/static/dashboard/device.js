@@ -502,7 +502,7 @@
     },
     command: onCommand,
     error: onError,
-  });
+  }, () => "device=" + encodeURIComponent(deviceId)); // this device's frames alone
 
   loadDescriptions();
 

@@ -146,8 +146,10 @@ window.Gateway = (function () {
 
   // A WebSocket that reconnects with exponential backoff and jitter. `handlers` maps frame
   // types to functions; every (re)connection starts with a snapshot, which the page must use
-  // to REPLACE its state. Returns {send(frame) → bool, isOpen()}.
-  function connect(handlers) {
+  // to REPLACE its state. `query()`, when given, returns the URL's query string on each
+  // (re)connection: a view (docs/interface.md §6.3) so the snapshot holds one page, not the
+  // fleet. Returns {send(frame) → bool, isOpen()}.
+  function connect(handlers, query) {
     const conn = document.getElementById("conn");
     let socket = null;
     let attempts = 0;
@@ -164,7 +166,8 @@ window.Gateway = (function () {
       retryTimer = null;
       const scheme = location.protocol === "https:" ? "wss://" : "ws://";
       setConnection("connecting", attempts ? "reconnecting…" : "connecting…");
-      socket = new WebSocket(scheme + location.host + WS_PATH);
+      const search = typeof query === "function" ? query() : "";
+      socket = new WebSocket(scheme + location.host + WS_PATH + (search ? "?" + search : ""));
       socket.onopen = () => {
         attempts = 0;
         setConnection("connected", "live");
