@@ -93,14 +93,39 @@ def refused(response) -> bool:
 @pytest.mark.parametrize(("route", "name"), [r for r in ROUTES if r[1] not in PUBLIC])
 def test_strangers_are_refused_everywhere_but_the_public_entries(client: Client, route, name):
     url = sample_url(route)
-    outcomes = {m: getattr(client, m)(url, follow=True) for m in ("get", "post")}
-    for method, response in outcomes.items():
-        # 405: this method is not served at all here (the other one must then be refused).
-        assert refused(response) or response.status_code == 405, (
-            f"anonymous {method.upper()} {url} ({name}) answered {response.status_code}"
-        )
-    assert any(refused(r) for r in outcomes.values()), f"{url} ({name}) only answered 405"
+    for method in ("get", "post"):
+        response = getattr(client, method)(url, follow=True)
+        expected = stranger_answer(name, method)
+        if expected == "login":  # a page: the browser is sent to a login page
+            assert refused(response) and response.redirect_chain, (name, method, response)
+        else:
+            assert response.status_code == expected, (name, method, response.status_code)
+        if name in API_POSTS | API_NO_POST:  # the JSON API answers JSON, refusals included
+            assert "error" in response.json(), (name, method, response.content[:200])
     assert not Command.objects.exists()
+
+
+#: Pages that serve only POST (Django's LogoutView): a GET is 405, whoever asks.
+POST_ONLY_PAGES = {"logout"}
+#: The JSON API's entries that take a POST and no GET (§5.3, §8).
+API_POST_ONLY = {"devices:device-commands", "alerts:acknowledge"}
+
+
+def stranger_answer(name: str, method: str) -> int | str:
+    """What an anonymous GET or POST to an entry gets (docs/interface.md §5): the JSON API 401
+    for what it serves and 405 for what it does not (the method check first); a page sends
+    the browser to log in ("login"), except the methods it does not serve (405)."""
+    if name in API_POSTS or name in API_NO_POST:
+        if name in API_POST_ONLY:
+            served = {"post"}
+        elif name in API_POSTS:  # a list that also creates (the alert rules)
+            served = {"get", "post"}
+        else:
+            served = {"get"}
+        return 401 if method in served else 405
+    if name in POST_ONLY_PAGES and method == "get":
+        return 405
+    return "login"
 
 
 @pytest.mark.django_db
