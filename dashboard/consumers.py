@@ -16,6 +16,10 @@ paged (dashboard/fleet.py): its snapshot and `view` frames carry one page of dev
 fleet's counts, it gets `telemetry`/`status` frames only for the devices on its page (a set
 lookup per frame), and fresh counts (a `fleet` frame) or a fresh page at most every
 `REFRESH_SECONDS` while something changes. A client that asks for nothing gets every device.
+
+Over 400 lines: one consumer whose three concerns (the bounded writer, commands, the paged
+view and its refresh timers) share the same per-client state and message loop; the view's
+data (index, filter, sort, page rows) lives in dashboard/fleet.py.
 """
 
 from __future__ import annotations
