@@ -1,4 +1,5 @@
-"""`python -m bench --quick` runs end to end and prints its table, so the bench never rots.
+"""`python -m bench --quick` (and `python -m bench alerts --quick`) run end to end and print
+their tables, so the bench never rots.
 
 It drives real processes (mosquitto, redis-server, the gateway, the bare subscriber); the
 mqttasgi peer is skipped here because its virtualenv is built from PyPI on first use.
@@ -30,20 +31,40 @@ ROWS = [
 ]
 
 
-@pytest.mark.timeout(150)
-def test_bench_quick_prints_every_row():
+def run_bench(*args: str) -> str:
+    """`python -m bench ARGS` to completion (it must succeed); its standard output."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--skip", "peer"],
+        [sys.executable, "-m", "bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=140,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    return result.stdout
+
+
+@pytest.mark.timeout(150)
+def test_bench_quick_prints_every_row():
+    stdout = run_bench("--quick", "--skip", "peer")
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
     for row in ROWS:
-        assert any(line.startswith(f"| {row}") for line in table), (row, result.stdout)
+        assert any(line.startswith(f"| {row}") for line in table), (row, stdout)
     # Every measured row carries a baseline from the same run (n/a only for commands).
     for line in table[1:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] and cells[2], line
+
+
+@pytest.mark.timeout(150)
+def test_bench_alerts_quick_prints_both_rows_with_the_rules_loaded():
+    """Both alert rows ran with the 1,000 rules loaded: the one rule that holds raised its 100
+    alerts in each (bench/alerts.py)."""
+    stdout = run_bench("alerts", "--quick")
+    rows = [line for line in stdout.splitlines() if line.startswith("| 1,000 alert rules")]
+    assert len(rows) == 2, stdout
+    for row in rows:
+        assert "100 alerts active" in row, row
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert "µs" in cells[1] and cells[2].startswith("rules disabled: "), row
+    assert rows[0].rstrip(" |").endswith(("met", "MISSED")), rows[0]

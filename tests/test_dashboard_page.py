@@ -298,4 +298,5 @@ def test_a_modbus_unit_is_offered_its_writable_points_and_a_tasmota_row_its_conv
     html = client.get("/devices/relays/").content.decode()
     assert 'data-name="relay8" data-args="{&quot;value&quot;: false}"' in html
     assert "relay1 on" in html and "Modbus" in html
-    # The list's rows (convention, diagnostics folded) are app.js's: tests/test_dashboard_fleet_browser.py.
+    # The list's rows (convention, diagnostics folded) are app.js's:
+    # tests/test_dashboard_fleet_browser.py.
