@@ -14,7 +14,7 @@ offline), a logged-in Chromium, and:
   the page's answer time to a trivial script call every 100 ms (median, max);
 - **memory**: the page's JS heap and DOM element count after the load.
 
-Targets (issue 21): page < 0.5 MB, ready ≤ 1.5 s, search < 300 ms, no task over 250 ms, the
+Targets: page < 0.5 MB, ready ≤ 1.5 s, search < 300 ms, no task over 250 ms, the
 same at 100 devices.
 """
 

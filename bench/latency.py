@@ -43,7 +43,7 @@ DEVICES = 50  # × 20 Hz each
 METRICS = (4, 10, 15)
 DBS = ("sqlite", "postgresql")
 LAYERS = ("in-memory", "channels-redis")
-TARGET_P99, TARGET_MAX = 0.010, 0.025  # issue 18
+TARGET_P99, TARGET_MAX = 0.010, 0.025  # docs/performance.md "The latency tail"
 LAG = "gateway_event_loop_lag_seconds"
 
 

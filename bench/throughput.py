@@ -1,4 +1,4 @@
-"""The cost rows of issue 18: the gateway's CPU per message and ingest rate against a bare
+"""The cost rows: the gateway's CPU per message and ingest rate against a bare
 aiomqtt subscriber speaking MQTT 3.1.1 (the target's baseline) and one speaking v5, both from
 the same run, at 2 and at 15 values per message, and at each fleet size.
 

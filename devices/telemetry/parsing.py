@@ -101,7 +101,7 @@ def valid_metric_name(name: object) -> bool:
 @functools.lru_cache(maxsize=8192)
 def _clean_name(name: str) -> bool:
     # Cached: every message of a device repeats its names, and the regex scan of each was
-    # ~4 % of the event loop at 15 values per message (docs/performance.md, issue 18);
+    # ~4 % of the event loop at 15 values per message (docs/performance.md);
     # bounded, so a publisher inventing names only churns it.
     return 0 < len(name) <= MAX_METRIC_NAME and _CONTROL.search(name) is None
 

@@ -218,9 +218,9 @@ def _ensure_devices(device_ids: set[str], updates: Mapping[str, DeviceUpdate], u
 
     Such devices nearly always exist: with a backlog, the first batch takes every pending
     update and the next ones carry rows only (up to a device per message at 10,000 devices).
-    So they are looked up, one query per chunk, and only the deleted ones created: building a
-    model instance per device for `bulk_create` was 37 % of the writer thread at 10,000
-    devices (docs/performance.md, issue 18).
+    So they are looked up, one query per chunk, and only the deleted ones created: a model
+    instance per device for `bulk_create` would cost a third of the writer thread at 10,000
+    devices (docs/performance.md).
     """
     missing = device_ids.difference(updates)
     if not missing:

@@ -58,7 +58,7 @@ class SocketReader:
 
     paho reads a packet with three `recv` calls (its type byte, its length byte by byte, the
     rest): three system calls per message, 12 % of the event loop's time under load
-    (docs/performance.md, issue 18). This hands paho the same bytes from one large read.
+    (docs/performance.md). This hands paho the same bytes from one large read.
     Bytes held here do not make the socket readable, so `read_burst` schedules `resume`
     (the server's read callback) for the next loop turn while any are left.
     """
@@ -174,7 +174,7 @@ def decode_publish(header: int, packet: bytearray, protocol: int) -> _packet.Pub
 
     paho parses the properties of every v5 PUBLISH, even an empty set: a `Properties.clear()`
     of 27 `hasattr` calls and two buffer copies, 8 µs of the 10 µs it spends per message
-    (docs/performance.md, issue 18). Most devices send no properties, so a zero property
+    (docs/performance.md). Most devices send no properties, so a zero property
     length gets an empty `Properties` at once; anything else (properties present, a short or
     malformed packet) goes to paho's own decoder, errors included.
     """
