@@ -130,11 +130,12 @@ def run_demo(
     root: Path = ROOT,
     logged_in: Callable[[str, str, int], None] | None = None,
     deadline_s: float = DEADLINE,
+    env_extra: dict[str, str] | None = None,
 ) -> str:
     """Launch `root`'s `bin/run` isolated in `tmp_path`, check the acceptance scenario, stop it
     with SIGINT (to the process, or to its whole process group as a terminal's Ctrl-C does) and
     check that everything exited; returns the demo's output. `logged_in(user, password, port)`
-    runs once the printed login has been seen. Outside this checkout (`root` a fresh clone) the
+    runs once the printed login has been seen; `env_extra` is added to its environment. Outside this checkout (`root` a fresh clone) the
     database and secret key are the clone's own defaults, as a newcomer gets them."""
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in (*SCRUBBED, "DJANGO_SECRET_KEY")}
@@ -157,6 +158,7 @@ def run_demo(
         )
     if redis_url:
         env["REDIS_URL"] = redis_url
+    env.update(env_extra or {})
     started = time.monotonic()
     proc = subprocess.Popen(
         [str(root / "bin" / "run"), "--port", str(http_port)],
