@@ -135,8 +135,9 @@ def run_demo(
     """Launch `root`'s `bin/run` isolated in `tmp_path`, check the acceptance scenario, stop it
     with SIGINT (to the process, or to its whole process group as a terminal's Ctrl-C does) and
     check that everything exited; returns the demo's output. `logged_in(user, password, port)`
-    runs once the printed login has been seen; `env_extra` is added to its environment. Outside this checkout (`root` a fresh clone) the
-    database and secret key are the clone's own defaults, as a newcomer gets them."""
+    runs once the printed login has been seen; `env_extra` is added to its environment.
+    Outside this checkout (`root` a fresh clone) the database and secret key are the clone's
+    own defaults, as a newcomer gets them."""
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in (*SCRUBBED, "DJANGO_SECRET_KEY")}
     env.update(
