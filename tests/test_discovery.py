@@ -170,7 +170,9 @@ class Bridge:
     async def outputs(self, wait: float = 10.0) -> list[dict]:
         """Everything the instances sent (not yet taken) for the messages sent to them so far,
         taken once each has handled those messages (`MqttCommunicator.handled`), not after a
-        quiet spell: `== []` proves that nothing was sent."""
+        quiet spell: `== []` proves that nothing was sent. A command reaches the config
+        instance over the channel layer, which the marker does not follow: for those, wait
+        for a later command's publish or the command's final status."""
         events: list[dict] = []
         for comm in list(self.instances.values()):
             await comm.handled(wait)
