@@ -156,7 +156,7 @@ async def test_receive_nothing_is_decided_once_the_app_handled_what_it_was_sent(
     assert await comm.receive_nothing()
     await comm.send_message("in/1", b"late")
     # Not a quiet spell: asgiref's receive_nothing (0.1 s of silence) would say True here.
-    assert not await comm.receive_nothing()
+    assert not await comm.receive_nothing(timeout=5)
     assert comm.output_queue.get_nowait()["payload"] == b"late"  # there already
     await comm.retire()
 
