@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from channels.layers import get_channel_layer
 
@@ -134,6 +137,35 @@ async def test_unhandled_event_type_raises():
     await comm.send_message("in/1", b"x")  # MqttConsumer has no mqtt_message handler
     with pytest.raises(ValueError, match="No handler"):
         await comm.wait(1)
+
+
+class SlowConsumer(MqttConsumer):
+    """Echoes a message after blocking work in a thread (as a database call is); `quiet`
+    messages are handled without a word."""
+
+    async def mqtt_message(self, message):
+        if message["payload"] != b"quiet":
+            await asyncio.to_thread(time.sleep, 0.3)
+            await self.publish("out/slow", message["payload"])
+
+
+async def test_receive_nothing_is_decided_once_the_app_handled_what_it_was_sent():
+    comm = MqttCommunicator(TopicRouter([topic("in/{id}", SlowConsumer.as_asgi())]), topic="in/1")
+    await comm.send_message("in/1", b"quiet")
+    # The marker behind it never reaches the app, which has no handler for it and would raise.
+    assert await comm.receive_nothing()
+    await comm.send_message("in/1", b"late")
+    # Not a quiet spell: asgiref's receive_nothing (0.1 s of silence) would say True here.
+    assert not await comm.receive_nothing(timeout=5)
+    assert comm.output_queue.get_nowait()["payload"] == b"late"  # there already
+    await comm.retire()
+
+
+async def test_handled_raises_what_the_app_raised():
+    comm = MqttCommunicator(TopicRouter([topic("in/{id}", BadConsumer.as_asgi())]), topic="in/1")
+    await comm.send_message("in/1", b"x")
+    with pytest.raises(InvalidEvent, match="wildcards"):
+        await comm.handled()
 
 
 def test_communicator_needs_a_known_topic_or_route():

@@ -18,6 +18,7 @@ from firmware_sim.serial_device import open_pty
 from gateway.metrics import CONSUMER_ERRORS, MESSAGES_REJECTED, SERIAL_FRAMES
 from gateway.serial.server import SerialServer
 from tests.support.timing import allowance
+from tests.support.waiting import eventually
 
 
 class Pty:
@@ -251,11 +252,17 @@ async def test_unplug_then_replug_at_same_path_resumes(tmp_path, caplog):
 
 
 async def test_port_absent_at_start_is_retried(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, "gateway.serial")
     link = str(tmp_path / "later")
     app = Recorder()
     async with serving(app, link) as server:
-        await asyncio.sleep(0.5)
+        # Sentinel: a second attempt (logged at DEBUG) failed too; nothing connected before it.
+        await eventually(
+            lambda: any("still unavailable" in r.getMessage() for r in caplog.records),
+            what="the absent port tried again",
+        )
         assert not server.connected
+        assert app.events.empty() and app.scopes == []  # no instance, no serial.connect
         device = Pty(link)
         try:
             await app.next("serial.connect", timeout=5)

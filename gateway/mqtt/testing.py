@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from asyncio import FIRST_COMPLETED
 from typing import Any
 
 from channels.testing import ApplicationCommunicator
@@ -10,6 +11,9 @@ from channels.testing import ApplicationCommunicator
 from gateway.exceptions import InvalidEvent
 from gateway.mqtt.events import ASGI, validate_app_event
 from gateway.mqtt.routing import find_topic_router
+
+#: The type of the marker `MqttCommunicator.handled` queues; taken by `receive`, never handed on.
+HANDLED = "mqtt.communicator.handled"
 
 
 class TestAck:
@@ -70,6 +74,14 @@ class MqttCommunicator(ApplicationCommunicator):
         self._ack_seen: asyncio.Event | None = None
 
         async def validating_app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+            async def marked_receive() -> Any:
+                while True:
+                    event = await receive()
+                    if event.get("type") != HANDLED:
+                        return event
+                    if not event["reached"].done():
+                        event["reached"].set_result(None)
+
             async def checked_send(event: Any) -> None:
                 event = validate_app_event(event)
                 if event["type"] == "mqtt.ack":
@@ -77,7 +89,7 @@ class MqttCommunicator(ApplicationCommunicator):
                     return
                 await send(event)
 
-            return await application(scope, receive, checked_send)
+            return await application(scope, marked_receive, checked_send)
 
         super().__init__(validating_app, self.scope)
 
@@ -146,6 +158,36 @@ class MqttCommunicator(ApplicationCommunicator):
         event = await self.receive_output(timeout)
         assert event["type"] == "mqtt.publish", f"expected mqtt.publish, got {event!r}"
         return event
+
+    async def handled(self, timeout: float = 1) -> None:  # noqa: ASYNC109
+        """Wait until the app has handled every event sent to it so far.
+
+        A marker queued after those events is taken by the app's next `receive`, which a
+        consumer calls only once it is done with the previous event (one at a time, in order),
+        so whatever it sent for them is in the output queue by then. The app never sees the
+        marker. Not covered: work the app hands on (a task, a thread, the telemetry pipeline)
+        or a channel-layer message it handles while it waits in `receive`: wait for that
+        work's own effect, or for a later message on the same path.
+        """
+        reached = asyncio.get_running_loop().create_future()
+        await self.send_input({"type": HANDLED, "reached": reached})
+        await asyncio.wait({reached, self.future}, timeout=timeout, return_when=FIRST_COMPLETED)
+        if self.future.done():
+            self.future.result()  # raises what the app raised
+        if reached.done():
+            return
+        reached.cancel()
+        if self.future.done():
+            raise AssertionError("the app ended before it handled the events sent to it")
+        raise TimeoutError(f"the app did not handle the events sent to it within {timeout} s")
+
+    async def receive_nothing(self, timeout: float = 1) -> bool:  # noqa: ASYNC109
+        """True if the app sent nothing (still unread) for the events sent to it so far.
+
+        Decided once the app has `handled` them, not after a pause as in asgiref's version.
+        """
+        await self.handled(timeout)
+        return self.output_queue.empty()
 
     async def retire(self, timeout: float = 1) -> None:  # noqa: ASYNC109
         """Send `mqtt.retire` and wait for the app to return (raises if it raised)."""
