@@ -260,10 +260,11 @@ async def _through_the_gateway(
             )
             resumed = time.monotonic() - replugged
             print(f"replug → first telemetry frame on the dashboard: {resumed:.2f} s")
-            # The documented 2 s (backoff cap 1 s + reopen); 4 s and stretched under load
-            # (tests/support/timing.py): the gateway is a child process on a shared machine.
+            # Within one backoff step (at most 1 s, docs/asgi-serial.md) plus the reopen; 4 s
+            # and stretched under load (tests/support/timing.py): the gateway is a child
+            # process on a shared machine.
             bound = allowance(4.0)
-            assert resumed < bound, f"telemetry resumed {resumed:.2f} s after replug (target 2 s)"
+            assert resumed < bound, f"telemetry resumed {resumed:.2f} s after replug (≤ 1 s step)"
 
             def finished(f: dict) -> bool:
                 return (
