@@ -236,7 +236,7 @@ async def test_unplug_then_replug_at_same_path_resumes(tmp_path, caplog):
         device.close()  # unplug: pty gone, symlink removed
         event = await app.next("serial.disconnect")
         assert event["reason"] == "lost" and event["error"]
-        await asyncio.sleep(1.2)  # absent for a while: backoff reaches its maximum
+        await asyncio.sleep(1.2)  # absent for a while: the backoff steps grow (0.8 s by now)
         assert not server.connected
         device = Pty(link)  # replug: the same path now points to a new pty
         replugged = time.monotonic()
@@ -245,7 +245,7 @@ async def test_unplug_then_replug_at_same_path_resumes(tmp_path, caplog):
         assert await app.frames(1) == [b"n=2"]
         latency = time.monotonic() - replugged
         print(f"\nserial replug → first frame: {latency:.3f} s")
-        assert latency < allowance(2.0)  # the documented 2 s, stretched under load
+        assert latency < allowance(2.0)  # a backoff step (≤ 1 s) + reopen, stretched under load
     device.close()
     assert any("lost" in r.getMessage() for r in caplog.records)
     assert any("reopened" in r.getMessage() for r in caplog.records)
