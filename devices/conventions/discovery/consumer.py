@@ -52,6 +52,7 @@ from gateway.mqtt.consumer import MqttConsumer
 logger = logging.getLogger(__name__)
 
 SOURCE = "discovery"
+MQTT = Transport.MQTT.value
 #: Commands remembered per device while awaiting the state that acknowledges them.
 MAX_AWAITING = 64
 
@@ -331,7 +332,7 @@ class EntityConsumer(_DiscoveredDevices):
                 metrics = state_metrics(entity, topic, message)
                 if metrics:
                     readings.setdefault(entity.device_id, {}).update(metrics)
-                if topic == entity.state_topic:
+                if topic == entity.state_topic and self.state.awaiting.get(entity.device_id):
                     await self.answer(entity, state_text(entity, message))
         pipeline = get_pipeline()
         now = time.time()
@@ -339,14 +340,14 @@ class EntityConsumer(_DiscoveredDevices):
             if not event.get("retain"):
                 pipeline.submit_reading(
                     device_id,
-                    Transport.MQTT.value,
+                    MQTT,
                     now,
                     metrics,
                     source=SOURCE,
                     durable=self.defer_ack(),
                 )
-            if not self._has_availability(device_id):
-                await self.set_online(device_id, True)
+            if not self.state.online.get(device_id) and not self._has_availability(device_id):
+                await self.set_online(device_id, True)  # heard: online (no availability topic)
         for device_id in presence:
             await self.set_online(device_id, self._available(device_id))
 
