@@ -3,7 +3,8 @@
 Jinja2's `SandboxedEnvironment` keeps a template away from Python internals; on top of it each
 render is bounded so a hostile or careless document cannot stall the bridge or eat its memory:
 
-- the source is at most `MAX_SOURCE` characters and is compiled once per entity;
+- the source is at most `MAX_SOURCE` characters and is compiled once per distinct text (the
+  last `MAX_COMPILED` kept), shared by every entity that ships it;
 - statically refused (`Unsupported`, with the reason): macros and call blocks (recursion),
   ``include``/``import``/``extends``, a ``for`` inside a ``for``, ``~`` inside ``set``, and any
   filter, test or global that is not in the tables below;
@@ -20,6 +21,9 @@ Jinja built-ins that cannot allocate (`lower`, `upper`, `trim`, `replace` (bound
 `list`, `tojson`…) plus HA's `float`/`int` with a default, `is_defined`, `iif`,
 `as_timestamp`, `timestamp_custom`, `bitwise_and`/`bitwise_or`, `from_json`/`to_json`,
 `regex_match`/`regex_search`… (regexes are limited to `MAX_REGEX` characters of pattern).
+
+The commonest shapes (``{{ value_json.x | float(0) }}``…) are read without a render by
+`direct` (same text, same filters; anything else still renders, direct.py says how).
 
 Over 400 lines on purpose: Home Assistant's filters and the bounds on every one of them are
 one sandbox; split, a filter could escape its bound.
