@@ -85,7 +85,9 @@ class Direct:
         return text.strip()
 
 
-def plan(tree: nodes.Template, filters: Mapping[str, Callable[..., Any]], limit: int) -> Any:
+def plan(
+    tree: nodes.Template, filters: Mapping[str, Callable[..., Any]], limit: int
+) -> Direct | None:
     """A `Direct` for a parsed template of the recognised shape, else None."""
     if len(tree.body) != 1 or not isinstance(tree.body[0], nodes.Output):
         return None
