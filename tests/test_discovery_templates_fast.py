@@ -6,13 +6,13 @@ The templates are the ones devices ship, copied from their sources:
 - Zigbee2MQTT: Koenkk/zigbee2mqtt lib/extension/homeassistant.ts (``value_json["<property>"]``
   for every exposed property, ``{{ value_json.state }}``, ``{{ value_json.log_level | lower }}``,
   ``{{ value_json.coordinator.meta.revision }}``, ``{{ value_json.permit_join | lower }}``),
-  states as in Koenkk/zigbee2mqtt.io docs/guide/usage/mqtt_topics_and_messages.md;
+  states in the format of Koenkk/zigbee2mqtt.io docs/guide/usage/mqtt_topics_and_messages.md;
 - rtl_433: merbanan/rtl_433 examples/rtl_433_mqtt_hass.py (``{{ value|float }}``,
   ``{{ value|int }}``, ``{{ value|float|round(1) }}``, ``{{ (float(value|float) * 3.6) |
   round(2) }}``), whose state topics carry one bare value each;
 - OpenMQTTGateway: 1technophile/OpenMQTTGateway main/config_mqttDiscovery.h
   (``{{ value_json.tempc | is_defined }}`` and its siblings, ``{{ float(value_json.pa) * 0.01 |
-  is_defined }}``), BLE states as its docs show them (``tempc``, ``hum``, ``batt``, ``volt``);
+  is_defined }}``), BLE states in the format its docs show (``tempc``, ``hum``, ``batt``, ``volt``);
 - Home Assistant's template docs (home-assistant.io source/_docs/configuration/
   templating.markdown): ``float(0)``, ``round``, ``default``;
 - the bench's device document (bench/scenarios.py `discovered_ingest`).
@@ -54,6 +54,7 @@ SHIPPED = [
     ("{{ value_json.coordinator.meta.revision }}",
      b'{"coordinator":{"meta":{"revision":20230507},"type":"zStack3x0"}}', "20230507"),
     ("{{ value_json.permit_join | lower }}", b'{"permit_join":false}', "false"),
+    # A piece of its update entity's template (the whole one builds JSON: rendered).
     ("{{ value_json['update']['installed_version'] }}",
      b'{"update":{"installed_version":587753021,"state":"idle"}}', "587753021"),
     # rtl_433_mqtt_hass.py: one bare value per topic.
