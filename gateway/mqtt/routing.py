@@ -179,7 +179,13 @@ class TopicRouter:
             if route.id in self._by_id:
                 raise ValueError(f"duplicate route name {route.id!r}")
             self._by_id[route.id] = route
-        self._table = [(route, pattern) for route in self.routes for pattern in route.patterns]
+        # Each pattern with its literal first level (None: a wildcard or parameter), compared
+        # before matching: most patterns a topic passes differ there.
+        self._table = [
+            (route, pattern, None if pattern.levels[0][0] else pattern.levels[0][1])
+            for route in self.routes
+            for pattern in route.patterns
+        ]
 
     @property
     def static_matches(self) -> list[Match]:
@@ -194,7 +200,7 @@ class TopicRouter:
     def subscriptions(self) -> list[str]:
         """The MQTT subscription filters covering every pattern, deduplicated, in route order."""
         return list(
-            dict.fromkeys(pattern.filter for route, pattern in self._table if route.subscribe)
+            dict.fromkeys(pattern.filter for route, pattern, _ in self._table if route.subscribe)
         )
 
     async def prepare(self) -> None:
@@ -212,7 +218,10 @@ class TopicRouter:
     def resolve(self, topic_name: str) -> Match | None:
         """The first route whose pattern matches `topic_name`, with its params, else None."""
         levels = topic_name.split("/")
-        for route, pattern in self._table:
+        head = levels[0]
+        for route, pattern, first in self._table:
+            if first is not None and first != head:
+                continue
             if route.accepts is not None and not route.accepts(topic_name):
                 continue
             params = pattern.match(levels)

@@ -52,6 +52,7 @@ from gateway.mqtt.consumer import MqttConsumer
 logger = logging.getLogger(__name__)
 
 SOURCE = "discovery"
+MQTT = Transport.MQTT.value
 #: Commands remembered per device while awaiting the state that acknowledges them.
 MAX_AWAITING = 64
 
@@ -312,8 +313,8 @@ class EntityConsumer(_DiscoveredDevices):
 
     async def handle(self, topic: str, event: dict[str, Any]) -> None:
         """State and availability of the entities listening to `topic`."""
-        registry = self.state.registry
-        listeners = registry.by_topic.get(topic)
+        state = self.state
+        listeners = state.registry.by_topic.get(topic)
         if not listeners:
             return  # unsubscribed a moment ago
         message = Message(event["payload"])
@@ -324,14 +325,14 @@ class EntityConsumer(_DiscoveredDevices):
                 if avail.topic == topic:
                     online = availability_of(avail, message)
                     if online is not None:
-                        self.state.heard += 1
-                        self.state.availability[topic] = (online, self.state.heard)
+                        state.heard += 1
+                        state.availability[topic] = (online, state.heard)
                         presence.add(entity.device_id)
-            if topic in (entity.state_topic, entity.brightness_state_topic):
+            if topic == entity.state_topic or topic == entity.brightness_state_topic:
                 metrics = state_metrics(entity, topic, message)
                 if metrics:
                     readings.setdefault(entity.device_id, {}).update(metrics)
-                if topic == entity.state_topic:
+                if topic == entity.state_topic and state.awaiting.get(entity.device_id):
                     await self.answer(entity, state_text(entity, message))
         pipeline = get_pipeline()
         now = time.time()
@@ -339,14 +340,14 @@ class EntityConsumer(_DiscoveredDevices):
             if not event.get("retain"):
                 pipeline.submit_reading(
                     device_id,
-                    Transport.MQTT.value,
+                    MQTT,
                     now,
                     metrics,
                     source=SOURCE,
                     durable=self.defer_ack(),
                 )
-            if not self._has_availability(device_id):
-                await self.set_online(device_id, True)
+            if not state.online.get(device_id) and not self._has_availability(device_id):
+                await self.set_online(device_id, True)  # heard: online (no availability topic)
         for device_id in presence:
             await self.set_online(device_id, self._available(device_id))
 

@@ -23,17 +23,21 @@ from devices.conventions.discovery.templates import RenderError, Template
 from gateway.exceptions import Rejected
 
 _NO_JSON = object()
+_UNREAD = object()
 
 
 class Message:
-    """One payload, decoded and JSON-parsed at most once for all entities reading it."""
+    """One payload, decoded, JSON-parsed and put through each distinct template at most once
+    for all the entities reading it (a device's entities often share one state topic)."""
 
-    __slots__ = ("payload", "_text", "_json")
+    __slots__ = ("payload", "_text", "_json", "_variables", "rendered")
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
         self._text: str | None = None
-        self._json: Any = None
+        self._json: Any = _UNREAD
+        self._variables: dict[str, Any] | None = None
+        self.rendered: dict[int, str] = {}  # id(template) → its text for this payload
 
     @property
     def text(self) -> str:
@@ -43,22 +47,32 @@ class Message:
 
     @property
     def json(self) -> Any:
-        if self._json is None:
+        if self._json is _UNREAD:
             try:
                 self._json = orjson.loads(self.payload)
             except orjson.JSONDecodeError:
                 self._json = _NO_JSON
         return self._json
 
+    @property
+    def variables(self) -> dict[str, Any]:
+        """A template's ``value`` and ``value_json`` (undefined when not JSON, as in HA)."""
+        if self._variables is None:
+            self._variables = {"value": self.text}
+            if self.json is not _NO_JSON:
+                self._variables["value_json"] = self.json
+        return self._variables
+
 
 def _render(template: Template, message: Message) -> str:
-    variables: dict[str, Any] = {"value": message.text}
-    if message.json is not _NO_JSON:
-        variables["value_json"] = message.json
-    try:
-        return template.render(**variables)
-    except RenderError as exc:
-        raise Rejected("bad_value", f"template: {exc}") from None
+    text = message.rendered.get(id(template))
+    if text is None:
+        try:
+            text = template.evaluate(message.variables)
+        except RenderError as exc:
+            raise Rejected("bad_value", f"template: {exc}") from None
+        message.rendered[id(template)] = text
+    return text
 
 
 def _raw(entity: Entity, message: Message, template: Template | None) -> Any:

@@ -3,7 +3,8 @@
 Jinja2's `SandboxedEnvironment` keeps a template away from Python internals; on top of it each
 render is bounded so a hostile or careless document cannot stall the bridge or eat its memory:
 
-- the source is at most `MAX_SOURCE` characters and is compiled once per entity;
+- the source is at most `MAX_SOURCE` characters and is compiled once per distinct text (the
+  last `MAX_COMPILED` kept), shared by every entity that ships it;
 - statically refused (`Unsupported`, with the reason): macros and call blocks (recursion),
   ``include``/``import``/``extends``, a ``for`` inside a ``for``, ``~`` inside ``set``, and any
   filter, test or global that is not in the tables below;
@@ -21,12 +22,16 @@ Jinja built-ins that cannot allocate (`lower`, `upper`, `trim`, `replace` (bound
 `as_timestamp`, `timestamp_custom`, `bitwise_and`/`bitwise_or`, `from_json`/`to_json`,
 `regex_match`/`regex_search`… (regexes are limited to `MAX_REGEX` characters of pattern).
 
+The commonest shapes (``{{ value_json.x | float(0) }}``…) are read without a render by
+`direct` (same text, same filters; anything else still renders, direct.py says how).
+
 Over 400 lines on purpose: Home Assistant's filters and the bounds on every one of them are
 one sandbox; split, a filter could escape its bound.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -40,6 +45,8 @@ from jinja2 import Undefined, nodes
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
+from devices.conventions.discovery.direct import FALLBACK, Direct, plan
+
 MAX_SOURCE = 4096
 MAX_OUTPUT = 65536
 MAX_STEPS = 20_000
@@ -49,6 +56,7 @@ MAX_EXPONENT = 64
 MAX_INT_BITS = 4096
 MAX_PRECISION = 15
 MAX_REGEX_SUBJECT = 4096
+MAX_COMPILED = 1024  # distinct template sources kept compiled (least recently used goes)
 # Nested quantifiers and quantified alternations: the patterns that backtrack exponentially.
 _EXPLOSIVE = re.compile(r"\([^)]*[+*}][^)]*\)[+*{]|\([^)]*\|[^)]*\)[+*{]|\\[1-9]")
 
@@ -367,9 +375,18 @@ class Template:
 
     source: str
     _compiled: Any
+    _direct: Direct | None = None  # the shape evaluated without a render (direct.py)
 
     def render(self, **variables: Any) -> str:
         """The rendered text, stripped; `RenderError` when it fails or breaks a bound."""
+        return self.evaluate(variables)
+
+    def evaluate(self, variables: dict[str, Any]) -> str:
+        """`render` with the variables in a dict (one per message, shared by its templates)."""
+        if self._direct is not None:
+            text = self._direct(variables)
+            if text is not FALLBACK:
+                return text
         budget = _Budget()
         _current.append(budget)
         try:
@@ -398,13 +415,20 @@ def compile_template(source: Any) -> Template:
         raise Unsupported("a template must be a string")
     if len(source) > MAX_SOURCE:
         raise Unsupported(f"template longer than {MAX_SOURCE} characters")
+    return _compile(source)
+
+
+@functools.lru_cache(maxsize=MAX_COMPILED)
+def _compile(source: str) -> Template:
+    """One compiled template per source text: a fleet of one model shares its templates."""
     try:
         tree = ENV.parse(source)
         _check(tree)
+        shortcut = plan(tree, ENV.filters, MAX_OUTPUT)  # before compiling (it rewrites the tree)
         compiled = ENV.from_string(tree)
     except TemplateError as exc:
         raise Unsupported(f"template does not parse: {exc}"[:300]) from None
-    return Template(source, compiled)
+    return Template(source, compiled, shortcut)
 
 
 def render_value(template: Template, payload: bytes | str) -> str:
