@@ -336,6 +336,9 @@ class EntityConsumer(_DiscoveredDevices):
                     await self.answer(entity, state_text(entity, message))
         pipeline = get_pipeline()
         now = time.time()
+        # The message is acknowledged once its last device's reading is stored: the writer
+        # stores submissions in order, so every earlier one is stored by then.
+        last = next(reversed(readings), None)
         for device_id, metrics in readings.items():
             if not event.get("retain"):
                 pipeline.submit_reading(
@@ -344,7 +347,7 @@ class EntityConsumer(_DiscoveredDevices):
                     now,
                     metrics,
                     source=SOURCE,
-                    durable=self.defer_ack(),
+                    durable=self.defer_ack() if device_id == last else None,
                 )
             if not state.online.get(device_id) and not self._has_availability(device_id):
                 await self.set_online(device_id, True)  # heard: online (no availability topic)
