@@ -8,7 +8,7 @@ bridges) never lose each other's keys; then inserts the readings with one prepar
 an update older than the row's ``last_seen`` never overwrites newer latest values or ``online``.
 
 A reading is stored once per (device, metric, ts): the insert skips one the table already has
-(``ON CONFLICT DO NOTHING`` on the ``reading_once`` constraint), so a retained message replayed
+(``ON CONFLICT DO NOTHING`` on the readings' primary key), so a retained message replayed
 on every subscribe, or a message redelivered to another bridge, adds nothing. A *quiet* update
 (a retained message: state, not news of the device) changes metrics and ``last_seen`` like any
 other but never ``online`` (docs/retained-and-presence.md).
