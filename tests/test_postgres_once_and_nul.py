@@ -1,7 +1,7 @@
 """On PostgreSQL: a reading is stored once whoever writes it, and device text with NUL is stored.
 
 Two bridges of a shared group write the same replayed reading at the same moment; the database's
-`reading_once` constraint keeps one (devices/telemetry/store.py). An ack whose result or error
+key (device, metric, ts) keeps one (devices/telemetry/store.py). An ack whose result or error
 carries ``\\u0000`` (valid JSON, refused by PostgreSQL's text and jsonb) finishes its command with
 the NUL replaced and counted (devices/storable.py).
 """
