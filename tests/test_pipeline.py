@@ -373,3 +373,20 @@ async def test_new_metric_names_past_the_per_device_bound_are_refused(pipeline):
     assert refused._value.get() - before == 2, "two messages lost names"
     assert len(acked) == 1, "a message refused whole is still acknowledged"
     assert (await Device.objects.aget(id="other")).metrics.keys() == {"x", "y", "z"}
+
+
+# Whole seconds (no fraction in the text), microsecond rounding edges, before 1970, far ahead.
+AWKWARD_TIMES = [TS, TS + 0.5, TS + 0.0000005, TS + 0.9999995, 1e9 + 0.123456, -1.5, 4.1e9]
+
+
+def test_the_writer_stores_each_time_as_django_would():
+    from devices.telemetry.store import _dt, _stamper
+
+    connection = connections["default"]
+    stamp = _stamper(connection)
+    adapt = connection.ops.adapt_datetimefield_value
+    assert [stamp(ts) for ts in AWKWARD_TIMES] == [adapt(_dt(ts)) for ts in AWKWARD_TIMES]
+    instants = sorted({_dt(ts) for ts in AWKWARD_TIMES})  # to the microsecond: TS + 0.0000005 is TS
+    assert write_batch([("d1", "t", ts, 1.0) for ts in AWKWARD_TIMES], {}) == len(instants) == 6
+    read = Reading.objects.filter(device_id="d1").order_by("ts").values_list("ts", flat=True)
+    assert list(read) == instants
