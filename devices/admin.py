@@ -39,8 +39,8 @@ class DeviceAdmin(admin.ModelAdmin):
 
 
 class ReadingAdmin(admin.ModelAdmin):
-    """Stored readings, list only: the table grows fast, so no full counts and a raw id device
-    field; newest first within a series (the key's order), no full sort of a big table.
+    """Stored readings, list only: the table grows fast, so no full counts; ordered as the key
+    (newest first within a series), so a page needs no sort of the whole table.
 
     A reading is keyed by (device, metric, ts), and Django 5.2's admin has no change, delete
     or history URLs for a composite key (`AdminSite.register` refuses such a model), so this

@@ -1,10 +1,11 @@
 """Migration devices/0006 keys readings by (device, metric, ts), on SQLite and PostgreSQL.
 
 A database with readings in the layout before (a row id, the `reading_once` unique index and
-the covering series index) is migrated: every reading is kept, a second copy of one can no
-longer be stored, the history answers as before, and the table is the one structure the model
-describes (SQLite: WITHOUT ROWID, no other index; PostgreSQL: the primary key INCLUDE (value),
-no other index). Migrating back restores the layout before, readings kept.
+the covering series index) is migrated to the latest: every reading is kept, a second copy of
+one can no longer be stored, the history answers as before, and the table is the one structure
+the model describes (SQLite: WITHOUT ROWID, no other index; PostgreSQL: the primary key INCLUDE
+(value), no other index; a later migration that made Django rebuild the table fails this).
+Migrating back restores the layout before, readings kept.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def layout():
             c.execute("SELECT type, name, sql FROM sqlite_master WHERE tbl_name = %s", [TABLE])
             return [[t, n, s.endswith("WITHOUT ROWID")] for t, n, s in sorted(c.fetchall())]
         c.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s", [TABLE])
-        return [[n, d.split(" USING ")[1]] for n, d in sorted(c.fetchall())]
+        indexes = [[n, d.split(" USING ")[1]] for n, d in sorted(c.fetchall())]
+        c.execute("SELECT reloptions FROM pg_class WHERE relname = %s", [TABLE])
+        return [*indexes, c.fetchone()[0]]  # and 0003's autovacuum setting, kept
 
 
 call_command("migrate", "devices", "0005", verbosity=0)
@@ -75,7 +78,7 @@ with connection.cursor() as c:
 out["before"] = stored()
 out["before refuses a copy"] = copy_refused()
 
-call_command("migrate", "devices", "0006", verbosity=0)
+call_command("migrate", "devices", verbosity=0)  # 0006 and any later one
 from devices.telemetry.store import write_batch
 from devices.views import history
 
@@ -145,10 +148,12 @@ def test_postgresql_readings_migrate_to_one_keyed_index_and_back():
     out = story(run_on_postgres)
     check_common(out)
     assert out["layout"] == [
-        ["devices_reading_pkey", "btree (device_id, metric, ts) INCLUDE (value)"]
+        ["devices_reading_pkey", "btree (device_id, metric, ts) INCLUDE (value)"],
+        ["autovacuum_vacuum_insert_scale_factor=0.01"],
     ]
     assert out["back layout"] == [
         ["devices_reading_pkey", "btree (id)"],
         ["reading_once", "btree (device_id, metric, ts)"],
         ["reading_series_covering", "btree (device_id, metric, ts, value)"],
+        ["autovacuum_vacuum_insert_scale_factor=0.01"],
     ]
