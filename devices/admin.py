@@ -38,7 +38,20 @@ class DeviceAdmin(admin.ModelAdmin):
         return format_html_join(mark_safe("<br>"), "{} ({}, {}){}{}", rows)
 
 
-class ReadingAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows are looked at here, never added, changed or deleted."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class ReadingAdmin(ReadOnlyAdmin):
     """Stored readings, list only: the table grows fast, so no full counts; ordered as the key
     (newest first within a series), so a page needs no sort of the whole table.
 
@@ -61,22 +74,13 @@ class ReadingAdmin(admin.ModelAdmin):
         name = f"{self.opts.app_label}_{self.opts.model_name}_changelist"
         return [path("", self.admin_site.admin_view(self.changelist_view), name=name)]
 
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
 
 # What `admin.site.register` does, less its refusal of a composite primary key (see above).
 admin.site._registry[Reading] = ReadingAdmin(Reading, admin.site)
 
 
 @admin.register(Command)
-class CommandAdmin(admin.ModelAdmin):
+class CommandAdmin(ReadOnlyAdmin):
     """The command audit trail: who commanded what, when, and how it ended; read-only.
 
     Commands are created through the dashboard or the API (permission, rate limit, delivery),
@@ -121,12 +125,3 @@ class CommandAdmin(admin.ModelAdmin):
     )
     readonly_fields = fields
     show_full_result_count = False
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
