@@ -17,7 +17,7 @@ from devices.telemetry.pipeline import (
     get_pipeline,
     merge_pending,
 )
-from devices.telemetry.store import write_batch
+from devices.telemetry.store import _dt, _stamper, write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
 from tests.support.checks import sql
 from tests.support.waiting import eventually
@@ -380,8 +380,6 @@ AWKWARD_TIMES = [TS, TS + 0.5, TS + 0.0000005, TS + 0.9999995, 1e9 + 0.123456, -
 
 
 def test_the_writer_stores_each_time_as_django_would():
-    from devices.telemetry.store import _dt, _stamper
-
     connection = connections["default"]
     stamp = _stamper(connection)
     adapt = connection.ops.adapt_datetimefield_value
