@@ -46,6 +46,7 @@ SUBCOMMANDS = {
     "latency": "the latency rows alone",
     "fleet": "the dashboard at 10,000 devices beside 100",
     "soak": "long steady load with broker and Redis restarts",
+    "store": "the telemetry writer's CPU per stored value, SQLite and PostgreSQL",
 }
 
 

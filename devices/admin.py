@@ -1,6 +1,7 @@
 """Django admin for devices, their telemetry and commands (docs/interface.md §5.1 `/admin/`)."""
 
 from django.contrib import admin
+from django.urls import path
 from django.utils.html import format_html_join
 from django.utils.safestring import mark_safe
 
@@ -37,22 +38,49 @@ class DeviceAdmin(admin.ModelAdmin):
         return format_html_join(mark_safe("<br>"), "{} ({}, {}){}{}", rows)
 
 
-@admin.register(Reading)
-class ReadingAdmin(admin.ModelAdmin):
-    """Stored readings; the table grows fast, so no full counts and a raw id device field."""
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows are looked at here, never added, changed or deleted."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class ReadingAdmin(ReadOnlyAdmin):
+    """Stored readings, list only: the table grows fast, so no full counts; ordered as the key
+    (newest first within a series), so a page needs no sort of the whole table.
+
+    A reading is keyed by (device, metric, ts), and Django 5.2's admin has no change, delete
+    or history URLs for a composite key (`AdminSite.register` refuses such a model), so this
+    admin serves the list alone, without links or actions, and is registered below.
+    """
 
     list_display = ("device", "metric", "ts", "value")
     list_filter = ("metric", ("device", admin.RelatedOnlyFieldListFilter))
     search_fields = ("device__id", "metric")
     date_hierarchy = "ts"
-    raw_id_fields = ("device",)
     list_select_related = ("device",)
-    ordering = ("-id",)  # insertion order: the primary key, no full sort of a big table
+    list_display_links = None
+    actions = None
+    ordering = ("device", "metric", "-ts")
     show_full_result_count = False
+
+    def get_urls(self) -> list:
+        name = f"{self.opts.app_label}_{self.opts.model_name}_changelist"
+        return [path("", self.admin_site.admin_view(self.changelist_view), name=name)]
+
+
+# What `admin.site.register` does, less its refusal of a composite primary key (see above).
+admin.site._registry[Reading] = ReadingAdmin(Reading, admin.site)
 
 
 @admin.register(Command)
-class CommandAdmin(admin.ModelAdmin):
+class CommandAdmin(ReadOnlyAdmin):
     """The command audit trail: who commanded what, when, and how it ended; read-only.
 
     Commands are created through the dashboard or the API (permission, rate limit, delivery),
@@ -97,12 +125,3 @@ class CommandAdmin(admin.ModelAdmin):
     )
     readonly_fields = fields
     show_full_result_count = False
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False

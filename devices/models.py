@@ -50,9 +50,21 @@ class Device(models.Model):
 
 
 class Reading(models.Model):
-    """One stored telemetry value: a device's metric at a time."""
+    """One stored telemetry value: a device's metric at a time.
 
-    # No index of its own: the series index below starts with device_id and serves the FK.
+    Keyed by (device, metric, ts), with no surrogate id: a reading is stored once, whichever
+    bridge, restart or retained replay delivers it again (docs/retained-and-presence.md; the
+    writer inserts with ON CONFLICT DO NOTHING), and the key is the one structure a stored
+    value costs. The history query's filter and order are the key; its `value` is in the key's
+    b-tree too (SQLite: a WITHOUT ROWID table; PostgreSQL: the key's index INCLUDEs value), so
+    one series' points are read from it alone, not from pages shared with every other series
+    (docs/performance.md, "History at 10 million rows"). Migration 0006 builds that layout;
+    Django's SQLite schema editor would rebuild the table as a rowid table if a later
+    migration altered a field of this model: tests/test_reading_key_migration.py checks it.
+    """
+
+    pk = models.CompositePrimaryKey("device", "metric", "ts")
+    # No index of its own: the key starts with device_id and serves the FK.
     device = models.ForeignKey(
         Device, on_delete=models.CASCADE, related_name="readings", db_index=False
     )
@@ -62,17 +74,6 @@ class Reading(models.Model):
 
     class Meta:
         verbose_name = "telemetry reading"
-        # The history query's filter and order (device, metric, ts), with `value` so the index
-        # covers it: one series' points are read from the index alone, not from heap pages
-        # shared with every other series (docs/performance.md, "History at 10 million rows").
-        indexes = [
-            models.Index(fields=["device", "metric", "ts", "value"], name="reading_series_covering")
-        ]
-        # A reading is stored once, whichever bridge, restart or retained replay delivers it
-        # again (docs/retained-and-presence.md); the writer inserts with ON CONFLICT DO NOTHING.
-        constraints = [
-            models.UniqueConstraint(fields=["device", "metric", "ts"], name="reading_once")
-        ]
 
     def __str__(self) -> str:
         return f"{self.device_id} {self.metric}={self.value} @ {self.ts:%Y-%m-%d %H:%M:%S}"

@@ -98,14 +98,15 @@ def history(device_id: str, metric: str, since, until, max_points: int) -> list[
     """Points of one metric, oldest first; time-bucketed averages in SQL when more than N.
 
     No count over the range: the first N + 1 points tell whether there are more than N, and
-    the last one is an index seek (the series index covers every column read here).
+    the last one is an index seek (the readings' key (device, metric, ts) holds every column
+    read here; ts is unique within a series, so it orders the points alone).
     """
     qs = Reading.objects.filter(device_id=device_id, metric=metric)
     if since is not None:
         qs = qs.filter(ts__gte=since)
     if until is not None:
         qs = qs.filter(ts__lte=until)
-    head = list(qs.order_by("ts", "id").values_list("ts", "value")[: max_points + 1])
+    head = list(qs.order_by("ts").values_list("ts", "value")[: max_points + 1])
     if len(head) <= max_points:
         return [[ts.timestamp(), value] for ts, value in head]
     last = qs.order_by("-ts").values_list("ts", flat=True).first()

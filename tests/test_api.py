@@ -189,7 +189,7 @@ def test_history_downsampling_buckets_by_time_not_by_count(api, d1):
 
 
 def test_history_of_same_instant_points(api, d1):
-    # One reading per (device, metric, ts): the first stored is kept (reading_once).
+    # One reading per (device, metric, ts): the first stored is kept (the readings' key).
     Reading.objects.bulk_create(
         [Reading(device=d1, metric="same", ts=T0, value=v) for v in (1.0, 2.0, 3.0)],
         ignore_conflicts=True,

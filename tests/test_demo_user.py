@@ -55,3 +55,24 @@ def test_a_refused_admin_page_is_logged_in_one_line_without_a_traceback(client, 
         assert client.get("/admin/devices/device/add/").status_code == 403
     forbidden = [r for r in caplog.records if r.name == "django.request"]
     assert forbidden and all(r.exc_info is None for r in forbidden), "no PermissionDenied trace"
+
+
+def test_the_readings_list_shows_stored_readings_and_nothing_to_change(client):
+    """Readings are keyed by (device, metric, ts): the admin lists them, newest first within a
+    series, with no change or delete page (devices/admin.py `ReadingAdmin`)."""
+    from datetime import UTC, datetime
+
+    from devices.models import Device, Reading
+
+    device = Device.objects.create(id="d1")
+    for second, value in ((1, 19.25), (2, 19.75)):
+        Reading.objects.create(
+            device=device, metric="t", ts=datetime(2026, 11, 27, 4, 46, second, tzinfo=UTC),
+            value=value,
+        )  # fmt: skip
+    password = re.search(r"demo / (\S+)", ensure()).group(1)
+    client.post("/accounts/login/", {"username": "demo", "password": password})
+    page = client.get("/admin/devices/reading/?q=d1").content.decode()
+    assert page.index("19.75") < page.index("19.25")
+    assert "/admin/devices/reading/" in page and "/change/" not in page.split("result_list")[1]
+    assert client.get("/admin/devices/reading/d1/change/").status_code == 404

@@ -31,7 +31,7 @@ QUERIES = {
 
 def seed() -> None:
     """500 `temp` readings a minute apart (values 0 … 499) and one `same` (a metric is stored
-    once per instant: the `reading_once` constraint)."""
+    once per instant: the readings' key (device, metric, ts))."""
     device = Device.objects.create(id="d1")
     minutes = [
         Reading(device=device, metric="temp", ts=T0 + timedelta(minutes=i), value=i)

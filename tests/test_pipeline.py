@@ -17,7 +17,7 @@ from devices.telemetry.pipeline import (
     get_pipeline,
     merge_pending,
 )
-from devices.telemetry.store import write_batch
+from devices.telemetry.store import _dt, _stamper, write_batch
 from gateway.metrics import TELEMETRY_DROPPED, TELEMETRY_STORED
 from tests.support.checks import sql
 from tests.support.waiting import eventually
@@ -61,7 +61,7 @@ async def stop_capture(pipeline, ctx: CaptureQueriesContext) -> list[str]:
 
 @database_sync_to_async
 def readings(device_id: str | None = None) -> list[tuple[str, str, float, float]]:
-    qs = Reading.objects.order_by("id")
+    qs = Reading.objects.order_by("ts", "device", "metric")
     if device_id:
         qs = qs.filter(device_id=device_id)
     return [(r.device_id, r.metric, r.ts.timestamp(), r.value) for r in qs]
@@ -94,9 +94,8 @@ async def test_many_submits_one_transaction(pipeline):
     rows = await readings()
     assert len(rows) == 600
     assert counter(TELEMETRY_STORED) - stored_before == 600
-    # per device, values are stored in submission order
-    dev3 = [r for r in rows if r[0] == "dev3" and r[1] == "t"]
-    assert [r[3] for r in dev3] == sorted(r[3] for r in dev3)
+    # each value is stored with its own message's time
+    assert all(ts == TS + value for _, metric, ts, value in rows if metric == "t")
     assert {r[3] for r in rows if r[1] == "ok"} == {0.0, 1.0}
 
 
@@ -374,3 +373,18 @@ async def test_new_metric_names_past_the_per_device_bound_are_refused(pipeline):
     assert refused._value.get() - before == 2, "two messages lost names"
     assert len(acked) == 1, "a message refused whole is still acknowledged"
     assert (await Device.objects.aget(id="other")).metrics.keys() == {"x", "y", "z"}
+
+
+# Whole seconds (no fraction in the text), microsecond rounding edges, before 1970, far ahead.
+AWKWARD_TIMES = [TS, TS + 0.5, TS + 0.0000005, TS + 0.9999995, 1e9 + 0.123456, -1.5, 4.1e9]
+
+
+def test_the_writer_stores_each_time_as_django_would():
+    connection = connections["default"]
+    stamp = _stamper(connection)
+    adapt = connection.ops.adapt_datetimefield_value
+    assert [stamp(ts) for ts in AWKWARD_TIMES] == [adapt(_dt(ts)) for ts in AWKWARD_TIMES]
+    instants = sorted({_dt(ts) for ts in AWKWARD_TIMES})  # to the microsecond: TS + 0.0000005 is TS
+    assert write_batch([("d1", "t", ts, 1.0) for ts in AWKWARD_TIMES], {}) == len(instants) == 6
+    read = Reading.objects.filter(device_id="d1").order_by("ts").values_list("ts", flat=True)
+    assert list(read) == instants

@@ -1,7 +1,7 @@
 """On PostgreSQL: a reading is stored once whoever writes it, and device text with NUL is stored.
 
 Two bridges of a shared group write the same replayed reading at the same moment; the database's
-`reading_once` constraint keeps one (devices/telemetry/store.py). An ack whose result or error
+key (device, metric, ts) keeps one (devices/telemetry/store.py). An ack whose result or error
 carries ``\\u0000`` (valid JSON, refused by PostgreSQL's text and jsonb) finishes its command with
 the NUL replaced and counted (devices/storable.py).
 """
@@ -140,3 +140,22 @@ def test_replayed_state_never_changes_presence_on_postgresql():
         "q2 False None [('t', 17.5)]",
         "2",
     ]
+
+
+TIMES = """
+from devices.models import Reading
+from devices.telemetry.store import _dt, write_batch
+
+# Whole seconds, microsecond rounding edges, before 1970, far ahead (tests/test_pipeline.py).
+times = [1764214000.0, 1764214000.5, 1764214000.0000005, 1764214000.9999995, 1e9 + 0.123456,
+         -1.5, 4.1e9]
+print(write_batch([("d1", "t", ts, 1.0) for ts in times], {}))
+read = list(Reading.objects.order_by("ts").values_list("ts", flat=True))
+print(read == sorted({_dt(ts) for ts in times}))
+"""
+
+
+def test_the_writer_stores_each_time_as_django_would_on_postgresql():
+    result = run_on_postgres(TIMES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["6", "True"]  # 1764214000.0000005 is 1764214000.0

@@ -32,7 +32,8 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   0.5 ms) replaced by ``BENCH_SWITCH_INTERVAL`` seconds (default 0.005, Python's own): what
   the shorter interval buys.
 - ``per-row-adapt``: the telemetry writer adapts every reading's timestamp for the database
-  again, as before ``_reading_params`` adapted each distinct one once (with
+  with Django's adaptation again, as before ``_reading_params`` converted each distinct one
+  once (with
   ``switch-interval`` at 0.005: the write path of before the latency work, to compare).
 (``fast-properties``, sharing paho's Properties tables, was one; it is now in
 ``gateway/mqtt/server.py``.)
@@ -176,7 +177,10 @@ def _switch_interval(module) -> None:
 
 def _per_row_adapt() -> None:
     def patch(store) -> None:
-        def _reading_params(rows, adapt):
+        def _reading_params(rows, stamp):
+            from django.db import connection
+
+            adapt = connection.ops.adapt_datetimefield_value
             return [(d, metric, adapt(store._dt(ts)), v) for d, metric, ts, v in rows]
 
         store._reading_params = _reading_params

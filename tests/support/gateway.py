@@ -449,22 +449,39 @@ def run_on_postgres(script: str, timeout: float = 120.0) -> subprocess.Completed
 
     The script's stdout/stderr come back as text; the database is dropped afterwards.
     """
+    with postgres_database() as url:
+        return run_django_child(script, url, timeout)
+
+
+def run_on_sqlite(script: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """`run_on_postgres` on a throwaway SQLite file (the gateway's settings: WAL, IMMEDIATE)."""
+    with tempfile.TemporaryDirectory(prefix="gateway-sqlite-") as directory:
+        return run_django_child(script, f"sqlite:///{directory}/db.sqlite3", timeout)
+
+
+def run_django_child(
+    script: str, database_url: str, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """`script` in a child Python with Django set up on `database_url`, migrated first."""
     setup = (
         "import django\n"
         "django.setup()\n"
         "from django.core.management import call_command\n"
         "call_command('migrate', verbosity=0)\n"
     )
-    with postgres_database() as url:
-        env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "gateway.settings"}
-        return subprocess.run(
-            [sys.executable, "-c", setup + script],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "DJANGO_SETTINGS_MODULE": "gateway.settings",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", setup + script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _dsn(admin_url: str, database: str) -> str:

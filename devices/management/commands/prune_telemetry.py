@@ -4,7 +4,7 @@ Raw readings older than the retention (``GATEWAY_TELEMETRY_RETENTION_DAYS``, def
 rewritten as one reading per (device, metric, hour) holding the hour's average, in the same
 table, so the history API keeps returning them; those older than
 ``GATEWAY_TELEMETRY_DOWNSAMPLE_DAYS`` (default 365; 0 = no averages, delete at the retention)
-are deleted. It works series by series on the (device, metric, ts) index, in short
+are deleted. It works series by series on the readings' key (device, metric, ts), in short
 transactions of at most ``--batch-size`` readings, so the gateway's writer is never held up for
 long, on SQLite and PostgreSQL alike. Running it again changes nothing (an hour that holds one
 reading is left alone). Run it daily: deploy/systemd/gateway-prune.timer.
@@ -76,10 +76,13 @@ class Pruner:
             self.report.deleted += old.count()
             return
         while True:
-            batch = old.order_by("ts").values("id")[: self.batch_size]
-            deleted, _ = Reading.objects.filter(id__in=batch).delete()
+            # ts is unique within the series: the batch is every reading up to its last ts.
+            nth = old.order_by("ts").values_list("ts", flat=True)
+            last = next(iter(nth[self.batch_size - 1 : self.batch_size]), None)
+            batch = old if last is None else old.filter(ts__lte=last)
+            deleted, _ = batch.delete()
             self.report.deleted += deleted
-            if deleted < self.batch_size:
+            if last is None:
                 return
 
     def roll_up(self, series: QuerySet, device_id: str, metric: str) -> None:
