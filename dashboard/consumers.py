@@ -344,7 +344,9 @@ class DashboardConsumer(AsyncWebsocketConsumer):
                     waiting["ts"] = frame["ts"]
                 return True
             if len(self._buffer) < self.buffer_limit:
-                frame = {**frame, "metrics": dict(frame.get("metrics") or {})}
+                # Merged into later: the layer gave this client its own copy of the frame.
+                if not isinstance(frame.get("metrics"), dict):
+                    frame = {**frame, "metrics": {}}
                 self._waiting_telemetry[device] = frame
         elif isinstance(device, str):
             # A later frame for this device: merging past it would reorder the two.

@@ -62,9 +62,8 @@ class BridgeConsumer(AsyncConsumer):
         layer = self.channel_layer = get_channel_layer(self.channel_layer_alias)
         if layer is not None:
             self.channel_name = await layer.new_channel()
-            attach = getattr(layer, "attach", None)
-            if attach is not None:
-                attach(self.channel_name, self._from_layer)
+            if hasattr(layer, "attach"):  # no local: this frame lives as long as the device
+                layer.attach(self.channel_name, self._from_layer)
             else:
                 reader = asyncio.create_task(self._read_layer(), name=f"{self.channel_name}.read")
         try:
