@@ -29,7 +29,7 @@ from tests.support.servers import Mosquitto, Redis
 EXPERIMENTS = (
     "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
     "device-rows-per-second", "tracemalloc", "stall-trace",
-    "switch-interval", "per-row-adapt", "cprofile",
+    "switch-interval", "per-row-adapt", "cprofile", "gc-time",
 )  # fmt: skip
 PARTS = (
     "bare", "peer", "memory", "discovery", "redis", "latency", "commands", "idle", "scaling",
@@ -166,7 +166,7 @@ async def memory_stack(
                 if "tracemalloc" in experiments:  # trace from here on
                     os.kill(gateway.proc.pid, signal.SIGUSR1)
                 steady = None
-                if "cprofile" in experiments:  # profile each run's measured messages
+                if {"cprofile", "gc-time"} & set(experiments):  # the measured messages only
 
                     async def steady() -> None:
                         os.kill(gateway.proc.pid, signal.SIGUSR1)
@@ -177,7 +177,7 @@ async def memory_stack(
                         gateway, dash, meter, prefix=f"s{devices}", devices=devices,
                         count=scale_count(sizes, devices), steady=steady,
                     )  # fmt: skip
-                if "cprofile" in experiments:  # the gateway writes its profile
+                if {"cprofile", "gc-time"} & set(experiments):  # the gateway writes its figures
                     os.kill(gateway.proc.pid, signal.SIGUSR2)
                     await asyncio.sleep(3.0)
                 bare = {d: base[f"scale{d}"] for d in sizes.scale_devices if f"scale{d}" in base}
