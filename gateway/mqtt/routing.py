@@ -267,13 +267,15 @@ def run_innermost(
     `ProtocolTypeRouter` and `TopicRouter` only pass the same scope, receive and send on to
     the application they pick, so the coroutine started is that application's: a long-lived
     instance holds no router frames (~0.5 KB at every one of 10,000 devices;
-    docs/performance.md). Anything else (middleware, `as_asgi()`) is called as it is.
+    docs/performance.md). Anything else (middleware, `as_asgi()`, a subclass with its own
+    `__call__`) is called as it is.
     """
     app = application
     while True:
-        if type(app) is ProtocolTypeRouter:
+        call = type(app).__call__
+        if call is ProtocolTypeRouter.__call__:
             inner = app.application_mapping.get(scope.get("type"))
-        elif isinstance(app, TopicRouter):
+        elif call is TopicRouter.__call__:
             inner = app.app_for(scope)
         else:
             inner = None
