@@ -110,6 +110,8 @@ class Evaluator:
             if key not in self._silence:
                 self._arm_silence(rule, device, rule.for_seconds)
         by_metric = self._by_metric
+        if not by_metric:
+            return  # no metric rules: nothing to remember per device either
         matching = self._matching.get(device)
         if matching is None:
             matching = self._matching[device] = {}

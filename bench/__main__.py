@@ -29,7 +29,7 @@ from tests.support.servers import Mosquitto, Redis
 EXPERIMENTS = (
     "amortized-clean", "no-deflate", "gc-thresholds", "no-ha-discovery", "right-sized-json",
     "device-rows-per-second", "tracemalloc", "stall-trace",
-    "switch-interval", "per-row-adapt",
+    "switch-interval", "per-row-adapt", "cprofile", "gc-time",
 )  # fmt: skip
 PARTS = (
     "bare", "peer", "memory", "discovery", "redis", "latency", "commands", "idle", "scaling",
@@ -166,12 +166,21 @@ async def memory_stack(
             if "scaling" in parts:
                 if "tracemalloc" in experiments:  # trace from here on
                     os.kill(gateway.proc.pid, signal.SIGUSR1)
+                steady = None
+                if {"cprofile", "gc-time"} & set(experiments):  # the measured messages only
+
+                    async def steady() -> None:
+                        os.kill(gateway.proc.pid, signal.SIGUSR1)
+
                 results = {}
                 for devices in sizes.scale_devices:
                     results[devices] = await scenarios.ingest(
                         gateway, dash, meter, prefix=f"s{devices}", devices=devices,
-                        count=scale_count(sizes, devices),
+                        count=scale_count(sizes, devices), steady=steady,
                     )  # fmt: skip
+                if {"cprofile", "gc-time"} & set(experiments):  # the gateway writes its figures
+                    os.kill(gateway.proc.pid, signal.SIGUSR2)
+                    await asyncio.sleep(3.0)
                 bare = {d: base[f"scale{d}"] for d in sizes.scale_devices if f"scale{d}" in base}
                 throughput.scaling_rows(table, results, bare)
                 table.rss(max(sizes.scale_devices), meter.rss_mb(), rss_start)

@@ -105,7 +105,9 @@ class Dashboard:
         self._ws: Any = None
 
     async def __aenter__(self) -> Dashboard:
-        self._ws = await self.gateway.ws_connect(self.cookie, max_size=None).__aenter__()
+        # As the browser does: a loop turn's frames may come as one `batch` frame.
+        connect = self.gateway.ws_connect(self.cookie, "/ws/dashboard/?batch=1", max_size=None)
+        self._ws = await connect.__aenter__()
         first = orjson.loads(await self._ws.recv())
         if first.get("type") != "snapshot":
             raise RuntimeError(f"expected a snapshot first, got {first!r}")
@@ -121,25 +123,30 @@ class Dashboard:
         async for raw in self._ws:
             now = time.time()
             frame = orjson.loads(raw)
-            self.frames += 1
-            kind = frame.get("type")
-            device = frame.get("device")
-            if kind == "telemetry":
-                n = frame["metrics"].get("n")
-                if n is not None:
-                    self.last_n[device] = n
-                    target = self._targets.get(device)
-                    if target is not None and n >= target:
-                        del self._targets[device]
-                        if not self._targets and self._done and not self._done.done():
-                            self._done.set_result(now)
-                if self.latency is not None and n is not None:
-                    if device.startswith(self.latency_prefix):
-                        self.latency.append((device, n, now))
-            elif kind == "status":
-                (self.online.add if frame.get("online") else self.online.discard)(device)
-            elif kind in ("command", "error"):
-                self._route_command(frame, now)
+            self.frames += 1  # WebSocket messages
+            for inner in frame["frames"] if frame.get("type") == "batch" else (frame,):
+                self._handle(inner, now)
+
+    def _handle(self, frame: dict[str, Any], now: float) -> None:
+        """One §6.2 frame, alone or from inside a `batch` frame."""
+        kind = frame.get("type")
+        device = frame.get("device")
+        if kind == "telemetry":
+            n = frame["metrics"].get("n")
+            if n is not None:
+                self.last_n[device] = n
+                target = self._targets.get(device)
+                if target is not None and n >= target:
+                    del self._targets[device]
+                    if not self._targets and self._done and not self._done.done():
+                        self._done.set_result(now)
+            if self.latency is not None and n is not None:
+                if device.startswith(self.latency_prefix):
+                    self.latency.append((device, n, now))
+        elif kind == "status":
+            (self.online.add if frame.get("online") else self.online.discard)(device)
+        elif kind in ("command", "error"):
+            self._route_command(frame, now)
 
     def _route_command(self, frame: dict[str, Any], now: float) -> None:
         ref = frame.get("ref")

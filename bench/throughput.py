@@ -95,7 +95,7 @@ def scaling_rows(
         table.add(
             f"CPU per message, {devices:,} devices",
             f"{cpu:.0f} µs ({res['loop_us']:.0f} event loop; {res['rate']:,.0f} msg/s; "
-            f"{res.get('frames_per_message', 0):.2f} dashboard frames/msg; "
+            f"{res.get('frames_per_message', 0):.3f} dashboard messages/msg; "
             f"first contact {res['first_contact_us'] / 1000:.1f} ms/device)",
             f"{_both(own, 'cpu_us', '{:.0f} µs')} at {devices:,} devices" if own else "n/a",
             ratio,

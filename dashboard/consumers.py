@@ -11,6 +11,10 @@ a client whose socket cannot keep up never blocks the channel layer or other cli
   consumer leaves the ``dashboard`` group and closes the socket with code 4008 (application
   range; daphne refuses 1013). The browser reconnects and resyncs from a fresh snapshot.
 
+A client that opens with ``?batch=1`` (the browser does) gets the `telemetry` and `status`
+frames waiting together in its buffer as one ``batch`` frame, so a loop turn's readings of many
+devices cost one WebSocket message instead of one each; other clients get every frame on its own.
+
 A client that asks for a view (a `view` frame, or view fields in the URL's query string) is
 paged (dashboard/fleet.py): its snapshot and `view` frames carry one page of devices and the
 fleet's counts, it gets `telemetry`/`status` frames only for the devices on its page (a set
@@ -56,6 +60,10 @@ GROUP = "dashboard"
 CLOSE_SLOW_CLIENT = 4008
 MAX_INBOUND_CHARS = 64 * 1024
 MAX_REF_CHARS = 200
+#: Frames a `batch` frame may carry: the types a script opting in must take from inside one.
+BATCHED = frozenset(("telemetry", "status"))
+#: Frames in one `batch` frame, at most (the rest go in the next one, written right after).
+BATCH_MAX_FRAMES = 500
 #: A paged client's fleet counts and page are re-read at most this often (seconds) while
 #: frames say something changed: bounded work however fast the fleet reports.
 REFRESH_SECONDS = 2.0
@@ -87,6 +95,12 @@ def _query_view(scope: Mapping[str, Any]) -> tuple[View | None, str | None]:
         return View(), str(exc)
 
 
+def _wants_batches(scope: Mapping[str, Any]) -> bool:
+    """Whether the client asked for `batch` frames (``batch=1`` in the URL's query string)."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return query.get("batch", ["0"])[-1] in ("1", "true")
+
+
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("dashboard refresh could not be queued: %r", task.exception())
@@ -108,7 +122,8 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         self._counted = False
         self._in_group = False
         self._too_slow = False
-        self._sending = False  # the writer is inside `send` (the server may be holding it)
+        self._sending = 0  # frames the writer is inside `send` with (the server may hold them)
+        self._batches = False  # `batch` frames asked for (docs/interface.md §6.1)
         # A paged client (docs/interface.md §6.3 `view`): what it looks at, the ids on its page
         # (None: every device, the unpaged protocol), its last counts and page, the refresh.
         self._view: View | None = None
@@ -149,6 +164,7 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(GROUP, self.channel_name)
         self._in_group = True
         await self.accept()
+        self._batches = _wants_batches(self.scope)
         WS_CLIENTS.inc()
         self._counted = True
         self._writer = asyncio.create_task(
@@ -328,7 +344,9 @@ class DashboardConsumer(AsyncWebsocketConsumer):
                     waiting["ts"] = frame["ts"]
                 return True
             if len(self._buffer) < self.buffer_limit:
-                frame = {**frame, "metrics": dict(frame.get("metrics") or {})}
+                # Merged into later: the layer gave this client its own copy of the frame.
+                if not isinstance(frame.get("metrics"), dict):
+                    frame = {**frame, "metrics": {}}
                 self._waiting_telemetry[device] = frame
         elif isinstance(device, str):
             # A later frame for this device: merging past it would reorder the two.
@@ -353,9 +371,9 @@ class DashboardConsumer(AsyncWebsocketConsumer):
     async def _close_slow_client(self) -> None:
         """Stop feeding a client that fell behind and close it; it resyncs on reconnect."""
         if self._writer is not None:
-            if self._sending:  # the frame the server is holding back never goes out now
-                WS_FRAMES_DROPPED.inc()
-                self._sending = False
+            if self._sending:  # the frames the server is holding back never go out now
+                WS_FRAMES_DROPPED.inc(self._sending)
+                self._sending = 0
             self._writer.cancel()
             self._writer = None
         if self._in_group:
@@ -377,23 +395,40 @@ class DashboardConsumer(AsyncWebsocketConsumer):
                 while not self._buffer:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                frame = self._buffer.popleft()
-                device = frame.get("device")
-                if isinstance(device, str) and self._waiting_telemetry.get(device) is frame:
-                    del self._waiting_telemetry[device]
+                frame = self._take()
+                carried = len(frame["frames"]) if frame["type"] == "batch" else 1
                 try:
                     text = encode_frame(frame)
                 except TypeError:
-                    logger.exception("dropping a frame that is not JSON: %r", frame)
-                    WS_FRAMES_DROPPED.inc()
+                    logger.exception("dropping frames that are not JSON: %r", frame)
+                    WS_FRAMES_DROPPED.inc(carried)
                     continue
-                self._sending = True
+                self._sending = carried
                 await self.send(text_data=text)
-                self._sending = False
+                self._sending = 0
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket went away; websocket.disconnect follows
             logger.debug("dashboard writer stopped", exc_info=True)
+
+    def _pop(self) -> Frame:
+        frame = self._buffer.popleft()
+        device = frame.get("device")
+        if isinstance(device, str) and self._waiting_telemetry.get(device) is frame:
+            del self._waiting_telemetry[device]
+        return frame
+
+    def _take(self) -> Frame:
+        """The next frame to write: for a client that asked for batches, the `telemetry` and
+        `status` frames waiting in a row, as one `batch` frame when there are several."""
+        frame = self._pop()
+        buffer = self._buffer
+        if not (self._batches and buffer and frame["type"] in BATCHED):
+            return frame
+        frames = [frame]
+        while buffer and buffer[0]["type"] in BATCHED and len(frames) < BATCH_MAX_FRAMES:
+            frames.append(self._pop())
+        return {"type": "batch", "frames": frames} if len(frames) > 1 else frame
 
     # --- client → server --------------------------------------------------------------------
 

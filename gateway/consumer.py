@@ -48,9 +48,10 @@ class BridgeConsumer(AsyncConsumer):
         """
         self.scope = scope
         self.base_send = send
-        self._joined: list[str] | None = None
+        self._joined: tuple[str, ...] | None = None  # a tuple: 40 bytes less than a list
         self._rejoin: asyncio.Task[None] | None = None
-        self._inbox: list[dict[str, Any]] = []  # channel messages not yet handled (rare)
+        # Channel messages not yet handled (rare): a list only while there are some.
+        self._inbox: list[dict[str, Any]] | None = None
         self._side: asyncio.Task[None] | None = None  # handling them while the loop waits
         self._waiting = False  # the main loop is in `await receive()`
         self._failure: BaseException | None = None  # raised by a channel message's handler
@@ -62,9 +63,8 @@ class BridgeConsumer(AsyncConsumer):
         layer = self.channel_layer = get_channel_layer(self.channel_layer_alias)
         if layer is not None:
             self.channel_name = await layer.new_channel()
-            attach = getattr(layer, "attach", None)
-            if attach is not None:
-                attach(self.channel_name, self._from_layer)
+            if hasattr(layer, "attach"):  # no local: this frame lives as long as the device
+                layer.attach(self.channel_name, self._from_layer)
             else:
                 reader = asyncio.create_task(self._read_layer(), name=f"{self.channel_name}.read")
         try:
@@ -86,6 +86,7 @@ class BridgeConsumer(AsyncConsumer):
                 message = None  # not kept alive (payload and all) while the device is quiet
                 while self._inbox:
                     await self.dispatch(self._inbox.pop(0))
+                self._inbox = None
         except StopConsumer:
             pass
         finally:
@@ -103,9 +104,12 @@ class BridgeConsumer(AsyncConsumer):
     def _from_layer(self, message: dict[str, Any]) -> None:
         """A message on this instance's channel: handle it now if idle, else after the current
         event. Past the layer's capacity it is refused (`ChannelFull`), as a full queue is."""
-        if len(self._inbox) >= CHANNEL_CAPACITY:
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = []
+        elif len(inbox) >= CHANNEL_CAPACITY:
             raise ChannelFull(self.channel_name)
-        self._inbox.append(message)
+        inbox.append(message)
         if self._waiting and self._side is None:
             self._side = asyncio.create_task(
                 self._handle_inbox(), name=f"{self.channel_name}.side", context=self._context
@@ -116,6 +120,7 @@ class BridgeConsumer(AsyncConsumer):
         try:
             while self._inbox:
                 await self.dispatch(self._inbox.pop(0))
+            self._inbox = None
         except BaseException as exc:  # StopConsumer or a handler's error ends the instance
             self._failure = exc
             if self._waiting and self._main is not None:
@@ -153,7 +158,7 @@ class BridgeConsumer(AsyncConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         if self._joined is None:
-            self._joined = []
+            self._joined = ()
             if self.channel_layer is not None:
                 try:
                     async with asyncio.timeout(JOIN_TIMEOUT):
@@ -172,7 +177,7 @@ class BridgeConsumer(AsyncConsumer):
         for group in self.get_groups():
             if group not in self._joined:
                 await self.channel_layer.group_add(group, self.channel_name)
-                self._joined.append(group)
+                self._joined = (*self._joined, group)
 
     async def _join_until_done(self) -> None:
         delay = 0.5

@@ -95,8 +95,23 @@ async def test_ten_thousand_devices_one_page_counts_search_and_visible_frames_on
             await publish(client, "fleet-01234", temperature=12.25)
             await publish(client, "fleet-07777", temperature=78.5)
             await expect(value).to_have_text("78.5", timeout=WAIT_MS)
+            # Ten visible devices in one burst: their readings come in `batch` frames
+            # (live.js asks for them), and each row shows its own device's last value.
+            await page.fill("#filter", "fleet-0777")
+            await expect(rows).to_have_count(10)
+            burst = [f"fleet-0777{i}" for i in range(10)]
+            for n in range(1, 21):
+                for i, device_id in enumerate(burst):
+                    body = json.dumps({"temperature": n * 10 + i, "ts": time.time()})
+                    await client.publish(f"devices/{device_id}/telemetry", body, qos=0)
+            for i, device_id in enumerate(burst):
+                row = page.locator(f'tr[data-device="{device_id}"]')
+                cell = row.locator(".metric", has_text="temperature").locator(".metric-value")
+                await expect(cell).to_have_text(str(200 + i), timeout=WAIT_MS)
         assert await page.locator('tr[data-device="fleet-01234"]').count() == 0
         assert not [f for f in frames if "fleet-01234" in f]
+        batches = [json.loads(f) for f in frames if f.startswith('{"type":"batch"')]
+        assert any(len({f["device"] for f in b["frames"]}) > 1 for b in batches), "batched"
 
         # Paging and state filters are the server's.
         await page.fill("#filter", "")

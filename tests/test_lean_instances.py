@@ -229,7 +229,7 @@ async def test_a_live_device_instance_costs_a_few_kilobytes(layer, transactional
     finally:
         tracemalloc.stop()
     per_instance = sum(s.size_diff for s in after.compare_to(before, "filename")) / count
-    assert per_instance < 8_000, f"{per_instance:.0f} bytes per live device instance"
+    assert per_instance < 4_000, f"{per_instance:.0f} bytes per live device instance"
     await pool.close(1.0)
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from channels.routing import ProtocolTypeRouter
 
-from gateway.mqtt.routing import TopicPattern, TopicRouter, find_topic_router, topic
+from gateway.mqtt.routing import (
+    TopicPattern,
+    TopicRouter,
+    find_topic_router,
+    run_innermost,
+    topic,
+)
 
 
 async def app_a(scope, receive, send):
@@ -215,3 +221,31 @@ def test_a_route_refuses_a_new_key_with_its_reason():
     assert router.refusal(router.resolve("logs/a/b")) is None, "no admit: every key is admitted"
     with pytest.raises(ValueError, match="not callable"):
         topic("x/{a}", app_a, admit="yes")
+
+
+class Tagging(Middleware):
+    """Middleware that changes the scope: it must run, not be skipped."""
+
+    async def __call__(self, scope, receive, send):
+        return await self.inner({**scope, "tag": "seen"}, receive, send)
+
+
+async def tagged(scope, receive, send):
+    return scope.get("tag", "skipped")
+
+
+async def test_run_innermost_starts_past_the_routers_and_never_past_middleware():
+    router = make_router()
+    scope = {"type": "mqtt", "route": "device", "url_route": {"args": (), "kwargs": {}}}
+    coro = run_innermost(ProtocolTypeRouter({"mqtt": router}), scope, None, None)
+    assert coro.cr_code is app_a.__code__, "the route's application, no router frame"
+    assert (await coro)[0] == "a"
+
+    wrapped = TopicRouter([topic("x/{device_id}", Tagging(tagged), name="t")])
+    app = ProtocolTypeRouter({"mqtt": Tagging(wrapped)})
+    assert await run_innermost(app, {"type": "mqtt", "route": "t"}, None, None) == "seen"
+    inner = ProtocolTypeRouter({"mqtt": wrapped})
+    assert await run_innermost(inner, {"type": "mqtt", "route": "t"}, None, None) == "seen"
+    # A scope the routers would refuse goes to them, so they raise as before.
+    with pytest.raises(ValueError, match="no route"):
+        await run_innermost(inner, {"type": "mqtt", "route": "nope"}, None, None)

@@ -23,6 +23,12 @@ what a fix the profile points at would buy, before anyone changes the gateway's 
   scaling runs; tracing from start-up makes Django's start too slow); on SIGUSR2 the gateway
   writes the top allocation sites (``bench/profiles/tracemalloc-<pid>.txt``), with the time
   spent in each garbage-collector generation since SIGUSR1.
+- ``cprofile``: cProfile on the event-loop thread over the measured messages of a scaling
+  run (SIGUSR1 after first contact has settled, SIGUSR2 at its end; use one
+  ``--scale-devices``); ``bench/profiles/cprofile-<pid>.prof`` and ``.txt``, the top
+  functions by own and by inclusive time. py-spy needs the peer's virtualenv; this does not.
+- ``gc-time``: the garbage collector's collections and time per generation over the same
+  span as ``cprofile`` (``bench/profiles/gc-<pid>.txt``), without a profiler's overhead.
 - ``stall-trace``: every event-loop callback that runs over 2 ms, with its wall and thread CPU
   time, the time the loop's thread waited on a run queue for a core (Linux schedstat; the
   rest of wall − CPU is waiting for the GIL) and the garbage collections that
@@ -108,6 +114,66 @@ def _tracemalloc() -> None:
         lines += [f"{s.size / 2**20:8.2f} MiB {s.count:9d} {s.traceback[0]}" for s in stats[:60]]
         out.write_text("\n".join(lines) + "\n")
 
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, dump)
+
+
+def _cprofile() -> None:
+    import cProfile
+    import io
+    import pstats
+    import signal
+    from pathlib import Path
+
+    profiler = cProfile.Profile()
+
+    def start(signum, frame) -> None:
+        profiler.enable()
+
+    def dump(signum, frame) -> None:
+        profiler.disable()
+        out = Path(__file__).resolve().parents[1] / "profiles" / f"cprofile-{os.getpid()}"
+        out.parent.mkdir(exist_ok=True)
+        profiler.dump_stats(f"{out}.prof")
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(45)
+        stats.sort_stats("cumulative").print_stats(60)
+        Path(f"{out}.txt").write_text(text.getvalue())
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, dump)
+
+
+def _gc_time() -> None:
+    import gc
+    import signal
+    from pathlib import Path
+
+    totals = [[0, 0.0] for _ in range(3)]
+    state = {"on": False, "started": 0.0}
+
+    def timer(phase, info) -> None:
+        if not state["on"]:
+            return
+        if phase == "start":
+            state["started"] = time.perf_counter()
+        else:
+            totals[info["generation"]][0] += 1
+            totals[info["generation"]][1] += time.perf_counter() - state["started"]
+
+    def start(signum, frame) -> None:
+        state["on"] = True
+
+    def dump(signum, frame) -> None:
+        state["on"] = False
+        out = Path(__file__).resolve().parents[1] / "profiles" / f"gc-{os.getpid()}.txt"
+        out.parent.mkdir(exist_ok=True)
+        lines = [f"generation {g}: {n} collections, {t:.3f} s" for g, (n, t) in enumerate(totals)]
+        lines.append(f"tracked objects now: {len(gc.get_objects())}")
+        out.write_text("\n".join(lines) + "\n")
+
+    gc.callbacks.append(timer)
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, dump)
 
@@ -253,6 +319,10 @@ if "no-deflate" in _EXPERIMENTS:
     _no_deflate()
 if "tracemalloc" in _EXPERIMENTS:
     _tracemalloc()
+if "cprofile" in _EXPERIMENTS:
+    _cprofile()
+if "gc-time" in _EXPERIMENTS:
+    _gc_time()
 if "gc-thresholds" in _EXPERIMENTS:
     _gc_thresholds()
 if "right-sized-json" in _EXPERIMENTS:

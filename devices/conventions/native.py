@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import cached_property
 from typing import Any
 
 import orjson
@@ -95,17 +94,29 @@ class DeviceConsumer(MqttConsumer):
     #: Rejection reasons already logged for this device (the first of each is logged).
     logged_reasons: frozenset[str] = frozenset()
 
-    @cached_property
+    # Remembered in plain attributes, not `cached_property`: that writes through `__dict__`,
+    # which gives each of thousands of instances a dict object of its own.
+    _device_id: str | None = None
+    _valid: bool | None = None
+
+    @property
     def device_id(self) -> str:
         """The device this instance serves (the route's key parameter)."""
-        return str(self.scope.get("url_route", {}).get("kwargs", {}).get("device_id", ""))
+        device_id = self._device_id
+        if device_id is None:
+            kwargs = self.scope.get("url_route", {}).get("kwargs", {})
+            device_id = self._device_id = str(kwargs.get("device_id", ""))
+        return device_id
 
-    @cached_property
+    @property
     def valid(self) -> bool:
         """Whether the device id is valid; an invalid one only ever counts rejections."""
-        return valid_device_id(self.device_id)
+        valid = self._valid
+        if valid is None:
+            valid = self._valid = valid_device_id(self.device_id)
+        return valid
 
-    @cached_property
+    @property
     def max_bytes(self) -> int:
         return settings.GATEWAY["MAX_PAYLOAD_BYTES"]
 

@@ -25,13 +25,17 @@ ANNOUNCED_LIMIT = 100_000
 class MetricAnnouncer:
     """Metric kinds told per device, the metric names told by (device, source), and what waits.
 
-    One entry per known device, so it is kept small: 10,000 devices stay a few MiB.
+    One entry per known device, so it is kept small: a fleet's devices mostly report the same
+    metrics, so the entries' values are shared, never mutated: 10,000 devices stay ~2 MiB.
     """
 
     def __init__(self) -> None:
-        self._announced: dict[str, dict[str, str]] = {}  # device → {metric: kind}
+        self._announced: dict[str, dict[str, str]] = {}  # device → {metric: kind} (shared)
         self._told: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}  # → (transport, names)
         self._waiting: dict[tuple[str, str], dict[str, Any]] = {}
+        # One instance of each distinct value above: {metric: kind} by its items, told tuples.
+        self._kinds: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+        self._tolds: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
 
     def within(self, device_id: str, metrics: Metrics, cap: int) -> Metrics:
         """`metrics` without the names that would take the device past `cap` distinct metrics.
@@ -60,16 +64,18 @@ class MetricAnnouncer:
         known = self._announced.get(device_id)
         if known is not None and known.keys() >= metrics.keys():
             return False
-        if known is None:
-            if len(self._announced) >= ANNOUNCED_LIMIT:
-                self._announced.clear()
-                self._told.clear()
-            known = self._announced[device_id] = {}
+        if known is None and len(self._announced) >= ANNOUNCED_LIMIT:
+            self._announced.clear()
+            self._told.clear()
+            self._kinds.clear()
+            self._tolds.clear()
         kinds = {n: "bool" if v is True or v is False else "number" for n, v in metrics.items()}
-        known.update(kinds)
+        merged = kinds if known is None else {**known, **kinds}
+        self._announced[device_id] = self._kinds.setdefault(frozenset(merged.items()), merged)
         key = (device_id, source)
         _, names = self._told.get(key, (transport, ()))
-        self._told[key] = (transport, (*names, *(n for n in kinds if n not in names)))
+        told = (transport, (*names, *(n for n in kinds if n not in names)))
+        self._told[key] = self._tolds.setdefault(told, told)
         entry = self._waiting.get(key)
         if entry is None:
             entry = self._waiting[key] = {

@@ -8,14 +8,14 @@ and retired by one timer task when idle.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextvars
 import gc
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from gateway import metrics
-from gateway.mqtt.routing import Match
+from gateway.mqtt.routing import Match, run_innermost
 
 logger = logging.getLogger("gateway.mqtt")
 
@@ -71,6 +71,10 @@ class Instance:
         self.retired = False
         self.static = False  # a static route's instance: never idle-retired nor evicted
         self.streak = 0  # events returned by `receive` since the last loop turn
+
+    def finished(self, task: asyncio.Task[Any]) -> None:
+        """The task's done callback (no partial per instance): the pool supervises."""
+        self.pool._on_done(self, task)
 
     def put(self, event: dict[str, Any]) -> None:
         """Append an event and wake the application if it waits in `receive`."""
@@ -138,6 +142,7 @@ class InstancePool:
         self._instances: dict[Hashable, Instance] = {}
         self._static_keys: set[Hashable] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._callback_context = contextvars.Context()
 
     def __len__(self) -> int:
         return len(self._instances)
@@ -173,10 +178,12 @@ class InstancePool:
         if connect is not None:
             inst.queue.append(connect)
         inst.task = asyncio.create_task(
-            self.application(scope, inst.receive, self.send),
+            run_innermost(self.application, scope, inst.receive, self.send),
             name=f"mqtt-instance[{':'.join(map(str, match.instance_key))}]",
         )
-        inst.task.add_done_callback(functools.partial(self._on_done, inst))
+        # One context for every instance's done callback (it reads no context variable):
+        # add_done_callback would otherwise copy the current one per instance.
+        inst.task.add_done_callback(inst.finished, context=self._callback_context)
         self._instances[inst.key] = inst
         return inst
 

@@ -148,7 +148,8 @@ window.Gateway = (function () {
   // types to functions; every (re)connection starts with a snapshot, which the page must use
   // to REPLACE its state. `query()`, when given, returns the URL's query string on each
   // (re)connection: a view (docs/interface.md §6.3) so the snapshot holds one page, not the
-  // fleet. Returns {send(frame) → bool, isOpen()}.
+  // fleet. A `batch` frame's frames are handled one by one, in order, as if each came alone.
+  // Returns {send(frame) → bool, isOpen()}.
   function connect(handlers, query) {
     const conn = document.getElementById("conn");
     let socket = null;
@@ -162,12 +163,29 @@ window.Gateway = (function () {
       document.body.classList.toggle("is-disconnected", state === "disconnected");
     }
 
+    function handle(frame) {
+      if (!frame || typeof frame.type !== "string") return;
+      // Own properties only: a frame typed "constructor" must not reach Object's.
+      const handler = Object.hasOwn(handlers, frame.type) ? handlers[frame.type] : null;
+      const extra = Object.hasOwn(listeners, frame.type) ? listeners[frame.type] : [];
+      for (const callback of [handler, ...extra]) {
+        if (typeof callback !== "function") continue;
+        try {
+          callback(frame);
+        } catch (err) {
+          console.error("dashboard: handling a " + frame.type + " frame failed", err);
+        }
+      }
+    }
+
     function open() {
       retryTimer = null;
       const scheme = location.protocol === "https:" ? "wss://" : "ws://";
       setConnection("connecting", attempts ? "reconnecting…" : "connecting…");
-      const search = typeof query === "function" ? query() : "";
-      socket = new WebSocket(scheme + location.host + WS_PATH + (search ? "?" + search : ""));
+      // batch=1: a loop turn's telemetry and status frames may come as one `batch` frame.
+      const view = typeof query === "function" ? query() : "";
+      const search = view ? view + "&batch=1" : "batch=1";
+      socket = new WebSocket(scheme + location.host + WS_PATH + "?" + search);
       socket.onopen = () => {
         attempts = 0;
         setConnection("connected", "live");
@@ -180,17 +198,10 @@ window.Gateway = (function () {
           console.warn("dashboard: frame is not JSON", err);
           return;
         }
-        if (!frame || typeof frame.type !== "string") return;
-        // Own properties only: a frame typed "constructor" must not reach Object's.
-        const handler = Object.hasOwn(handlers, frame.type) ? handlers[frame.type] : null;
-        const extra = Object.hasOwn(listeners, frame.type) ? listeners[frame.type] : [];
-        for (const callback of [handler, ...extra]) {
-          if (typeof callback !== "function") continue;
-          try {
-            callback(frame);
-          } catch (err) {
-            console.error("dashboard: handling a " + frame.type + " frame failed", err);
-          }
+        if (frame && frame.type === "batch" && Array.isArray(frame.frames)) {
+          for (const inner of frame.frames) handle(inner);
+        } else {
+          handle(frame);
         }
       };
       socket.onclose = () => {
