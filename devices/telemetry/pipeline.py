@@ -1,7 +1,7 @@
 """The telemetry pipeline: one per event loop, the front door to batched writes and fan-out.
 
 One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sync, O(1)
-`submit_*` methods; the pipeline hands each submission to its rooms and runs their two
+`submit_*` methods; the pipeline hands each submission to its rooms and runs their three
 background tasks:
 
 - the writer (`batching.TelemetryWriter`) stores readings in one transaction per batch, at
