@@ -90,6 +90,9 @@ def test_device_list(api, d1):
         "transport": "serial",
         "convention": "serial",
         "metrics": {},
+        "rejected": 0,
+        "last_rejected_at": None,
+        "last_rejection": None,
     }
     assert body[1]["name"] == "Lab" and body[1]["metrics"] == {"temp": 99.0}
     assert body[1]["convention"] == "native"
@@ -117,6 +120,7 @@ async def test_device_list_includes_values_not_yet_written(user):
         assert received.timestamp() <= last_seen <= datetime.now(UTC).timestamp()
         assert body["new-one"]["metrics"] == {"hum": 40.0}
         assert body["new-one"]["name"] == "new-one"
+        assert body["new-one"]["rejected"] == 0  # the record's shape before it is stored
     finally:
         await pipeline.close()
 

@@ -18,10 +18,10 @@ background tasks:
 - news of a device first seen or a new metric of it (`announce.MetricAnnouncer`) goes to group
   ``device-metrics`` with the fan-out, never per reading.
 
-This module keeps the pipeline's lifecycle (start on first submission, `flush()`, `close()`),
-one pipeline per loop, and the overlay of not-yet-stored device changes on stored ones (API
-list, dashboard snapshot). The rooms' own names (`Metrics`, `DEVICE_METRICS_GROUP`, …) are
-imported from the room that defines them.
+This module keeps the pipeline's lifecycle (start on first submission, `flush()`, `close()`)
+and one pipeline per loop; `overlay.merge_pending` lays not-yet-stored device changes over
+stored ones (API list, dashboard snapshot). The rooms' own names (`Metrics`,
+`DEVICE_METRICS_GROUP`, …) are imported from the room that defines them.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from devices.models import rejection_fields
 from devices.telemetry.announce import MetricAnnouncer
 from devices.telemetry.batching import Durable, Metrics, TelemetryWriter
 from devices.telemetry.fanout import DashboardFanout
+from devices.telemetry.overlay import merge_pending
 from devices.telemetry.rejections import RejectionRecorder, Stored
 from gateway.loops import PerLoop
 from gateway.metrics import MESSAGES_REJECTED, REJECTIONS_UNRECORDED, TELEMETRY_DROPPED
@@ -57,8 +57,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DASHBOARD_GROUP = "dashboard"
-#: The rejection record of a device not stored yet (none: rejections need a stored device).
-NO_REJECTIONS = rejection_fields(0, None, None, None)
 T = TypeVar("T")
 
 #: Sync callables told of every admitted reading ``(device_id, ts, metrics)`` and status
@@ -381,39 +379,6 @@ async def flush_if_pending(device_id: str) -> bool:
         return False
     await pipeline.flush()
     return True
-
-
-def merge_pending(
-    devices: Iterable[dict[str, Any]], pending: Mapping[str, dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Overlay `pending_devices()` on stored `Device.as_dict()`s; new devices appended, by id."""
-    out = []
-    seen = set()
-    for stored in devices:
-        overlay = pending.get(stored["id"])
-        if overlay is not None:
-            stored = _overlay(stored, overlay)
-        seen.add(stored["id"])
-        out.append(stored)
-    for device_id, overlay in pending.items():
-        if device_id not in seen:
-            new = {"id": device_id, "name": device_id, "metrics": {}, **NO_REJECTIONS}
-            out.append(_overlay(new, overlay))
-    out.sort(key=lambda d: d["id"])
-    return out
-
-
-def _overlay(stored: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    last_seen = stored.get("last_seen")
-    if overlay["last_seen"] is not None and (last_seen is None or overlay["last_seen"] > last_seen):
-        last_seen = overlay["last_seen"]
-    return {
-        **stored,
-        "online": overlay["online"],
-        "last_seen": last_seen,
-        "transport": stored.get("transport") or overlay["transport"],
-        "metrics": {**(stored.get("metrics") or {}), **overlay["metrics"]},
-    }
 
 
 def snapshot_overlay(devices: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
