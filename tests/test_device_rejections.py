@@ -13,13 +13,16 @@ from asgiref.sync import sync_to_async
 
 from alerts.models import Alert, AlertRule
 from dashboard.fleet import Fleet, Light
+from devices.conventions import mirror
+from devices.conventions.serial import SerialDeviceConsumer
 from devices.models import Device
 from devices.routing import mqtt_routes
 from devices.telemetry.pipeline import current_pipeline
 from devices.telemetry.rejections import Rejection, write_rejections
 from gateway.mqtt.routing import TopicRouter
 from gateway.mqtt.testing import MqttCommunicator
-from tests.support.checks import metric, rejected
+from gateway.serial.testing import SerialCommunicator
+from tests.support.checks import dashboard_frame, metric, rejected
 from tests.support.dashboard_ws import connect, session_of
 from tests.support.waiting import eventually
 
@@ -110,6 +113,24 @@ async def test_garbage_under_unknown_ids_creates_no_device(app, layer, dashboard
     assert unrecorded("unknown_device") - before == 6
     for ghost in ghosts.values():
         await ghost.retire()
+
+
+async def test_a_serial_device_records_its_rejected_lines(layer, dashboard):
+    saved = dict(mirror._config)
+    mirror.configure(enabled=False)
+    try:
+        comm = SerialCommunicator(SerialDeviceConsumer.as_asgi(), "loop://?device=ser-r")
+        await comm.connect()  # the port's device, online: registered with the first batch
+        await dashboard_frame(layer, dashboard, lambda f: f["type"] == "status")
+        await current_pipeline().flush()
+        for line in (b"#$%^&*", b'{"temperature": 2', b"t=1"):
+            await comm.send_frame(line)
+        await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
+        await current_pipeline().flush()
+        assert await sync_to_async(record)("ser-r") == (2, "bad_json", "payload is not valid JSON")
+        await comm.disconnect()
+    finally:
+        mirror._config.update(saved)
 
 
 def test_several_bridges_add_up_and_the_newest_rejection_wins(db):

@@ -381,8 +381,15 @@ async def flush_if_pending(device_id: str) -> bool:
     return True
 
 
-def snapshot_overlay(devices: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`devices` with this loop's pending changes merged (API list, dashboard snapshot)."""
+def snapshot_overlay(
+    devices: Iterable[dict[str, Any]], stored_only: bool = False
+) -> list[dict[str, Any]]:
+    """`devices` with this loop's pending changes merged (API list, dashboard snapshot);
+    `stored_only`: on these devices alone, none appended (one page of a list)."""
     pipeline = current_pipeline()
     pending = pipeline.pending_devices() if pipeline is not None else {}
+    if stored_only:
+        devices = list(devices)
+        ids = {d["id"] for d in devices}
+        pending = {k: v for k, v in pending.items() if k in ids}
     return merge_pending(devices, pending)

@@ -93,7 +93,8 @@ def write_rejections(batch: Mapping[str, Rejection]) -> list[Stored]:
     params = []
     for device_id, r in batch.items():
         when = adapt(datetime.fromtimestamp(r.at, UTC))
-        params.append((r.count, when, r.reason, when, r.detail, when, when, device_id))
+        detail = describe(r.detail)
+        params.append((r.count, when, r.reason, when, detail, when, when, device_id))
     ids = sorted(batch)
     chunk = connection.features.max_query_params or 5000
     fields = ("id", "rejected", "last_rejected_at", "last_rejection_reason", "last_rejection")
@@ -135,17 +136,17 @@ class RejectionRecorder:
 
     def add(self, device_id: str, reason: str, detail: str, at: float) -> None:
         """Note one rejected message of `device_id` (sync, O(1)); written with the next batch."""
+        detail = detail[:REJECTION_CHARS]  # cleaned once per device and batch, when written
         pending = self._pending.get(device_id)
         if pending is None:
             if len(self._pending) >= PENDING_DEVICES:
                 REJECTIONS_UNRECORDED.labels(reason="pending_full").inc()
                 return
-            self._pending[device_id] = Rejection(1, at, reason[:REASON_CHARS], describe(detail))
+            self._pending[device_id] = Rejection(1, at, reason[:REASON_CHARS], detail)
         else:
             pending.count += 1
             if at >= pending.at:
-                pending.at, pending.reason = at, reason[:REASON_CHARS]
-                pending.detail = describe(detail)
+                pending.at, pending.reason, pending.detail = at, reason[:REASON_CHARS], detail
         self.seq += 1
         if self._timer is None and not self.wake.is_set():
             self._timer = self.loop.call_later(self._delay(), self.wake.set)
