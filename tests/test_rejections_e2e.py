@@ -6,6 +6,7 @@ view over a real WebSocket that lists it among the problems."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.support.gateway import GatewayProcess, postgres_database
+from tests.support.gateway import GatewayProcess, postgres_database, split_deployment
 from tests.test_device_rejections import ESPHOME_STATE
 from tests.test_scaleout import running
 
@@ -43,18 +44,11 @@ async def test_garbage_from_a_known_device_makes_it_a_problem_in_the_fleet_view(
 ):
     common = {"GATEWAY_ID": f"rej-{secrets.token_hex(3)}"}
     with postgres_database() as database_url:
-
-        def process(command: str, *args: str) -> GatewayProcess:
-            return GatewayProcess(
-                mosquitto.url, command=command, args=args, database_url=database_url,
-                redis_url=redis_server.url, env=common,
-                ready_log="MQTT bridge subscribed" if command == "runmqtt" else None,
-            )  # fmt: skip
-
+        process = split_deployment(mosquitto.url, database_url, redis_server.url, common)
         bridges = [process("runmqtt", "--shared-group", "g") for _ in range(2)]
         web = process("uvicorn", "--no-access-log")
-        async with running(*bridges, web):
-            await asyncio.to_thread(web.create_user, "operator", PASSWORD, staff=True)
+        operator = functools.partial(web.create_user, "operator", PASSWORD, staff=True)
+        async with running(*bridges, web, meanwhile=operator):
             cookie = await asyncio.to_thread(web.login, "operator", PASSWORD)
             async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="rej-e2e") as mq:
                 for device in ("valve-7", "ok-1", "ok-2"):

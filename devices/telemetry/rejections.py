@@ -155,11 +155,7 @@ class RejectionRecorder:
         """The recorder task: one write per wake-up, retried with backoff while the DB is away."""
         backoff = BACKOFF_FIRST
         while True:
-            await self.wake.wait()
-            self.wake.clear()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            await self._woken()
             batch, self._pending, seq = self._pending, {}, self.seq
             stored: list[Stored] = []
             if batch:
@@ -197,6 +193,14 @@ class RejectionRecorder:
                 self._stored(stored)
             self.done = seq
             self._notify()
+
+    async def _woken(self) -> None:
+        """Wait for the batch delay's timer or a flush; the timer is re-armed by the next add."""
+        await self.wake.wait()
+        self.wake.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
 
     def _restore(self, batch: dict[str, Rejection]) -> None:
         """Put a batch that was not written back under what arrived meanwhile."""
