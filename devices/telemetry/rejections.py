@@ -174,6 +174,7 @@ class RejectionRecorder:
                             exc,
                             backoff,
                         )
+                        await self._close_connection()  # the retry reconnects
                         self._notify()
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, BACKOFF_MAX)
@@ -193,6 +194,12 @@ class RejectionRecorder:
                 self._stored(stored)
             self.done = seq
             self._notify()
+
+    async def _close_connection(self) -> None:
+        try:
+            await self._run_in_writer(connections.close_all)
+        except Exception:
+            logger.debug("rejection recorder: closing its connection failed", exc_info=True)
 
     async def _woken(self) -> None:
         """Wait for the batch delay's timer or a flush; the timer is re-armed by the next add."""

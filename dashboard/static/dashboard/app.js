@@ -111,7 +111,6 @@
       ? "last rejected " + G.formatTime(device.last_rejected_at)
       : "";
     row.rejection.hidden = !on;
-    row.tr.classList.toggle("is-rejecting", on);
   }
 
   function renderRow(device) {
