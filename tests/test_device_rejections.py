@@ -32,6 +32,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # esphome/components/mqtt/mqtt_binary_sensor.cpp, MQTTBinarySensorComponent::publish_state);
 # on a native per-metric topic, which takes a bare number or true/false, it is `bad_value`.
 ESPHOME_STATE = b"ON"
+# Tasmota's Last Will payload, the text "Online" (Tasmota docs "MQTT", LWT topic
+# ``tele/<topic>/LWT``; tasmota/include/i18n.h ``D_ONLINE``), is not JSON on a native
+# telemetry topic: `bad_json`.
+TASMOTA_LWT = b"Online"
 # A `ts` the native convention cannot read, carrying markup: it reaches the record as text.
 HOSTILE_TS = b'{"open": true, "ts": "<script>alert(1)</script>"}'
 HOSTILE_DETAIL = "ts '<script>alert(1)</script>' is not ISO 8601"
@@ -105,8 +109,8 @@ async def test_garbage_under_unknown_ids_creates_no_device(app, layer, dashboard
     before, bad_json = unrecorded("unknown_device"), rejected("bad_json")
     ghosts = {f"ghost-{i}": await instance(app, f"ghost-{i}") for i in range(3)}
     for device_id, ghost in ghosts.items():
-        for _ in range(2):  # Tasmota's LWT text, on a native telemetry topic
-            await ghost.send_message(f"devices/{device_id}/telemetry", b"Online")
+        for _ in range(2):
+            await ghost.send_message(f"devices/{device_id}/telemetry", TASMOTA_LWT)
     await eventually(lambda: rejected("bad_json") - bad_json == 6, what="6 rejections")
     await current_pipeline().flush()
     assert await sync_to_async(Device.objects.filter(id__startswith="ghost").count)() == 0

@@ -15,7 +15,7 @@ import aiomqtt
 import pytest
 
 from tests.support.gateway import GatewayProcess, postgres_database, split_deployment
-from tests.test_device_rejections import ESPHOME_STATE
+from tests.test_device_rejections import ESPHOME_STATE, TASMOTA_LWT
 from tests.test_scaleout import running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -59,7 +59,7 @@ async def test_garbage_from_a_known_device_makes_it_a_problem_in_the_fleet_view(
                         ws, lambda f: (f.get("fleet") or {}).get("presence", {}).get("online") == 3
                     )
                     # A made-up id sends garbage first: refused a record, never a device row.
-                    await mq.publish("devices/ghost-e2e/telemetry", b"Online", qos=1)
+                    await mq.publish("devices/ghost-e2e/telemetry", TASMOTA_LWT, qos=1)
                     for _ in range(BURST):  # split between the two bridges
                         await mq.publish("devices/valve-7/telemetry/open", ESPHOME_STATE, qos=1)
                     # The record's frames come as each bridge's batch commits; the view's page
