@@ -17,9 +17,9 @@ devices cost one WebSocket message instead of one each; other clients get every 
 
 A client that asks for a view (a `view` frame, or view fields in the URL's query string) is
 paged (dashboard/fleet.py): its snapshot and `view` frames carry one page of devices and the
-fleet's counts, it gets `telemetry`/`status` frames only for the devices on its page (a set
-lookup per frame), and fresh counts (a `fleet` frame) or a fresh page at most every
-`REFRESH_SECONDS` while something changes. A client that asks for nothing gets every device.
+fleet's counts, it gets `telemetry`/`status`/`rejection` frames only for the devices on its
+page (a set lookup per frame), and fresh counts (a `fleet` frame) or a fresh page at most
+every `REFRESH_SECONDS` while something changes. A client that asks for nothing gets every device.
 
 Over 400 lines: one consumer whose three concerns (the bounded writer, commands, the paged
 view and its refresh timers) share the same per-client state and message loop; the view's
@@ -69,6 +69,8 @@ BATCH_MAX_FRAMES = 500
 REFRESH_SECONDS = 2.0
 
 Frame = dict[str, Any]
+#: Frames that may change a paged client's counts or page (a refresh follows, rate-bounded).
+_FLEET_NEWS = frozenset(("telemetry", "status", "alert", "rejection"))
 
 
 def encode_frame(frame: Frame) -> str:
@@ -255,7 +257,7 @@ class DashboardConsumer(AsyncWebsocketConsumer):
             if not (isinstance(frame, dict) and isinstance(frame.get("type"), str)):
                 logger.warning("dashboard.events: skipping a frame without a type: %r", frame)
                 continue
-            if visible is not None and frame["type"] in ("telemetry", "status", "alert"):
+            if visible is not None and frame["type"] in _FLEET_NEWS:
                 self._mark_changed()
                 if frame["type"] != "alert" and frame.get("device") not in visible:
                     continue  # not on this client's page: a set lookup, nothing sent
@@ -291,7 +293,8 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         self._refresh = loop.call_later(delay, self._post_refresh)
 
     def _arm_stale_timer(self, seconds: float | None) -> None:
-        """Wake when the next silent online device turns stale (counts change with no frame)."""
+        """Wake when the next silent online device turns stale, or a rejecting one stops
+        rejecting (counts change with no frame)."""
         if self._stale_timer is not None:
             self._stale_timer.cancel()
             self._stale_timer = None

@@ -2,8 +2,9 @@
 
 A browser looks at one page of devices, never the whole fleet (docs/interface.md §6.3 `view`).
 Every client of a process shares one `FleetIndex` per event loop: a light row per device (id,
-name, presence, convention, alerting), read from the database with this loop's pending values
-overlaid, at most once per `max_age` however many clients ask (concurrent asks share one read).
+name, presence, convention, alerting, latest rejection), read from the database with this
+loop's pending values overlaid, at most once per `max_age` however many clients ask
+(concurrent asks share one read).
 Filtering, sorting and paging 10,000 light rows in Python takes a few milliseconds; the visible
 page's full rows (latest values) are then read fresh for just those ids.
 """
@@ -29,16 +30,18 @@ logger = logging.getLogger(__name__)
 #: or two without hiding a device whose firmware hung while its MQTT session stayed up.
 STALE_SECONDS = 120
 PRESENCES = ("online", "stale", "offline")
-PRESENCE_FILTERS = ("all", "problems", "alerting", *PRESENCES)
+PRESENCE_FILTERS = ("all", "problems", "alerting", "rejecting", *PRESENCES)
 CONVENTIONS = ("native", "tasmota", "discovery", "zigbee2mqtt", "serial", "modbus")
-#: `problems`: alerting first, then stale, then offline, then online; ties by id.
+#: `problems`: alerting first, then rejecting, stale, offline, then online; ties by id.
+#: Rejecting ranks right after alerting: the device is talking, yet what it says is lost now,
+#: which an operator can act on; an offline device is often off on purpose.
 SORTS = ("problems", "id", "name", "last_seen")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 MAX_QUERY_CHARS = 100
 #: View keys a client may send (frame fields, or the WebSocket URL's query string).
 VIEW_KEYS = ("q", "presence", "convention", "sort", "offset", "limit", "device")
-_RANK = {"alerting": 0, "stale": 1, "offline": 2, "online": 3}
+_RANK = {"alerting": 0, "rejecting": 1, "stale": 2, "offline": 3, "online": 4}
 
 
 class BadView(ValueError):
@@ -111,6 +114,7 @@ class Light:
     last_seen: float | None
     convention: str
     text: str  # lower-case "name id", what a search matches
+    rejected_at: float | None = None  # its latest rejected message (epoch s)
 
     def presence(self, now: float) -> str:
         """``online``, ``stale`` or ``offline`` (as `presence()` in live.js)."""
@@ -121,6 +125,13 @@ class Light:
         return "online"
 
 
+def rejecting_seconds() -> float:
+    """How recent a device's latest rejected message must be for it to be ``rejecting``."""
+    from django.conf import settings
+
+    return float(settings.GATEWAY["REJECTING_SECONDS"])
+
+
 @dataclass
 class Fleet:
     """The index at one moment: every device's light row and the ids with an active alert."""
@@ -129,25 +140,34 @@ class Fleet:
     alerting: frozenset[str]
     loaded: float  # monotonic time of the read
     by_id: dict[str, Light] = dataclasses.field(default_factory=dict)
+    window: float = dataclasses.field(default_factory=rejecting_seconds)
 
     def __post_init__(self) -> None:
         self.by_id = {row.id: row for row in self.rows}
 
+    def rejecting(self, row: Light, now: float) -> bool:
+        """Whether the row's latest rejected message is within the window."""
+        return row.rejected_at is not None and now - row.rejected_at <= self.window
+
     def state(self, row: Light, now: float) -> str:
-        """The row's problem state: ``alerting`` before its presence."""
-        return "alerting" if row.id in self.alerting else row.presence(now)
+        """The row's problem state: ``alerting``, then ``rejecting``, before its presence."""
+        if row.id in self.alerting:
+            return "alerting"
+        return "rejecting" if self.rejecting(row, now) else row.presence(now)
 
     def counts(self, now: float | None = None) -> dict[str, Any]:
         """The fleet's counts: by presence, by convention, alerting, with problems."""
         now = time.time() if now is None else now
         presence = dict.fromkeys(PRESENCES, 0)
         conventions = dict.fromkeys(CONVENTIONS, 0)
-        problems = 0
+        problems = rejecting = 0
         for row in self.rows:
             state = row.presence(now)
             presence[state] += 1
             conventions[row.convention] = conventions.get(row.convention, 0) + 1
-            if state != "online" or row.id in self.alerting:
+            bad = self.rejecting(row, now)
+            rejecting += bad
+            if bad or state != "online" or row.id in self.alerting:
                 problems += 1
         alerting = sum(1 for device in self.alerting if device in self.by_id)
         return {
@@ -155,15 +175,22 @@ class Fleet:
             "presence": presence,
             "conventions": conventions,
             "alerting": alerting,
+            "rejecting": rejecting,
             "problems": problems,
         }
 
     def next_stale(self, now: float) -> float | None:
-        """Seconds until the next online device turns stale if it stays silent (None: never)."""
+        """Seconds until the next device changes state with no message: an online one turns
+        stale if it stays silent, a rejecting one stops rejecting (None: never)."""
         due = [
             row.last_seen + STALE_SECONDS - now
             for row in self.rows
             if row.online and row.last_seen is not None and now - row.last_seen <= STALE_SECONDS
+        ]
+        due += [
+            row.rejected_at + self.window - now
+            for row in self.rows
+            if row.rejected_at is not None and now - row.rejected_at <= self.window
         ]
         return max(0.0, min(due)) if due else None
 
@@ -182,6 +209,8 @@ class Fleet:
             rows = [r for r in rows if self.state(r, now) != "online"]
         elif view.presence == "alerting":
             rows = [r for r in rows if r.id in self.alerting]
+        elif view.presence == "rejecting":
+            rows = [r for r in rows if self.rejecting(r, now)]
         elif view.presence != "all":
             rows = [r for r in rows if r.presence(now) == view.presence]
         rows = list(rows)
@@ -229,7 +258,7 @@ def _read() -> tuple[list[dict[str, Any]], list[str]]:
     from alerts.models import Alert, AlertState
     from devices.models import Device
 
-    fields = ("id", "name", "online", "last_seen", "transport", "metrics")
+    fields = ("id", "name", "online", "last_seen", "transport", "metrics", "last_rejected_at")
     devices = [
         {
             "id": i,
@@ -238,8 +267,9 @@ def _read() -> tuple[list[dict[str, Any]], list[str]]:
             "last_seen": s.timestamp() if s else None,
             "transport": t,
             "metrics": m,
+            "last_rejected_at": r.timestamp() if r else None,
         }
-        for i, n, o, s, t, m in Device.objects.order_by("id").values_list(*fields)
+        for i, n, o, s, t, m, r in Device.objects.order_by("id").values_list(*fields)
     ]
     alerting = list(
         Alert.objects.filter(state=AlertState.ACTIVE).values_list("device", flat=True).distinct()
@@ -261,6 +291,7 @@ async def load_fleet() -> Fleet:
             last_seen=d.get("last_seen"),
             convention=d["convention"],
             text=f"{d['name'] or ''} {d['id']}".lower(),
+            rejected_at=d.get("last_rejected_at"),
         )
         for d in with_conventions(merge_snapshot(devices, pending))
     ]

@@ -17,7 +17,7 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
 from alerts.views import can_acknowledge
-from dashboard.fleet import DEFAULT_LIMIT, STALE_SECONDS
+from dashboard.fleet import DEFAULT_LIMIT, STALE_SECONDS, rejecting_seconds
 from devices.commands.service import can_command
 from devices.conventions.kinds import LABELS, command_buttons, convention, is_diagnostic
 from devices.models import Command, Device
@@ -46,6 +46,10 @@ def _row(device: Device) -> dict[str, Any]:
         "metrics": metrics,
         "primary": [(name, value) for name, value in metrics if not is_diagnostic(name)],
         "diagnostic": [(name, value) for name, value in metrics if is_diagnostic(name)],
+        "rejected": device.rejected,
+        "last_rejected_at": device.last_rejected_at,
+        "last_rejection_reason": device.last_rejection_reason,
+        "last_rejection": device.last_rejection,
     }
 
 
@@ -53,9 +57,12 @@ def _row(device: Device) -> dict[str, Any]:
 @login_required
 def index(request: HttpRequest) -> HttpResponse:
     """The dashboard (login required): the fleet overview and device list, filled by app.js."""
+    window = rejecting_seconds()
     context = {
         "page_size": DEFAULT_LIMIT,
         "stale_seconds": STALE_SECONDS,
+        "rejecting_seconds": f"{window:g}",
+        "rejecting_minutes": f"{window / 60:g} min" if window >= 60 else f"{window:g} s",
         "can_ack": can_acknowledge(request.user),
     }
     return render(request, "dashboard/index.html", context)

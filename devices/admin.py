@@ -11,12 +11,20 @@ from devices.models import Command, Device, Reading
 
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
-    """Devices: who is online, when each was last seen, latest metrics."""
+    """Devices: who is online, when each was last seen, latest metrics, rejected messages."""
 
-    list_display = ("id", "name", "transport", "online", "last_seen")
+    list_display = ("id", "name", "transport", "online", "last_seen", "rejected")
     list_filter = ("online", "transport")
     search_fields = ("id", "name")
-    readonly_fields = ("created", "discovered_entities")
+    # The rejection record is the telemetry pipeline's to add up (docs/interface.md §5.2).
+    readonly_fields = (
+        "created",
+        "discovered_entities",
+        "rejected",
+        "last_rejected_at",
+        "last_rejection_reason",
+        "last_rejection",
+    )
     ordering = ("id",)
 
     @admin.display(description="discovered entities")

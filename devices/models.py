@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.core.validators import RegexValidator
 from django.db import models
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: Longest stored description of a device's last rejected message (longer ones are cut).
+REJECTION_CHARS = 200
 
 
 class Transport(models.TextChoices):
@@ -30,6 +34,16 @@ class Device(models.Model):
     # Latest value of each metric, e.g. {"temperature": 21.5}; merged by the telemetry writer.
     metrics = models.JSONField(default=dict, blank=True)
     created = models.DateTimeField(auto_now_add=True)
+    # Its messages the gateway rejected (docs/interface.md §5.2): how many, when the latest
+    # was, its reason and a short description; added up per batch by the telemetry pipeline
+    # (devices/telemetry/rejections.py), only ever for a device already registered.
+    # Defaults in the database too: the telemetry writer registers devices with raw SQL.
+    rejected = models.PositiveBigIntegerField(default=0, db_default=0)
+    last_rejected_at = models.DateTimeField(null=True, blank=True)
+    last_rejection_reason = models.CharField(max_length=32, blank=True, default="", db_default="")
+    last_rejection = models.CharField(
+        max_length=REJECTION_CHARS, blank=True, default="", db_default=""
+    )
 
     class Meta:
         ordering = ["id"]
@@ -46,7 +60,24 @@ class Device(models.Model):
             "last_seen": self.last_seen.timestamp() if self.last_seen else None,
             "transport": self.transport,
             "metrics": self.metrics,
+            **rejection_fields(
+                self.rejected,
+                self.last_rejected_at,
+                self.last_rejection_reason,
+                self.last_rejection,
+            ),
         }
+
+
+def rejection_fields(
+    count: int | None, at: datetime | None, reason: str | None, detail: str | None
+) -> dict:
+    """A device's rejection record as docs/interface.md §5.2 shows it (API, dashboard rows)."""
+    return {
+        "rejected": count or 0,
+        "last_rejected_at": at.timestamp() if at else None,
+        "last_rejection": {"reason": reason or "", "detail": detail or ""} if at else None,
+    }
 
 
 class Reading(models.Model):

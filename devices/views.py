@@ -25,12 +25,31 @@ DEFAULT_MAX_POINTS = 1000
 MAX_POINTS_CAP = 10_000
 
 
+#: Devices per page of a paged device list at most (``?limit=``).
+MAX_PAGE = 1000
+
+
 @api_view
 async def device_list(request: HttpRequest) -> HttpResponse:
     """All devices as `Device.as_dict()` with their ``convention``, and with values the
-    pipeline has not stored yet."""
-    stored = [device.as_dict() async for device in Device.objects.all()]
-    return json_response(with_conventions(snapshot_overlay(stored)))
+    pipeline has not stored yet; with ``limit``/``offset``, one page of the stored devices
+    (total in ``X-Total-Count``, the next page in ``Link``)."""
+    try:
+        page = parse_page(request.GET.get("limit"), request.GET.get("offset"))
+    except BadParam as exc:
+        return json_error(400, str(exc))
+    if page is None:
+        stored = [device.as_dict() async for device in Device.objects.all()]
+        return json_response(with_conventions(snapshot_overlay(stored)))
+    limit, offset = page
+    devices = Device.objects.order_by("id")
+    total = await devices.acount()
+    stored = [device.as_dict() async for device in devices[offset : offset + limit]]
+    response = json_response(with_conventions(snapshot_overlay(stored, stored_only=True)))
+    response["X-Total-Count"] = str(total)
+    if offset + limit < total:
+        response["Link"] = f'<{request.path}?limit={limit}&offset={offset + limit}>; rel="next"'
+    return response
 
 
 class BadParam(ValueError):
@@ -62,6 +81,26 @@ def parse_time(name: str, text: str | None) -> datetime | None:
         return moment.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         raise BadParam(f"{name} must be ISO 8601 or epoch seconds, got {text!r}") from None
+
+
+def parse_page(limit: str | None, offset: str | None) -> tuple[int, int] | None:
+    """A device list's page, ``(limit, offset)``; None when neither is given (every device)."""
+    if limit is None and offset is None:
+        return None
+    bounds = {"limit": (limit, MAX_PAGE, 1, MAX_PAGE), "offset": (offset, 0, 0, 10**9)}
+    values = []
+    for name, (text, default, low, high) in bounds.items():
+        if text is None or text.strip() == "":
+            values.append(default)
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise BadParam(f"{name} must be an integer, got {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise BadParam(f"{name} must be between {low} and {high}")
+        values.append(value)
+    return values[0], values[1]
 
 
 def parse_max_points(text: str | None) -> int:

@@ -35,6 +35,12 @@ TELEMETRY_STORED = Counter("gateway_telemetry_stored", "Telemetry values written
 TELEMETRY_DROPPED = Counter(
     "gateway_telemetry_dropped", "Telemetry values dropped before storage, by reason", ["reason"]
 )
+REJECTIONS_UNRECORDED = Counter(
+    "gateway_rejections_unrecorded",
+    "Rejected messages not added to their device's rejection record, by reason "
+    "(unknown_device: no such device in the registry)",
+    ["reason"],
+)
 TELEMETRY_DUPLICATES = Counter(
     "gateway_telemetry_duplicates",
     "Readings not stored again: the device's metric at that time is stored already "

@@ -377,6 +377,11 @@ GATEWAY = {
     # (0 = no averages: deleted at the retention).
     "TELEMETRY_RETENTION_DAYS": env_float("GATEWAY_TELEMETRY_RETENTION_DAYS", 30.0),
     "TELEMETRY_DOWNSAMPLE_DAYS": env_float("GATEWAY_TELEMETRY_DOWNSAMPLE_DAYS", 365.0),
+    # A device whose latest rejected message is at most this many seconds old is "rejecting",
+    # a problem on the dashboard (docs/interface.md §6.3): long enough that a device failing
+    # one report in ten at a 60 s interval stays listed, short enough that a one-off glitch
+    # clears itself without anyone acknowledging it.
+    "REJECTING_SECONDS": max(1.0, env_float("GATEWAY_REJECTING_SECONDS", 600.0)),
     # Frames buffered per dashboard client; a client this far behind is closed (4008) and
     # resyncs from a fresh snapshot when it reconnects.
     "WS_BUFFER_FRAMES": env_int("GATEWAY_WS_BUFFER_FRAMES", 1000),

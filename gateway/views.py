@@ -35,6 +35,8 @@ for _reason in (
     gateway_metrics.MESSAGES_REJECTED.labels(reason=_reason)
 for _status in ("pending", "sent", "acked", "failed", "timeout"):
     gateway_metrics.COMMANDS.labels(status=_status)
+for _reason in ("unknown_device", "pending_full", "db_refused", "shutdown"):
+    gateway_metrics.REJECTIONS_UNRECORDED.labels(reason=_reason)
 
 
 def _connect_packet(username: str | None, password: str | None) -> bytes:

@@ -159,21 +159,14 @@ async def test_an_offline_rule_fires_from_the_devices_last_will(mosquitto):
 async def test_two_bridges_raise_one_alert_and_notify_once(mosquitto, redis_server):
     """Two `runmqtt --shared-group` bridges split one device's readings (Redis, PostgreSQL);
     a rule posted to the web tier reaches both; each episode is one alert, one notification."""
-    from tests.support.gateway import postgres_database
+    from tests.support.gateway import postgres_database, split_deployment
     from tests.test_scaleout import running
 
     common = {"GATEWAY_ID": f"alerts-{secrets.token_hex(3)}"}
     async with receiver() as (inbox, url):
         common["GATEWAY_ALERT_NOTIFY_URLS"] = url
         with postgres_database() as database_url:
-
-            def process(command: str, *args: str) -> GatewayProcess:
-                return GatewayProcess(
-                    mosquitto.url, command=command, args=args, database_url=database_url,
-                    redis_url=redis_server.url, env=common,
-                    ready_log="MQTT bridge subscribed" if command == "runmqtt" else None,
-                )  # fmt: skip
-
+            process = split_deployment(mosquitto.url, database_url, redis_server.url, common)
             bridges = [process("runmqtt", "--shared-group", "g") for _ in range(2)]
             web = process("uvicorn", "--no-access-log")
             async with running(*bridges, web):

@@ -90,9 +90,34 @@ def test_device_list(api, d1):
         "transport": "serial",
         "convention": "serial",
         "metrics": {},
+        "rejected": 0,
+        "last_rejected_at": None,
+        "last_rejection": None,
     }
     assert body[1]["name"] == "Lab" and body[1]["metrics"] == {"temp": 99.0}
     assert body[1]["convention"] == "native"
+
+
+@pytest.mark.django_db
+def test_device_list_pages_with_limit_and_offset(api):
+    Device.objects.bulk_create(Device(id=f"p{i}") for i in range(5))
+    first = api.get("/api/devices/?limit=2")
+    assert [d["id"] for d in first.json()] == ["p0", "p1"]
+    assert first["X-Total-Count"] == "5"
+    assert first["Link"] == '</api/devices/?limit=2&offset=2>; rel="next"'
+    last = api.get("/api/devices/?limit=2&offset=4")
+    assert [d["id"] for d in last.json()] == ["p4"] and "Link" not in last
+    assert [d["id"] for d in api.get("/api/devices/?offset=3").json()] == ["p3", "p4"]
+    assert api.get("/api/devices/?offset=9").json() == []
+    assert "X-Total-Count" not in api.get("/api/devices/")  # unpaged: as before, every device
+    for query, message in [
+        ("limit=0", "limit must be between 1 and 1000"),
+        ("limit=1001", "limit must be between 1 and 1000"),
+        ("offset=-1", "offset must be between 0"),
+        ("limit=ten", "limit must be an integer"),
+    ]:
+        response = api.get("/api/devices/?" + query)
+        assert response.status_code == 400 and message in response.json()["error"], query
 
 
 @pytest.mark.django_db(transaction=True)
@@ -117,6 +142,7 @@ async def test_device_list_includes_values_not_yet_written(user):
         assert received.timestamp() <= last_seen <= datetime.now(UTC).timestamp()
         assert body["new-one"]["metrics"] == {"hum": 40.0}
         assert body["new-one"]["name"] == "new-one"
+        assert body["new-one"]["rejected"] == 0  # the record's shape before it is stored
     finally:
         await pipeline.close()
 

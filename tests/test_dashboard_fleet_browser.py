@@ -1,5 +1,6 @@
 """The dashboard at fleet scale, in Debian's Chromium against the REAL gateway: 10,000 known
-devices, a page of rows, the fleet's counts, search, and live frames for visible rows only.
+devices, a page of rows, the fleet's counts, search, live frames for visible rows only, and a
+device whose messages are rejected shown among the problems.
 
 Timings (ready, search, long tasks at 1,000 msg/s) are figures, in `python -m bench fleet`;
 this test asserts the behaviour they rest on. With `GATEWAY_SCREENSHOTS=1` the overview at
@@ -21,6 +22,8 @@ from tests.support.gateway import GatewayProcess
 from tests.support.servers import Mosquitto
 from tests.test_dashboard_browser import PASSWORD, XSS_NAME, browser_page, screenshot_path
 
+#: A `ts` the native convention cannot read, with markup: the row shows it as the rejection's text.
+XSS_TS = "<img src=x onerror=alert('ts')>"
 DEVICES = 10_000
 PAGE_BYTES_MAX = 500_000
 WAIT_MS = 15_000
@@ -113,8 +116,27 @@ async def test_ten_thousand_devices_one_page_counts_search_and_visible_frames_on
         batches = [json.loads(f) for f in frames if f.startswith('{"type":"batch"')]
         assert any(len({f["device"] for f in b["frames"]}) > 1 for b in batches), "batched"
 
-        # Paging and state filters are the server's.
+        # The device starts sending what the gateway rejects: its row says how many and why,
+        # the device's own text shown as text; it counts as rejecting and leads the problems.
+        rejection = target.locator(".rejection")
+        await expect(rejection).to_be_hidden()
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="fleet-bad") as client:
+            for _ in range(2):
+                body = json.dumps({"temperature": 79.5, "ts": XSS_TS})
+                await client.publish("devices/fleet-07777/telemetry", body, qos=1)
+        await expect(rejection).to_have_text(
+            f"2 rejected · bad_timestamp: ts {XSS_TS!r} is not ISO 8601", timeout=WAIT_MS
+        )
+        await expect(page.locator("#count-rejecting")).to_have_text("1", timeout=WAIT_MS)
+        assert await page.locator("#devices img").count() == 0
         await page.fill("#filter", "")
+        await expect(page.locator("#range")).to_have_text("1–50 of 10,000", timeout=WAIT_MS)
+        await expect(rows.first).to_have_attribute("data-device", "fleet-07777")
+        await expect(rows.nth(1)).to_have_attribute("data-device", "fleet-00000")  # offline
+        await page.click('button[data-presence="rejecting"]')
+        await expect(page.locator("#range")).to_have_text("1–1 of 1", timeout=WAIT_MS)
+
+        # Paging and state filters are the server's.
         await page.click('button[data-presence="offline"]')
         await expect(page.locator("#range")).to_have_text("1–50 of 200", timeout=WAIT_MS)
         await page.click("#next")
@@ -124,4 +146,14 @@ async def test_ten_thousand_devices_one_page_counts_search_and_visible_frames_on
         await expect(page.locator("#range")).to_have_text("1–50 of 10,000")
         assert await rows.count() == 50
         await page.screenshot(path=str(screenshot_path("fleet-overview.png")))
+
+        # The device page has the record too (rendered by the server, escaped by Django).
+        await page.goto(gw.base_url + "/devices/fleet-07777/")
+        await expect(page.locator("#device-rejected")).to_have_text("2")
+        last = page.locator("#device-last-rejection")
+        await expect(last.locator(".rejection-reason")).to_have_text("bad_timestamp")
+        await expect(last.locator(".rejection-detail")).to_have_text(
+            f"ts {XSS_TS!r} is not ISO 8601"
+        )
+        assert await page.locator("#device-page img").count() == 0
     assert problems == []

@@ -341,6 +341,11 @@ async def test_binary_sensor_on_off_and_removal_by_empty_config(gw, layer, dashb
     still = await dashboard_frame(layer, dashboard, lambda f: f["type"] == "telemetry")
     assert still["metrics"] == {"garden": False}
     assert rejected("bad_value") == before + 1
+    await current_pipeline().flush()  # the discovered device's rejection record
+    record = await database_sync_to_async(
+        Device.objects.values_list("rejected", "last_rejection_reason", "last_rejection").get
+    )(id="01ad")
+    assert record == (1, "bad_value", "garden: 'MAYBE' is not on/off")
 
     await gw.send_message(config, b"", retain=True)
     assert topics(await outputs(gw), "mqtt.unsubscribe") == {

@@ -85,12 +85,14 @@ class ModbusDeviceConsumer(ModbusConsumer):
         """One poll: decode every point into one reading."""
         try:
             metrics = decode_blocks(self.points, blocks)
-        except Exception:
+        except Exception as exc:
             MESSAGES_REJECTED.labels(reason="bad_value").inc()
+            get_pipeline().submit_rejection(self.device_id, "bad_value", f"poll: {exc}")
             logger.exception("device %s: cannot decode a poll", self.device_id)
             return
         if not metrics:
             MESSAGES_REJECTED.labels(reason="no_metrics").inc()
+            get_pipeline().submit_rejection(self.device_id, "no_metrics", "poll without a value")
             return
         get_pipeline().submit_reading(self.device_id, self.transport, ts, metrics)
         mirror = get_mirror()
@@ -141,6 +143,8 @@ class ModbusDeviceConsumer(ModbusConsumer):
     async def _finish(self, ref: str, ok: bool, result: Any, error: str | None) -> None:
         if not await commands.apply_ack(self.device_id, ref, ok, result, error or ""):
             MESSAGES_REJECTED.labels(reason="unknown_command").inc()
+            detail = f"no command {ref!r} awaiting a write's answer"
+            get_pipeline().submit_rejection(self.device_id, "unknown_command", detail)
 
     async def written(self, ref: Any, ok: bool, error: str | None) -> None:
         """The unit answered a write (or it failed): the command ends acked or failed."""

@@ -1,7 +1,8 @@
 """The MQTT device consumer: one instance per device, parses its topics, feeds the pipeline.
 
 Every message is handled on its own: a rejection is counted by reason
-(``gateway_messages_rejected_total{reason}``) and the next message goes through as usual; an
+(``gateway_messages_rejected_total{reason}``) and in the device's rejection record
+(devices/telemetry/rejections.py), and the next message goes through as usual; an
 unexpected exception is counted as ``consumer_error`` and logged, and the instance lives on.
 
 Commands (`devices.commands.service`) are delivered only while the device is reachable: the instance
@@ -144,11 +145,13 @@ class DeviceConsumer(MqttConsumer):
             await self.handle_message(event.get("pattern"), event)
         except Rejected as exc:
             MESSAGES_REJECTED.labels(reason=exc.reason).inc()
+            get_pipeline().submit_rejection(self.device_id, exc.reason, str(exc))
             if exc.reason not in self.logged_reasons:
                 self.logged_reasons = self.logged_reasons | {exc.reason}
                 log_rejection(self.label, self.device_id, event.get("topic"), exc)
         except Exception:
             MESSAGES_REJECTED.labels(reason="consumer_error").inc()
+            get_pipeline().submit_rejection(self.device_id, "consumer_error", "gateway error")
             logger.exception(
                 "%s %s: error handling %r", self.label, self.device_id, event.get("topic")
             )

@@ -143,9 +143,11 @@ class SerialDeviceConsumer(SerialConsumer):
                 mirror.telemetry(device_id, decoded.ts, decoded.metrics)
         except Rejected as exc:
             MESSAGES_REJECTED.labels(reason=exc.reason).inc()
+            get_pipeline().submit_rejection(device_id, exc.reason, str(exc))
             logger.debug("device %s: line rejected (%s): %r", device_id, exc, data[:80])
         except Exception:
             MESSAGES_REJECTED.labels(reason="consumer_error").inc()
+            get_pipeline().submit_rejection(device_id, "consumer_error", "gateway error")
             logger.exception("device %s: error handling line %r", device_id, data[:80])
 
     async def handle_ack(self, ack: Ack) -> None:

@@ -219,7 +219,7 @@ class TelemetryWriter:
                 self._restore(rows, updates, quiet)  # close() counts what stays unwritten
                 raise
             except Exception as exc:
-                if not _transient(exc):
+                if not is_transient(exc):
                     # The data itself is refused: retrying would block every later batch.
                     stored = await self._salvage(rows, updates, quiet, exc)
                 else:
@@ -359,7 +359,7 @@ class TelemetryWriter:
             logger.error("telemetry pipeline closed with %d values unwritten", lost)
 
 
-def _transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """A database that is down, locked or mid-migration: keep the batch and retry. Anything
     else (integrity, data, a value the driver cannot take) would fail forever."""
     return isinstance(exc, DatabaseError) and not isinstance(exc, IntegrityError | DataError)

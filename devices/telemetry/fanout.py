@@ -1,10 +1,11 @@
 """Dashboard fan-out: every frame since the last send goes out in ONE group_send.
 
-The telemetry pipeline's second background task. Frames (docs/interface.md §6 ``telemetry`` and
-``status``) collect here; the first one wakes the task on the next loop turn and frames arriving
-during a send go in the next one, so dashboards cost one channel-layer send per loop turn, never one
-per reading. A device's readings with nothing in between coalesce into one ``telemetry`` frame. The
-same task sends the pipeline's device/metric news (devices/telemetry/announce.py) to group
+The telemetry pipeline's second background task. Frames (docs/interface.md §6 ``telemetry``,
+``status``, ``rejection``) collect here; the first one wakes the task on the next loop turn and
+frames arriving during a send go in the next one, so dashboards cost one channel-layer send per
+loop turn, never one per reading. A device's readings with nothing in between coalesce into
+one ``telemetry`` frame (its rejection records into one ``rejection`` frame). The same task
+sends the pipeline's device/metric news (devices/telemetry/announce.py) to group
 ``device-metrics`` first. A send stuck past `SEND_TIMEOUT` is abandoned and its frames counted, so a
 slow layer never stops the readings behind it.
 """
@@ -80,6 +81,23 @@ class DashboardFanout:
         self._online[device_id] = online
         frame = {"type": "status", "device": device_id, "online": online, "ts": ts}
         self._add_frame(device_id, frame)
+
+    def rejection(self, device_id: str, count: int, at: float, reason: str, detail: str) -> None:
+        """A ``rejection`` frame: the device's stored rejection record (coalesced)."""
+        frame = {
+            "type": "rejection",
+            "device": device_id,
+            "ts": at,
+            "rejected": count,
+            "reason": reason,
+            "detail": detail,
+        }
+        last = self._last_frame.get(device_id)
+        if last is not None and last["type"] == "rejection":
+            last.update(frame)  # coalesce: same device, nothing in between
+            self.seq += 1
+        else:
+            self._add_frame(device_id, frame)
 
     def _add_frame(self, device_id: str, frame: dict[str, Any]) -> None:
         self._frames.append(frame)

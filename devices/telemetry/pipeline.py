@@ -1,7 +1,7 @@
 """The telemetry pipeline: one per event loop, the front door to batched writes and fan-out.
 
 One `TelemetryPipeline` per event loop (`get_pipeline()`). Consumers call the sync, O(1)
-`submit_*` methods; the pipeline hands each submission to its rooms and runs their two
+`submit_*` methods; the pipeline hands each submission to its rooms and runs their three
 background tasks:
 
 - the writer (`batching.TelemetryWriter`) stores readings in one transaction per batch, at
@@ -12,13 +12,16 @@ background tasks:
   committed, with group commit while such callbacks wait.
 - the fan-out (`fanout.DashboardFanout`) sends every frame produced since its last send in ONE
   ``group_send("dashboard", {"type": "dashboard.events", "events": [...]})``.
+- rejected messages (`rejections.RejectionRecorder`) add up per device and are stored in
+  batches by the writer's thread, for devices in the registry only; what was stored goes to
+  dashboards as a ``rejection`` frame.
 - news of a device first seen or a new metric of it (`announce.MetricAnnouncer`) goes to group
   ``device-metrics`` with the fan-out, never per reading.
 
-This module keeps the pipeline's lifecycle (start on first submission, `flush()`, `close()`),
-one pipeline per loop, and the overlay of not-yet-stored device changes on stored ones (API
-list, dashboard snapshot). The rooms' own names (`Metrics`, `DEVICE_METRICS_GROUP`, …) are
-imported from the room that defines them.
+This module keeps the pipeline's lifecycle (start on first submission, `flush()`, `close()`)
+and one pipeline per loop; `overlay.merge_pending` lays not-yet-stored device changes over
+stored ones (API list, dashboard snapshot). The rooms' own names (`Metrics`,
+`DEVICE_METRICS_GROUP`, …) are imported from the room that defines them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from channels.layers import get_channel_layer
@@ -35,8 +38,10 @@ from django.conf import settings
 from devices.telemetry.announce import MetricAnnouncer
 from devices.telemetry.batching import Durable, Metrics, TelemetryWriter
 from devices.telemetry.fanout import DashboardFanout
+from devices.telemetry.overlay import merge_pending
+from devices.telemetry.rejections import RejectionRecorder, Stored
 from gateway.loops import PerLoop
-from gateway.metrics import MESSAGES_REJECTED, TELEMETRY_DROPPED
+from gateway.metrics import MESSAGES_REJECTED, REJECTIONS_UNRECORDED, TELEMETRY_DROPPED
 
 __all__ = [
     "DASHBOARD_GROUP",
@@ -140,6 +145,14 @@ class TelemetryPipeline:
         self._fanout = DashboardFanout(
             get_channel_layer(), group, self._announcer, self._notify, log_drop
         )
+        self._rejections = RejectionRecorder(
+            self.loop,
+            self._writer.run_in_writer,
+            delay=lambda: self._writer.batch_delay,
+            stored=self._rejections_stored,
+            notify=self._notify,
+            log_db=_RateLimitedLog(),
+        )
 
     # -- submitting (sync, O(1), never raises) ---------------------------------------------
 
@@ -200,11 +213,34 @@ class TelemetryPipeline:
             logger.exception("telemetry pipeline: submit_status(%r) failed", device_id)
             self._writer.release_soon(durable)
 
+    def submit_rejection(self, device_id: str, reason: str, detail: str = "") -> None:
+        """Note a rejected message of `device_id` (a valid id) in its rejection record: why
+        (the ``gateway_messages_rejected_total`` reason) and a short description of it.
+        Counted per device and stored with the next batch, if the device is registered."""
+        try:
+            if self.closed:
+                REJECTIONS_UNRECORDED.labels(reason="shutdown").inc()
+                return
+            if not self._tasks:
+                self._start()
+            self._rejections.add(device_id, reason, detail, time.time())
+        except Exception:  # pragma: no cover - a bug here must not cost the consumer
+            logger.exception("telemetry pipeline: submit_rejection(%r) failed", device_id)
+
+    def _rejections_stored(self, stored: list[Stored]) -> None:
+        for device_id, count, at, reason, detail in stored:
+            self._fanout.rejection(device_id, count, at, reason, detail)
+
     def _within_budget(self, device_id: str, metrics: Metrics) -> Metrics:
         """Drop the new metric names past the device's `max_metrics` (counted, logged)."""
         kept = self._announcer.within(device_id, metrics, self.max_metrics)
         if len(kept) < len(metrics):
             MESSAGES_REJECTED.labels(reason="too_many_metrics").inc()
+            refused = sorted(set(metrics).difference(kept))
+            detail = (
+                f"{len(refused)} new metric name(s) past {self.max_metrics}, e.g. {refused[0]!r}"
+            )
+            self.submit_rejection(device_id, "too_many_metrics", detail)
             self._log_drop(
                 logging.WARNING,
                 "device %r: %d new metric name(s) refused, past %d distinct metrics per device",
@@ -235,6 +271,7 @@ class TelemetryPipeline:
         self._tasks = [
             self.loop.create_task(self._writer.run(), name="telemetry-pipeline.writer"),
             self.loop.create_task(self._fanout.run(), name="telemetry-pipeline.fanout"),
+            self.loop.create_task(self._rejections.run(), name="telemetry-pipeline.rejections"),
         ]
 
     def _notify(self) -> None:
@@ -249,15 +286,25 @@ class TelemetryPipeline:
 
     async def flush(self) -> None:
         """Write and fan out everything submitted before this call (retrying a failing DB)."""
-        writer, fanout = self._writer, self._fanout
+        writer, fanout, rejections = self._writer, self._fanout, self._rejections
         rows, dev, fan = writer.rows_added, writer.dev_seq, fanout.seq
-        while writer.rows_done < rows or writer.dev_done < dev or fanout.done < fan:
+        rej = rejections.seq
+        while (
+            writer.rows_done < rows
+            or writer.dev_done < dev
+            or rejections.done < rej
+            or fanout.done < fan
+        ):
             if not self._tasks or any(t.done() for t in self._tasks):
                 break  # never started, or closed
             progress = self._progress
             writer.wake.set()
+            rejections.wake.set()
             fanout.wake.set()
             await progress.wait()
+            if rej and rejections.done >= rej:
+                # The records just stored went to the fan-out as frames: send those too.
+                fan, rej = max(fan, fanout.seq), 0
 
     async def close(self, grace: float = 10.0) -> None:
         """Flush (for at most `grace` seconds), then stop the background tasks."""
@@ -276,6 +323,7 @@ class TelemetryPipeline:
                 await task
             except asyncio.CancelledError:
                 pass
+        self._rejections.close()
         await self._writer.close()
         _pipelines.discard(self.loop, self)
 
@@ -333,40 +381,15 @@ async def flush_if_pending(device_id: str) -> bool:
     return True
 
 
-def merge_pending(
-    devices: Iterable[dict[str, Any]], pending: Mapping[str, dict[str, Any]]
+def snapshot_overlay(
+    devices: Iterable[dict[str, Any]], stored_only: bool = False
 ) -> list[dict[str, Any]]:
-    """Overlay `pending_devices()` on stored `Device.as_dict()`s; new devices appended, by id."""
-    out = []
-    seen = set()
-    for stored in devices:
-        overlay = pending.get(stored["id"])
-        if overlay is not None:
-            stored = _overlay(stored, overlay)
-        seen.add(stored["id"])
-        out.append(stored)
-    for device_id, overlay in pending.items():
-        if device_id not in seen:
-            out.append(_overlay({"id": device_id, "name": device_id, "metrics": {}}, overlay))
-    out.sort(key=lambda d: d["id"])
-    return out
-
-
-def _overlay(stored: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    last_seen = stored.get("last_seen")
-    if overlay["last_seen"] is not None and (last_seen is None or overlay["last_seen"] > last_seen):
-        last_seen = overlay["last_seen"]
-    return {
-        **stored,
-        "online": overlay["online"],
-        "last_seen": last_seen,
-        "transport": stored.get("transport") or overlay["transport"],
-        "metrics": {**(stored.get("metrics") or {}), **overlay["metrics"]},
-    }
-
-
-def snapshot_overlay(devices: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`devices` with this loop's pending changes merged (API list, dashboard snapshot)."""
+    """`devices` with this loop's pending changes merged (API list, dashboard snapshot);
+    `stored_only`: on these devices alone, none appended (one page of a list)."""
     pipeline = current_pipeline()
     pending = pipeline.pending_devices() if pipeline is not None else {}
+    if stored_only:
+        devices = list(devices)
+        ids = {d["id"] for d in devices}
+        pending = {k: v for k, v in pending.items() if k in ids}
     return merge_pending(devices, pending)

@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +406,26 @@ def _decode(raw: bytes, content_type: str) -> Any:
 
 # --- PostgreSQL ---------------------------------------------------------------------------
 _postgres: Postgres | None = None
+
+
+def split_deployment(
+    mqtt_url: str, database_url: str, redis_url: str, env: Mapping[str, str] | None = None
+) -> Callable[..., GatewayProcess]:
+    """A factory of one split deployment's processes (`runmqtt` bridges, `uvicorn` web tiers)
+    on one broker, database and Redis; a bridge is ready once it has subscribed."""
+
+    def process(command: str, *args: str, **extra_env: str) -> GatewayProcess:
+        return GatewayProcess(
+            mqtt_url,
+            command=command,
+            args=args,
+            database_url=database_url,
+            redis_url=redis_url,
+            env={**(env or {}), **extra_env},
+            ready_log="MQTT bridge subscribed" if command == "runmqtt" else None,
+        )
+
+    return process
 
 
 def postgres_admin_url() -> str:

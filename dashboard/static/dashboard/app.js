@@ -9,6 +9,7 @@
   const el = G.el;
   const fleet = document.getElementById("fleet");
   const staleSeconds = Number(fleet.dataset.staleSeconds) || 120;
+  const rejectingSeconds = Number(fleet.dataset.rejectingSeconds) || 600;
   const pageSize = Number(fleet.dataset.pageSize) || 50;
   const tbody = document.querySelector("#devices tbody");
   const empty = document.getElementById("empty");
@@ -20,7 +21,7 @@
   const conventionBox = document.getElementById("conventions");
   const presenceButtons = [...document.querySelectorAll("#summary button[data-presence]")];
   const counts = {};
-  for (const key of ["total", "problems", "alerting", "online", "stale", "offline"]) {
+  for (const key of ["total", "problems", "alerting", "rejecting", "online", "stale", "offline"]) {
     counts[key] = document.getElementById("count-" + key);
   }
   const CONVENTIONS = ["native", "tasmota", "discovery", "zigbee2mqtt", "serial", "modbus"];
@@ -31,7 +32,7 @@
   let total = 0;
 
   const devices = new Map(); // id → {id, name, online, last_seen, transport, metrics}: this page only
-  const rows = new Map(); // id → {tr, name, idLabel, badge, transport, seen, metrics, chips}
+  const rows = new Map(); // id → {tr, name, idLabel, badge, rejection, transport, seen, metrics, chips}
   const dirty = new Set(); // ids to render on the next animation frame
   let renderScheduled = false;
 
@@ -49,9 +50,13 @@
     const idLabel = el("span", "id", id);
     cells[0].append(name, idLabel);
     const badge = el("span", "badge");
-    cells[1].appendChild(badge);
+    // Shown while the device is rejecting: how many of its messages were rejected, the last
+    // one's reason and description (device text: textContent only).
+    const rejection = el("span", "rejection");
+    rejection.hidden = true;
+    cells[1].append(badge, rejection);
     return {
-      tr, name, idLabel, badge,
+      tr, name, idLabel, badge, rejection,
       transport: cells[2], seen: cells[3], metrics: cells[4],
       chips: new Map(), // metric → value <span>
       chipKeys: "",
@@ -93,6 +98,21 @@
     }
   }
 
+  // The rejection line of a row: "N rejected · reason: description" while rejecting.
+  function renderRejection(row, device) {
+    const on = G.rejecting(device, rejectingSeconds);
+    const last = device.last_rejection || {};
+    const text = on
+      ? Number(device.rejected || 0).toLocaleString() + " rejected · " + String(last.reason || "") +
+        (last.detail ? ": " + String(last.detail) : "")
+      : "";
+    if (row.rejection.textContent !== text) row.rejection.textContent = text;
+    row.rejection.title = on && G.isNumber(device.last_rejected_at)
+      ? "last rejected " + G.formatTime(device.last_rejected_at)
+      : "";
+    row.rejection.hidden = !on;
+  }
+
   function renderRow(device) {
     let row = rows.get(device.id);
     if (!row) return;
@@ -100,6 +120,7 @@
     if (row.name.textContent !== name) row.name.textContent = name;
     row.idLabel.hidden = name === device.id;
     G.setBadge(row.badge, G.presence(device, staleSeconds));
+    renderRejection(row, device);
     const convention = G.conventionLabel(device);
     if (row.transport.textContent !== convention) {
       row.transport.textContent = convention;
@@ -118,6 +139,7 @@
     const presence = fleetCounts.presence || {};
     const numbers = {
       total: fleetCounts.total, problems: fleetCounts.problems, alerting: fleetCounts.alerting,
+      rejecting: fleetCounts.rejecting,
       online: presence.online, stale: presence.stale, offline: presence.offline,
     };
     for (const [key, value] of Object.entries(numbers)) {
@@ -227,6 +249,14 @@
       if (G.isNumber(frame.ts) && d.online) d.last_seen = frame.ts;
       markDirty(d.id);
     },
+    rejection(frame) {
+      const d = devices.get(frame.device);
+      if (!d) return;
+      if (G.isNumber(frame.rejected)) d.rejected = frame.rejected;
+      if (G.isNumber(frame.ts)) d.last_rejected_at = frame.ts;
+      d.last_rejection = { reason: String(frame.reason || ""), detail: String(frame.detail || "") };
+      markDirty(d.id);
+    },
     error(frame) {
       console.warn("dashboard error", frame.code, frame.message);
     },
@@ -268,8 +298,12 @@
     ask(false);
   });
 
-  // The page's one clock (live.js) also re-evaluates "stale" without waiting for a frame.
+  // The page's one clock (live.js) also re-evaluates "stale" and "rejecting" without a frame.
   G.onTick(() => {
-    for (const [id, row] of rows) G.setBadge(row.badge, G.presence(devices.get(id), staleSeconds));
+    for (const [id, row] of rows) {
+      const device = devices.get(id);
+      G.setBadge(row.badge, G.presence(device, staleSeconds));
+      renderRejection(row, device);
+    }
   });
 })();

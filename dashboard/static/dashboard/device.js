@@ -23,6 +23,8 @@
   const nameEl = document.getElementById("device-name");
   const transportEl = document.getElementById("device-transport");
   const seenEl = document.getElementById("device-seen");
+  const rejectedEl = document.getElementById("device-rejected");
+  const lastRejectionEl = document.getElementById("device-last-rejection");
   const values = document.getElementById("values");
   const chartsBox = document.getElementById("charts");
   const noCharts = document.getElementById("no-charts");
@@ -72,6 +74,19 @@
     }
   }
 
+  // The device's rejection record (docs/interface.md §5.2); device text by textContent only.
+  let renderedRejectedAt;
+  function renderRejections() {
+    if (!G.isNumber(state.last_rejected_at) || renderedRejectedAt === state.last_rejected_at) return;
+    renderedRejectedAt = state.last_rejected_at;
+    const last = state.last_rejection || {};
+    rejectedEl.textContent = Number(state.rejected || 0).toLocaleString();
+    lastRejectionEl.querySelector(".rejection-reason").textContent = String(last.reason || "");
+    lastRejectionEl.querySelector(".rejection-detail").textContent = String(last.detail || "");
+    lastRejectionEl.querySelector(".rejection-at").replaceChildren(G.timeAgo(state.last_rejected_at));
+    lastRejectionEl.hidden = false;
+  }
+
   function renderHeader() {
     const name = state.name || state.id;
     if (nameEl.textContent !== name) nameEl.textContent = name;
@@ -82,6 +97,7 @@
       transportEl.textContent = convention;
       transportEl.title = state.transport ? "transport: " + state.transport : "";
     }
+    renderRejections();
     if (renderedSeen !== state.last_seen) {
       renderedSeen = state.last_seen;
       if (G.isNumber(state.last_seen)) seenEl.replaceChildren(G.timeAgo(state.last_seen));
@@ -498,6 +514,13 @@
       if (frame.device !== deviceId) return;
       state.online = Boolean(frame.online);
       if (state.online && G.isNumber(frame.ts)) state.last_seen = frame.ts;
+      markHeader();
+    },
+    rejection(frame) {
+      if (frame.device !== deviceId) return;
+      if (G.isNumber(frame.rejected)) state.rejected = frame.rejected;
+      if (G.isNumber(frame.ts)) state.last_rejected_at = frame.ts;
+      state.last_rejection = { reason: String(frame.reason || ""), detail: String(frame.detail || "") };
       markHeader();
     },
     command: onCommand,

@@ -97,6 +97,12 @@ window.Gateway = (function () {
     return "online";
   }
 
+  // Whether the device's latest rejected message is at most windowSeconds old (the server's
+  // "rejecting" state, docs/interface.md §6.3).
+  function rejecting(device, windowSeconds) {
+    return isNumber(device.last_rejected_at) && Date.now() / 1000 - device.last_rejected_at <= windowSeconds;
+  }
+
   function setBadge(badge, state) {
     if (badge.dataset.state === state) return;
     badge.dataset.state = state;
@@ -239,6 +245,6 @@ window.Gateway = (function () {
 
   return {
     el, isNumber, formatValue, formatAgo, formatTime, formatDate, formatClock, zoneName, timeAgo,
-    isDiagnostic, conventionLabel, presence, setBadge, onTick, on, connect,
+    isDiagnostic, conventionLabel, presence, rejecting, setBadge, onTick, on, connect,
   };
 })();

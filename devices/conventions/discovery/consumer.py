@@ -329,7 +329,11 @@ class EntityConsumer(_DiscoveredDevices):
                         state.availability[topic] = (online, state.heard)
                         presence.add(entity.device_id)
             if topic == entity.state_topic or topic == entity.brightness_state_topic:
-                metrics = state_metrics(entity, topic, message)
+                try:
+                    metrics = state_metrics(entity, topic, message)
+                except Rejected as exc:  # the device's own record says so too
+                    get_pipeline().submit_rejection(entity.device_id, exc.reason, str(exc))
+                    raise
                 if metrics:
                     readings.setdefault(entity.device_id, {}).update(metrics)
                 if topic == entity.state_topic and state.awaiting.get(entity.device_id):
