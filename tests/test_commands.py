@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import aiomqtt
 import paho.mqtt.client as paho
 
 from tests.support.checks import retained
@@ -18,9 +19,21 @@ from tests.support.timing import allowance
 
 
 def status_of(port: int, topic: str) -> bytes | None:
-    """The retained payload on `topic`, or None when there is none yet (a second's wait)."""
+    """The retained payload on `topic`, or None when there is none yet (a second's wait).
+
+    A live message (published while the probe subscribed: nothing was retained yet when it
+    did) is "none yet" too; the next probe reads what the broker retained of it.
+    """
+
+    async def probe() -> bytes | None:
+        async with aiomqtt.Client("127.0.0.1", port, timeout=1.0) as sub:
+            await sub.subscribe(topic, qos=1)
+            async with asyncio.timeout(1.0):
+                message = await anext(sub.messages)
+        return bytes(message.payload) if message.retain else None
+
     with contextlib.suppress(TimeoutError):
-        return asyncio.run(retained(port, topic, wait=1.0))
+        return asyncio.run(probe())
     return None
 
 
