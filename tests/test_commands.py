@@ -9,10 +9,9 @@ import subprocess
 import sys
 import time
 
-import aiomqtt
 import paho.mqtt.client as paho
 
-from tests.support.checks import retained
+from tests.support.checks import first_message, retained
 from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.servers import free_port, nothing_listens
 from tests.support.timing import allowance
@@ -24,16 +23,9 @@ def status_of(port: int, topic: str) -> bytes | None:
     A live message (published while the probe subscribed: nothing was retained yet when it
     did) is "none yet" too; the next probe reads what the broker retained of it.
     """
-
-    async def probe() -> bytes | None:
-        async with aiomqtt.Client("127.0.0.1", port, timeout=1.0) as sub:
-            await sub.subscribe(topic, qos=1)
-            async with asyncio.timeout(1.0):
-                message = await anext(sub.messages)
-        return bytes(message.payload) if message.retain else None
-
     with contextlib.suppress(TimeoutError):
-        return asyncio.run(probe())
+        message = asyncio.run(first_message(port, topic, wait=1.0))
+        return bytes(message.payload) if message.retain else None
     return None
 
 

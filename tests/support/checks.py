@@ -18,13 +18,18 @@ from django.db import connections
 from prometheus_client import REGISTRY
 
 
-async def retained(port: int, topic: str, wait: float = 5.0) -> bytes:
-    """The retained payload on `topic`, as a brand-new subscriber receives it first."""
+async def first_message(port: int, topic: str, wait: float = 5.0) -> aiomqtt.Message:
+    """What a brand-new subscriber to `topic` receives first (TimeoutError: nothing)."""
     identifier = f"probe-{secrets.token_hex(4)}"
     async with aiomqtt.Client("127.0.0.1", port, identifier=identifier, timeout=wait) as sub:
         await sub.subscribe(topic, qos=1)
         async with asyncio.timeout(wait):
-            message = await anext(sub.messages)
+            return await anext(sub.messages)
+
+
+async def retained(port: int, topic: str, wait: float = 5.0) -> bytes:
+    """The retained payload on `topic`, as a brand-new subscriber receives it first."""
+    message = await first_message(port, topic, wait)
     assert message.retain, f"{topic}: a live message, not a retained one: {message.payload!r}"
     return bytes(message.payload)
 
