@@ -257,6 +257,8 @@ class DashboardConsumer(AsyncWebsocketConsumer):
             if not (isinstance(frame, dict) and isinstance(frame.get("type"), str)):
                 logger.warning("dashboard.events: skipping a frame without a type: %r", frame)
                 continue
+            if frame["type"] == "rejection" and visible is None and not self._batches:
+                continue  # a client that asks for nothing gets §6's frames and §8's alerts
             if visible is not None and frame["type"] in _FLEET_NEWS:
                 self._mark_changed()
                 if frame["type"] != "alert" and frame.get("device") not in visible:

@@ -211,6 +211,32 @@ async def test_a_device_starting_to_reject_moves_up_the_open_fleet_view(app, lay
     await device.retire()
 
 
+async def test_only_clients_that_ask_for_more_than_the_floor_get_rejection_frames(app, cookie):
+    plain = await connect(cookie)  # asks for nothing: the frames of docs/interface.md §6
+    paged = await connect(cookie, query="batch=1")  # as the device page connects
+    for comm in (plain, paged):
+        await comm.receive_json_from(timeout=5)  # the snapshot
+    valve = await instance(app, "valve-2")
+    await valve.send_message("devices/valve-2/telemetry", b'{"open": 0}')
+    await valve.handled()
+    await current_pipeline().flush()  # registered
+    await valve.send_message("devices/valve-2/telemetry/open", ESPHOME_STATE)
+    await valve.handled()
+    await current_pipeline().flush()
+    while (frame := await paged.receive_json_from(timeout=5))["type"] != "rejection":
+        pass
+    assert (frame["device"], frame["rejected"], frame["reason"]) == ("valve-2", 1, "bad_value")
+    # A sentinel sent after the rejection frame: the plain client gets it, and no rejection.
+    await valve.send_message("devices/valve-2/telemetry", b'{"open": 1}')
+    seen = []
+    while not (seen and seen[-1].get("metrics") == {"open": 1}):
+        seen.append(await plain.receive_json_from(timeout=5))
+    assert {f["type"] for f in seen} <= {"status", "telemetry"}, seen
+    for comm in (plain, paged):
+        await comm.disconnect()
+    await valve.retire()
+
+
 def test_rejecting_is_a_recent_rejection_and_its_end_is_a_timed_change():
     now = time.time()
 
