@@ -256,8 +256,8 @@ def _stamper(connection) -> Callable[[float], object]:
 
 def _reading_params(rows: Iterable[Row], stamp) -> list[tuple[str, str, object, float]]:
     """The readings' insert parameters, each distinct `ts` made a parameter once: a message's
-    values share it (15 for a Tasmota STATE), and that conversion was most of the writer's
-    Python time, time in which it keeps the GIL from the event loop."""
+    values share it (15 for a Tasmota STATE), and the conversion is the writer's costliest
+    Python step, time in which it keeps the GIL from the event loop."""
     stamped: dict[float, object] = {}
     params = []
     for device_id, metric, ts, value in rows:
