@@ -188,9 +188,7 @@ class Fleet:
             if row.online and row.last_seen is not None and now - row.last_seen <= STALE_SECONDS
         ]
         due += [
-            row.rejected_at + self.window - now
-            for row in self.rows
-            if row.rejected_at is not None and now - row.rejected_at <= self.window
+            row.rejected_at + self.window - now for row in self.rows if self.rejecting(row, now)
         ]
         return max(0.0, min(due)) if due else None
 
